@@ -1,0 +1,191 @@
+"""Tiny LLaVA models and processors built from configs, for tests, CPU benchmarks and examples.
+
+Nothing here downloads: the tokenizer is a word-level `tokenizers` model built from a word list, the image
+processor is a `CLIPImageProcessor` and the model is a randomly initialised `LlavaForConditionalGeneration`.
+`save_tiny_llava` writes everything with `save_pretrained`, so loading goes through the same
+`from_pretrained` code path as a llava-hf checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>", IMAGE_TOKEN]
+
+# A llava-hf style template: "USER: <image>\n{text} ASSISTANT:". An optional system message is printed first,
+# which is how the LLaVA `vicuna_v1` prompt is reproduced.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% else %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+BASIC_WORDS = (
+    "USER ASSISTANT : ? . , is there a an the in image picture yes no not what which how many colour color "
+    "shape of A B C D E answer question using single word or phrase with option letter from given choices "
+    "directly describe this 0 1 2 3 4 5 6 7 8 9 red green blue yellow circle square triangle cat dog chair"
+).split()
+
+
+def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer: one id per word or punctuation mark, `<image>` as a special token."""
+    vocab: dict[str, int] = {}
+    for token in [*SPECIAL_TOKENS, *words]:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    # Word-level tokenizers have no post-processor adding BOS; LLaVA prompts start with BOS.
+    from tokenizers import processors
+
+    backend_bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", backend_bos)]
+    )
+    return tokenizer
+
+
+def tiny_llava_config(
+    vocab_size: int,
+    image_token_id: int,
+    pad_token_id: int,
+    *,
+    image_size: int = 112,
+    patch_size: int = 14,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    vision_heads: int = 4,
+    text_hidden: int = 64,
+    text_layers: int = 4,
+    text_heads: int = 4,
+    text_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    attn_implementation: str = "sdpa",
+) -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=text_hidden,
+        intermediate_size=intermediate_size or text_hidden * 3,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_kv_heads or text_heads,
+        max_position_embeddings=4096,
+        pad_token_id=pad_token_id,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def make_tiny_processor(words: list[str] | None = None, image_size: int = 112, patch_size: int = 14) -> LlavaProcessor:
+    tokenizer = build_word_tokenizer(list(words) if words is not None else BASIC_WORDS)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def make_tiny_llava(
+    seed: int = 0, attn_implementation: str = "sdpa", processor: LlavaProcessor | None = None, **config_kwargs
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random tiny LLaVA and its processor. Extra kwargs go to `tiny_llava_config`."""
+    image_size = config_kwargs.get("image_size", 112)
+    patch_size = config_kwargs.get("patch_size", 14)
+    processor = processor or make_tiny_processor(image_size=image_size, patch_size=patch_size)
+    tok = processor.tokenizer
+    config = tiny_llava_config(
+        len(tok),
+        tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        tok.pad_token_id,
+        attn_implementation=attn_implementation,
+        **config_kwargs,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    # Random init gives near-uniform attention; a larger spread makes selections (and tests) discriminative.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.ndim == 2:
+                p.normal_(0.0, 0.08)
+    model.eval()
+    return model, processor
+
+
+def save_tiny_llava(directory: str | Path, seed: int = 0, **config_kwargs) -> Path:
+    """Write a tiny random LLaVA checkpoint (model + processor) that `from_pretrained` can load."""
+    directory = Path(directory)
+    model, processor = make_tiny_llava(seed=seed, **config_kwargs)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def random_image(seed: int, size: int = 112):
+    """A deterministic RGB PIL image with some structure (blocks + noise)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    img = np.kron(coarse, np.ones((size // 8 + 1, size // 8 + 1, 1), dtype=np.uint8))[:size, :size]
+    noise = rng.integers(0, 40, size=img.shape, dtype=np.uint8)
+    return Image.fromarray((img.astype(int) + noise).clip(0, 255).astype(np.uint8))
