@@ -1,0 +1,654 @@
+"""Theoretical FLOPs, KV-cache bytes and roofline floors for LLaVA-style models.
+
+Everything here is arithmetic on an architecture description (`ArchSpec`); no model is built and no weights
+are read, so the numbers are available for any method and budget before (or without) a GPU run.
+
+Two FLOPs conventions are reported side by side, because the papers and physics disagree
+(research/performance.md §2):
+
+* **True FLOPs** (`prefill_flops`, `decode_flops`): 2 FLOPs per multiply-add; q/k/v/o projections sized
+  for grouped-query attention; SwiGLU with its three matrices; causal attention counted over the causal
+  half only (query i sees i+1 keys); the LM head for the last position only (what `generate` computes
+  with `logits_to_keep`); the CLIP tower and projector reported separately. Norms, RoPE, softmax and
+  activations are left out: together they are below 0.1% at LLaVA-1.5 sizes.
+* **Paper-convention "FLOPs"** (`fastv_convention_flops`, `sparsevlm_convention_flops`): FastV's
+  per-layer 4nd² + 2n²d + 2ndm (really MACs, full n×n attention, two FFN matrices), and SparseVLM's
+  3ndm variant. They exist only so that our tables line up with published ones.
+
+Token counts are given **per LLM layer** (`layer_tokens[l]` = tokens entering decoder layer l, text
+included), so one code path covers unpruned models, vision-stage methods (every layer sees the same
+shorter sequence) and multi-stage in-LLM methods (algorithms.md §0.1: record per-layer counts, then both
+"keep after prune" and the layer average follow). `layer_tokens_for_stages` builds that list from a
+method's stages.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # transformers is only needed to build or read configs, not for the arithmetic
+    from transformers import LlavaConfig
+
+__all__ = [
+    "ARCH_PRESETS",
+    "HARDWARE",
+    "ArchSpec",
+    "decode_flops",
+    "decode_step_bytes",
+    "fastv_convention_flops",
+    "kv_bytes_per_token",
+    "kv_cache_bytes",
+    "layer_avg_visual_tokens",
+    "layer_tokens_for_stages",
+    "layer_visual_tokens_for_stages",
+    "llava_config",
+    "llm_weight_bytes",
+    "prefill_flops",
+    "projector_flops",
+    "roofline_floor_ms",
+    "sparsevlm_convention_flops",
+    "tokens_after_pruning",
+    "vision_flops",
+]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Architecture description
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The shape numbers of a LLaVA model that FLOPs, parameter and KV-cache arithmetic depend on.
+
+    LLM fields follow LLaMA naming (`hidden_size` = d, `intermediate_size` = m of the SwiGLU FFN); vision
+    fields describe the CLIP ViT tower. Build one from a loaded or constructed config with
+    `ArchSpec.from_config(cfg)`, or take a named preset from `ARCH_PRESETS`.
+    """
+
+    name: str
+    # LLM (LLaMA / Vicuna)
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    # vision tower (CLIP ViT)
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_layers: int
+    vision_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int = 3
+    # projector / glue
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: str = "default"
+    projector_bias: bool = True
+    # ids and misc settings, kept so that `llava_config` can rebuild a faithful config
+    image_token_index: int = 32000
+    pad_token_id: int | None = 32001
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    # ---- derived sizes -------------------------------------------------------------------------------
+    @property
+    def d(self) -> int:
+        """LLM width d (performance.md §2 notation)."""
+        return self.hidden_size
+
+    @property
+    def m(self) -> int:
+        """LLM FFN width m (performance.md §2 notation)."""
+        return self.intermediate_size
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the concatenated query heads (= d for LLaMA-2 7B/13B)."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the concatenated key (or value) heads; smaller than `q_dim` under GQA."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of the square image (24 for CLIP ViT-L/14 at 336 px)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens of one image (576 for LLaVA-1.5)."""
+        return self.grid_size**2
+
+    @property
+    def vision_tokens(self) -> int:
+        """Tokens inside the vision tower: patches plus [CLS] (577 for LLaVA-1.5)."""
+        return self.num_patches + 1
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens one image contributes to the LLM prompt before any pruning.
+
+        `default` drops [CLS] (576), `full` keeps it (577), as in `LlavaModel.get_image_features`.
+        """
+        return self.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    @property
+    def num_feature_layers(self) -> int:
+        """How many vision layers are concatenated into the projector input (1 for LLaVA-1.5)."""
+        return len(self.vision_feature_layer) if isinstance(self.vision_feature_layer, tuple) else 1
+
+    @property
+    def projector_in(self) -> int:
+        return self.vision_hidden_size * self.num_feature_layers
+
+    @property
+    def projector_hidden(self) -> int:
+        return self.hidden_size
+
+    @property
+    def projector_out(self) -> int:
+        return self.hidden_size
+
+    # ---- parameter counts ----------------------------------------------------------------------------
+    @property
+    def llm_layer_linear_params(self) -> int:
+        """Weights of the matmuls of one decoder layer: q, k, v, o (GQA-aware) and the 3 SwiGLU matrices."""
+        d = self.hidden_size
+        return d * self.q_dim + 2 * d * self.kv_dim + self.q_dim * d + 3 * d * self.intermediate_size
+
+    @property
+    def llm_nonembedding_linear_params(self) -> int:
+        """P_nonemb of performance.md §2/§3 (6.476 B for Vicuna-7B): what every forward reads."""
+        return self.num_layers * self.llm_layer_linear_params
+
+    def param_counts(self) -> dict[str, int]:
+        """Exact parameter counts per component, matching `LlavaForConditionalGeneration` (HF layout).
+
+        Includes biases, norms, the [CLS] and position embeddings and the unused `post_layernorm`, so a
+        test can compare against the module tree of a model built from `llava_config`.
+        """
+        dv, mv = self.vision_hidden_size, self.vision_intermediate_size
+        vision_layer = 4 * (dv * dv + dv) + dv * mv + mv + mv * dv + dv + 2 * (2 * dv)
+        vision = (
+            dv  # class embedding
+            + dv * self.num_channels * self.patch_size**2  # patch conv, no bias
+            + self.vision_tokens * dv  # position embedding
+            + 2 * dv  # pre_layrnorm
+            + self.vision_layers * vision_layer
+            + 2 * dv  # post_layernorm (present, unused by LLaVA)
+        )
+        bias = 1 if self.projector_bias else 0
+        projector = (self.projector_in + bias) * self.projector_hidden + (
+            self.projector_hidden + bias
+        ) * self.projector_out
+        d = self.hidden_size
+        llm_layers = self.num_layers * (self.llm_layer_linear_params + 2 * d)
+        counts = {
+            "vision_tower": vision,
+            "projector": projector,
+            "llm_embedding": self.vocab_size * d,
+            "llm_layers": llm_layers,
+            "llm_final_norm": d,
+            "lm_head": self.vocab_size * d,
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+    # ---- construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: LlavaConfig | Any, name: str | None = None) -> ArchSpec:
+        """Read the shape numbers from a `LlavaConfig` (anything with `text_config` and `vision_config`)."""
+        text = getattr(config, "text_config", None)
+        vision = getattr(config, "vision_config", None)
+        if text is None or vision is None:
+            raise ValueError(
+                f"ArchSpec.from_config needs a LLaVA-style config with text_config and vision_config, "
+                f"got {type(config).__name__}"
+            )
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        feature_layer = getattr(config, "vision_feature_layer", -2)
+        if isinstance(feature_layer, (list, tuple)):
+            feature_layer = tuple(int(x) for x in feature_layer)
+        rope = getattr(text, "rope_parameters", None) or {}
+        rope_theta = rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))
+        image_token = getattr(config, "image_token_index", None)
+        if image_token is None:
+            image_token = getattr(config, "image_token_id", 32000)
+        pad = getattr(config, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(text, "pad_token_id", None)
+        return cls(
+            name=name or getattr(config, "_name_or_path", "") or "llava",
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_layers=text.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            vocab_size=text.vocab_size,
+            vision_hidden_size=vision.hidden_size,
+            vision_intermediate_size=vision.intermediate_size,
+            vision_layers=vision.num_hidden_layers,
+            vision_heads=vision.num_attention_heads,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            num_channels=getattr(vision, "num_channels", 3),
+            vision_feature_layer=feature_layer,
+            vision_feature_select_strategy=getattr(config, "vision_feature_select_strategy", "default"),
+            projector_bias=getattr(config, "multimodal_projector_bias", True),
+            image_token_index=image_token,
+            pad_token_id=pad,
+            max_position_embeddings=getattr(text, "max_position_embeddings", 4096),
+            rms_norm_eps=getattr(text, "rms_norm_eps", 1e-5),
+            rope_theta=float(rope_theta),
+        )
+
+
+_CLIP_VIT_L_336 = {
+    "vision_hidden_size": 1024,
+    "vision_intermediate_size": 4096,
+    "vision_layers": 24,
+    "vision_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+}
+
+# llava-hf/llava-1.5-{7b,13b}-hf: Vicuna v1.5 (LLaMA-2 shapes, MHA) with the vocabulary padded to 32064
+# (image token 32000, pad 32001) and CLIP ViT-L/14-336 (algorithms.md §0, performance.md §3).
+ARCH_PRESETS: dict[str, ArchSpec] = {
+    "llava-1.5-7b": ArchSpec(
+        name="llava-1.5-7b",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        vocab_size=32064,
+        **_CLIP_VIT_L_336,
+    ),
+    "llava-1.5-13b": ArchSpec(
+        name="llava-1.5-13b",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_layers=40,
+        num_heads=40,
+        num_kv_heads=40,
+        head_dim=128,
+        vocab_size=32064,
+        **_CLIP_VIT_L_336,
+    ),
+}
+
+
+def _preset(name: str) -> ArchSpec:
+    try:
+        return ARCH_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown architecture preset {name!r}; known: {sorted(ARCH_PRESETS)}") from None
+
+
+def llava_config(name: str | ArchSpec, attn_implementation: str | None = "sdpa") -> LlavaConfig:
+    """A full `LlavaConfig` with the real architecture of a preset (or of any `ArchSpec`).
+
+    Meant for benchmarks with random weights where no checkpoint is at hand: `LlavaForConditionalGeneration
+    (llava_config("llava-1.5-7b"))` has the same module shapes (7.063 B parameters) as llava-hf's model, so
+    timings and memory are those of the real thing. Build it under `torch.device("meta")` for shape-only
+    work. Token ids follow llava-hf (image 32000, pad 32001).
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    spec = _preset(name) if isinstance(name, str) else name
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_intermediate_size,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        num_channels=spec.num_channels,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+    text = LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=spec.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
+        pad_token_id=spec.pad_token_id,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    feature_layer = (
+        list(spec.vision_feature_layer)
+        if isinstance(spec.vision_feature_layer, tuple)
+        else spec.vision_feature_layer
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=spec.image_token_index,
+        image_seq_length=spec.visual_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=spec.vision_feature_select_strategy,
+        vision_feature_layer=feature_layer,
+        multimodal_projector_bias=spec.projector_bias,
+        pad_token_id=spec.pad_token_id,
+        architectures=["LlavaForConditionalGeneration"],
+    )
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    return config
+
+
+def _as_spec(spec: ArchSpec | str) -> ArchSpec:
+    return _preset(spec) if isinstance(spec, str) else spec
+
+
+# --------------------------------------------------------------------------------------------------------
+# Token accounting (algorithms.md §0.1)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_stages(num_layers: int, visual_before: int, stages: Sequence[tuple[int, int]]) -> None:
+    if num_layers <= 0:
+        raise ValueError(f"num_layers must be positive, got {num_layers}")
+    if visual_before < 0:
+        raise ValueError(f"visual_before must be >= 0, got {visual_before}")
+    prev_layer, prev_count = -1, visual_before
+    for stage in stages:
+        if len(stage) != 2:
+            raise ValueError(f"a stage is (prune_layer, visual_after), got {stage!r}")
+        layer, count = int(stage[0]), int(stage[1])
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"prune_layer {layer} outside [0, {num_layers}) (0 = before the LLM)")
+        if layer <= prev_layer:
+            raise ValueError(f"stages must have strictly increasing prune_layer, got {list(stages)!r}")
+        if not 0 <= count <= prev_count:
+            raise ValueError(
+                f"visual_after {count} at layer {layer} must lie in [0, {prev_count}] "
+                "(pruning never adds tokens beyond the previous stage)"
+            )
+        prev_layer, prev_count = layer, count
+
+
+def layer_visual_tokens_for_stages(
+    num_layers: int, visual_before: int, stages: Sequence[tuple[int, int]]
+) -> list[int]:
+    """Visual tokens entering each LLM layer.
+
+    `stages` is a list of `(prune_layer, visual_after)`: `prune_layer` is the **first layer that sees the
+    pruned set** (0 = pruned before the LLM, i.e. a vision-stage method), whatever layer was scored. This
+    normalises the three "K" conventions of algorithms.md §0.1: FastV K=2 → (2, kept); PDrop "layer 2" →
+    (2, kept); SparseVLM "layer 2" (layer 2 runs full, its output is pruned) → (3, kept).
+    """
+    _check_stages(num_layers, visual_before, stages)
+    counts = [visual_before] * num_layers
+    for layer, count in stages:
+        for i in range(int(layer), num_layers):
+            counts[i] = int(count)
+    return counts
+
+
+def layer_tokens_for_stages(
+    num_layers: int, text_tokens: int, visual_before: int, stages: Sequence[tuple[int, int]]
+) -> list[int]:
+    """Total tokens (text + visual) entering each LLM layer; the input of `prefill_flops` and friends.
+
+    `text_tokens` counts every non-visual token of the prompt (system prompt, BOS, question, template).
+    """
+    if text_tokens < 0:
+        raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
+    return [text_tokens + v for v in layer_visual_tokens_for_stages(num_layers, visual_before, stages)]
+
+
+def tokens_after_pruning(visual_before: int, stages: Sequence[tuple[int, int]]) -> int:
+    """Visual tokens the last stage leaves, i.e. what the deepest layers see ("keep after prune")."""
+    if not stages:
+        return int(visual_before)
+    last_layer = max(int(s[0]) for s in stages)
+    _check_stages(last_layer + 1, visual_before, stages)
+    return int(stages[-1][1])
+
+
+def layer_avg_visual_tokens(num_layers: int, visual_before: int, stages: Sequence[tuple[int, int]]) -> float:
+    """Visual tokens averaged over the LLM layers: the budget in-LLM methods are usually tuned to.
+
+    E.g. FastV K=2 keeping 128 of 576 over 32 layers averages (2·576 + 30·128)/32 = 156, and PDrop
+    layers [2, 10, 20] with ratios [0.32, 0.16, 0.08] averages exactly 128 (algorithms.md §0.1, §17 ex. 6).
+    """
+    counts = layer_visual_tokens_for_stages(num_layers, visual_before, stages)
+    return sum(counts) / num_layers
+
+
+def _per_layer(spec: ArchSpec, values: int | Sequence[int], what: str) -> list[int]:
+    if isinstance(values, numbers.Integral):
+        values = [int(values)] * spec.num_layers
+    values = [int(v) for v in values]
+    if len(values) != spec.num_layers:
+        raise ValueError(f"{what} must have one entry per LLM layer ({spec.num_layers}), got {len(values)}")
+    if any(v < 0 for v in values):
+        raise ValueError(f"{what} must be >= 0, got {values}")
+    return values
+
+
+# --------------------------------------------------------------------------------------------------------
+# True FLOPs (2 per multiply-add)
+# --------------------------------------------------------------------------------------------------------
+
+
+def vision_flops(spec: ArchSpec | str) -> int:
+    """FLOPs of one image through the CLIP tower: patch-embedding conv + all encoder layers.
+
+    HF's `get_image_features` (and the original LLaVA code) run every encoder layer with
+    `output_hidden_states=True` even though LLaVA reads layer −2, so all `vision_layers` are counted.
+    Attention is non-causal over `vision_tokens` (577) tokens: QKᵀ and AV cost 2·T²·dv FLOPs each.
+    """
+    s = _as_spec(spec)
+    dv, mv, t = s.vision_hidden_size, s.vision_intermediate_size, s.vision_tokens
+    patch_embed = 2 * s.num_patches * (s.num_channels * s.patch_size**2) * dv
+    linear = 2 * t * (4 * dv * dv + 2 * dv * mv)
+    attention = 4 * t * t * dv
+    return patch_embed + s.vision_layers * (linear + attention)
+
+
+def projector_flops(spec: ArchSpec | str, tokens: int | None = None) -> int:
+    """FLOPs of the 2-layer MLP projector on `tokens` visual tokens (default: all of one image, 576).
+
+    Vision-stage methods that select before the projector can pass their kept count instead.
+    """
+    s = _as_spec(spec)
+    n = s.visual_tokens if tokens is None else int(tokens)
+    return 2 * n * (s.projector_in * s.projector_hidden + s.projector_hidden * s.projector_out)
+
+
+def _layer_linear_flops(s: ArchSpec, n: int) -> int:
+    return 2 * n * s.llm_layer_linear_params
+
+
+def prefill_flops(
+    spec: ArchSpec | str,
+    layer_tokens: int | Sequence[int],
+    *,
+    batch: int = 1,
+    lm_head_positions: int = 1,
+    include_vision: bool = True,
+    projector_tokens: int | None = None,
+) -> dict[str, int]:
+    """True FLOPs of one prefill (performance.md §2 recommendation).
+
+    `layer_tokens[l]` is the number of tokens entering decoder layer l (an int broadcasts to all layers).
+    Within a layer of n tokens, attention is causal: query i scores i+1 keys, so QKᵀ and AV together cost
+    2·q_dim·n(n+1) FLOPs. The LM head runs on `lm_head_positions` positions per sample (1 = modern
+    `generate`; older code computed logits for all n). Vision tower and projector are returned separately
+    and added to `total` unless `include_vision=False`.
+
+    Returns a dict of ints: `llm_linear`, `llm_attention`, `llm` (decoder layers), `lm_head`, `vision`,
+    `projector`, `total`; all multiplied by `batch`.
+    """
+    s = _as_spec(spec)
+    tokens = _per_layer(s, layer_tokens, "layer_tokens")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    linear = sum(_layer_linear_flops(s, n) for n in tokens)
+    attention = sum(2 * s.q_dim * n * (n + 1) for n in tokens)
+    lm_head = 2 * s.hidden_size * s.vocab_size * lm_head_positions
+    vision = vision_flops(s) if include_vision else 0
+    projector = projector_flops(s, projector_tokens) if include_vision else 0
+    out = {
+        "llm_linear": linear,
+        "llm_attention": attention,
+        "llm": linear + attention,
+        "lm_head": lm_head,
+        "vision": vision,
+        "projector": projector,
+    }
+    out = {k: v * batch for k, v in out.items()}
+    out["total"] = out["llm"] + out["lm_head"] + out["vision"] + out["projector"]
+    return out
+
+
+def decode_flops(
+    spec: ArchSpec | str,
+    layer_context_lengths: int | Sequence[int],
+    new_tokens: int,
+    *,
+    batch: int = 1,
+) -> dict[str, int]:
+    """True FLOPs of `new_tokens` single-token decode forwards after a prefill.
+
+    `layer_context_lengths[l]` is the KV-cache length of layer l when decoding starts (equal to the
+    prefill's `layer_tokens`: in-LLM methods keep full caches below their prune layer). Decode step t
+    (0-based) appends one token, which attends to c_l + t + 1 keys at layer l: 4·q_dim FLOPs per key
+    (QKᵀ and AV). Each step also runs the LM head for its one position. `generate(max_new_tokens=N)` does
+    N−1 such steps: the first token comes from the prefill logits.
+    """
+    s = _as_spec(spec)
+    ctx = _per_layer(s, layer_context_lengths, "layer_context_lengths")
+    if new_tokens < 0:
+        raise ValueError(f"new_tokens must be >= 0, got {new_tokens}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    t = int(new_tokens)
+    linear = s.num_layers * t * _layer_linear_flops(s, 1)
+    keys = sum(t * c + t * (t + 1) // 2 for c in ctx)
+    attention = 4 * s.q_dim * keys
+    lm_head = 2 * s.hidden_size * s.vocab_size * t
+    out = {"llm_linear": linear, "llm_attention": attention, "llm": linear + attention, "lm_head": lm_head}
+    out = {k: v * batch for k, v in out.items()}
+    out["total"] = out["llm"] + out["lm_head"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Paper-convention "FLOPs" (MACs), for lining up with published tables
+# --------------------------------------------------------------------------------------------------------
+
+
+def fastv_convention_flops(
+    spec: ArchSpec | str, layer_tokens: int | Sequence[int], *, ffn_matrices: int = 2
+) -> int:
+    """FastV's per-layer 4nd² + 2n²d + 2ndm summed with each layer's own n (performance.md §2).
+
+    This is what FastV, DivPrune (`tflops.py`) and most tables call "FLOPs": one multiply-add counts 1,
+    attention is the full n×n matrix, GQA is ignored (4d² for q/k/v/o) and the FFN has two matrices.
+    n includes the text tokens. Gives 3.31 T for LLaVA-1.5-7B at 576 visual + 60 text tokens, about 40%
+    of the true 8.34 T. `ffn_matrices=3` is SparseVLM's variant.
+    """
+    s = _as_spec(spec)
+    tokens = _per_layer(s, layer_tokens, "layer_tokens")
+    d, m = s.hidden_size, s.intermediate_size
+    return sum(4 * n * d * d + 2 * n * n * d + ffn_matrices * n * d * m for n in tokens)
+
+
+def sparsevlm_convention_flops(spec: ArchSpec | str, layer_tokens: int | Sequence[int]) -> int:
+    """SparseVLM's code formula 4nd² + 2n²d + 3ndm (MACs, SwiGLU's third matrix counted): 4.23 T at n=636."""
+    return fastv_convention_flops(spec, layer_tokens, ffn_matrices=3)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bytes and roofline (performance.md §3)
+# --------------------------------------------------------------------------------------------------------
+
+
+def kv_bytes_per_token(spec: ArchSpec | str, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes of one token held at every layer: 2 (K and V) × layers × kv_dim × dtype bytes.
+
+    0.5 MiB for LLaVA-1.5-7B in fp16/bf16 (performance.md §0).
+    """
+    s = _as_spec(spec)
+    return 2 * s.num_layers * s.kv_dim * dtype_bytes
+
+
+def kv_cache_bytes(
+    spec: ArchSpec | str, layer_tokens: int | Sequence[int], dtype_bytes: int = 2, *, batch: int = 1
+) -> int:
+    """KV-cache bytes summed over layers with each layer's own length.
+
+    In-LLM methods keep full-length caches below their prune layer, so their saving is Σ kept_l / Σ total_l,
+    not kept/total (performance.md §3 "Capacity"). Pass prefill `layer_tokens`, plus generated tokens if
+    the cache after decoding is wanted.
+    """
+    s = _as_spec(spec)
+    tokens = _per_layer(s, layer_tokens, "layer_tokens")
+    return batch * sum(2 * n * s.kv_dim * dtype_bytes for n in tokens)
+
+
+def llm_weight_bytes(spec: ArchSpec | str, dtype_bytes: int = 2) -> int:
+    """Bytes every LLM forward must read: non-embedding weights plus the LM head (13.21 GB for 7B bf16).
+
+    The embedding table is gathered, not streamed, so it is left out (performance.md §3).
+    """
+    s = _as_spec(spec)
+    return (s.llm_nonembedding_linear_params + s.vocab_size * s.hidden_size) * dtype_bytes
+
+
+def decode_step_bytes(
+    spec: ArchSpec | str, layer_context_lengths: int | Sequence[int], *, batch: int = 1, dtype_bytes: int = 2
+) -> int:
+    """Bytes read by one decode step: the weights once plus every sample's KV cache."""
+    return llm_weight_bytes(spec, dtype_bytes) + kv_cache_bytes(
+        spec, layer_context_lengths, dtype_bytes, batch=batch
+    )
+
+
+# Achievable dense bf16 compute (TFLOP/s) and HBM bandwidth (TB/s) assumed in performance.md §3.
+HARDWARE: dict[str, tuple[float, float]] = {
+    "h100-sxm": (790.0, 3.35),
+    "h200": (790.0, 4.8),
+}
+
+
+def roofline_floor_ms(
+    flops: float, nbytes: float, peak_tflops: float = 790.0, bw_tbps: float = 3.35
+) -> float:
+    """Lower bound on a kernel sequence's time: max(compute time, memory time), in milliseconds.
+
+    Defaults are an H100 SXM at an achievable 790 TFLOP/s and 3.35 TB/s (performance.md §3); e.g. the
+    576-token LLaVA-1.5-7B prefill (8.34 TFLOP, 13.21 GB) floors at 10.6 ms, compute-bound.
+    """
+    if peak_tflops <= 0 or bw_tbps <= 0:
+        raise ValueError("peak_tflops and bw_tbps must be positive")
+    if flops < 0 or nbytes < 0 or not (math.isfinite(flops) and math.isfinite(nbytes)):
+        raise ValueError(f"flops and nbytes must be finite and >= 0, got {flops}, {nbytes}")
+    return max(flops / (peak_tflops * 1e12), nbytes / (bw_tbps * 1e12)) * 1e3
