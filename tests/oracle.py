@@ -1,0 +1,117 @@
+"""Hand-written references for the engine invariants; independent of vtprune's engine code.
+
+`oracle_logits` runs the unmodified model's pieces by hand: image features from the model's own
+`get_image_features`, a prompt holding only the kept image tokens (vision stage), then every decoder layer
+called directly, with the sequence gathered to the kept tokens before each LLM-stage prune layer and
+masks/positions built from scratch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = valid.shape[1]
+    causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    allowed = causal[None] & valid[:, None, :]
+    allowed = allowed | torch.eye(n, dtype=torch.bool)[None]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def oracle_logits(model, input_ids, attention_mask, pixel_values, record, position_ids=None) -> tuple:
+    """Logits of the unmodified model fed only the kept tokens, as the record says.
+
+    Returns (logits (B, L', V), valid (B, L')) for the final sequence layout.
+    """
+    cfg = model.config
+    base = model.model
+    lm = base.language_model
+    per_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    feats = torch.stack(
+        list(
+            base.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            ).pooler_output
+        )
+    )
+    embeds = model.get_input_embeddings()(input_ids)
+    batch = input_ids.shape[0]
+    n_img = feats.shape[0] // batch
+    stages = [s for s in record.stages if s.name != "none"]
+    vision = stages[0] if stages and stages[0].kind == "vision" else None
+    llm_stages = [s for s in stages if s.kind == "llm"]
+    rows, valids, visual_orig = [], [], []
+    for b in range(batch):
+        tokens, valid, orig = [], [], []
+        image_seen = 0
+        p = 0
+        ids = input_ids[b].tolist()
+        while p < len(ids):
+            if ids[p] == cfg.image_token_id:
+                img = b * n_img + image_seen
+                if vision is None:
+                    kept = [image_seen * per_image + j for j in range(per_image)]
+                else:
+                    kept = [k for k in vision.kept[b] if image_seen * per_image <= k < (image_seen + 1) * per_image]
+                for k in kept:
+                    tokens.append(feats[img, k - image_seen * per_image])
+                    valid.append(True)
+                    orig.append(k)
+                p += per_image
+                image_seen += 1
+            else:
+                tokens.append(embeds[b, p])
+                valid.append(bool(attention_mask[b, p]) if attention_mask is not None else True)
+                orig.append(None)
+                p += 1
+        rows.append(torch.stack(tokens))
+        valids.append(valid)
+        visual_orig.append(orig)
+    hidden = torch.stack(rows).to(embeds.dtype)
+    valid = torch.tensor(valids)
+    if vision is not None or position_ids is None:
+        positions = (torch.cumsum(valid, 1) - 1).clamp(min=0).masked_fill(~valid, 0)
+    else:
+        positions = position_ids
+    for layer_idx, layer in enumerate(lm.layers):
+        for stage in llm_stages:
+            if stage.prune_layer == layer_idx:
+                keep_cols = []
+                for b in range(batch):
+                    kept = set(stage.kept[b])
+                    keep_cols.append([i for i, o in enumerate(visual_orig[b]) if o is None or o in kept])
+                index = torch.tensor(keep_cols)
+                hidden = torch.gather(hidden, 1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+                valid = torch.gather(valid, 1, index)
+                visual_orig = [[visual_orig[b][i] for i in keep_cols[b]] for b in range(batch)]
+                if stage.positions == "original":
+                    positions = torch.gather(positions, 1, index)
+                else:
+                    positions = (torch.cumsum(valid, 1) - 1).clamp(min=0).masked_fill(~valid, 0)
+        rope = lm.rotary_emb(hidden, position_ids=positions)
+        hidden = layer(hidden, attention_mask=_mask(valid, hidden.dtype), position_embeddings=rope, position_ids=positions)
+    hidden = lm.norm(hidden)
+    return model.lm_head(hidden), valid
+
+
+def oracle_greedy(model, input_ids, attention_mask, pixel_values, record, steps: int) -> torch.Tensor:
+    """Greedy decoding that recomputes the whole prefix every step with the prefill's kept set."""
+    ids, mask = input_ids, attention_mask
+    eos = model.generation_config.eos_token_id
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else model.config.text_config.pad_token_id
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    out = []
+    for _ in range(steps):
+        logits, _ = oracle_logits(model, ids, mask, pixel_values, record)
+        last = logits[:, -1].clone()
+        last[:, model.config.image_token_id] = float("-inf")  # as generate(suppress_tokens=[image token])
+        nxt = last.argmax(-1).masked_fill(finished, pad)  # generate pads finished rows
+        finished = finished | (nxt == eos)
+        out.append(nxt)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
+    return torch.stack(out, dim=1)

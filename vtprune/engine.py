@@ -1,0 +1,533 @@
+"""The drop engine: the one place that changes sequence length.
+
+A `PruneSession` attaches hooks to an unmodified `LlavaForConditionalGeneration`:
+
+* a pre-hook on the model's forward. At prefill (a call with `pixel_values`) it runs the vision tower once,
+  lets the method's vision stage select, and hands the LLM `inputs_embeds` holding only the kept image
+  tokens (positions re-indexed contiguously, as LLaVA does when an image has fewer tokens). At decode it
+  rewrites the 2-D mask and the position ids so they match the shorter cache;
+* a pre-hook on every decoder layer from the first LLM-stage prune layer on. At a prune layer (prefill) it
+  asks the method for a selection and gathers the hidden states, the rotary embeddings, the attention mask
+  and the positions; every later layer gets that stage's mask and rotary embeddings (prefill and decode),
+  so each layer's KV cache holds exactly the tokens that layer saw;
+* a capture of the post-RoPE q/k of the layers whose attention a method scores (signals/attention.py).
+
+Pruning happens once, at prefill; decode steps attend to the kept set. `generate()` works unchanged
+(greedy, sampling, beams, batches with left padding), because the engine keeps, per stage, the prefix's
+padding mask and positions and extends them with what `generate` appends.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from vtprune.methods.base import Method, PruneConfigError, Selection, Stage
+from vtprune.models.llava import LlavaAdapter
+from vtprune.record import PruneRecord, StageRecord
+from vtprune.signals import attention as attention_capture
+from vtprune.signals.context import Captured, LLMSignals, VisionSignals
+
+
+@dataclass
+class Layout:
+    """The sequence as one group of consecutive decoder layers sees it (the prefill part)."""
+
+    first_layer: int
+    key_valid: torch.Tensor  # (B, L) real tokens
+    position_ids: torch.Tensor  # (B, L)
+    visual_index: torch.Tensor  # (B, V) sequence positions of the visual tokens
+    visual_valid: torch.Tensor  # (B, V)
+    original_index: torch.Tensor  # (B, V) original visual-token numbering, -1 for created tokens
+    stage: Stage | None = None
+    prefill_mask: object = None  # formatted attention mask for the prefill
+    prefill_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def next_position(self) -> torch.Tensor:
+        """(B,) position of the first decoded token."""
+        return self.position_ids.masked_fill(~self.key_valid, -1).max(dim=1).values + 1
+
+
+@dataclass
+class Episode:
+    """State of one generate() call (or one forward with its cache)."""
+
+    layouts: list[Layout]
+    input_embeds: torch.Tensor
+    captures: dict[int, Captured] = field(default_factory=dict)
+    cache: object = None
+    prefill_done: bool = False
+    decode_len: int = 0
+    step: dict = field(default_factory=dict)  # per decode step: (mask, rope) per layout
+
+    def layout_for(self, layer: int) -> Layout:
+        current = self.layouts[0]
+        for layout in self.layouts:
+            if layout.first_layer <= layer:
+                current = layout
+        return current
+
+
+def _causal_allowed(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """(B, 1, q, k) bool: query i (the last q of k positions) may see key j <= its own position."""
+    k_len = key_valid.shape[1]
+    q_pos = torch.arange(k_len - q_len, k_len, device=key_valid.device)
+    k_pos = torch.arange(k_len, device=key_valid.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]
+    # Padding or hole rows see nothing; let them see themselves so no softmax row is empty (no NaN).
+    allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
+    return allowed[:, None]
+
+
+def format_mask(key_valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype):
+    """An attention mask in the form the model's attention implementation expects (None when not needed)."""
+    all_valid = bool(key_valid.all())
+    if implementation.startswith("flash"):
+        return None if all_valid else key_valid.long()
+    if implementation == "sdpa" and all_valid and (q_len == 1 or q_len == key_valid.shape[1]):
+        return None  # SDPA's own causal path: no mask to build, and the fast kernels stay eligible
+    allowed = _causal_allowed(key_valid, q_len)
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+class PruneSession:
+    """Hooks that make one model prune with one method. Created by `vtprune.prune`, removed by `unprune`."""
+
+    def __init__(self, model: torch.nn.Module, method: Method, timing: bool = False):
+        self.model = model
+        self.method = method
+        self.adapter = LlavaAdapter(model)
+        self.info = self.adapter.info()
+        method.validate_for(self.info)
+        self.stages = method.stages(self.info)
+        self._check_stages()
+        self.vision_stage = next((s for s in self.stages if s.kind == "vision"), None)
+        self.llm_stages = [s for s in self.stages if s.kind == "llm"]
+        self.timing = timing
+        self.episode: Episode | None = None
+        self.record: PruneRecord | None = None
+        self._handles: list = []
+        self._captured_modules: list[torch.nn.Module] = []
+        self._signature = inspect.signature(model.forward)
+
+    def _check_stages(self) -> None:
+        kinds = [s.kind for s in self.stages]
+        if "vision" in kinds[1:] or kinds.count("vision") > 1:
+            raise PruneConfigError(f"{self.method.name}: at most one vision stage, and it must come first")
+        layers = [s.prune_layer for s in self.stages if s.kind == "llm"]
+        if layers != sorted(set(layers)):
+            raise PruneConfigError(f"{self.method.name}: LLM stages must prune at increasing layers, got {layers}")
+        for stage in self.stages:
+            if stage.kind == "llm" and stage.score_layer < stage.prune_layer and stage.queries is None:
+                raise PruneConfigError(f"{self.method.name}: an LLM stage that scores a layer must name its query rows")
+
+    # --- attach / detach --------------------------------------------------------------------------------
+    def attach(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._post_forward, with_kwargs=True))
+        if self.llm_stages:
+            first = self.llm_stages[0].prune_layer
+            for idx in range(first, self.info.num_layers):
+                hook = self._make_layer_hook(idx)
+                self._handles.append(self.adapter.layers[idx].register_forward_pre_hook(hook, with_kwargs=True))
+        if self.vision_stage is not None:
+            self._handles.append(self.adapter.vision_tower.register_forward_hook(self._tag_vision_output))
+            self._add_capture(self.adapter.vision_attention_module(), "vision")
+        for stage in self.llm_stages:
+            if stage.score_layer < stage.prune_layer:
+                self._add_capture(self.adapter.layers[stage.score_layer].self_attn, stage.score_layer)
+
+    def detach(self, active_sessions: int) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._captured_modules:
+            attention_capture.remove_capture(module)
+        self._captured_modules.clear()
+        attention_capture.release_if_unused(active_sessions)
+        self.episode = None
+
+    def _add_capture(self, module: torch.nn.Module, key) -> None:
+        def capture(_module, query, key_states, scaling):
+            if key == "vision":  # the tower may run before the prefill call (generate pre-encodes images)
+                self._pending_vision = Captured(query, key_states, float(scaling))
+                return
+            episode = self.episode
+            if episode is not None and not episode.prefill_done and query.shape[2] > 1:
+                episode.captures[key] = Captured(query, key_states, float(scaling))
+
+        attention_capture.add_capture(module, capture)
+        self._captured_modules.append(module)
+
+    def _tag_vision_output(self, module, args, output):
+        # Ties the captured [CLS] q/k to the very output object it belongs to.
+        output._vtprune_capture = getattr(self, "_pending_vision", None)
+        self._pending_vision = None
+        return None
+
+    def _vision_capture(self, image_out) -> Captured:
+        captured = getattr(image_out, "_vtprune_capture", None)
+        hidden = image_out.hidden_states[self.adapter.feature_hidden_index]
+        if captured is not None and captured.key.shape[0] == hidden.shape[0]:
+            return captured
+        return Captured(*self.adapter.recompute_vision_qk(image_out))
+
+    # --- timing -----------------------------------------------------------------------------------------
+    def _clock(self) -> float:
+        if self.timing and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    # --- top-level hooks --------------------------------------------------------------------------------
+    def _bind(self, args, kwargs) -> dict:
+        if not args:
+            return dict(kwargs)
+        bound = self._signature.bind_partial(*args, **kwargs)
+        out = dict(bound.arguments)
+        out.update(out.pop("kwargs", {}))
+        return out
+
+    def _pre_forward(self, module, args, kwargs):
+        call = self._bind(args, kwargs)
+        if call.get("pixel_values") is not None or (call.get("mm_encoder_outputs") or {}).get("image") is not None:
+            return (), self._prefill(call)
+        episode = self.episode
+        cache = call.get("past_key_values")
+        if episode is not None and episode.prefill_done and cache is not None and cache is episode.cache:
+            return (), self._decode(call)
+        self.episode = None  # a text-only call: nothing to prune
+        return None
+
+    def _post_forward(self, module, args, kwargs, output):
+        episode = self.episode
+        if episode is None:
+            return None
+        if not episode.prefill_done:
+            episode.prefill_done = True
+            episode.cache = getattr(output, "past_key_values", None)
+            episode.captures.clear()  # release q/k of the scored layers
+            if self.record is not None and self.timing:
+                self.record.timings_ms["total_prefill"] = (self._clock() - self._prefill_start) * 1e3
+        else:
+            episode.decode_len += episode.step.get("q_len", 0)
+            episode.step = {}
+        return None
+
+    # --- prefill ----------------------------------------------------------------------------------------
+    def _prefill(self, call: dict) -> dict:
+        self._prefill_start = self._clock()
+        input_ids = call.get("input_ids")
+        if input_ids is None:
+            raise PruneConfigError("vtprune needs `input_ids` (not only inputs_embeds) to locate the image tokens")
+        cache = call.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            raise PruneConfigError("vtprune prunes at prefill; continuing a non-empty cache with a new image is not supported")
+        pixel_values = call.pop("pixel_values", None)
+        batch, length = input_ids.shape
+        mask2d = call.get("attention_mask")
+        if mask2d is not None and mask2d.ndim != 2:
+            raise PruneConfigError("vtprune needs a 2-D attention_mask (batch, sequence)")
+        text_valid_in = mask2d.bool() if mask2d is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        images_given = (call.get("mm_encoder_outputs") or {}).get("image") if pixel_values is None else None
+        num_images = pixel_values.shape[0] if pixel_values is not None else len(images_given.pooler_output)
+        image_layout = self.adapter.locate_images(input_ids, num_images)
+        n_img = image_layout.images_per_sample
+        record = PruneRecord(
+            method=self.method.name,
+            params={k: v for k, v in self.method.params().items()},
+            visual_tokens=self.info.visual_tokens * n_img,
+            num_layers=self.info.num_layers,
+        )
+        self.record = record
+        self.episode = episode = Episode(layouts=[], input_embeds=None)
+
+        # Vision tower (once; generate() may have run it already) and the vision stage.
+        t0 = self._clock()
+        image_out = (call.get("mm_encoder_outputs") or {}).get("image")
+        if image_out is None:
+            extra = {k: call.pop(k) for k in ("image_sizes",) if call.get(k) is not None}
+            image_out = self.adapter.encode_images(pixel_values, **extra)
+        call.pop("mm_encoder_outputs", None)
+        hidden_v, projected = self.adapter.unpack_image_output(image_out)
+        t1 = self._clock()
+        record.timings_ms["vision"] = (t1 - t0) * 1e3
+        per_image = self.info.visual_tokens
+        n_total = hidden_v.shape[0]
+        image_index = torch.arange(n_total, device=projected.device)
+        is_image = input_ids == self.adapter.image_token_id
+        if self.vision_stage is not None:
+            signals = VisionSignals(
+                adapter=self.adapter,
+                hidden=hidden_v,
+                projected=projected,
+                image_sample=image_index // n_img,
+                input_ids=input_ids,
+                text_valid=text_valid_in & ~is_image,
+                captured=self._vision_capture(image_out),
+            )
+            selection = self.method.select(0, self.vision_stage, signals)
+            tokens, valid, orig = self._vision_tokens(selection, projected)
+            orig = torch.where(orig >= 0, orig + (image_index % n_img)[:, None] * per_image, orig)
+            record.timings_ms["select_vision"] = (self._clock() - t1) * 1e3
+            record.stages.append(self._stage_record(self.vision_stage, 0, orig.view(batch, -1), valid.view(batch, -1), selection))
+        else:
+            tokens = projected
+            valid = torch.ones(projected.shape[:2], dtype=torch.bool, device=projected.device)
+            orig = torch.arange(per_image, device=projected.device).expand(n_total, -1) + (image_index % n_img)[:, None] * per_image
+
+        # Assemble the LLM input: text embeddings with each image block replaced by its kept tokens.
+        embeds = self.adapter.embed(input_ids)
+        width = tokens.shape[1]
+        new_len = length - n_img * per_image + n_img * width
+        slot_offsets = torch.arange(width, device=embeds.device)
+        block = torch.arange(n_img, device=embeds.device)
+        slot_pos = (image_layout.starts - block * per_image + block * width)[:, :, None] + slot_offsets  # (B, n, W)
+        slot_pos = slot_pos.flatten(1)
+        images_before = torch.cumsum(is_image, dim=1) - is_image.long()
+        text_pos = torch.arange(length, device=embeds.device) - images_before + (images_before // per_image) * width
+        inputs_embeds = embeds.new_zeros(batch, new_len, embeds.shape[-1])
+        key_valid = torch.zeros(batch, new_len, dtype=torch.bool, device=embeds.device)
+        text_rows, text_cols = torch.nonzero(~is_image, as_tuple=True)
+        new_text_cols = text_pos[text_rows, text_cols]
+        inputs_embeds[text_rows, new_text_cols] = embeds[text_rows, text_cols]
+        key_valid[text_rows, new_text_cols] = text_valid_in[text_rows, text_cols]
+        flat_tokens = tokens.reshape(batch, n_img * width, -1).to(embeds.dtype)
+        inputs_embeds.scatter_(1, slot_pos[:, :, None].expand(-1, -1, embeds.shape[-1]), flat_tokens)
+        key_valid.scatter_(1, slot_pos, valid.reshape(batch, -1))
+
+        position_ids = call.get("position_ids")
+        if self.vision_stage is not None or position_ids is None and not bool(key_valid.all()):
+            position_ids = (torch.cumsum(key_valid, dim=1) - 1).clamp(min=0).masked_fill(~key_valid, 0)
+        elif position_ids is None:
+            position_ids = torch.arange(new_len, device=embeds.device)[None].expand(batch, -1)
+        position_ids = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+        layout0 = Layout(
+            first_layer=0,
+            key_valid=key_valid,
+            position_ids=position_ids,
+            visual_index=slot_pos,
+            visual_valid=valid.reshape(batch, -1),
+            original_index=orig.reshape(batch, -1),
+        )
+        episode.layouts.append(layout0)
+        episode.input_embeds = inputs_embeds
+
+        call["input_ids"] = None
+        call["inputs_embeds"] = inputs_embeds
+        call["position_ids"] = position_ids
+        call["attention_mask"] = None if mask2d is None and bool(key_valid.all()) else key_valid.long()
+        if not self.stages:
+            record.stages.append(self._stage_record(Stage(kind="vision", keep=per_image, name="none"), 0, layout0.original_index, layout0.visual_valid, None))
+        return call
+
+    def _vision_tokens(self, selection: Selection, projected: torch.Tensor):
+        """Kept (and created) tokens of each image in the LLM embedding space, their validity and numbering."""
+        index = selection.indices
+        rows, t = index.shape
+        d = projected.shape[-1]
+        if selection.values is not None:
+            kept = selection.values
+        else:
+            kept = torch.gather(projected, 1, index[:, :, None].expand(-1, -1, d))
+        valid = selection.valid if selection.valid is not None else torch.ones(rows, t, dtype=torch.bool, device=index.device)
+        orig = index
+        if selection.extra is not None:
+            c = selection.extra.shape[1]
+            kept = torch.cat([kept, selection.extra.to(kept.dtype)], dim=1)
+            extra_valid = selection.extra_valid if selection.extra_valid is not None else torch.ones(rows, c, dtype=torch.bool, device=index.device)
+            valid = torch.cat([valid, extra_valid], dim=1)
+            extra_index = selection.extra_index if selection.extra_index is not None else torch.full((rows, c), -1, device=index.device)
+            orig = torch.cat([orig, extra_index], dim=1)
+        return kept, valid, orig
+
+    def _stage_record(self, stage: Stage, index: int, orig: torch.Tensor, valid: torch.Tensor, selection) -> StageRecord:
+        orig_list = orig.tolist()
+        valid_list = valid.tolist()
+        kept = [[o for o, v in zip(row, vrow) if v] for row, vrow in zip(orig_list, valid_list)]
+        return StageRecord(
+            name=stage.name or f"{stage.kind}{index}",
+            kind=stage.kind,
+            score_layer=stage.score_layer,
+            prune_layer=stage.prune_layer,
+            positions="reindex" if stage.kind == "vision" else stage.positions,
+            kept=kept,
+            counts=[len(k) for k in kept],
+            extra=dict(selection.info) if selection is not None else {},
+        )
+
+    # --- decoder-layer hook -------------------------------------------------------------------------------
+    def _make_layer_hook(self, layer_idx: int):
+        def hook(module, args, kwargs):
+            episode = self.episode
+            if episode is None:
+                return None
+            if not episode.prefill_done:
+                return self._layer_prefill(layer_idx, args, kwargs)
+            return self._layer_decode(layer_idx, args, kwargs)
+
+        return hook
+
+    def _layer_prefill(self, layer_idx: int, args, kwargs):
+        episode = self.episode
+        stage_index = next((i for i, s in enumerate(self.stages) if s.kind == "llm" and s.prune_layer == layer_idx), None)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if stage_index is not None:
+            hidden = self._drop(stage_index, layer_idx, hidden, kwargs)
+        layout = episode.layout_for(layer_idx)
+        if layout.first_layer == 0:
+            return None
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = layout.prefill_mask
+        kwargs["position_embeddings"] = layout.prefill_rope
+        kwargs["position_ids"] = layout.position_ids
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _drop(self, stage_index: int, layer_idx: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Select at an LLM stage boundary and gather everything the later layers need."""
+        t0 = self._clock()
+        episode = self.episode
+        stage = self.stages[stage_index]
+        prev = episode.layout_for(layer_idx - 1)
+        layout0 = episode.layouts[0]
+        signals = LLMSignals(
+            adapter=self.adapter,
+            layer=layer_idx,
+            hidden=hidden,
+            key_valid=prev.key_valid,
+            visual_index=prev.visual_index,
+            visual_valid=prev.visual_valid,
+            original_index=prev.original_index,
+            position_ids=prev.position_ids,
+            images_per_sample=self.record.visual_tokens // self.info.visual_tokens,
+            input_embeds=episode.input_embeds,
+            input_visual_index=layout0.visual_index,
+            input_valid=layout0.key_valid,
+            captured=episode.captures.pop(stage.score_layer, None) if stage.score_layer < stage.prune_layer else None,
+        )
+        selection = self.method.select(stage_index, stage, signals)
+        batch, length, d = hidden.shape
+        sel = selection.indices
+        t = sel.shape[1]
+        device = hidden.device
+        sel_valid = selection.valid if selection.valid is not None else torch.ones_like(sel, dtype=torch.bool)
+        sel_valid = sel_valid & torch.gather(prev.visual_valid, 1, sel)
+        kept_pos = torch.gather(prev.visual_index, 1, sel)  # (B, T) positions in the previous sequence
+        is_visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        is_visual.scatter_(1, prev.visual_index, True)
+        n_text = length - prev.visual_index.shape[1]
+        text_pos = torch.sort(is_visual.to(torch.int8), dim=1, stable=True).indices[:, :n_text]  # (B, Lt) ascending
+        extra = selection.extra
+        c = 0 if extra is None else extra.shape[1]
+        if c and stage.positions == "original":
+            raise PruneConfigError(f"{self.method.name}: created tokens need re-indexed positions")
+        # Order: every token by its previous position; created tokens right after the last kept visual token.
+        last_visual = kept_pos.masked_fill(~sel_valid, -1).max(dim=1).values.float()
+        keys = torch.cat(
+            [
+                text_pos.float(),
+                kept_pos.float() + torch.arange(t, device=device) / (2 * t + 2),
+                last_visual[:, None] + 0.5 + torch.arange(c, device=device) / (2 * c + 2),
+            ],
+            dim=1,
+        )
+        source = torch.cat([text_pos, kept_pos, length + torch.arange(c, device=device).expand(batch, c)], dim=1)
+        order = torch.sort(keys, dim=1, stable=True).indices
+        src = torch.gather(source, 1, order)  # (B, L') index into [hidden | extra]
+        slot_of = torch.argsort(order, dim=1)  # candidate -> new position
+        new_visual_index = slot_of[:, n_text:]
+        padded = hidden if not c else torch.cat([hidden, extra.to(hidden.dtype)], dim=1)
+        new_hidden = torch.gather(padded, 1, src[:, :, None].expand(-1, -1, d))
+        if selection.values is not None:
+            new_hidden = new_hidden.scatter(1, slot_of[:, n_text : n_text + t, None].expand(-1, -1, d), selection.values.to(hidden.dtype))
+        valid_src = torch.cat([prev.key_valid, torch.ones(batch, c, dtype=torch.bool, device=device)], dim=1)
+        key_valid = torch.gather(valid_src, 1, src)
+        visual_valid = sel_valid
+        original = torch.gather(prev.original_index, 1, sel)
+        if c:
+            extra_valid = selection.extra_valid if selection.extra_valid is not None else torch.ones(batch, c, dtype=torch.bool, device=device)
+            key_valid.scatter_(1, slot_of[:, n_text + t :], extra_valid)
+            visual_valid = torch.cat([visual_valid, extra_valid], dim=1)
+            extra_index = selection.extra_index
+            extra_orig = torch.full((batch, c), -1, dtype=torch.long, device=device)
+            if extra_index is not None:
+                extra_orig = torch.where(extra_index >= 0, torch.gather(prev.original_index, 1, extra_index.clamp(min=0)), extra_orig)
+            original = torch.cat([original, extra_orig], dim=1)
+        key_valid.scatter_(1, slot_of[:, n_text : n_text + t], sel_valid)
+
+        if stage.positions == "original":
+            position_ids = torch.gather(prev.position_ids, 1, src.clamp(max=length - 1))
+            cos, sin = kwargs["position_embeddings"]
+            cos = cos.expand(batch, -1, -1)
+            sin = sin.expand(batch, -1, -1)
+            gather_index = src.clamp(max=length - 1)[:, :, None].expand(-1, -1, cos.shape[-1])
+            rope = (torch.gather(cos, 1, gather_index), torch.gather(sin, 1, gather_index))
+        else:
+            position_ids = (torch.cumsum(key_valid, dim=1) - 1).clamp(min=0).masked_fill(~key_valid, 0)
+            rope = self.adapter.rotary(new_hidden, position_ids)
+        impl = self.adapter.attn_implementation
+        layout = Layout(
+            first_layer=layer_idx,
+            key_valid=key_valid,
+            position_ids=position_ids,
+            visual_index=new_visual_index,
+            visual_valid=visual_valid,
+            original_index=original,
+            stage=stage,
+            prefill_mask=format_mask(key_valid, key_valid.shape[1], impl, hidden.dtype),
+            prefill_rope=rope,
+        )
+        episode.layouts.append(layout)
+        self.record.stages.append(self._stage_record(stage, stage_index, original, visual_valid, selection))
+        self.record.timings_ms[f"select_{stage.name or f'llm{stage_index}'}"] = (self._clock() - t0) * 1e3
+        return new_hidden
+
+    # --- decode -------------------------------------------------------------------------------------------
+    def _decode(self, call: dict) -> dict:
+        episode = self.episode
+        ref = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
+        batch, q_len = ref.shape[:2]
+        done = episode.decode_len
+        mask2d = call.get("attention_mask")
+        if mask2d is not None and mask2d.ndim == 2 and mask2d.shape[1] >= done + q_len:
+            tail = mask2d[:, mask2d.shape[1] - done - q_len :].bool()
+        else:
+            tail = torch.ones(batch, done + q_len, dtype=torch.bool, device=ref.device)
+        offsets = torch.arange(done, done + q_len, device=ref.device)
+        episode.step = {"q_len": q_len, "tail": tail, "offsets": offsets}
+        if self.vision_stage is not None:
+            layout0 = episode.layouts[0]
+            full = torch.cat([layout0.key_valid, tail], dim=1)
+            call["attention_mask"] = None if mask2d is None and bool(full.all()) else full.long()
+            call["position_ids"] = layout0.next_position[:, None] + offsets
+        return call
+
+    def _layer_decode(self, layer_idx: int, args, kwargs):
+        episode = self.episode
+        layout = episode.layout_for(layer_idx)
+        if layout.first_layer == 0 or not episode.step:
+            return None
+        key = ("layout", layout.first_layer)
+        if key not in episode.step:
+            step = episode.step
+            hidden = args[0] if args else kwargs["hidden_states"]
+            key_valid = torch.cat([layout.key_valid, step["tail"]], dim=1)
+            position_ids = layout.next_position[:, None] + step["offsets"]
+            mask = format_mask(key_valid, step["q_len"], self.adapter.attn_implementation, hidden.dtype)
+            episode.step[key] = (mask, self.adapter.rotary(hidden, position_ids), position_ids)
+        mask, rope, position_ids = episode.step[key]
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = mask
+        kwargs["position_embeddings"] = rope
+        kwargs["position_ids"] = position_ids
+        return args, kwargs

@@ -1,0 +1,193 @@
+"""Method, Stage, Selection and the method registry.
+
+A method is a small dataclass with validated fields. It declares where it acts (`stages()`) and, for each
+stage, turns signals into a `Selection` (`select()`). It never touches the model: the engine
+(`vtprune/engine.py`) is the only code that changes sequence length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from vtprune.signals.context import LLMSignals, VisionSignals
+
+
+class PruneConfigError(ValueError):
+    """Bad user input to prune(): unknown method, impossible budget, layer out of range, ..."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a method may know about the model when it plans its stages."""
+
+    num_layers: int  # LLM decoder layers
+    num_heads: int
+    visual_tokens: int  # per image
+    grid: tuple[int, int]  # patch grid of one image (rows, cols)
+    vision_layers: int
+    vision_heads: int
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One place where visual tokens are dropped.
+
+    kind="vision": before the LLM; the LLM sees only the kept tokens with contiguous positions.
+    kind="llm": `score_layer` is the decoder layer whose own q/k give the attention rows the method scores
+    with (captured while that layer runs on the unpruned sequence); `prune_layer` is the first decoder layer
+    that sees the pruned sequence. They differ between papers (algorithms.md §0.1): FastV scores layer K-1
+    and prunes before K; SparseVLM scores layer l and prunes before l+1; PyramidDrop scores with layer k's
+    projections of layer k's input and prunes before k (score_layer == prune_layer: the engine then computes
+    the rows from the incoming hidden states with that layer's norm, q/k projections and RoPE).
+    `keep` is the number of visual tokens per image after this stage (multiplied by the number of images
+    of a sample for LLM stages). `queries` names the attention rows the stage needs: "last" (the last
+    prompt token), "text" (every token after the last visual token), "all", "image" or None.
+    """
+
+    kind: Literal["vision", "llm"]
+    keep: int
+    score_layer: int | None = None
+    prune_layer: int | None = None
+    positions: Literal["original", "reindex"] = "original"
+    queries: Literal["last", "text", "all", "image"] | None = None
+    name: str = ""
+
+
+@dataclass
+class Selection:
+    """The output of a method for one stage.
+
+    Rows are images for a vision stage and samples for an LLM stage. `indices` index the CURRENT visual
+    tokens of the row (0..V-1), in the order the tokens will appear (raster order for almost every method).
+    `valid` marks real slots when rows keep different counts (adaptive methods); invalid slots are masked out.
+    `values` replaces the kept tokens' vectors (merging); for a vision stage they live in the LLM embedding
+    space (projected). `extra` are new tokens (merged clusters, contextual tokens) placed right after the kept
+    visual tokens; `extra_index` says which original token each represents (-1: none).
+    """
+
+    indices: torch.Tensor  # (R, T) long
+    valid: torch.Tensor | None = None  # (R, T) bool
+    values: torch.Tensor | None = None  # (R, T, D)
+    extra: torch.Tensor | None = None  # (R, C, D)
+    extra_valid: torch.Tensor | None = None  # (R, C) bool
+    extra_index: torch.Tensor | None = None  # (R, C) long, index into current visual tokens or -1
+    scores: torch.Tensor | None = None  # (R, V) the scores used, kept for analysis
+    info: dict = field(default_factory=dict)  # JSON-friendly facts recorded with the stage
+
+
+def resolve_keep(keep: int | float, total: int, what: str = "keep") -> int:
+    """A count of visual tokens, or a fraction in (0, 1] of `total`, as a count in [1, total]."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise PruneConfigError(f"{what} must be an int count or a float fraction in (0, 1], got {keep!r}")
+    if isinstance(keep, float):
+        if 0.0 < keep <= 1.0:
+            return max(1, round(keep * total))
+        if not keep.is_integer():
+            raise PruneConfigError(f"{what}={keep}: a fraction must be in (0, 1]")
+    keep = int(keep)
+    if keep <= 0:
+        raise PruneConfigError(f"{what}={keep}: must be >= 1 (a count) or a fraction in (0, 1]")
+    if keep > total:
+        raise PruneConfigError(f"{what}={keep} is larger than the {total} visual tokens of an image")
+    return keep
+
+
+@dataclass
+class Method:
+    """Base class. Subclasses are dataclasses whose fields are the method's hyper-parameters.
+
+    `keep`: visual tokens per image to keep (count or fraction in (0, 1]); None = the paper's default.
+    """
+
+    keep: int | float | None = None
+
+    name: ClassVar[str] = ""
+    stage_kind: ClassVar[str] = ""  # "vision" | "llm" | "vision+llm" | "-"
+    paper: ClassVar[str] = ""
+    attention_based: ClassVar[bool] = False  # scores with LLM text->image attention (debias/heads apply)
+
+    def __post_init__(self) -> None:
+        if self.keep is not None:
+            resolve_keep(self.keep, 10**9)  # type and range; the upper bound is checked in validate_for
+
+    # --- planning -------------------------------------------------------------------------------------
+    def validate_for(self, info: ModelInfo) -> None:
+        """Check the configuration against the model (layers, token count); raise PruneConfigError."""
+        if self.keep is not None:
+            resolve_keep(self.keep, info.visual_tokens)
+        for stage in self.stages(info):
+            if stage.kind != "llm":
+                continue
+            last = info.num_layers - 1
+            if stage.prune_layer is None or not 1 <= stage.prune_layer <= last:
+                raise PruneConfigError(
+                    f"{self.name}: prune layer {stage.prune_layer} is outside the LLM's layers (valid: 1..{last})"
+                )
+            if stage.score_layer is None or not 0 <= stage.score_layer <= stage.prune_layer:
+                raise PruneConfigError(
+                    f"{self.name}: score layer {stage.score_layer} must be in 0..{stage.prune_layer} "
+                    f"(at or before the prune layer {stage.prune_layer})"
+                )
+
+    def keep_count(self, info: ModelInfo, default: int | float) -> int:
+        return resolve_keep(self.keep if self.keep is not None else default, info.visual_tokens)
+
+    def stages(self, info: ModelInfo) -> list[Stage]:
+        raise NotImplementedError
+
+    # --- selection ------------------------------------------------------------------------------------
+    def select(self, stage_index: int, stage: Stage, signals: VisionSignals | LLMSignals) -> Selection:
+        raise NotImplementedError
+
+    # --- description ----------------------------------------------------------------------------------
+    def params(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by name to the API, the CLI and the tests."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    _load_builtin_methods()
+    try:
+        return METHODS[name]
+    except KeyError:
+        valid = ", ".join(sorted(METHODS))
+        raise PruneConfigError(f"unknown method {name!r}; valid methods: {valid}") from None
+
+
+def make_method(method: str | Method, keep: int | float | None = None, **params) -> Method:
+    """A validated method instance from a name (+ keep and params) or an instance."""
+    if isinstance(method, Method):
+        if keep is not None or params:
+            method = dataclasses.replace(method, **({"keep": keep} if keep is not None else {}), **params)
+        return method
+    cls = method_class(method)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise PruneConfigError(
+            f"{method}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+        )
+    try:
+        return cls(keep=keep, **params)
+    except TypeError as err:  # wrong types caught by dataclass init
+        raise PruneConfigError(f"{method}: {err}") from None
+
+
+def _load_builtin_methods() -> None:
+    # Importing the package registers every built-in method.
+    import vtprune.methods  # noqa: F401

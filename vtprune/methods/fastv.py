@@ -1,0 +1,54 @@
+"""FastV — "An Image is Worth 1/2 Tokens After Layer 2" (Chen et al., ECCV 2024, arXiv 2403.06764).
+
+Idea: after the first K decoder layers, image tokens that receive little attention are dropped. The score
+is the head-mean attention of the last prompt token at layer K-1 (the official code; the paper's text
+averages over all query rows, available as `query="all"`), taken from that layer's own q/k while it runs
+under SDPA; the drop happens before layer K and kept tokens keep their original positions
+(algorithms.md §1).
+
+Parameters: keep (visual tokens kept after layer K; default: round(576·(1-R))), K=2, R=0.5 (fraction
+dropped, used only when keep is not given), query="last" | "all".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.selection import topk_indices
+
+
+@register
+@dataclass
+class FastV(Method):
+    """Drop the least-attended image tokens after layer K (last-token attention of layer K-1)."""
+
+    K: int = 2
+    R: float = 0.5
+    query: str = "last"
+
+    name = "fastv"
+    stage_kind = "llm"
+    paper = "arXiv 2403.06764"
+    attention_based = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.R < 1.0:
+            raise PruneConfigError(f"fastv: R={self.R} (fraction of image tokens dropped) must be in [0, 1)")
+        if self.query not in ("last", "all"):
+            raise PruneConfigError(f"fastv: query={self.query!r}; valid: last, all")
+        if self.K < 1:
+            raise PruneConfigError(f"fastv: K={self.K} must be >= 1 (K=0 is random pruning: use method 'random')")
+
+    def stages(self, info: ModelInfo) -> list[Stage]:
+        keep = self.keep_count(info, max(1, round(info.visual_tokens * (1 - self.R))))
+        return [Stage(kind="llm", keep=keep, score_layer=self.K - 1, prune_layer=self.K, positions="original", queries=self.query, name="fastv")]
+
+    def select(self, stage_index, stage, signals) -> Selection:
+        attn, row_valid = signals.attention(stage.queries)  # (B, H, Q, V)
+        per_row = attn.mean(dim=1)  # head mean
+        weights = row_valid.float()
+        scores = (per_row * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+        keep = min(stage.keep * signals.images_per_sample, signals.num_visual)
+        return Selection(indices=topk_indices(scores, keep, valid=signals.visual_valid), scores=scores)

@@ -1,0 +1,45 @@
+"""Random pruning (the FastV paper's K=0 baseline; UniPruneBench finds it a strong baseline).
+
+Idea: keep `keep` visual tokens of each image drawn uniformly at random, in raster order, before the LLM.
+The draw is seeded and does not depend on the batch: with `per_image=False` (default) every image keeps the
+same random subset for a given seed; with `per_image=True` image i of a batch gets its own stream seeded
+with (seed, i-th image of its sample), so it is still independent of the other samples.
+
+Parameters: keep (default 64), seed (0), per_image (False).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtprune.methods.base import Method, ModelInfo, Selection, Stage, register
+from vtprune.selection import topk_indices
+
+
+@register
+@dataclass
+class RandomPruning(Method):
+    """Uniformly random visual tokens, seeded."""
+
+    seed: int = 0
+    per_image: bool = False
+
+    name = "random"
+    stage_kind = "vision"
+    paper = "FastV K=0 baseline (arXiv 2403.06764)"
+
+    def stages(self, info: ModelInfo) -> list[Stage]:
+        return [Stage(kind="vision", keep=self.keep_count(info, 64), name="random")]
+
+    def select(self, stage_index, stage, signals) -> Selection:
+        n, p = signals.features.shape[:2]
+        images_per_sample = max(1, n // int(signals.image_sample.max() + 1))
+        scores = torch.empty(n, p)
+        for i in range(n):
+            stream = (i % images_per_sample) if self.per_image else 0
+            generator = torch.Generator().manual_seed(self.seed * 1000003 + stream)
+            scores[i] = torch.rand(p, generator=generator)
+        scores = scores.to(signals.features.device)
+        return Selection(indices=topk_indices(scores, stage.keep), scores=scores)

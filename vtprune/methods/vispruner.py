@@ -1,0 +1,74 @@
+"""VisPruner — "Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in VLMs"
+(Zhang et al., ICCV 2025, arXiv 2412.01818; v1 = FasterVLM).
+
+Idea: keep a few *important* tokens by the vision tower's [CLS] attention, then fill the rest of the
+budget with *diverse* tokens by repeatedly deleting, among the remaining ones, those most similar to
+others; before the LLM, kept tokens in raster order (algorithms.md §4).
+Optional sink exclusion (seeds/000, `vispruner_nosink`): patches whose head-mean [CLS] attention exceeds
+`attention_sink_threshold` are treated as attention sinks and never selected.
+
+Parameters: keep (T, default 64; alias `retain_img_tokens` in the seed scripts), important_ratio=0.5
+(alias `vispruner_ratio`), removal_number=8 (tokens deleted per duplicate-removal round — the seed's
+"maximum number of tokens removed per image" read as the per-round cap), attention_sink_threshold=None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.selection import vispruner_select
+
+
+@register
+@dataclass
+class VisPruner(Method):
+    """Important tokens by [CLS] attention + diverse tokens by similarity-based removal."""
+
+    important_ratio: float = 0.5
+    removal_number: int = 8
+    attention_sink_threshold: float | None = None
+
+    name = "vispruner"
+    stage_kind = "vision"
+    paper = "arXiv 2412.01818"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.important_ratio <= 1.0:
+            raise PruneConfigError(f"{self.name}: important_ratio={self.important_ratio} must be in [0, 1]")
+        if self.removal_number < 1:
+            raise PruneConfigError(f"{self.name}: removal_number={self.removal_number} must be >= 1")
+        if self.attention_sink_threshold is not None and not 0.0 < self.attention_sink_threshold <= 1.0:
+            raise PruneConfigError(f"{self.name}: attention_sink_threshold must be in (0, 1]")
+
+    def stages(self, info: ModelInfo) -> list[Stage]:
+        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
+
+    def sink_mask(self, cls_attention: torch.Tensor) -> torch.Tensor | None:
+        if self.attention_sink_threshold is None:
+            return None
+        return cls_attention > self.attention_sink_threshold
+
+    def select(self, stage_index, stage, signals) -> Selection:
+        attention = signals.cls_attention
+        sinks = self.sink_mask(attention)
+        valid = None if sinks is None else ~sinks
+        indices, kept_valid = vispruner_select(
+            attention, signals.features, stage.keep, important_ratio=self.important_ratio,
+            removal_per_round=self.removal_number, valid=valid,
+        )
+        info = {} if sinks is None else {"sinks": sinks.sum(dim=1).tolist()}
+        return Selection(indices=indices, valid=kept_valid, scores=attention, info=info)
+
+
+@register
+@dataclass
+class VisPrunerNoSink(VisPruner):
+    """VisPruner that never selects attention-sink patches ([CLS] attention above a threshold)."""
+
+    attention_sink_threshold: float | None = 0.02
+
+    name = "vispruner_nosink"

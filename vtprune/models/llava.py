@@ -1,0 +1,160 @@
+"""Adapter for Hugging Face `LlavaForConditionalGeneration` (llava-hf/llava-1.5-7b-hf, -13b).
+
+Everything model-specific lives here: where the decoder layers, the rotary embedding, the vision tower and
+the projector are; where each sample's image tokens are (from `input_ids == image_token_id`, never a fixed
+offset, so any chat template works); and how the vision features LLaVA feeds the LLM are computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vtprune.methods.base import ModelInfo, PruneConfigError
+
+SUPPORTED = ("LlavaForConditionalGeneration",)
+
+
+def _find_layers(root: nn.Module, suffix: str) -> nn.ModuleList:
+    for name, module in root.named_modules():
+        if isinstance(module, nn.ModuleList) and (name == suffix or name.endswith("." + suffix)):
+            return module
+    raise PruneConfigError(f"could not find `{suffix}` inside {type(root).__name__}")
+
+
+@dataclass
+class ImageLayout:
+    """Where the image-token blocks sit in each sample of a batch."""
+
+    starts: torch.Tensor  # (B, n) sequence index of each block's first token
+    tokens_per_image: int
+
+    @property
+    def images_per_sample(self) -> int:
+        return self.starts.shape[1]
+
+    def visual_index(self) -> torch.Tensor:
+        """(B, n * tokens_per_image) sequence positions of every visual token, image by image."""
+        offsets = torch.arange(self.tokens_per_image, device=self.starts.device)
+        return (self.starts[:, :, None] + offsets).flatten(1)
+
+
+class LlavaAdapter:
+    def __init__(self, model: nn.Module):
+        if type(model).__name__ not in SUPPORTED:
+            raise PruneConfigError(
+                f"unsupported model class {type(model).__name__}; supported: {', '.join(SUPPORTED)}"
+            )
+        self.model = model
+        self.config = model.config
+        self.base = model.model  # LlavaModel
+        self.language_model = self.base.language_model
+        self.layers = self.language_model.layers
+        self.vision_tower = self.base.vision_tower
+        self.vision_layers = _find_layers(self.vision_tower, "encoder.layers")
+        self.image_token_id = self.config.image_token_id
+        feature_layer = self.config.vision_feature_layer
+        if not isinstance(feature_layer, int):
+            raise PruneConfigError("vtprune supports a single int `vision_feature_layer` (LLaVA-1.5 uses -2)")
+        self.feature_hidden_index = feature_layer % (len(self.vision_layers) + 1)
+        # hidden_states[i] is the output of encoder layer i-1: the layer whose attention made the features.
+        self.feature_layer = self.feature_hidden_index - 1
+        self.select_strategy = self.config.vision_feature_select_strategy
+        vcfg = self.config.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        self.grid = (side, side)
+        self.tokens_per_image = side * side + (1 if self.select_strategy == "full" else 0)
+
+    # --- facts ----------------------------------------------------------------------------------------
+    def info(self) -> ModelInfo:
+        tcfg = self.config.text_config
+        return ModelInfo(
+            num_layers=len(self.layers),
+            num_heads=tcfg.num_attention_heads,
+            visual_tokens=self.tokens_per_image,
+            grid=self.grid,
+            vision_layers=len(self.vision_layers),
+            vision_heads=self.config.vision_config.num_attention_heads,
+        )
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.config.text_config._attn_implementation or "eager"
+
+    def vision_attention_module(self) -> nn.Module:
+        return self.vision_layers[self.feature_layer].self_attn
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.base.multi_modal_projector(features)
+
+    # --- image tokens ---------------------------------------------------------------------------------
+    def locate_images(self, input_ids: torch.Tensor, num_images: int) -> ImageLayout:
+        """Find each sample's image-token blocks and check them against the number of images given."""
+        is_image = input_ids == self.image_token_id
+        batch = input_ids.shape[0]
+        per_sample = is_image.sum(dim=1)
+        if bool((per_sample == 0).any()):
+            missing = torch.nonzero(per_sample == 0).flatten().tolist()
+            raise PruneConfigError(
+                f"sample(s) {missing} contain no image token (id {self.image_token_id}); the prompt must hold "
+                "the processor-expanded `<image>` placeholder"
+            )
+        # Adjacent images form one run of image tokens: cut runs into blocks of tokens_per_image.
+        p = self.tokens_per_image
+        rank = torch.cumsum(is_image, dim=1) - 1
+        previous = torch.nn.functional.pad(is_image[:, :-1], (1, 0), value=False)
+        run_start = is_image & ~previous
+        block_start = is_image & (rank % p == 0)
+        bad_runs = bool((run_start & ~block_start).any()) or bool((per_sample % p != 0).any())
+        blocks = per_sample // p
+        if bad_runs:
+            raise PruneConfigError(
+                f"each image must expand to {p} consecutive image tokens, found {per_sample.tolist()} image tokens "
+                "per sample (was the prompt built by the model's processor?)"
+            )
+        if bool((blocks != blocks[0]).any()) or num_images != int(blocks.sum()):
+            raise PruneConfigError(
+                f"{num_images} image(s) were given but the prompts hold {blocks.tolist()} image-token blocks "
+                "per sample; every sample of a batch needs the same number of images"
+            )
+        starts = torch.nonzero(block_start)[:, 1].view(batch, int(blocks[0]))
+        return ImageLayout(starts=starts, tokens_per_image=self.tokens_per_image)
+
+    # --- vision features --------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor, **kwargs):
+        """Run the vision tower once through the model's own `get_image_features`, so the features equal
+        what the unmodified model feeds its LLM. Returns the tower's output (with `pooler_output` = the
+        projected features per image), the same object `generate()` pre-computes as `mm_encoder_outputs`."""
+        return self.base.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.select_strategy,
+            output_hidden_states=True,
+            return_dict=True,
+            **kwargs,
+        )
+
+    def unpack_image_output(self, out) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states of the feature layer incl. [CLS], projected features (N, P, D))."""
+        if out.hidden_states is None:
+            raise PruneConfigError("the vision tower output has no hidden states; vtprune needs them")
+        return out.hidden_states[self.feature_hidden_index], torch.stack(list(out.pooler_output))
+
+    def recompute_vision_qk(self, out):
+        """q/k of the feature layer from its input hidden state, for outputs vtprune did not see computed
+        (e.g. image features expanded by `generate` for beams). Costs two projections of one CLIP layer."""
+        layer = self.vision_layers[self.feature_layer]
+        attn = layer.self_attn
+        h = layer.layer_norm1(out.hidden_states[self.feature_hidden_index - 1])
+        n, length, _ = h.shape
+        q = attn.q_proj(h).view(n, length, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(n, length, -1, attn.head_dim).transpose(1, 2)
+        return q, k, attn.scale

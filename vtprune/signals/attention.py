@@ -1,0 +1,124 @@
+"""Attention rows without eager attention.
+
+Methods need, at one layer, softmax attention probabilities from a few query rows to the visual keys.
+SDPA and FlashAttention never materialise them, so vtprune reads the layer's own post-RoPE query and key
+states while the layer runs and computes only the rows it needs (algorithms.md §0.2).
+
+The reading happens in a thin wrapper around the attention function transformers dispatches to
+(`ALL_ATTENTION_FUNCTIONS`, the AttentionInterface). The model's `_attn_implementation` is never changed,
+so its masks are built exactly as before (ecosystem.md §3.3: registering a *new* name silently drops the
+padding mask). The wrapper is installed while at least one model is pruned, acts only on the attention
+modules a pruning session registered, and is removed with the last session.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+CaptureFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, float], None]
+
+# id(attention module) -> callback(module, query, key, scaling). Filled by pruning sessions.
+_CAPTURES: dict[int, CaptureFn] = {}
+_SAVED: dict[str, object] = {}  # implementation name -> previous local override (or _MISSING)
+_MISSING = object()
+_WRAPPED_NAMES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _default_eager(module: torch.nn.Module) -> Callable:
+    # "eager" is not a key of the interface: each model file passes its own eager function as the default.
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _make_wrapper(impl_name: str) -> Callable:
+    def vtprune_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        capture = _CAPTURES.get(id(module))
+        if capture is not None:
+            scaling = kwargs.get("scaling")
+            if scaling is None:
+                scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+            capture(module, query, key, scaling)
+        previous = _SAVED.get(impl_name, _MISSING)
+        if previous is not _MISSING:
+            original = previous
+        elif impl_name == "eager":
+            original = _default_eager(module)
+        else:
+            original = ALL_ATTENTION_FUNCTIONS._global_mapping[impl_name]
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    vtprune_attention.__name__ = f"vtprune_{impl_name}"
+    return vtprune_attention
+
+
+def add_capture(module: torch.nn.Module, fn: CaptureFn) -> None:
+    if not _CAPTURES and not _SAVED:
+        _install()
+    _CAPTURES[id(module)] = fn
+
+
+def remove_capture(module: torch.nn.Module) -> None:
+    _CAPTURES.pop(id(module), None)
+
+
+def _install() -> None:
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping
+    for name in _WRAPPED_NAMES:
+        if name != "eager" and name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+            continue
+        _SAVED[name] = local.get(name, _MISSING)
+        local[name] = _make_wrapper(name)
+
+
+def release_if_unused(active_sessions: int) -> None:
+    """Restore the attention interface exactly as it was once no session is left."""
+    if active_sessions or not _SAVED:
+        return
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping
+    for name, previous in _SAVED.items():
+        if previous is _MISSING:
+            local.pop(name, None)
+        else:
+            local[name] = previous
+    _SAVED.clear()
+    _CAPTURES.clear()
+
+
+def is_installed() -> bool:
+    return bool(_SAVED)
+
+
+def attention_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    query_index: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Softmax attention probabilities of selected query rows over all keys, in float32.
+
+    query: (B, H, L, dh) post-RoPE; key: (B, Hkv, L, dh) post-RoPE (GQA heads are repeated);
+    query_index: (B, Q) sequence positions of the wanted rows; key_valid: (B, L) padding mask.
+    Returns (B, H, Q, L). The softmax runs over every key the query could see (causal + padding), never
+    renormalised over a subset, as the official code does (algorithms.md §0.2 (b)).
+    """
+    b, h, length, dh = query.shape
+    q_rows = torch.gather(query, 2, query_index[:, None, :, None].expand(b, h, -1, dh)).float()
+    k = key.float()
+    if k.shape[1] != h:
+        k = k.repeat_interleave(h // k.shape[1], dim=1)
+    logits = torch.matmul(q_rows, k.transpose(-1, -2)) * scaling  # (B, H, Q, L)
+    allowed = torch.ones(b, query_index.shape[1], length, dtype=torch.bool, device=query.device)
+    if causal:
+        positions = torch.arange(length, device=query.device)
+        allowed = positions[None, None, :] <= query_index[:, :, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    # A padded query row sees no valid key; let it see itself so the softmax stays finite.
+    allowed = allowed | (torch.arange(length, device=query.device)[None, None, :] == query_index[:, :, None])
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1)

@@ -1,0 +1,169 @@
+"""What a method may read when it selects: the signals of one stage, computed once and shared.
+
+`VisionSignals` has one row per image (vision stage); `LLMSignals` one row per sample (LLM stage). Attention
+rows are computed lazily from captured post-RoPE query/key states (signals/attention.py) and cached, so a
+method that does not ask for them costs nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from vtprune.signals.attention import attention_rows
+
+if TYPE_CHECKING:
+    from vtprune.models.llava import LlavaAdapter
+
+
+@dataclass
+class Captured:
+    """Post-RoPE query/key states of one attention call, as the kernel saw them."""
+
+    query: torch.Tensor  # (B, H, L, dh)
+    key: torch.Tensor  # (B, Hkv, L, dh)
+    scaling: float
+
+
+@dataclass(eq=False)
+class VisionSignals:
+    """Signals of the vision stage; rows are images."""
+
+    adapter: LlavaAdapter
+    hidden: torch.Tensor  # (N, 1 + P, Dv) output of the feature layer, [CLS] first
+    projected: torch.Tensor  # (N, P, D) what the LLM would receive
+    image_sample: torch.Tensor  # (N,) the sample each image belongs to
+    input_ids: torch.Tensor  # (B, L) the prompts
+    text_valid: torch.Tensor  # (B, L) True for real (non-padding, non-image) prompt tokens
+    captured: Captured | None = None  # the feature layer's attention q/k
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.adapter.grid
+
+    @cached_property
+    def features(self) -> torch.Tensor:
+        """(N, P, Dv) the patch features the projector receives ([CLS] dropped, LLaVA's `default`)."""
+        return self.hidden[:, 1:] if self.adapter.select_strategy == "default" else self.hidden
+
+    @cached_property
+    def cls_attention_heads(self) -> torch.Tensor:
+        """(N, Hv, P) [CLS]-query attention of the feature layer to each patch, per head (float32).
+
+        Softmax over all 1 + P keys, then the [CLS] column dropped, not renormalised (algorithms.md §0).
+        """
+        if self.captured is None:
+            raise RuntimeError("the vision feature layer's attention was not captured")
+        n = self.captured.query.shape[0]
+        row0 = torch.zeros(n, 1, dtype=torch.long, device=self.hidden.device)
+        probs = attention_rows(
+            self.captured.query, self.captured.key, self.captured.scaling, row0, None, causal=False
+        )
+        return probs[:, :, 0, 1:]
+
+    @cached_property
+    def cls_attention(self) -> torch.Tensor:
+        """(N, P) head-mean [CLS] attention."""
+        return self.cls_attention_heads.mean(dim=1)
+
+    @cached_property
+    def keys(self) -> torch.Tensor:
+        """(N, 1 + P, Hv * dh) key vectors of the feature layer (VisionZip's similarity metric)."""
+        if self.captured is None:
+            raise RuntimeError("the vision feature layer's attention was not captured")
+        key = self.captured.key.float()
+        return key.transpose(1, 2).flatten(2)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Push vision-width vectors through LLaVA's projector (for merged tokens)."""
+        return self.adapter.project(features.to(self.hidden.dtype))
+
+    def text_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, L, D) LLM input embeddings of each image's prompt and (N, L) mask of its real text tokens."""
+        embeds = self.adapter.embed(self.input_ids)
+        return embeds[self.image_sample], self.text_valid[self.image_sample]
+
+
+@dataclass(eq=False)
+class LLMSignals:
+    """Signals at an LLM stage boundary; rows are samples."""
+
+    adapter: LlavaAdapter
+    layer: int  # the prune layer (first layer that will see the pruned sequence)
+    hidden: torch.Tensor  # (B, L, D) hidden states entering the prune layer
+    key_valid: torch.Tensor  # (B, L) real tokens (no padding / holes)
+    visual_index: torch.Tensor  # (B, V) sequence positions of the current visual tokens
+    visual_valid: torch.Tensor  # (B, V)
+    original_index: torch.Tensor  # (B, V) original visual-token numbering (-1: a created token)
+    position_ids: torch.Tensor  # (B, L) positions the tokens currently have
+    images_per_sample: int
+    input_embeds: torch.Tensor  # (B, L0, D) LLM input embeddings (after the vision stage)
+    input_visual_index: torch.Tensor  # (B, V0) positions of the visual tokens in input_embeds
+    input_valid: torch.Tensor  # (B, L0)
+    captured: Captured | None = None  # the score layer's attention q/k (None when score == prune layer)
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def num_visual(self) -> int:
+        return self.visual_index.shape[1]
+
+    def query_index(self, queries: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Q) sequence positions of the wanted query rows and (B, Q) validity."""
+        b, length = self.key_valid.shape
+        device = self.key_valid.device
+        if queries == "last":
+            # Left padding keeps the last position real for every sample.
+            return torch.full((b, 1), length - 1, device=device), torch.ones(b, 1, dtype=torch.bool, device=device)
+        if queries == "image":
+            return self.visual_index, self.visual_valid
+        positions = torch.arange(length, device=device).expand(b, length)
+        if queries == "all":
+            return positions, self.key_valid
+        if queries == "text":
+            # Every real token after the last visual token: the question, the instruction, "ASSISTANT:".
+            last_visual = self.visual_index.max(dim=1).values
+            after = (positions > last_visual[:, None]) & self.key_valid
+            width = int(after.sum(dim=1).max())
+            order = torch.sort((~after).to(torch.int8), dim=1, stable=True).indices[:, :width]
+            return order, torch.gather(after, 1, order)
+        raise ValueError(f"unknown query rows {queries!r}; valid: last, text, all, image")
+
+    def attention(self, queries: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, Q, V) attention probabilities of the query rows to the current visual tokens, and (B, Q)
+        row validity. Softmax over all keys the row can see; computed once per `queries`."""
+        if queries not in self.cache:
+            q_index, q_valid = self.query_index(queries)
+            if self.captured is not None:
+                cap = self.captured
+            else:
+                cap = self.recompute_qk()
+            probs = attention_rows(cap.query, cap.key, cap.scaling, q_index, self.key_valid)
+            vis = self.visual_index[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1)
+            self.cache[queries] = (torch.gather(probs, 3, vis), q_valid)
+        return self.cache[queries]
+
+    def recompute_qk(self) -> Captured:
+        """q/k of the prune layer applied to its unpruned input (PyramidDrop's scoring, algorithms.md §3)."""
+        layer = self.adapter.layers[self.layer]
+        attn = layer.self_attn
+        normed = layer.input_layernorm(self.hidden)
+        b, length, _ = normed.shape
+        q = attn.q_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = self.adapter.rotary(normed, self.position_ids)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return Captured(q, k, attn.scaling)
+
+    def visual_hidden(self) -> torch.Tensor:
+        """(B, V, D) hidden states of the current visual tokens."""
+        index = self.visual_index[:, :, None].expand(-1, -1, self.hidden.shape[-1])
+        return torch.gather(self.hidden, 1, index)
