@@ -19,15 +19,24 @@ from vtprune.selection import topk_indices
 
 from conftest import QUESTIONS, build_inputs, hook_snapshot
 
-# name -> (params for the 4-layer tiny model, exact oracle possible, keeps everything at keep=all)
+# case id ("method" or "method[variant]") -> (params for the 4-layer tiny model, exact oracle possible,
+# keeps everything at keep=all)
 CASES: dict[str, tuple[dict, bool, bool]] = {
     "none": ({}, True, True),
     "random": ({"seed": 3}, True, True),
     "l2norm": ({}, True, True),
     "fastv": ({"K": 2}, True, True),
+    "fastv[all-queries]": ({"K": 1, "query": "all"}, True, True),
+    "fastv[debias]": ({"K": 2, "debias": ["recency", "sink"]}, True, False),
+    "fastv[heads]": ({"K": 2, "heads": "sparsity", "num_heads": 2}, True, True),
+    "fastv_finepruner": ({}, True, True),
     "vispruner": ({"important_ratio": 0.5}, True, True),
     "vispruner_nosink": ({"attention_sink_threshold": 0.03}, True, False),
 }
+
+
+def method_of(case: str) -> str:
+    return case.split("[")[0]
 ALL = 64  # visual tokens per image of the tiny model
 BUDGETS = [16, 5]
 IMPLS = ["sdpa", "eager"]
@@ -45,7 +54,8 @@ def forward(model, inputs):
 
 def test_matrix_covers_every_method():
     registered = {m.name for m in list_methods()}
-    assert registered <= set(CASES), f"add {sorted(registered - set(CASES))} to the invariant matrix"
+    missing = registered - {method_of(c) for c in CASES}
+    assert not missing, f"add {sorted(missing)} to the invariant matrix"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -56,7 +66,7 @@ def test_keep_all_equals_unmodified(tiny, batch_inputs, name, impl):
         pytest.skip(f"{name} excludes tokens by definition")
     model = model_for(tiny, impl)
     reference = forward(model, batch_inputs)
-    with vtprune.pruned(model, name, keep=ALL if name != "none" else None, **params):
+    with vtprune.pruned(model, method_of(name), keep=ALL if name != "none" else None, **params):
         logits = forward(model, batch_inputs)
     valid = batch_inputs["attention_mask"].bool()
     assert logits.shape == reference.shape
@@ -71,7 +81,7 @@ def test_pruned_equals_oracle(tiny, batch_inputs, name, budget, impl):
     if not exact:
         pytest.skip(f"{name} creates tokens; covered by its own tests")
     model = model_for(tiny, impl)
-    with vtprune.pruned(model, name, keep=budget if name != "none" else None, **params):
+    with vtprune.pruned(model, method_of(name), keep=budget if name != "none" else None, **params):
         logits = forward(model, batch_inputs)
         record = vtprune.last_record(model)
     expected, valid = oracle_logits(
@@ -89,7 +99,7 @@ def test_batched_equals_single(tiny, batch_inputs, name):
     params, _, _ = CASES[name]
     model, _, processor = tiny
     suppress = [model.config.image_token_id]
-    with vtprune.pruned(model, name, keep=16 if name != "none" else None, **params):
+    with vtprune.pruned(model, method_of(name), keep=16 if name != "none" else None, **params):
         with torch.no_grad():
             batched = model.generate(**batch_inputs, max_new_tokens=4, do_sample=False, suppress_tokens=suppress)
         batched_last = forward(model, batch_inputs)[:, -1]
@@ -111,7 +121,7 @@ def test_generate_cache_equals_recompute(tiny, batch_inputs, name):
     if not exact:
         pytest.skip(f"{name} creates tokens; covered by its own tests")
     model, _, _ = tiny
-    with vtprune.pruned(model, name, keep=16 if name != "none" else None, **params):
+    with vtprune.pruned(model, method_of(name), keep=16 if name != "none" else None, **params):
         with torch.no_grad():
             out = model.generate(
                 **batch_inputs, max_new_tokens=5, do_sample=False, suppress_tokens=[model.config.image_token_id]
@@ -129,7 +139,7 @@ def test_sdpa_and_eager_select_same(tiny, batch_inputs, name):
     sdpa, eager, _ = tiny
     kept, tokens = [], []
     for model in (sdpa, eager):
-        with vtprune.pruned(model, name, keep=16 if name != "none" else None, **params):
+        with vtprune.pruned(model, method_of(name), keep=16 if name != "none" else None, **params):
             with torch.no_grad():
                 tokens.append(
                     model.generate(**batch_inputs, max_new_tokens=3, do_sample=False).tolist()
@@ -162,10 +172,10 @@ class TwoStageTopNorm(Method):
 
     def select(self, stage_index, stage, signals) -> Selection:
         if stage.kind == "vision":
-            return Selection(indices=topk_indices(signals.features.float().norm(dim=-1), stage.keep))
+            return Selection(*topk_indices(signals.features.float().norm(dim=-1), stage.keep))
         attn, _ = signals.attention(stage.queries)
         scores = attn.mean(dim=(1, 2))
-        return Selection(indices=topk_indices(scores, stage.keep, valid=signals.visual_valid))
+        return Selection(*topk_indices(scores, stage.keep, valid=signals.visual_valid))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

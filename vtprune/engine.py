@@ -60,6 +60,7 @@ class Episode:
     input_embeds: torch.Tensor
     captures: dict[int, Captured] = field(default_factory=dict)
     cache: object = None
+    vision: VisionSignals | None = None
     prefill_done: bool = False
     decode_len: int = 0
     step: dict = field(default_factory=dict)  # per decode step: (mask, rope) per layout
@@ -138,9 +139,9 @@ class PruneSession:
             for idx in range(first, self.info.num_layers):
                 hook = self._make_layer_hook(idx)
                 self._handles.append(self.adapter.layers[idx].register_forward_pre_hook(hook, with_kwargs=True))
-        if self.vision_stage is not None:
-            self._handles.append(self.adapter.vision_tower.register_forward_hook(self._tag_vision_output))
-            self._add_capture(self.adapter.vision_attention_module(), "vision")
+        # The [CLS] row is read by vision-stage methods and by sink debiasing; capturing costs two references.
+        self._handles.append(self.adapter.vision_tower.register_forward_hook(self._tag_vision_output))
+        self._add_capture(self.adapter.vision_attention_module(), "vision")
         for stage in self.llm_stages:
             if stage.score_layer < stage.prune_layer:
                 self._add_capture(self.adapter.layers[stage.score_layer].self_attn, stage.score_layer)
@@ -170,15 +171,17 @@ class PruneSession:
     def _tag_vision_output(self, module, args, output):
         # Ties the captured [CLS] q/k to the very output object it belongs to.
         output._vtprune_capture = getattr(self, "_pending_vision", None)
+        output._vtprune_pixels = args[0] if args else None
         self._pending_vision = None
         return None
 
     def _vision_capture(self, image_out) -> Captured:
+        # None when vtprune did not see the tower run (then VisionSignals recomputes q/k if asked).
         captured = getattr(image_out, "_vtprune_capture", None)
         hidden = image_out.hidden_states[self.adapter.feature_hidden_index]
         if captured is not None and captured.key.shape[0] == hidden.shape[0]:
             return captured
-        return Captured(*self.adapter.recompute_vision_qk(image_out))
+        return None
 
     # --- timing -----------------------------------------------------------------------------------------
     def _clock(self) -> float:
@@ -263,16 +266,20 @@ class PruneSession:
         n_total = hidden_v.shape[0]
         image_index = torch.arange(n_total, device=projected.device)
         is_image = input_ids == self.adapter.image_token_id
+        vision_signals = VisionSignals(
+            adapter=self.adapter,
+            hidden=hidden_v,
+            projected=projected,
+            image_sample=image_index // n_img,
+            input_ids=input_ids,
+            text_valid=text_valid_in & ~is_image,
+            captured=self._vision_capture(image_out),
+            pixel_values=getattr(image_out, "_vtprune_pixels", None),
+            image_output=image_out,
+        )
+        episode.vision = vision_signals
         if self.vision_stage is not None:
-            signals = VisionSignals(
-                adapter=self.adapter,
-                hidden=hidden_v,
-                projected=projected,
-                image_sample=image_index // n_img,
-                input_ids=input_ids,
-                text_valid=text_valid_in & ~is_image,
-                captured=self._vision_capture(image_out),
-            )
+            signals = vision_signals
             selection = self.method.select(0, self.vision_stage, signals)
             tokens, valid, orig = self._vision_tokens(selection, projected)
             orig = torch.where(orig >= 0, orig + (image_index % n_img)[:, None] * per_image, orig)
@@ -330,15 +337,15 @@ class PruneSession:
 
     def _vision_tokens(self, selection: Selection, projected: torch.Tensor):
         """Kept (and created) tokens of each image in the LLM embedding space, their validity and numbering."""
-        index = selection.indices
+        valid = selection.valid if selection.valid is not None else torch.ones_like(selection.indices, dtype=torch.bool)
+        index = torch.where(valid, selection.indices, 0)  # unused slots point anywhere; they are masked
         rows, t = index.shape
         d = projected.shape[-1]
         if selection.values is not None:
             kept = selection.values
         else:
             kept = torch.gather(projected, 1, index[:, :, None].expand(-1, -1, d))
-        valid = selection.valid if selection.valid is not None else torch.ones(rows, t, dtype=torch.bool, device=index.device)
-        orig = index
+        orig = index.masked_fill(~valid, -1)
         if selection.extra is not None:
             c = selection.extra.shape[1]
             kept = torch.cat([kept, selection.extra.to(kept.dtype)], dim=1)
@@ -414,13 +421,14 @@ class PruneSession:
             input_visual_index=layout0.visual_index,
             input_valid=layout0.key_valid,
             captured=episode.captures.pop(stage.score_layer, None) if stage.score_layer < stage.prune_layer else None,
+            vision=episode.vision,
         )
         selection = self.method.select(stage_index, stage, signals)
         batch, length, d = hidden.shape
-        sel = selection.indices
-        t = sel.shape[1]
         device = hidden.device
-        sel_valid = selection.valid if selection.valid is not None else torch.ones_like(sel, dtype=torch.bool)
+        sel_valid = selection.valid if selection.valid is not None else torch.ones_like(selection.indices, dtype=torch.bool)
+        sel = torch.where(sel_valid, selection.indices, 0)  # unused slots point anywhere; they are masked
+        t = sel.shape[1]
         sel_valid = sel_valid & torch.gather(prev.visual_valid, 1, sel)
         kept_pos = torch.gather(prev.visual_index, 1, sel)  # (B, T) positions in the previous sequence
         is_visual = torch.zeros(batch, length, dtype=torch.bool, device=device)

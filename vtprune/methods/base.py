@@ -191,3 +191,81 @@ def make_method(method: str | Method, keep: int | float | None = None, **params)
 def _load_builtin_methods() -> None:
     # Importing the package registers every built-in method.
     import vtprune.methods  # noqa: F401
+
+
+@dataclass
+class AttentionMethod(Method):
+    """Base of the methods that score visual tokens with LLM text->image attention.
+
+    Adds the composable signal modifiers of algorithms.md §12-§14 (they change scores only, never the
+    engine): `heads` picks which heads' attention to trust ("mean" = all heads, as every official pruner;
+    a FinePruner strategy name; or "auto" for the resource-aware choice), `num_heads` fixes their count
+    (None = dynamic), `debias` lists score corrections ("recency", "sink", or one sink source "padding",
+    "massive", "attention", "norm"), `debias_strength` scales the recency correction (0 = off) and
+    `benchmark` picks the released per-benchmark recency constant where one exists.
+    """
+
+    debias: tuple[str, ...] | list[str] | str | None = None
+    debias_strength: float = 1.0
+    heads: str = "mean"
+    num_heads: int | None = None
+    benchmark: str | None = None
+
+    attention_based: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            self._head_policy = self._make_head_policy()
+            self._debias = self._make_debias()
+        except (ValueError, TypeError) as err:
+            raise PruneConfigError(f"{self.name}: {err}") from None
+
+    def _make_head_policy(self):
+        from vtprune.signals.heads import HeadPolicy
+
+        if self.heads == "mean" and self.num_heads is None:
+            return HeadPolicy()
+        return HeadPolicy(strategy=self.heads, num_heads=self.num_heads)
+
+    def _make_debias(self):
+        from vtprune.signals.debias import Debias
+
+        if not self.debias:
+            return None
+        spec = [self.debias] if isinstance(self.debias, str) else list(self.debias)
+        recency = self.debias_strength if "recency" in spec else False
+        names = [n for n in spec if n != "recency"]
+        base = Debias.from_spec(names or None, method=self.name, benchmark=self.benchmark)
+        return dataclasses.replace(base, recency=recency)
+
+    def attention_scores(
+        self, signals: LLMSignals, queries: str, budget: int, reduce: str = "mean", debias: bool = True
+    ) -> tuple[torch.Tensor, dict]:
+        """(B, V) visual-token scores from the attention of `queries` rows, after head selection and
+        debiasing, plus facts for the record (selected heads, suppressed sinks).
+
+        reduce="mean" averages the valid query rows (FastV, SparseVLM, PDrop); "sum" adds them (HiMAP).
+        """
+        attn, row_valid = signals.attention(queries)  # (B, H, Q, V)
+        info: dict = {}
+        if self._head_policy.is_mean:
+            per_row = attn.mean(dim=1)
+        else:
+            # FinePruner's budget thresholds are in LLaVA-1.5 tokens (576 per image).
+            budget_576 = round(budget * 576 / signals.tokens_per_image)
+            per_row, selection = self._head_policy.combine(attn, budget_576, row_valid)
+            info["heads"] = selection.indices()
+        weights = row_valid.to(per_row.dtype)[:, :, None]
+        scores = (per_row * weights).sum(dim=1)
+        if reduce == "mean":
+            scores = scores / weights.sum(dim=1).clamp(min=1)
+        if debias and self._debias is not None:
+            option = self._debias
+            if not signals.is_full_visual_set():
+                # The recency curve is calibrated on raster positions of a full image (§13).
+                option = dataclasses.replace(option, recency=False)
+            if option.enabled:
+                scores, suppressed = option.apply(scores, signals.debias_context(), return_mask=True)
+                info["suppressed"] = suppressed.sum(dim=1).tolist()
+        return scores, info

@@ -7,20 +7,21 @@ under SDPA; the drop happens before layer K and kept tokens keep their original 
 (algorithms.md §1).
 
 Parameters: keep (visual tokens kept after layer K; default: round(576·(1-R))), K=2, R=0.5 (fraction
-dropped, used only when keep is not given), query="last" | "all".
+dropped, used only when keep is not given), query="last" | "all"; and the attention options of every
+attention-based method: heads ("mean"), num_heads, debias, debias_strength, benchmark.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import AttentionMethod, ModelInfo, PruneConfigError, Selection, Stage, register
 from vtprune.selection import topk_indices
 
 
 @register
 @dataclass
-class FastV(Method):
+class FastV(AttentionMethod):
     """Drop the least-attended image tokens after layer K (last-token attention of layer K-1)."""
 
     K: int = 2
@@ -30,7 +31,6 @@ class FastV(Method):
     name = "fastv"
     stage_kind = "llm"
     paper = "arXiv 2403.06764"
-    attention_based = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,9 +46,21 @@ class FastV(Method):
         return [Stage(kind="llm", keep=keep, score_layer=self.K - 1, prune_layer=self.K, positions="original", queries=self.query, name="fastv")]
 
     def select(self, stage_index, stage, signals) -> Selection:
-        attn, row_valid = signals.attention(stage.queries)  # (B, H, Q, V)
-        per_row = attn.mean(dim=1)  # head mean
-        weights = row_valid.float()
-        scores = (per_row * weights[:, :, None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
         keep = min(stage.keep * signals.images_per_sample, signals.num_visual)
-        return Selection(indices=topk_indices(scores, keep, valid=signals.visual_valid), scores=scores)
+        scores, info = self.attention_scores(signals, stage.queries, budget=stage.keep)
+        return Selection(*topk_indices(scores, keep, valid=signals.visual_valid), scores=scores, info=info)
+
+
+@register
+@dataclass
+class FastVFinePruner(FastV):
+    """FastV scored only with the heads FinePruner selects (seeds/004; algorithms.md §20).
+
+    The head strategy and count are chosen per sample from the visual-token budget (resource-aware
+    `heads="auto"`, dynamic count) unless `heads`/`num_heads` fix them; the selected heads are recorded.
+    """
+
+    heads: str = "auto"
+
+    name = "fastv_finepruner"
+    paper = "FinePruner head selection (seeds/004) on FastV"

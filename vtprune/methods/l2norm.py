@@ -37,4 +37,4 @@ class L2NormPruning(Method):
     def select(self, stage_index, stage, signals) -> Selection:
         x = signals.projected if self.feature == "projected" else signals.features
         scores = x.float().norm(dim=-1)
-        return Selection(indices=topk_indices(scores, stage.keep), scores=scores)
+        return Selection(*topk_indices(scores, stage.keep), scores=scores)

@@ -42,4 +42,4 @@ class RandomPruning(Method):
             generator = torch.Generator().manual_seed(self.seed * 1000003 + stream)
             scores[i] = torch.rand(p, generator=generator)
         scores = scores.to(signals.features.device)
-        return Selection(indices=topk_indices(scores, stage.keep), scores=scores)
+        return Selection(*topk_indices(scores, stage.keep), scores=scores)

@@ -56,12 +56,12 @@ class VisPruner(Method):
         attention = signals.cls_attention
         sinks = self.sink_mask(attention)
         valid = None if sinks is None else ~sinks
-        indices, kept_valid = vispruner_select(
+        picked = vispruner_select(
             attention, signals.features, stage.keep, important_ratio=self.important_ratio,
             removal_per_round=self.removal_number, valid=valid,
         )
         info = {} if sinks is None else {"sinks": sinks.sum(dim=1).tolist()}
-        return Selection(indices=indices, valid=kept_valid, scores=attention, info=info)
+        return Selection(*picked, scores=attention, info=info)
 
 
 @register

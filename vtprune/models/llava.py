@@ -153,7 +153,13 @@ class LlavaAdapter:
         (e.g. image features expanded by `generate` for beams). Costs two projections of one CLIP layer."""
         layer = self.vision_layers[self.feature_layer]
         attn = layer.self_attn
-        h = layer.layer_norm1(out.hidden_states[self.feature_hidden_index - 1])
+        layer_input = out.hidden_states[self.feature_hidden_index - 1]
+        if layer_input is None:
+            raise PruneConfigError(
+                "the vision tower's [CLS] attention is needed but was not captured and cannot be recomputed "
+                "(the image features were computed before vtprune.prune() was applied)"
+            )
+        h = layer.layer_norm1(layer_input)
         n, length, _ = h.shape
         q = attn.q_proj(h).view(n, length, -1, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(h).view(n, length, -1, attn.head_dim).transpose(1, 2)

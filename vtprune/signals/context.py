@@ -40,7 +40,18 @@ class VisionSignals:
     input_ids: torch.Tensor  # (B, L) the prompts
     text_valid: torch.Tensor  # (B, L) True for real (non-padding, non-image) prompt tokens
     captured: Captured | None = None  # the feature layer's attention q/k
+    pixel_values: torch.Tensor | None = None  # (N, 3, H, W) the tower's input, when vtprune saw it
+    image_output: object = None  # the tower's output (hidden states of every layer)
     cache: dict = field(default_factory=dict)
+
+    @cached_property
+    def qk(self) -> Captured:
+        """The feature layer's q/k: captured while the tower ran, else recomputed from its input."""
+        if self.captured is not None:
+            return self.captured
+        if self.image_output is None:
+            raise RuntimeError("the vision feature layer's attention is not available")
+        return Captured(*self.adapter.recompute_vision_qk(self.image_output))
 
     @property
     def num_images(self) -> int:
@@ -61,13 +72,9 @@ class VisionSignals:
 
         Softmax over all 1 + P keys, then the [CLS] column dropped, not renormalised (algorithms.md §0).
         """
-        if self.captured is None:
-            raise RuntimeError("the vision feature layer's attention was not captured")
-        n = self.captured.query.shape[0]
-        row0 = torch.zeros(n, 1, dtype=torch.long, device=self.hidden.device)
-        probs = attention_rows(
-            self.captured.query, self.captured.key, self.captured.scaling, row0, None, causal=False
-        )
+        qk = self.qk
+        row0 = torch.zeros(qk.query.shape[0], 1, dtype=torch.long, device=self.hidden.device)
+        probs = attention_rows(qk.query, qk.key, qk.scaling, row0, None, causal=False)
         return probs[:, :, 0, 1:]
 
     @cached_property
@@ -78,10 +85,19 @@ class VisionSignals:
     @cached_property
     def keys(self) -> torch.Tensor:
         """(N, 1 + P, Hv * dh) key vectors of the feature layer (VisionZip's similarity metric)."""
-        if self.captured is None:
-            raise RuntimeError("the vision feature layer's attention was not captured")
-        key = self.captured.key.float()
+        key = self.qk.key.float()
         return key.transpose(1, 2).flatten(2)
+
+    def padding_mask(self, threshold: float = 0.5, tolerance: float = 0.03) -> torch.Tensor | None:
+        """(N, P) True for patches that are mostly pad-to-square filler (the CLIP mean colour, which
+        normalises to ~0 in every channel), or None when the pixels are not at hand. Used by the padding
+        attention-sink debiasing (algorithms.md §13); with centre-crop preprocessing nothing is padding."""
+        if self.pixel_values is None:
+            return None
+        near_mean = (self.pixel_values.float().abs() < tolerance).all(dim=1, keepdim=True).float()
+        patch = self.adapter.config.vision_config.patch_size
+        fraction = torch.nn.functional.avg_pool2d(near_mean, patch).flatten(1)
+        return fraction > threshold
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Push vision-width vectors through LLaVA's projector (for merged tokens)."""
@@ -110,11 +126,49 @@ class LLMSignals:
     input_visual_index: torch.Tensor  # (B, V0) positions of the visual tokens in input_embeds
     input_valid: torch.Tensor  # (B, L0)
     captured: Captured | None = None  # the score layer's attention q/k (None when score == prune layer)
+    vision: VisionSignals | None = None  # the vision tower's signals of the same prefill
     cache: dict = field(default_factory=dict)
 
     @property
     def num_visual(self) -> int:
         return self.visual_index.shape[1]
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.adapter.tokens_per_image
+
+    def is_full_visual_set(self) -> bool:
+        """True while every original visual token is still present, in raster order."""
+        full = self.images_per_sample * self.tokens_per_image
+        return self.num_visual == full and bool((self.original_index == torch.arange(full, device=self.original_index.device)).all())
+
+    def per_original(self, values: torch.Tensor) -> torch.Tensor:
+        """Map (N_images, P, ...) per-image values onto the current visual tokens: (B, V, ...)."""
+        b = self.visual_index.shape[0]
+        flat = values.reshape(b, self.images_per_sample * values.shape[1], *values.shape[2:])
+        index = self.original_index.clamp(min=0)
+        return flat[torch.arange(b, device=index.device)[:, None], index]
+
+    def debias_context(self):
+        """What the debiasing options (signals/debias.py) can use at this stage."""
+        from vtprune.signals.debias import DebiasContext
+
+        padding = cls_attention = None
+        created = self.original_index < 0
+        if self.vision is not None:
+            pad = self.vision.padding_mask()
+            if pad is not None:
+                padding = self.per_original(pad) & ~created
+            if self.vision.captured is not None or self.vision.image_output is not None:
+                cls_attention = self.per_original(self.vision.cls_attention).masked_fill(created, 0.0)
+        cfg = self.adapter.config.vision_config
+        return DebiasContext(
+            padding_mask=padding,
+            hidden=self.visual_hidden(),
+            cls_attention=cls_attention,
+            grid=self.adapter.grid,
+            image_size=cfg.image_size,
+        )
 
     def query_index(self, queries: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Q) sequence positions of the wanted query rows and (B, Q) validity."""

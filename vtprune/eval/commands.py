@@ -1,0 +1,226 @@
+"""Typer command functions for `vtprune eval | sweep | compare | tasks` (registered by vtprune/cli.py).
+
+They are plain functions so the CLI module owns the app: `register(app)` adds all of them, or register one
+by one with `app.command("eval")(eval_command)`. `python -m vtprune.eval` runs them without vtprune/cli.py.
+Bad input exits with status 2 and a one-line message naming the valid choices.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any  # noqa: UP035 -- typer reads Optional on 3.10
+
+import typer
+
+from vtprune.eval.config import EvalConfig, parse_params
+from vtprune.eval.errors import EvalInputError
+
+ModelOpt = Annotated[str, typer.Option("--model", help="Hub id or local folder of a LLaVA checkpoint.")]
+TaskOpt = Annotated[str, typer.Option("--task", help="Task name (see `vtprune tasks`).")]
+SplitOpt = Annotated[str | None, typer.Option("--split", help="Split; POPE: random|popular|adversarial|all.")]
+DatasetOpt = Annotated[str | None, typer.Option("--dataset-id", help="Hub dataset id or local parquet/folder.")]
+DatasetConfigOpt = Annotated[str | None, typer.Option("--dataset-config", help="Dataset config (POPE: Full).")]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Dataset revision (branch, tag, commit).")]
+ParserOpt = Annotated[str | None, typer.Option("--parser", help="Answer parser (POPE: llava|exact|word; SQA: llava|lenient).")]
+ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="Method parameter name=value (repeatable).")]
+TemplateOpt = Annotated[str | None, typer.Option("--template", help="Prompt template: hf | vicuna_v1.")]
+PreprocOpt = Annotated[str | None, typer.Option("--preprocessing", help="Image preprocessing: crop | pad.")]
+PaperOpt = Annotated[bool, typer.Option("--paper-setting", help="LLaVA paper reproduction: vicuna_v1 + pad.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per generate() call.")]
+MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Generation length (task default if unset).")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="First N samples (per split for POPE all).")]
+OutputOpt = Annotated[Path, typer.Option("--output", help="Root folder of the results.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | float16 | bfloat16.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU of this rank, else CPU) or a torch device.")]
+AttnOpt = Annotated[str, typer.Option("--attn-implementation", help="sdpa | eager | flash_attention_2.")]
+ModelRevOpt = Annotated[str | None, typer.Option("--model-revision", help="Model revision on the Hub.")]
+RetryOpt = Annotated[bool, typer.Option("--retry-errors", help="Re-run samples recorded as errors.")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+
+
+def _config(
+    model: str, task: str, split: str | None, dataset_id: str | None, dataset_config: str | None,
+    revision: str | None, parser: str | None, method: str, keep: str | None, param: list[str] | None,
+    template: str | None, preprocessing: str | None, paper_setting: bool, batch_size: int,
+    max_new_tokens: int | None, limit: int | None, output: Path, dtype: str, device: str,
+    attn_implementation: str, model_revision: str | None, retry_errors: bool, progress: bool,
+) -> EvalConfig:
+    template, preprocessing = resolve_setting(template, preprocessing, paper_setting)
+    return EvalConfig(
+        model=model, task=task, split=split, dataset_id=dataset_id, dataset_config=dataset_config,
+        revision=revision, parser=parser, method=method, keep=keep, params=parse_params(param),
+        template=template, preprocessing=preprocessing, max_new_tokens=max_new_tokens, dtype=dtype,
+        attn_implementation=attn_implementation, model_revision=model_revision, batch_size=batch_size,
+        limit=limit, output=str(output), device=device, retry_errors=retry_errors, progress=progress,
+    )
+
+
+def resolve_setting(template: str | None, preprocessing: str | None, paper_setting: bool) -> tuple[str, str]:
+    """`--paper-setting` = vicuna_v1 + pad; an explicit contradicting flag is an error, not a silent override."""
+    if not paper_setting:
+        return template or "hf", preprocessing or "crop"
+    if template not in (None, "vicuna_v1") or preprocessing not in (None, "pad"):
+        raise EvalInputError("--paper-setting means --template vicuna_v1 --preprocessing pad; drop the other flag")
+    return "vicuna_v1", "pad"
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Bad input -> `error: ...` on stderr and exit status 2 (no traceback)."""
+    try:
+        from vtprune.methods.base import PruneConfigError
+    except Exception:  # the pruning package may be absent or broken; eval input errors still apply
+        PruneConfigError = EvalInputError  # noqa: N806
+    try:
+        yield
+    except (EvalInputError, PruneConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    finally:
+        from vtprune.eval.distributed import shutdown
+
+        shutdown()
+
+
+def _log(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def eval_command(
+    model: ModelOpt,
+    task: TaskOpt = "pope",
+    split: SplitOpt = None,
+    dataset_id: DatasetOpt = None,
+    dataset_config: DatasetConfigOpt = None,
+    revision: RevisionOpt = None,
+    parser: ParserOpt = None,
+    method: Annotated[str, typer.Option("--method", help="Pruning method (`vtprune methods`), or none.")] = "none",
+    keep: Annotated[str | None, typer.Option("--keep", help="Visual tokens kept per image, or a fraction.")] = None,
+    param: ParamOpt = None,
+    template: TemplateOpt = None,
+    preprocessing: PreprocOpt = None,
+    paper_setting: PaperOpt = False,
+    batch_size: BatchOpt = 1,
+    max_new_tokens: MaxNewOpt = None,
+    limit: LimitOpt = None,
+    output: OutputOpt = Path("results"),
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    attn_implementation: AttnOpt = "sdpa",
+    model_revision: ModelRevOpt = None,
+    retry_errors: RetryOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Evaluate one model / method / budget on a task; resumable; shards over ranks under torchrun/accelerate."""
+    from vtprune.eval.runner import run_eval
+    from vtprune.eval.tasks import get_task
+
+    with _user_errors():
+        cfg = _config(model, task, split, dataset_id, dataset_config, revision, parser, method, keep, param,
+                      template, preprocessing, paper_setting, batch_size, max_new_tokens, limit, output, dtype,
+                      device, attn_implementation, model_revision, retry_errors, progress)
+        result = run_eval(cfg, log=_log)
+        if result.summary is not None:
+            task_obj = get_task(cfg.task, dataset=cfg.dataset_id, split=cfg.split, config=cfg.dataset_config,
+                                revision=cfg.revision, parser=cfg.parser)
+            typer.echo(task_obj.summary_table(result.summary["metrics"]))
+            counts = result.summary["counts"]
+            typer.echo(f"\n{counts['evaluated']} evaluated, {counts['errors']} errors -> {result.run_dir}")
+
+
+def sweep_command(
+    model: ModelOpt,
+    task: TaskOpt = "pope",
+    split: SplitOpt = None,
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods, e.g. none,random,fastv.")] = "none",
+    keep: Annotated[str, typer.Option("--keep", help="Comma-separated budgets, e.g. 576,192,128,64.")] = "",
+    param: Annotated[list[str] | None, typer.Option("--param", help="method.name=value (or name=value for all).")] = None,
+    dataset_id: DatasetOpt = None,
+    dataset_config: DatasetConfigOpt = None,
+    revision: RevisionOpt = None,
+    parser: ParserOpt = None,
+    template: TemplateOpt = None,
+    preprocessing: PreprocOpt = None,
+    paper_setting: PaperOpt = False,
+    batch_size: BatchOpt = 1,
+    max_new_tokens: MaxNewOpt = None,
+    limit: LimitOpt = None,
+    output: OutputOpt = Path("results"),
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    attn_implementation: AttnOpt = "sdpa",
+    model_revision: ModelRevOpt = None,
+    retry_errors: RetryOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Run methods x budgets (finished cells skipped), then a combined table and accuracy-vs-tokens plots."""
+    from vtprune.eval.sweep import parse_list, run_sweep, sweep_markdown
+
+    with _user_errors():
+        base = _config(model, task, split, dataset_id, dataset_config, revision, parser, "none", None, None,
+                       template, preprocessing, paper_setting, batch_size, max_new_tokens, limit, output, dtype,
+                       device, attn_implementation, model_revision, retry_errors, progress)
+        table = run_sweep(base, parse_list(methods), parse_list(keep), param, log=_log)
+        if table:
+            typer.echo(sweep_markdown(table))
+            typer.echo(f"-> {table['dir']}")
+
+
+def compare_command(
+    run_a: Annotated[Path, typer.Argument(help="Result folder (or samples.jsonl) of run A, the reference.")],
+    run_b: Annotated[Path, typer.Argument(help="Result folder (or samples.jsonl) of run B.")],
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples.")] = 10_000,
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the statistics to this file.")] = None,
+) -> None:
+    """Paired comparison of two runs: agreement, McNemar p-value, bootstrap 95% CI of the accuracy difference."""
+    from vtprune.eval.compare import compare_runs, comparison_markdown
+
+    with _user_errors():
+        result = compare_runs(run_a, run_b, n_boot=bootstrap, seed=seed)
+        typer.echo(comparison_markdown(result))
+        if json_out is not None:
+            json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def tasks_command() -> None:
+    """List the evaluation tasks with their default data, split, parser and metric."""
+    from vtprune.eval.tasks import get_task, list_tasks
+
+    for name in list_tasks():
+        try:
+            t = get_task(name)
+        except Exception as exc:  # a plugin task whose default data is missing still gets listed
+            typer.echo(f"{name}: ({exc})")
+            continue
+        splits = ", ".join(t.valid_splits) if t.valid_splits else "any"
+        typer.echo(f"{name}: data {t.dataset} [{t.config}], split {t.split} (valid: {splits}), "
+                   f"parsers {', '.join(t.parsers)} (default {t.default_parser}), metric {t.primary_metric}")
+
+
+COMMANDS: dict[str, Callable[..., Any]] = {
+    "eval": eval_command,
+    "sweep": sweep_command,
+    "compare": compare_command,
+    "tasks": tasks_command,
+}
+
+
+def register(app: typer.Typer) -> typer.Typer:
+    """Add `eval`, `sweep`, `compare` and `tasks` to a Typer app."""
+    for name, func in COMMANDS.items():
+        app.command(name)(func)
+    return app
+
+
+def build_app() -> typer.Typer:
+    """A stand-alone app with the evaluation commands (`python -m vtprune.eval ...`)."""
+    return register(typer.Typer(add_completion=False, no_args_is_help=True, help="vtprune evaluation"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    build_app()(args=argv if argv is not None else sys.argv[1:], prog_name="vtprune")

@@ -1,0 +1,175 @@
+"""Questions about shapes scenes: POPE-style yes/no probes and ScienceQA-style multiple choice.
+
+The prompt texts follow lmms-eval: POPE appends "\\nAnswer the question using a single word or phrase.", and
+ScienceQA lists the options as "A. x" lines then "\\nAnswer with the option's letter from the given choices
+directly.". The chat template of the processor wraps them as "USER: <image>\\n{text} ASSISTANT:".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from vtprune.testbed.render import IMAGE_SIZE, REGIONS, Scene, SceneObject
+from vtprune.testbed.world import (
+    COLOURS,
+    NUM_CLASSES,
+    NUM_COLOURS,
+    NUM_SHAPES,
+    SHAPE_PLURALS,
+    SHAPES,
+    colour_of,
+    cooccurrence_stats,
+    shape_of,
+)
+
+POPE_CATEGORIES: tuple[str, ...] = ("random", "popular", "adversarial")
+POPE_POST_PROMPT = "\nAnswer the question using a single word or phrase."
+MCQ_POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+# LLaVA's `vicuna_v1` system prompt: training sees it half the time so that either prompt style works.
+SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+MCQ_TYPES: tuple[str, ...] = ("count_shape", "count_colour", "colour_at", "shape_at")
+NUM_CHOICES = 4
+LETTERS = "ABCDEFGH"
+
+
+def pope_question(cls: int) -> str:
+    colour = COLOURS[colour_of(cls)]
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"Is there {article} {colour} {SHAPES[shape_of(cls)]} in the image?"
+
+
+def pope_text(question: str) -> str:
+    return question + POPE_POST_PROMPT
+
+
+def mcq_text(question: str, choices: list[str], hint: str = "") -> str:
+    """lmms-eval's ScienceQA prompt (`format: default`)."""
+    context = f"Context: {hint}\n" if hint else ""
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    return f"{context}{question}\n{options}{MCQ_POST_PROMPT}"
+
+
+def pope_negatives(
+    present: list[int], category: str, k: int, rng: np.random.Generator, pool: int = 0
+) -> list[int]:
+    """`k` absent classes chosen as POPE does for `category`.
+
+    popular: the most frequent absent classes; adversarial: the absent classes that co-occur most with the
+    present ones; random: uniform. With `pool > k` the top-`pool` candidates are sampled from instead of taking
+    the first `k` (more varied hard negatives for training).
+    """
+    absent = np.setdiff1d(np.arange(NUM_CLASSES), present)
+    if category == "random":
+        return [int(c) for c in rng.choice(absent, size=k, replace=False)]
+    stats = cooccurrence_stats()
+    if category == "popular":
+        score = stats.frequency
+    elif category == "adversarial":
+        score = stats.cooccurrence_score(present)
+    else:
+        raise ValueError(f"unknown POPE category {category!r}; expected one of {POPE_CATEGORIES}")
+    ranked = absent[np.lexsort((absent, -score[absent]))]
+    if pool > k:
+        return [int(c) for c in rng.choice(ranked[:pool], size=k, replace=False)]
+    return [int(c) for c in ranked[:k]]
+
+
+@dataclass(frozen=True)
+class McqItem:
+    question: str
+    choices: list[str]
+    answer: int  # index into choices
+    qtype: str
+
+
+def _count_choices(count: int, rng: np.random.Generator) -> tuple[list[str], int]:
+    start = max(0, count - int(rng.integers(0, NUM_CHOICES)))
+    return [str(start + i) for i in range(NUM_CHOICES)], count - start
+
+
+def _name_choices(
+    answer: str, others_present: list[str], vocabulary: tuple[str, ...], rng: np.random.Generator
+):
+    """The answer plus distractors, preferring names that are in the image elsewhere (so position matters)."""
+    present = [n for n in dict.fromkeys(others_present) if n != answer]
+    rest = [n for n in vocabulary if n != answer and n not in present]
+    rng.shuffle(present)
+    rng.shuffle(rest)
+    choices = [answer, *(present + rest)[: NUM_CHOICES - 1]]
+    order = rng.permutation(NUM_CHOICES)
+    choices = [choices[i] for i in order]
+    return choices, choices.index(answer)
+
+
+def _quadrant(obj: SceneObject) -> str:
+    cx, cy = obj.centre
+    half = IMAGE_SIZE / 2
+    return ("top" if cy < half else "bottom") + "-" + ("left" if cx < half else "right")
+
+
+def _object_alone_in(scene: Scene, region: str) -> SceneObject | None:
+    """The only object whose centre is in `region`, if it is clearly inside it."""
+    inside = [o for o in scene.objects if _quadrant(o) == region]
+    if len(inside) == 1 and inside[0].region() == region:
+        return inside[0]
+    return None
+
+
+def make_mcq(scene: Scene, qtype: str, rng: np.random.Generator) -> McqItem | None:
+    """A question of type `qtype` about `scene`, or None when the scene cannot support one unambiguously."""
+    objs = scene.objects
+    if qtype == "count_shape":
+        shapes = [o.shape for o in objs]
+        shape = int(rng.choice(shapes)) if rng.random() < 0.6 else int(rng.integers(NUM_SHAPES))
+        choices, answer = _count_choices(shapes.count(shape), rng)
+        return McqItem(f"How many {SHAPE_PLURALS[SHAPES[shape]]} are there?", choices, answer, qtype)
+    if qtype == "count_colour":
+        colours = [o.colour for o in objs]
+        colour = int(rng.choice(colours)) if rng.random() < 0.6 else int(rng.integers(NUM_COLOURS))
+        choices, answer = _count_choices(colours.count(colour), rng)
+        return McqItem(f"How many {COLOURS[colour]} objects are there?", choices, answer, qtype)
+    if qtype in ("colour_at", "shape_at"):
+        regions = [r for r in REGIONS if _object_alone_in(scene, r) is not None]
+        if not regions:
+            return None
+        region = str(rng.choice(regions))
+        target = _object_alone_in(scene, region)
+        assert target is not None
+        others = [o for o in objs if o is not target]
+        if qtype == "colour_at":
+            choices, answer = _name_choices(
+                COLOURS[target.colour], [COLOURS[o.colour] for o in others], COLOURS, rng
+            )
+            return McqItem(f"Which colour is the shape in the {region}?", choices, answer, qtype)
+        choices, answer = _name_choices(SHAPES[target.shape], [SHAPES[o.shape] for o in others], SHAPES, rng)
+        return McqItem(f"Which shape is in the {region}?", choices, answer, qtype)
+    raise ValueError(f"unknown question type {qtype!r}; expected one of {MCQ_TYPES}")
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    text: str  # the user text (question + instructions), before the chat template
+    answer: str  # "yes", "no" or a letter
+    kind: str  # "pope" or "mcq"
+
+
+def sample_training_example(
+    scene: Scene, rng: np.random.Generator, mcq_fraction: float = 0.5
+) -> TrainingExample:
+    """One random question about `scene`: balanced yes/no POPE probes with all three negative kinds, or MCQ."""
+    if rng.random() < mcq_fraction:
+        item = make_mcq(scene, MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))], rng)
+        if item is not None:
+            return TrainingExample(mcq_text(item.question, item.choices), LETTERS[item.answer], "mcq")
+    present = scene.classes
+    if rng.random() < 0.5:
+        cls, answer = int(rng.choice(present)), "yes"
+    else:
+        category = POPE_CATEGORIES[int(rng.integers(len(POPE_CATEGORIES)))]
+        cls, answer = pope_negatives(present, category, 1, rng, pool=6)[0], "no"
+    return TrainingExample(pope_text(pope_question(cls)), answer, "pope")

@@ -1,0 +1,501 @@
+"""Train the testbed LLaVA on shapes scenes, then evaluate it on held-out data and save it.
+
+    python -m vtprune.testbed.train --out DIR --seed 0                       # GPU, the shipped recipe
+    python -m vtprune.testbed.train --out DIR --smoke                        # CPU, seconds: the code path only
+
+Stage 1 pre-trains the vision tower alone: its [CLS] token (after `post_layernorm`) predicts which of the 64
+colour-shape classes are present (multi-label), and every patch of the penultimate layer (the features LLaVA
+feeds the LLM) predicts the class of the object covering it. Stage 2 trains the whole model on POPE and MCQ
+questions (loss on the answer token and EOS only) with the stage-1 losses kept as auxiliaries, so [CLS] stays
+meaningful for methods that score tokens by [CLS] attention. Prompts are built by the processor's chat template,
+exactly as at evaluation time. The model is saved with `save_pretrained` (fp16 weights, loaded as fp32 by
+default), reloaded with `from_pretrained`, and evaluated with plain batched `generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import sys
+import tarfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vtprune.testbed import evaluate as ev
+from vtprune.testbed.model import MODEL_CONFIG, build_model, build_processor
+from vtprune.testbed.questions import SYSTEM_PROMPT, sample_training_example
+from vtprune.testbed.render import BACKGROUND_LABEL, render, sample_scene
+from vtprune.testbed.shapes import STREAM_TRAIN, map_indices, mcq_records, pope_records, scene_rng
+from vtprune.testbed.world import NUM_CLASSES
+from vtprune.testing import IMAGE_TOKEN
+
+
+@dataclass
+class TrainConfig:
+    out: str = "testbed-out"
+    seed: int = 0  # model init, question sampling; the data seed defaults to it
+    data_seed: int | None = None
+    train_images: int = 32000
+    vision_steps: int = 3000
+    steps: int = 8000
+    batch_size: int = 64
+    vision_lr: float = 1e-3
+    lr: float = 8e-4
+    tower_lr: float = 3e-4  # vision tower in stage 2
+    weight_decay: float = 0.05
+    warmup: int = 300
+    aux_weight: float = 0.5
+    mcq_fraction: float = 0.6
+    system_fraction: float = 0.3
+    eval_pope_images: int = 500
+    eval_mcq_questions: int = 1000
+    eval_blank: int = 600  # questions per task scored again with a blank (grey) image
+    eval_batch_size: int = 64
+    eval_sample: bool = True  # also score the small fixed sample that the tests re-score on CPU
+    workers: int = 8
+    time_budget_s: float = 0.0  # > 0: cap the step counts (both stages) to fit, measured after warm-up
+    device: str = "auto"
+    log_every: int = 100
+    smoke: bool = False
+
+
+SMOKE = dict(
+    train_images=48, vision_steps=3, steps=4, batch_size=4, warmup=2, eval_pope_images=2, eval_mcq_questions=4,
+    eval_blank=4, eval_batch_size=8, eval_sample=False, workers=0, log_every=1,
+)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(TrainConfig):
+        name = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str, "int | None": int}[f.type]
+            parser.add_argument(name, type=kind, default=f.default)
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    if cfg.smoke:
+        defaults = TrainConfig()
+        for key, value in SMOKE.items():
+            if getattr(cfg, key) == getattr(defaults, key):
+                setattr(cfg, key, value)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class ImagePool:
+    pixels: torch.Tensor  # (N, 336, 336, 3) uint8
+    patch_labels: torch.Tensor  # (N, 576) int64, class id or BACKGROUND_LABEL
+    presence: torch.Tensor  # (N, 64) float, multi-hot classes
+    scenes: list[Any]
+
+
+def _render_training_image(seed: int, index: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    scene = sample_scene(scene_rng(seed, STREAM_TRAIN, index))
+    pixels, labels = render(scene, with_labels=True)
+    return pixels, labels, scene
+
+
+def build_pool(num_images: int, seed: int, workers: int) -> ImagePool:
+    items = map_indices(_render_training_image, seed, num_images, workers)
+    presence = torch.zeros(num_images, NUM_CLASSES)
+    for i, (_, _, scene) in enumerate(items):
+        presence[i, scene.classes] = 1.0
+    return ImagePool(
+        pixels=torch.from_numpy(np.stack([p for p, _, _ in items])),
+        patch_labels=torch.from_numpy(np.stack([lab for _, lab, _ in items])),
+        presence=presence,
+        scenes=[s for _, _, s in items],
+    )
+
+
+class QuestionBatches(IterableDataset):
+    """Endless batches of (image index, input ids, labels); labels mark the answer token and EOS only.
+
+    Sequences are right-padded: with causal attention no real token sees a pad, so no attention mask is needed
+    and positions are the same as for a left-padded prompt at generation time.
+    """
+
+    def __init__(self, scenes: list[Any], processor: Any, cfg: TrainConfig, image_seq_length: int):
+        self.scenes = scenes
+        self.processor = processor
+        self.cfg = cfg
+        self.image_seq_length = image_seq_length
+        tok = processor.tokenizer
+        self.image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
+
+    def prompt_ids(self, text: str, system: str | None) -> list[int]:
+        """The processor's ids for the prompt: chat template, then `<image>` expanded to one id per patch."""
+        ids = self.processor.tokenizer(ev.chat_prompt(self.processor, text, system))["input_ids"]
+        out: list[int] = []
+        for i in ids:
+            out.extend([i] * self.image_seq_length if i == self.image_id else [i])
+        return out
+
+    def make_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        index = rng.integers(len(self.scenes), size=cfg.batch_size)
+        seqs, lengths, is_mcq = [], [], []
+        for i in index:
+            ex = sample_training_example(self.scenes[i], rng, cfg.mcq_fraction)
+            is_mcq.append(ex.kind == "mcq")
+            system = SYSTEM_PROMPT if rng.random() < cfg.system_fraction else None
+            prompt = self.prompt_ids(ex.text, system)
+            answer = self.processor.tokenizer.convert_tokens_to_ids(ex.answer)
+            seqs.append(prompt + [answer, self.eos_id])
+            lengths.append(len(prompt))
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        labels = torch.full_like(input_ids, -100)
+        for row, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            labels[row, n : n + 2] = torch.tensor(seq[n:])
+        return {"index": torch.from_numpy(index), "input_ids": input_ids, "labels": labels,
+                "is_mcq": torch.tensor(is_mcq)}  # fmt: skip
+
+    def __iter__(self):
+        info = get_worker_info()
+        rng = np.random.default_rng([self.cfg.seed, 99, info.id if info else 0])
+        while True:
+            yield self.make_batch(rng)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class AuxHeads(nn.Module):
+    """Training-only heads on the vision tower: [CLS] -> present classes, patch -> covering class."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.cls = nn.Linear(hidden, NUM_CLASSES)
+        self.patch = nn.Linear(hidden, NUM_CLASSES + 1)
+
+    def losses(
+        self, vision_out: Any, presence: torch.Tensor, patch_labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        cls_logits = self.cls(vision_out.pooler_output).float()
+        patch_logits = self.patch(vision_out.hidden_states[-2][:, 1:]).float()
+        cls_loss = F.binary_cross_entropy_with_logits(cls_logits, presence)
+        patch_loss = F.cross_entropy(patch_logits.flatten(0, 1), patch_labels.flatten())
+        with torch.no_grad():
+            exact = ((cls_logits > 0) == (presence > 0.5)).all(dim=1).float().mean()
+            obj = patch_labels != BACKGROUND_LABEL
+            patch_acc = (patch_logits.argmax(-1)[obj] == patch_labels[obj]).float().mean()
+        return {"cls": cls_loss, "patch": patch_loss, "cls_exact": exact, "patch_acc": patch_acc}
+
+
+class PixelNormaliser:
+    """uint8 HWC images -> the CLIP processor's normalised CHW floats (identical to `processor(images=...)`)."""
+
+    def __init__(self, processor: Any, device: torch.device):
+        ip = processor.image_processor
+        self.mean = torch.tensor(ip.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(ip.image_std, device=device).view(1, 3, 1, 1)
+        self.scale = float(ip.rescale_factor)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).float() * self.scale
+        return (x - self.mean) / self.std
+
+
+def vision_forward(model: Any, pixel_values: torch.Tensor) -> Any:
+    return model.model.vision_tower(pixel_values, output_hidden_states=True)
+
+
+def answer_loss(model: Any, vision_out: Any, input_ids: torch.Tensor, labels: torch.Tensor):
+    """LLaVA's forward written out (features of layer -2 without CLS -> projector -> image-token slots), with
+    logits computed only where a label is: cross-entropy on answer + EOS, and per-row answer correctness."""
+    inner = model.model
+    image_features = inner.multi_modal_projector(vision_out.hidden_states[-2][:, 1:])
+    embeds = model.get_input_embeddings()(input_ids)
+    slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(slots, image_features.to(embeds.dtype))
+    hidden = inner.language_model(inputs_embeds=embeds).last_hidden_state
+    targets = labels[:, 1:]
+    where = targets != -100
+    logits = model.lm_head(hidden[:, :-1][where]).float()
+    gold = targets[where]
+    loss = F.cross_entropy(logits, gold)
+    with torch.no_grad():
+        first = torch.zeros_like(where)
+        first[torch.arange(len(where)), where.float().argmax(1)] = True  # the answer token of each row
+        correct = (logits.argmax(-1) == gold)[first[where]].float()
+    return loss, correct
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StepBudget:
+    """Caps a stage's step count to a time budget, measured after warm-up (logged; pass --steps to reproduce)."""
+
+    def __init__(self, planned: int, budget_s: float, device: torch.device):
+        self.total, self.budget_s, self.device = planned, budget_s, device
+        self.t0: float | None = None
+
+    def update(self, step: int) -> int:
+        if self.budget_s <= 0:
+            return self.total
+        if step == 10:
+            _sync(self.device)
+            self.t0 = time.time()
+        elif step == 40 and self.t0 is not None:
+            _sync(self.device)
+            per_step = (time.time() - self.t0) / 30
+            fit = int(self.budget_s / per_step)
+            print(
+                f"  {per_step * 1000:.1f} ms/step; {self.total} steps planned, {fit} fit the budget",
+                flush=True,
+            )
+            self.total = max(41, min(self.total, fit))
+        return self.total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def train_vision(model, heads, pool, normalise, cfg, device, autocast, budget_s: float) -> dict[str, Any]:
+    tower = model.model.vision_tower
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay, **_fused(device))
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    budget = StepBudget(cfg.vision_steps, budget_s, device)
+    step, t0, log = 0, time.time(), {}
+    while step < budget.total:
+        for group in opt.param_groups:
+            group["lr"] = cfg.vision_lr * lr_factor(step, budget.total, cfg.warmup)
+        index = torch.randint(len(pool.scenes), (cfg.batch_size,), generator=gen)
+        pixels = normalise(pool.pixels[index.to(pool.pixels.device)].to(device, non_blocking=True))
+        with autocast():
+            out = heads.losses(vision_forward(model, pixels), pool.presence[index].to(device),
+                               pool.patch_labels[index].to(device))  # fmt: skip
+        loss = out["cls"] + out["patch"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        budget.update(step)
+        if step % cfg.log_every == 0 or step == budget.total:
+            log = {k: round(float(v.detach()), 4) for k, v in out.items()}
+            print(f"vision {step}/{budget.total} {log} {time.time() - t0:.0f}s", flush=True)
+    return {"steps": step, "seconds": round(time.time() - t0, 1), **log}
+
+
+def train_full(
+    model, heads, pool, batches, normalise, cfg, device, autocast, budget_s: float
+) -> dict[str, Any]:
+    tower_params = list(model.model.vision_tower.parameters())
+    tower_ids = {id(p) for p in tower_params}
+    other = [p for p in model.parameters() if id(p) not in tower_ids] + list(heads.parameters())
+    groups = [{"params": tower_params, "base": cfg.tower_lr}, {"params": other, "base": cfg.lr}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **_fused(device))
+    budget = StepBudget(cfg.steps, budget_s, device)
+    loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if cfg.workers else None, persistent_workers=cfg.workers > 0)  # fmt: skip
+    step, t0, log, running = 0, time.time(), {}, []
+    for batch in loader:
+        if step >= budget.total:
+            break
+        for group in opt.param_groups:
+            group["lr"] = group["base"] * lr_factor(step, budget.total, cfg.warmup)
+        index = batch["index"]
+        pixels = normalise(pool.pixels[index.to(pool.pixels.device)].to(device, non_blocking=True))
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        with autocast():
+            vision_out = vision_forward(model, pixels)
+            lm, correct = answer_loss(model, vision_out, input_ids, labels)
+            aux = heads.losses(
+                vision_out, pool.presence[index].to(device), pool.patch_labels[index].to(device)
+            )
+        loss = lm + cfg.aux_weight * (aux["cls"] + aux["patch"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        step += 1
+        budget.update(step)
+        is_mcq = batch["is_mcq"].to(device)
+        running.append(torch.stack([lm.detach(), correct[~is_mcq].sum(), (~is_mcq).sum(), correct[is_mcq].sum(),
+                                    is_mcq.sum()]))  # fmt: skip
+        if step % cfg.log_every == 0 or step == budget.total:
+            lm_sum, pope_ok, pope_n, mcq_ok, mcq_n = torch.stack(running).sum(0).tolist()
+            log = {"lm": round(lm_sum / len(running), 4), "pope_acc": round(pope_ok / max(pope_n, 1), 4),
+                   "mcq_acc": round(mcq_ok / max(mcq_n, 1), 4),
+                   **{k: round(float(v.detach()), 4) for k, v in aux.items()}}  # fmt: skip
+            running = []
+            print(f"full {step}/{budget.total} {log} {time.time() - t0:.0f}s", flush=True)
+    return {"steps": step, "seconds": round(time.time() - t0, 1), **log}
+
+
+def _fused(device: torch.device) -> dict[str, bool]:
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+# ----------------------------------------------------------------------------------------- save, eval
+
+
+def save_model(model: Any, processor: Any, directory: Path) -> Path:
+    """`save_pretrained` with fp16 weights; config dtype float32 so `from_pretrained` loads fp32 by default."""
+    directory.mkdir(parents=True, exist_ok=True)
+    half = model.to(torch.float16)
+    half.save_pretrained(directory)
+    model.to(torch.float32)
+    processor.save_pretrained(directory)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    for part in (config, config.get("text_config", {}), config.get("vision_config", {})):
+        if "dtype" in part:
+            part["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def run_evaluation(directory: Path, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Reload the saved model exactly as users do, then score held-out data, a blank image and the small sample."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(directory).to(device).eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    workers = max(1, cfg.workers)
+    pope = pope_records(cfg.eval_pope_images, ev.EVAL_SEED, workers)
+    mcq = mcq_records(cfg.eval_mcq_questions, ev.EVAL_SEED, workers)
+    rng = np.random.default_rng(0)
+    pope_sub = [pope[i] for i in sorted(rng.choice(len(pope), min(cfg.eval_blank, len(pope)), replace=False))]
+    mcq_sub = mcq[: cfg.eval_blank]
+    bs = cfg.eval_batch_size
+    t0 = time.time()
+    result = {
+        "heldout": ev.evaluate(model, processor, pope, mcq, bs),
+        "blank_image": ev.evaluate(model, processor, pope_sub, mcq_sub, bs, blank=True),
+        "vicuna_system_prompt": ev.evaluate(model, processor, pope_sub, mcq_sub, bs, system=SYSTEM_PROMPT),
+    }
+    if cfg.eval_sample:
+        result["sample"] = ev.evaluate(model, processor, *ev.sample_rows(), batch_size=8)
+    result["eval_seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for name in ("heldout", "blank_image", "vicuna_system_prompt", "sample"):
+        part = result.get(name, {})
+        pope = " ".join(f"{k}={v['accuracy']:.4f}" for k, v in part.get("pope", {}).items())
+        mcq = " ".join(f"{k}={v['accuracy']:.4f}" for k, v in part.get("mcq", {}).items())
+        lines.append(f"{name}: POPE {pope} | MCQ {mcq}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = parse_args(argv)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    )
+    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    t_start = time.time()
+    processor = build_processor()
+    model = build_model(processor, seed=cfg.seed).to(device).train()
+    heads = AuxHeads(model.config.vision_config.hidden_size).to(device)
+    print(
+        f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}", flush=True
+    )
+
+    t0 = time.time()
+    pool = build_pool(cfg.train_images, data_seed, max(1, cfg.workers))
+    if device.type == "cuda":
+        pool.pixels = pool.pixels.to(device)
+    print(f"rendered {cfg.train_images} training images in {time.time() - t0:.0f}s", flush=True)
+    batches = QuestionBatches(pool.scenes, processor, cfg, model.config.image_seq_length)
+    _check_prompt_ids(batches, processor)
+    normalise = PixelNormaliser(processor, device)
+
+    # The time budget is shared between the stages in proportion to their planned steps (vision steps ~ 1/2).
+    total_units = cfg.vision_steps * 0.5 + cfg.steps
+    vision_budget = cfg.time_budget_s * cfg.vision_steps * 0.5 / total_units if cfg.time_budget_s else 0.0
+    vision_log = train_vision(model, heads, pool, normalise, cfg, device, autocast, vision_budget)
+    full_budget = max(0.0, cfg.time_budget_s - (time.time() - t_start)) if cfg.time_budget_s else 0.0
+    full_log = train_full(model, heads, pool, batches, normalise, cfg, device, autocast, full_budget)
+
+    model.eval()
+    directory = save_model(model, processor, out / "model")
+    with tarfile.open(out / "model.tar", "w") as tar:  # one file to copy back instead of a folder
+        tar.add(directory, arcname="model")
+    result = run_evaluation(directory, cfg, device)
+    for line in summary_lines(result):
+        print(line, flush=True)
+    report = {
+        "config": asdict(cfg) | {"data_seed": data_seed},
+        "model_config": MODEL_CONFIG,
+        "command": "python -m vtprune.testbed.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "train": {"vision": vision_log, "full": full_log},
+        "eval_seed": ev.EVAL_SEED,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "python": platform.python_version(),
+        },  # fmt: skip
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "total_seconds": round(time.time() - t_start, 1),
+        **result,
+    }
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _check_prompt_ids(batches: QuestionBatches, processor: Any) -> None:
+    """Training ids must be exactly what the processor produces for the same prompt at evaluation time."""
+    from PIL import Image
+
+    from vtprune.testbed.render import blank_image
+
+    text = "Is there a red circle in the image?"
+    for system in (None, SYSTEM_PROMPT):
+        expected = processor(images=Image.fromarray(blank_image()), text=ev.chat_prompt(processor, text, system),
+                             return_tensors="pt")["input_ids"][0].tolist()  # fmt: skip
+        if batches.prompt_ids(text, system) != expected:
+            raise RuntimeError("training prompt ids differ from the processor's")
+
+
+if __name__ == "__main__":
+    main()
