@@ -258,10 +258,10 @@ class PruneSession:
         if image_out is None:
             extra = {k: call.pop(k) for k in ("image_sizes",) if call.get(k) is not None}
             image_out = self.adapter.encode_images(pixel_values, **extra)
+            record.timings_ms["vision"] = (self._clock() - t0) * 1e3
         call.pop("mm_encoder_outputs", None)
         hidden_v, projected = self.adapter.unpack_image_output(image_out)
         t1 = self._clock()
-        record.timings_ms["vision"] = (t1 - t0) * 1e3
         per_image = self.info.visual_tokens
         n_total = hidden_v.shape[0]
         image_index = torch.arange(n_total, device=projected.device)

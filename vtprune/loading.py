@@ -1,0 +1,56 @@
+"""Loading a LLaVA checkpoint and its processor: a Hugging Face id, a local folder, or `testbed`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """`auto` device: the GPU if there is one; `auto` dtype: bfloat16 on GPU, float32 on CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    valid = ("float32", "float16", "bfloat16")
+    if dtype not in valid:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(valid)}")
+    return device, getattr(torch, dtype)
+
+
+def resolve_model_path(model: str) -> str:
+    """`testbed` is the small trained LLaVA shipped with vtprune; anything else goes to from_pretrained."""
+    if model == "testbed":
+        from vtprune.testbed import testbed_path
+
+        return str(testbed_path())
+    return model
+
+
+def load_model(
+    model: str,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    revision: str | None = None,
+):
+    """(LlavaForConditionalGeneration in eval mode on `device`, its processor with left padding)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = resolve_model_path(model)
+    if not Path(path).exists() and "/" not in path:
+        raise FileNotFoundError(f"model {model!r} is neither a local folder nor a Hugging Face id (owner/name)")
+    llava = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, revision=revision
+    )
+    llava.to(device).eval()
+    processor = AutoProcessor.from_pretrained(path, revision=revision)
+    processor.tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    return llava, processor
