@@ -17,6 +17,8 @@ from vtprune.api import list_methods
 from vtprune.methods.base import Method, ModelInfo, Selection, Stage
 from vtprune.selection import topk_indices
 
+import cases_llm
+import cases_vision
 from conftest import QUESTIONS, build_inputs, hook_snapshot
 
 # case id ("method" or "method[variant]") -> (params for the 4-layer tiny model, exact oracle possible,
@@ -33,6 +35,8 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "vispruner": ({"important_ratio": 0.5}, True, True),
     "vispruner_nosink": ({"attention_sink_threshold": 0.03}, True, False),
 }
+CASES.update(cases_vision.CASES)
+CASES.update(cases_llm.CASES)
 
 
 def method_of(case: str) -> str:
