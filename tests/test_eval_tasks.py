@@ -14,8 +14,8 @@ from vtprune.eval import DatasetError, EvalInputError, PopeTask, get_task, list_
 from vtprune.eval.images import ImageDecodeError, decode_image, expand_to_square
 from vtprune.eval.tasks.registry import _REGISTRY
 from vtprune.eval.tiny_data import (
-    pope_rows,
     png_bytes,
+    pope_rows,
     write_pope_hub_folder,
     write_pope_jsonl_folder,
     write_pope_parquet,
