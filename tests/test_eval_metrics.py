@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vtprune.eval.compare import bootstrap_diff_ci, mcnemar
 from vtprune.eval.metrics import accuracy_by, binary_metrics
@@ -76,3 +78,15 @@ def test_bootstrap_is_seeded_and_brackets_the_difference() -> None:
     assert ci1[0] < diff < ci1[1]
     same = bootstrap_diff_ci(a, a, n_boot=100, seed=0)
     assert same == (0.0, 0.0)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["yes", "no", None]), st.sampled_from(["yes", "no"])), max_size=40))
+def test_binary_metrics_properties(pairs: list[tuple[str | None, str]]) -> None:
+    preds = [p for p, _ in pairs]
+    targets = [t for _, t in pairs]
+    m = binary_metrics(preds, targets)
+    assert m["tp"] + m["fp"] + m["tn"] + m["fn"] + sum(1 for p, t in pairs if p is None and t == "no") == len(pairs)
+    correct = sum(p == t for p, t in pairs)
+    assert m["accuracy"] == pytest.approx(correct / len(pairs) if pairs else 0.0)
+    assert m["yes_ratio"] == pytest.approx(preds.count("yes") / len(pairs) if pairs else 0.0)
+    assert 0.0 <= m["f1"] <= 1.0

@@ -9,8 +9,8 @@ import pytest
 
 from vtprune.eval.compare import compare_runs
 from vtprune.eval.config import config_hash, parse_param, parse_params, run_folder_name
-from vtprune.eval.errors import EvalInputError
-from vtprune.eval.store import RunStore, canonical_rows, resolve_run_dir
+from vtprune.eval.errors import EvalInputError, RunDirError
+from vtprune.eval.store import RunLock, RunStore, canonical_rows, resolve_run_dir
 
 
 def _row(i: int, correct: bool = True, error: str | None = None, parsed: str = "yes") -> dict:
@@ -96,3 +96,14 @@ def test_compare_runs_paired_statistics(tmp_path: Path) -> None:
     assert result == compare_runs(a, b, n_boot=500, seed=1)  # seeded
     with pytest.raises(EvalInputError, match="no such run"):
         compare_runs(a, tmp_path / "missing")
+
+
+def test_run_lock_refuses_a_second_writer(tmp_path: Path) -> None:
+    first = RunLock(tmp_path)
+    first.acquire()
+    with pytest.raises(RunDirError, match="another vtprune eval is writing"):
+        RunLock(tmp_path).acquire()
+    first.release()
+    second = RunLock(tmp_path)
+    second.acquire()
+    second.release()

@@ -195,3 +195,16 @@ def test_expand_to_square_centres_on_mean_colour() -> None:
 def test_parquet_images_round_trip_as_structs(data: Path) -> None:
     table = pq.read_table(data / "pope.parquet")
     assert table.schema.field("image").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def test_hub_loader_through_datasets(data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `datasets.load_dataset` path (used for Hub ids), pointed at a local folder so nothing downloads."""
+    datasets = pytest.importorskip("datasets")
+    from vtprune.eval.data import load_hub_split
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    loaded = load_hub_split(str(data / "pope_hub" / "data"), split="test", config=None, revision=None)
+    assert loaded.table.num_rows == 9 and loaded.source["kind"] == "hub"
+    assert loaded.table.schema.field("image").type.num_fields == 2  # images stay encoded structs
+    with pytest.raises(DatasetError, match="cannot load split 'adversarial'"):
+        load_hub_split(str(data / "pope_hub" / "data"), split="adversarial", config=None, revision=None)

@@ -17,10 +17,17 @@ from typing import Any
 
 from vtprune.eval.config import EvalConfig, config_hash, run_folder_name
 from vtprune.eval.distributed import DistContext
-from vtprune.eval.errors import EvalInputError
+from vtprune.eval.errors import EvalInputError, RunDirError
 from vtprune.eval.images import ImageDecodeError, decode_image
 from vtprune.eval.predictor import Generation, Predictor, resolve_device, resolve_dtype
-from vtprune.eval.store import ENVIRONMENT, SUMMARY_JSON, RunStore, resolve_run_dir, write_json_atomic
+from vtprune.eval.store import (
+    ENVIRONMENT,
+    SUMMARY_JSON,
+    RunLock,
+    RunStore,
+    resolve_run_dir,
+    write_json_atomic,
+)
 from vtprune.eval.summary import build_summary, write_summary
 from vtprune.eval.tasks import Example, Task, get_task
 
@@ -76,10 +83,31 @@ def run_eval(
     device = resolve_device(cfg.device, dist.local_rank)
     identity = cfg.identity(task.describe(), resolve_dtype(cfg.dtype, device))
     digest = config_hash(identity)
-    run_dir = None
+    resolved: tuple[str | None, str | None] = (None, None)
+    lock: RunLock | None = None
     if dist.is_main:
-        run_dir = resolve_run_dir(Path(cfg.output) / run_folder_name(identity), identity)
-    run_dir = Path(dist.broadcast(str(run_dir) if run_dir else None))
+        try:
+            path = resolve_run_dir(Path(cfg.output) / run_folder_name(identity), identity)
+            lock = RunLock(path)
+            lock.acquire()
+            resolved = (str(path), None)
+        except EvalInputError as exc:
+            resolved = (None, str(exc))
+    resolved = dist.broadcast(resolved)  # every rank learns the folder, or the reason there is none
+    if resolved[1] is not None:
+        raise RunDirError(resolved[1])
+    run_dir = Path(resolved[0])
+    try:
+        return _run_in(cfg, task, examples, identity, digest, run_dir, device, predictor, predictor_factory,
+                       dist, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_in(cfg: EvalConfig, task: Task, examples: list[Example], identity: dict[str, Any], digest: str,
+            run_dir: Path, device: str, predictor: Predictor | None, predictor_factory: PredictorFactory | None,
+            dist: DistContext, log: Callable[[str], None] | None) -> RunResult:
     store = RunStore(run_dir)
     done = store.done_ids(include_errors=not cfg.retry_errors)
     dist.barrier()  # every rank has read the done set before any rank appends to its part

@@ -76,6 +76,35 @@ def resolve_run_dir(base: Path, identity: dict[str, Any]) -> Path:
         candidate = base.with_name(f"{base.name}-{attempt}")
 
 
+class RunLock:
+    """An advisory lock on a run folder, so two independent launches cannot append to the same files.
+
+    Held by the single process, or by rank 0 of a multi-process run (its ranks write separate parts).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / ".lock"
+        self._file = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking, the merge still deduplicates
+            return
+        handle = open(self.path, "a+")  # noqa: SIM115 -- held open for the lifetime of the lock
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            raise RunDirError(f"another vtprune eval is writing to {self.path.parent}; wait for it or stop it") from exc
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor releases the flock
+            self._file = None
+
+
 class SampleWriter:
     """Appends one JSON line per sample; each line is on disk (fsync) before `write` returns."""
 

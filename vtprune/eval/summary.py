@@ -116,10 +116,15 @@ def summary_markdown(summary: dict[str, Any], task: Task) -> str:
     ]
     if summary.get("error_reasons"):
         lines += ["| error | count |", "|---|---|"]
-        lines += [f"| {reason} | {n} |" for reason, n in summary["error_reasons"].items()]
+        lines += [f"| {_cell(reason)} | {n} |" for reason, n in summary["error_reasons"].items()]
         lines.append("")
     return "\n".join(lines)
 
 
 def _num(value: float | None) -> str:
     return "?" if value is None else f"{value:.1f}"
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
