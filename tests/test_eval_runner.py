@@ -172,3 +172,33 @@ def test_bad_settings_fail_before_any_work(env, tmp_path: Path) -> None:
     with pytest.raises(EvalInputError, match="--param needs a pruning method"):
         run_eval(dataclasses.replace(_cfg(env, tmp_path), params={"x": 1}))
     assert not (tmp_path / "pope-adversarial").exists()
+
+
+def test_pruned_runs_record_kept_tokens(env, tmp_path: Path) -> None:
+    rnd = run_eval(_cfg(env, tmp_path, method="random", keep=16, limit=2))
+    assert rnd.run_dir.name.startswith("random-k16-")
+    for line in _lines(rnd.run_dir):
+        assert list(line["kept_tokens"].values()) == [16]
+        assert (line["visual_tokens"], line["tokens_after_pruning"], line["layer_avg_tokens"]) == (64, 16, 16.0)
+    assert rnd.summary["config"]["method"] == "random" and rnd.summary["config"]["keep"] == 16
+    fastv = run_eval(_cfg(env, tmp_path, method="fastv", keep=8, limit=2))
+    tokens = fastv.summary["tokens"]
+    assert tokens["tokens_after_pruning"] == 8 and 8 < tokens["layer_avg_tokens"] < 64  # pruned after layer K
+    fraction = run_eval(_cfg(env, tmp_path, method="random", keep="0.25", limit=1))
+    assert fraction.run_dir.name.startswith("random-k0.25-") and fraction.summary["tokens"]["tokens_after_pruning"] == 16
+
+
+def test_retry_errors_reruns_only_failed_samples(env, tmp_path: Path) -> None:
+    rows = pope_rows("random", 3)
+    good = dict(rows[1]["image"])
+    rows[1]["image"] = {"bytes": b"broken", "path": None}
+    write_rows(tmp_path / "data" / "pope.parquet", rows)
+    cfg = _cfg(env, tmp_path / "out", split="random", dataset_id=str(tmp_path / "data"))
+    first = run_eval(cfg)
+    assert first.summary["counts"]["errors"] == 1
+    rows[1]["image"] = good  # the data was repaired
+    write_rows(tmp_path / "data" / "pope.parquet", rows)
+    assert run_eval(cfg).evaluated_now == 0  # errors count as written unless retried
+    retried = run_eval(dataclasses.replace(cfg, retry_errors=True))
+    assert retried.run_dir == first.run_dir and retried.evaluated_now == 1
+    assert retried.summary["counts"]["errors"] == 0 and len(_lines(retried.run_dir)) == 3
