@@ -28,9 +28,11 @@ def tiny():
 def build_inputs(processor, questions, seeds, images_per_prompt=1):
     prompts = []
     images = []
-    for q, s in zip(questions, seeds):
+    for q, s in zip(questions, seeds, strict=False):
         content = [{"type": "image"}] * images_per_prompt + [{"type": "text", "text": q}]
-        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        prompts.append(
+            processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        )
         images.extend(random_image(s * 10 + i) for i in range(images_per_prompt))
     inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
     mask = inputs["attention_mask"]
@@ -46,6 +48,4 @@ def batch_inputs(tiny):
 
 def hook_snapshot(model: torch.nn.Module) -> list:
     """Every forward (pre-)hook on the model. transformers registers some of its own (output capturing)."""
-    return [
-        (name, tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for name, m in model.named_modules()
-    ]
+    return [(name, tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for name, m in model.named_modules()]

@@ -55,7 +55,11 @@ def oracle_logits(model, input_ids, attention_mask, pixel_values, record, positi
                 if vision is None:
                     kept = [image_seen * per_image + j for j in range(per_image)]
                 else:
-                    kept = [k for k in vision.kept[b] if image_seen * per_image <= k < (image_seen + 1) * per_image]
+                    kept = [
+                        k
+                        for k in vision.kept[b]
+                        if image_seen * per_image <= k < (image_seen + 1) * per_image
+                    ]
                 for k in kept:
                     tokens.append(feats[img, k - image_seen * per_image])
                     valid.append(True)
@@ -92,7 +96,12 @@ def oracle_logits(model, input_ids, attention_mask, pixel_values, record, positi
                 else:
                     positions = (torch.cumsum(valid, 1) - 1).clamp(min=0).masked_fill(~valid, 0)
         rope = lm.rotary_emb(hidden, position_ids=positions)
-        hidden = layer(hidden, attention_mask=_mask(valid, hidden.dtype), position_embeddings=rope, position_ids=positions)
+        hidden = layer(
+            hidden,
+            attention_mask=_mask(valid, hidden.dtype),
+            position_embeddings=rope,
+            position_ids=positions,
+        )
     hidden = lm.norm(hidden)
     return model.lm_head(hidden), valid
 

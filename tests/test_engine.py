@@ -8,18 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cases_llm
+import cases_vision
 import pytest
 import torch
+from conftest import QUESTIONS, build_inputs, hook_snapshot
 from oracle import oracle_greedy, oracle_logits
 
 import vtprune
 from vtprune.api import list_methods
 from vtprune.methods.base import Method, ModelInfo, Selection, Stage
 from vtprune.selection import topk_indices
-
-import cases_llm
-import cases_vision
-from conftest import QUESTIONS, build_inputs, hook_snapshot
 
 # case id ("method" or "method[variant]") -> (params for the 4-layer tiny model, exact oracle possible,
 # keeps everything at keep=all)
@@ -41,6 +40,8 @@ CASES.update(cases_llm.CASES)
 
 def method_of(case: str) -> str:
     return case.split("[")[0]
+
+
 ALL = 64  # visual tokens per image of the tiny model
 BUDGETS = [16, 5]
 IMPLS = ["sdpa", "eager"]
@@ -89,7 +90,11 @@ def test_pruned_equals_oracle(tiny, batch_inputs, name, budget, impl):
         logits = forward(model, batch_inputs)
         record = vtprune.last_record(model)
     expected, valid = oracle_logits(
-        model, batch_inputs["input_ids"], batch_inputs["attention_mask"], batch_inputs["pixel_values"], record,
+        model,
+        batch_inputs["input_ids"],
+        batch_inputs["attention_mask"],
+        batch_inputs["pixel_values"],
+        record,
         position_ids=batch_inputs["position_ids"],
     )
     assert logits.shape == expected.shape
@@ -105,10 +110,12 @@ def test_batched_equals_single(tiny, batch_inputs, name):
     suppress = [model.config.image_token_id]
     with vtprune.pruned(model, method_of(name), keep=16 if name != "none" else None, **params):
         with torch.no_grad():
-            batched = model.generate(**batch_inputs, max_new_tokens=4, do_sample=False, suppress_tokens=suppress)
+            batched = model.generate(
+                **batch_inputs, max_new_tokens=4, do_sample=False, suppress_tokens=suppress
+            )
         batched_last = forward(model, batch_inputs)[:, -1]
         batched_kept = [s.kept for s in vtprune.last_record(model).stages]
-        for i, (q, seed) in enumerate(zip(QUESTIONS, [1, 2, 3])):
+        for i, (q, seed) in enumerate(zip(QUESTIONS, [1, 2, 3], strict=False)):
             single = build_inputs(processor, [q], [seed])
             with torch.no_grad():
                 out = model.generate(**single, max_new_tokens=4, do_sample=False, suppress_tokens=suppress)
@@ -128,11 +135,19 @@ def test_generate_cache_equals_recompute(tiny, batch_inputs, name):
     with vtprune.pruned(model, method_of(name), keep=16 if name != "none" else None, **params):
         with torch.no_grad():
             out = model.generate(
-                **batch_inputs, max_new_tokens=5, do_sample=False, suppress_tokens=[model.config.image_token_id]
+                **batch_inputs,
+                max_new_tokens=5,
+                do_sample=False,
+                suppress_tokens=[model.config.image_token_id],
             )
         record = vtprune.last_record(model)
     expected = oracle_greedy(
-        model, batch_inputs["input_ids"], batch_inputs["attention_mask"], batch_inputs["pixel_values"], record, 5
+        model,
+        batch_inputs["input_ids"],
+        batch_inputs["attention_mask"],
+        batch_inputs["pixel_values"],
+        record,
+        5,
     )
     assert out[:, -5:].tolist() == expected.tolist()
 
@@ -145,9 +160,7 @@ def test_sdpa_and_eager_select_same(tiny, batch_inputs, name):
     for model in (sdpa, eager):
         with vtprune.pruned(model, method_of(name), keep=16 if name != "none" else None, **params):
             with torch.no_grad():
-                tokens.append(
-                    model.generate(**batch_inputs, max_new_tokens=3, do_sample=False).tolist()
-                )
+                tokens.append(model.generate(**batch_inputs, max_new_tokens=3, do_sample=False).tolist())
             kept.append([s.kept for s in vtprune.last_record(model).stages])
     assert kept[0] == kept[1]
     assert tokens[0] == tokens[1]
@@ -170,8 +183,24 @@ class TwoStageTopNorm(Method):
     def stages(self, info: ModelInfo) -> list[Stage]:
         return [
             Stage(kind="vision", keep=40, name="v"),
-            Stage(kind="llm", keep=20, score_layer=1, prune_layer=1, positions="original", queries="last", name="a"),
-            Stage(kind="llm", keep=7, score_layer=2, prune_layer=3, positions="reindex", queries="text", name="b"),
+            Stage(
+                kind="llm",
+                keep=20,
+                score_layer=1,
+                prune_layer=1,
+                positions="original",
+                queries="last",
+                name="a",
+            ),
+            Stage(
+                kind="llm",
+                keep=7,
+                score_layer=2,
+                prune_layer=3,
+                positions="reindex",
+                queries="text",
+                name="b",
+            ),
         ]
 
     def select(self, stage_index, stage, signals) -> Selection:
@@ -189,16 +218,32 @@ def test_pipeline_schedule_equals_oracle(tiny, batch_inputs, impl):
         logits = forward(model, batch_inputs)
         record = vtprune.last_record(model)
         with torch.no_grad():
-            out = model.generate(**batch_inputs, max_new_tokens=4, do_sample=False, suppress_tokens=[model.config.image_token_id])
+            out = model.generate(
+                **batch_inputs,
+                max_new_tokens=4,
+                do_sample=False,
+                suppress_tokens=[model.config.image_token_id],
+            )
         record_gen = vtprune.last_record(model)
     assert [s.counts for s in record.stages] == [[40] * 3, [20] * 3, [7] * 3]
     assert record.layer_tokens(0) == [40, 20, 20, 7]
     assert record.layer_avg_tokens == [pytest.approx(87 / 4)] * 3
     expected, valid = oracle_logits(
-        model, batch_inputs["input_ids"], batch_inputs["attention_mask"], batch_inputs["pixel_values"], record,
+        model,
+        batch_inputs["input_ids"],
+        batch_inputs["attention_mask"],
+        batch_inputs["pixel_values"],
+        record,
     )
     torch.testing.assert_close(logits[valid], expected[valid], rtol=1e-4, atol=1e-4)
-    greedy = oracle_greedy(model, batch_inputs["input_ids"], batch_inputs["attention_mask"], batch_inputs["pixel_values"], record_gen, 4)
+    greedy = oracle_greedy(
+        model,
+        batch_inputs["input_ids"],
+        batch_inputs["attention_mask"],
+        batch_inputs["pixel_values"],
+        record_gen,
+        4,
+    )
     assert out[:, -4:].tolist() == greedy.tolist()
 
 
@@ -255,7 +300,9 @@ def test_two_images_per_prompt(tiny):
         record = vtprune.last_record(model)
     assert record.visual_tokens == 128
     assert record.tokens_after_pruning == [16, 16]
-    expected, valid = oracle_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], record)
+    expected, valid = oracle_logits(
+        model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], record
+    )
     torch.testing.assert_close(logits[valid], expected[valid], rtol=1e-4, atol=1e-4)
 
 

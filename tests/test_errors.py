@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import QUESTIONS, build_inputs
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vtprune
 from vtprune import PruneConfigError
-
-from conftest import QUESTIONS, build_inputs
 
 
 def test_unknown_method_names_valid_ones(tiny):
@@ -53,8 +52,13 @@ def test_unknown_parameter_lists_valid_ones(tiny):
 
 
 def test_unsupported_model_class():
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
-    with pytest.raises(PruneConfigError, match="unsupported model class LlamaForCausalLM; supported: LlavaForConditionalGeneration"):
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    with pytest.raises(
+        PruneConfigError,
+        match="unsupported model class LlamaForCausalLM; supported: LlavaForConditionalGeneration",
+    ):
         vtprune.prune(LlamaForCausalLM(config), "fastv", keep=8)
 
 
@@ -96,9 +100,22 @@ def test_cli_error_is_one_line(tmp_path):
     path = save_tiny_llava(tmp_path / "m")
     random_image(0).save(tmp_path / "i.png")
     result = subprocess.run(
-        [sys.executable, "-m", "vtprune.cli", "generate", "--model", str(path), "--image", str(tmp_path / "i.png"),
-         "--prompt", "x", "--method", "bogus"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "vtprune.cli",
+            "generate",
+            "--model",
+            str(path),
+            "--image",
+            str(tmp_path / "i.png"),
+            "--prompt",
+            "x",
+            "--method",
+            "bogus",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "unknown method 'bogus'; valid methods:" in result.stdout.replace("\n", " ")

@@ -20,7 +20,12 @@ _ACTIVE: set[int] = set()
 
 
 def prune(
-    model: torch.nn.Module, method: str | Method = "none", keep: int | float | None = None, *, timing: bool = False, **params
+    model: torch.nn.Module,
+    method: str | Method = "none",
+    keep: int | float | None = None,
+    *,
+    timing: bool = False,
+    **params,
 ) -> torch.nn.Module:
     """Make `model` prune visual tokens with `method`; returns the same model.
 
@@ -53,7 +58,9 @@ def unprune(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextmanager
-def pruned(model: torch.nn.Module, method: str | Method = "none", keep: int | float | None = None, **params) -> Iterator[torch.nn.Module]:
+def pruned(
+    model: torch.nn.Module, method: str | Method = "none", keep: int | float | None = None, **params
+) -> Iterator[torch.nn.Module]:
     """`with vtprune.pruned(model, "fastv", keep=64): model.generate(...)` — hooks removed on exit."""
     prune(model, method, keep=keep, **params)
     try:
@@ -98,12 +105,28 @@ def list_methods() -> list[MethodInfo]:
         cls = METHODS[name]
         hints = typing.get_type_hints(cls)
         params = {
-            f.name: (_type_name(hints.get(f.name, f.type)), f.default if f.default is not dataclasses.MISSING else None)
+            f.name: (
+                _type_name(hints.get(f.name, f.type)),
+                f.default if f.default is not dataclasses.MISSING else None,
+            )
             for f in dataclasses.fields(cls)
         }
         doc = (cls.__module__ and __import__(cls.__module__, fromlist=["_"]).__doc__) or cls.__doc__ or ""
-        infos.append(MethodInfo(name, cls.stage_kind, cls.paper, doc.strip().splitlines()[0] if doc.strip() else "", params))
+        infos.append(
+            MethodInfo(
+                name, cls.stage_kind, cls.paper, doc.strip().splitlines()[0] if doc.strip() else "", params
+            )
+        )
     return infos
 
 
-__all__ = ["prune", "unprune", "pruned", "is_pruned", "last_record", "get_method", "list_methods", "PruneConfigError"]
+__all__ = [
+    "prune",
+    "unprune",
+    "pruned",
+    "is_pruned",
+    "last_record",
+    "get_method",
+    "list_methods",
+    "PruneConfigError",
+]

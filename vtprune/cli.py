@@ -49,7 +49,19 @@ def methods_command(as_json: bool = typer.Option(False, "--json", help="Machine-
 
     infos = list_methods()
     if as_json:
-        print(json.dumps([{**info.__dict__, "params": {k: {"type": t, "default": d} for k, (t, d) in info.params.items()}} for info in infos], default=str, indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        **info.__dict__,
+                        "params": {k: {"type": t, "default": d} for k, (t, d) in info.params.items()},
+                    }
+                    for info in infos
+                ],
+                default=str,
+                indent=1,
+            )
+        )
         return
     table = Table(title="vtprune methods", show_lines=True)
     for col in ("method", "stage", "paper", "parameters (default)"):
@@ -62,7 +74,9 @@ def methods_command(as_json: bool = typer.Option(False, "--json", help="Machine-
 
 @app.command("generate")
 def generate_command(
-    model: str = typer.Option(..., help="Hugging Face id or local folder of a LLaVA checkpoint (or 'testbed')."),
+    model: str = typer.Option(
+        ..., help="Hugging Face id or local folder of a LLaVA checkpoint (or 'testbed')."
+    ),
     image: Path = typer.Option(..., exists=True, dir_okay=False, help="Image file."),
     prompt: str = typer.Option(..., help="Question / instruction."),
     method: str = typer.Option("none", help="Pruning method (see `vtprune methods`)."),
@@ -106,7 +120,9 @@ def generate_command(
     console.print(f"[bold]answer:[/bold] {answer}")
     for stage in record.stages:
         where = "before the LLM" if stage.kind == "vision" else f"from layer {stage.prune_layer}"
-        console.print(f"  stage {stage.name}: {stage.counts[0]} of {record.visual_tokens} visual tokens ({where})")
+        console.print(
+            f"  stage {stage.name}: {stage.counts[0]} of {record.visual_tokens} visual tokens ({where})"
+        )
     console.print(
         f"  tokens after pruning: {record.tokens_after_pruning[0]}, layer-averaged: {record.layer_avg_tokens[0]:.1f}"
     )
@@ -119,7 +135,10 @@ def _register_optional() -> None:
     import importlib
 
     for module, names in (
-        ("vtprune.eval.commands", (("eval", "eval_command"), ("sweep", "sweep_command"), ("compare", "compare_command"))),
+        (
+            "vtprune.eval.commands",
+            (("eval", "eval_command"), ("sweep", "sweep_command"), ("compare", "compare_command")),
+        ),
         ("vtprune.testbed.commands", (("demo", "demo_command"),)),
         ("vtprune.bench.commands", (("bench", "bench_command"),)),
         ("vtprune.analysis.commands", (("show", "show_command"),)),

@@ -125,10 +125,14 @@ class PruneSession:
             raise PruneConfigError(f"{self.method.name}: at most one vision stage, and it must come first")
         layers = [s.prune_layer for s in self.stages if s.kind == "llm"]
         if layers != sorted(set(layers)):
-            raise PruneConfigError(f"{self.method.name}: LLM stages must prune at increasing layers, got {layers}")
+            raise PruneConfigError(
+                f"{self.method.name}: LLM stages must prune at increasing layers, got {layers}"
+            )
         for stage in self.stages:
             if stage.kind == "llm" and stage.score_layer < stage.prune_layer and stage.queries is None:
-                raise PruneConfigError(f"{self.method.name}: an LLM stage that scores a layer must name its query rows")
+                raise PruneConfigError(
+                    f"{self.method.name}: an LLM stage that scores a layer must name its query rows"
+                )
 
     # --- attach / detach --------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -138,7 +142,9 @@ class PruneSession:
             first = self.llm_stages[0].prune_layer
             for idx in range(first, self.info.num_layers):
                 hook = self._make_layer_hook(idx)
-                self._handles.append(self.adapter.layers[idx].register_forward_pre_hook(hook, with_kwargs=True))
+                self._handles.append(
+                    self.adapter.layers[idx].register_forward_pre_hook(hook, with_kwargs=True)
+                )
         # The [CLS] row is read by vision-stage methods and by sink debiasing; capturing costs two references.
         self._handles.append(self.adapter.vision_tower.register_forward_hook(self._tag_vision_output))
         self._add_capture(self.adapter.vision_attention_module(), "vision")
@@ -200,7 +206,10 @@ class PruneSession:
 
     def _pre_forward(self, module, args, kwargs):
         call = self._bind(args, kwargs)
-        if call.get("pixel_values") is not None or (call.get("mm_encoder_outputs") or {}).get("image") is not None:
+        if (
+            call.get("pixel_values") is not None
+            or (call.get("mm_encoder_outputs") or {}).get("image") is not None
+        ):
             return (), self._prefill(call)
         episode = self.episode
         cache = call.get("past_key_values")
@@ -229,10 +238,14 @@ class PruneSession:
         self._prefill_start = self._clock()
         input_ids = call.get("input_ids")
         if input_ids is None:
-            raise PruneConfigError("vtprune needs `input_ids` (not only inputs_embeds) to locate the image tokens")
+            raise PruneConfigError(
+                "vtprune needs `input_ids` (not only inputs_embeds) to locate the image tokens"
+            )
         cache = call.get("past_key_values")
         if cache is not None and cache.get_seq_length() > 0:
-            raise PruneConfigError("vtprune prunes at prefill; continuing a non-empty cache with a new image is not supported")
+            raise PruneConfigError(
+                "vtprune prunes at prefill; continuing a non-empty cache with a new image is not supported"
+            )
         pixel_values = call.pop("pixel_values", None)
         batch, length = input_ids.shape
         mask2d = call.get("attention_mask")
@@ -284,11 +297,18 @@ class PruneSession:
             tokens, valid, orig = self._vision_tokens(selection, projected)
             orig = torch.where(orig >= 0, orig + (image_index % n_img)[:, None] * per_image, orig)
             record.timings_ms["select_vision"] = (self._clock() - t1) * 1e3
-            record.stages.append(self._stage_record(self.vision_stage, 0, orig.view(batch, -1), valid.view(batch, -1), selection))
+            record.stages.append(
+                self._stage_record(
+                    self.vision_stage, 0, orig.view(batch, -1), valid.view(batch, -1), selection
+                )
+            )
         else:
             tokens = projected
             valid = torch.ones(projected.shape[:2], dtype=torch.bool, device=projected.device)
-            orig = torch.arange(per_image, device=projected.device).expand(n_total, -1) + (image_index % n_img)[:, None] * per_image
+            orig = (
+                torch.arange(per_image, device=projected.device).expand(n_total, -1)
+                + (image_index % n_img)[:, None] * per_image
+            )
 
         # Assemble the LLM input: text embeddings with each image block replaced by its kept tokens.
         embeds = self.adapter.embed(input_ids)
@@ -296,10 +316,14 @@ class PruneSession:
         new_len = length - n_img * per_image + n_img * width
         slot_offsets = torch.arange(width, device=embeds.device)
         block = torch.arange(n_img, device=embeds.device)
-        slot_pos = (image_layout.starts - block * per_image + block * width)[:, :, None] + slot_offsets  # (B, n, W)
+        slot_pos = (image_layout.starts - block * per_image + block * width)[
+            :, :, None
+        ] + slot_offsets  # (B, n, W)
         slot_pos = slot_pos.flatten(1)
         images_before = torch.cumsum(is_image, dim=1) - is_image.long()
-        text_pos = torch.arange(length, device=embeds.device) - images_before + (images_before // per_image) * width
+        text_pos = (
+            torch.arange(length, device=embeds.device) - images_before + (images_before // per_image) * width
+        )
         inputs_embeds = embeds.new_zeros(batch, new_len, embeds.shape[-1])
         key_valid = torch.zeros(batch, new_len, dtype=torch.bool, device=embeds.device)
         text_rows, text_cols = torch.nonzero(~is_image, as_tuple=True)
@@ -332,12 +356,24 @@ class PruneSession:
         call["position_ids"] = position_ids
         call["attention_mask"] = None if mask2d is None and bool(key_valid.all()) else key_valid.long()
         if not self.stages:
-            record.stages.append(self._stage_record(Stage(kind="vision", keep=per_image, name="none"), 0, layout0.original_index, layout0.visual_valid, None))
+            record.stages.append(
+                self._stage_record(
+                    Stage(kind="vision", keep=per_image, name="none"),
+                    0,
+                    layout0.original_index,
+                    layout0.visual_valid,
+                    None,
+                )
+            )
         return call
 
     def _vision_tokens(self, selection: Selection, projected: torch.Tensor):
         """Kept (and created) tokens of each image in the LLM embedding space, their validity and numbering."""
-        valid = selection.valid if selection.valid is not None else torch.ones_like(selection.indices, dtype=torch.bool)
+        valid = (
+            selection.valid
+            if selection.valid is not None
+            else torch.ones_like(selection.indices, dtype=torch.bool)
+        )
         index = torch.where(valid, selection.indices, 0)  # unused slots point anywhere; they are masked
         rows, t = index.shape
         d = projected.shape[-1]
@@ -349,16 +385,29 @@ class PruneSession:
         if selection.extra is not None:
             c = selection.extra.shape[1]
             kept = torch.cat([kept, selection.extra.to(kept.dtype)], dim=1)
-            extra_valid = selection.extra_valid if selection.extra_valid is not None else torch.ones(rows, c, dtype=torch.bool, device=index.device)
+            extra_valid = (
+                selection.extra_valid
+                if selection.extra_valid is not None
+                else torch.ones(rows, c, dtype=torch.bool, device=index.device)
+            )
             valid = torch.cat([valid, extra_valid], dim=1)
-            extra_index = selection.extra_index if selection.extra_index is not None else torch.full((rows, c), -1, device=index.device)
+            extra_index = (
+                selection.extra_index
+                if selection.extra_index is not None
+                else torch.full((rows, c), -1, device=index.device)
+            )
             orig = torch.cat([orig, extra_index], dim=1)
         return kept, valid, orig
 
-    def _stage_record(self, stage: Stage, index: int, orig: torch.Tensor, valid: torch.Tensor, selection) -> StageRecord:
+    def _stage_record(
+        self, stage: Stage, index: int, orig: torch.Tensor, valid: torch.Tensor, selection
+    ) -> StageRecord:
         orig_list = orig.tolist()
         valid_list = valid.tolist()
-        kept = [[o for o, v in zip(row, vrow) if v] for row, vrow in zip(orig_list, valid_list)]
+        kept = [
+            [o for o, v in zip(row, vrow, strict=False) if v]
+            for row, vrow in zip(orig_list, valid_list, strict=False)
+        ]
         return StageRecord(
             name=stage.name or f"{stage.kind}{index}",
             kind=stage.kind,
@@ -384,7 +433,9 @@ class PruneSession:
 
     def _layer_prefill(self, layer_idx: int, args, kwargs):
         episode = self.episode
-        stage_index = next((i for i, s in enumerate(self.stages) if s.kind == "llm" and s.prune_layer == layer_idx), None)
+        stage_index = next(
+            (i for i, s in enumerate(self.stages) if s.kind == "llm" and s.prune_layer == layer_idx), None
+        )
         hidden = args[0] if args else kwargs["hidden_states"]
         if stage_index is not None:
             hidden = self._drop(stage_index, layer_idx, hidden, kwargs)
@@ -420,13 +471,19 @@ class PruneSession:
             input_embeds=episode.input_embeds,
             input_visual_index=layout0.visual_index,
             input_valid=layout0.key_valid,
-            captured=episode.captures.pop(stage.score_layer, None) if stage.score_layer < stage.prune_layer else None,
+            captured=episode.captures.pop(stage.score_layer, None)
+            if stage.score_layer < stage.prune_layer
+            else None,
             vision=episode.vision,
         )
         selection = self.method.select(stage_index, stage, signals)
         batch, length, d = hidden.shape
         device = hidden.device
-        sel_valid = selection.valid if selection.valid is not None else torch.ones_like(selection.indices, dtype=torch.bool)
+        sel_valid = (
+            selection.valid
+            if selection.valid is not None
+            else torch.ones_like(selection.indices, dtype=torch.bool)
+        )
         sel = torch.where(sel_valid, selection.indices, 0)  # unused slots point anywhere; they are masked
         t = sel.shape[1]
         sel_valid = sel_valid & torch.gather(prev.visual_valid, 1, sel)
@@ -434,7 +491,9 @@ class PruneSession:
         is_visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
         is_visual.scatter_(1, prev.visual_index, True)
         n_text = length - prev.visual_index.shape[1]
-        text_pos = torch.sort(is_visual.to(torch.int8), dim=1, stable=True).indices[:, :n_text]  # (B, Lt) ascending
+        text_pos = torch.sort(is_visual.to(torch.int8), dim=1, stable=True).indices[
+            :, :n_text
+        ]  # (B, Lt) ascending
         extra = selection.extra
         c = 0 if extra is None else extra.shape[1]
         if c and stage.positions == "original":
@@ -449,7 +508,9 @@ class PruneSession:
             ],
             dim=1,
         )
-        source = torch.cat([text_pos, kept_pos, length + torch.arange(c, device=device).expand(batch, c)], dim=1)
+        source = torch.cat(
+            [text_pos, kept_pos, length + torch.arange(c, device=device).expand(batch, c)], dim=1
+        )
         order = torch.sort(keys, dim=1, stable=True).indices
         src = torch.gather(source, 1, order)  # (B, L') index into [hidden | extra]
         slot_of = torch.argsort(order, dim=1)  # candidate -> new position
@@ -457,19 +518,29 @@ class PruneSession:
         padded = hidden if not c else torch.cat([hidden, extra.to(hidden.dtype)], dim=1)
         new_hidden = torch.gather(padded, 1, src[:, :, None].expand(-1, -1, d))
         if selection.values is not None:
-            new_hidden = new_hidden.scatter(1, slot_of[:, n_text : n_text + t, None].expand(-1, -1, d), selection.values.to(hidden.dtype))
+            new_hidden = new_hidden.scatter(
+                1, slot_of[:, n_text : n_text + t, None].expand(-1, -1, d), selection.values.to(hidden.dtype)
+            )
         valid_src = torch.cat([prev.key_valid, torch.ones(batch, c, dtype=torch.bool, device=device)], dim=1)
         key_valid = torch.gather(valid_src, 1, src)
         visual_valid = sel_valid
         original = torch.gather(prev.original_index, 1, sel)
         if c:
-            extra_valid = selection.extra_valid if selection.extra_valid is not None else torch.ones(batch, c, dtype=torch.bool, device=device)
+            extra_valid = (
+                selection.extra_valid
+                if selection.extra_valid is not None
+                else torch.ones(batch, c, dtype=torch.bool, device=device)
+            )
             key_valid.scatter_(1, slot_of[:, n_text + t :], extra_valid)
             visual_valid = torch.cat([visual_valid, extra_valid], dim=1)
             extra_index = selection.extra_index
             extra_orig = torch.full((batch, c), -1, dtype=torch.long, device=device)
             if extra_index is not None:
-                extra_orig = torch.where(extra_index >= 0, torch.gather(prev.original_index, 1, extra_index.clamp(min=0)), extra_orig)
+                extra_orig = torch.where(
+                    extra_index >= 0,
+                    torch.gather(prev.original_index, 1, extra_index.clamp(min=0)),
+                    extra_orig,
+                )
             original = torch.cat([original, extra_orig], dim=1)
         key_valid.scatter_(1, slot_of[:, n_text : n_text + t], sel_valid)
 

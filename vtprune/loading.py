@@ -46,7 +46,9 @@ def load_model(
 
     path = resolve_model_path(model)
     if not Path(path).exists() and "/" not in path:
-        raise FileNotFoundError(f"model {model!r} is neither a local folder nor a Hugging Face id (owner/name)")
+        raise FileNotFoundError(
+            f"model {model!r} is neither a local folder nor a Hugging Face id (owner/name)"
+        )
     llava = LlavaForConditionalGeneration.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, revision=revision
     )

@@ -39,11 +39,23 @@ class FastV(AttentionMethod):
         if self.query not in ("last", "all"):
             raise PruneConfigError(f"fastv: query={self.query!r}; valid: last, all")
         if self.K < 1:
-            raise PruneConfigError(f"fastv: K={self.K} must be >= 1 (K=0 is random pruning: use method 'random')")
+            raise PruneConfigError(
+                f"fastv: K={self.K} must be >= 1 (K=0 is random pruning: use method 'random')"
+            )
 
     def stages(self, info: ModelInfo) -> list[Stage]:
         keep = self.keep_count(info, max(1, round(info.visual_tokens * (1 - self.R))))
-        return [Stage(kind="llm", keep=keep, score_layer=self.K - 1, prune_layer=self.K, positions="original", queries=self.query, name="fastv")]
+        return [
+            Stage(
+                kind="llm",
+                keep=keep,
+                score_layer=self.K - 1,
+                prune_layer=self.K,
+                positions="original",
+                queries=self.query,
+                name="fastv",
+            )
+        ]
 
     def select(self, stage_index, stage, signals) -> Selection:
         keep = min(stage.keep * signals.images_per_sample, signals.num_visual)

@@ -57,8 +57,12 @@ class VisPruner(Method):
         sinks = self.sink_mask(attention)
         valid = None if sinks is None else ~sinks
         picked = vispruner_select(
-            attention, signals.features, stage.keep, important_ratio=self.important_ratio,
-            removal_per_round=self.removal_number, valid=valid,
+            attention,
+            signals.features,
+            stage.keep,
+            important_ratio=self.important_ratio,
+            removal_per_round=self.removal_number,
+            valid=valid,
         )
         info = {} if sinks is None else {"sinks": sinks.sum(dim=1).tolist()}
         return Selection(*picked, scores=attention, info=info)

@@ -140,7 +140,9 @@ class LLMSignals:
     def is_full_visual_set(self) -> bool:
         """True while every original visual token is still present, in raster order."""
         full = self.images_per_sample * self.tokens_per_image
-        return self.num_visual == full and bool((self.original_index == torch.arange(full, device=self.original_index.device)).all())
+        return self.num_visual == full and bool(
+            (self.original_index == torch.arange(full, device=self.original_index.device)).all()
+        )
 
     def per_original(self, values: torch.Tensor) -> torch.Tensor:
         """Map (N_images, P, ...) per-image values onto the current visual tokens: (B, V, ...)."""
@@ -176,7 +178,9 @@ class LLMSignals:
         device = self.key_valid.device
         if queries == "last":
             # Left padding keeps the last position real for every sample.
-            return torch.full((b, 1), length - 1, device=device), torch.ones(b, 1, dtype=torch.bool, device=device)
+            return torch.full((b, 1), length - 1, device=device), torch.ones(
+                b, 1, dtype=torch.bool, device=device
+            )
         if queries == "image":
             return self.visual_index, self.visual_valid
         positions = torch.arange(length, device=device).expand(b, length)
