@@ -158,13 +158,17 @@ def sweep_markdown(table: dict[str, Any]) -> str:
             continue
         lines.append(
             f"| {r['method']} | {keep} | {_f(r['accuracy'])} | {_f(r['f1'])} | {_f(r['tokens_after_pruning'], 1)} "
-            f"| {_f(r['layer_avg_tokens'], 1)} | {_f(r['prefill_tflops'], 3)} | {r['n']} | {r['errors']} |"
+            f"| {_f(r['layer_avg_tokens'], 1)} | {_g(r['prefill_tflops'])} | {r['n']} | {r['errors']} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def _f(value: float | None, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
+
+
+def _g(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
 
 
 def plot_sweep(table: dict[str, Any], out_dir: Path) -> list[str]:
