@@ -246,20 +246,26 @@ def topk_indices(scores: Tensor, k: int, valid: Tensor | None = None) -> Picked:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _residual_bounds(residual: int, diverse: int, removal_per_round: int) -> list[int]:
+    """|R| before each duplicate-removal round of VisPruner, starting from ``residual`` tokens (§4)."""
+    if removal_per_round < 1:
+        raise ValueError(f"removal_per_round must be >= 1; got {removal_per_round}")
+    sizes = []
+    while residual > diverse:
+        sizes.append(residual)
+        residual -= min(removal_per_round, residual - diverse, (residual + 1) // 2)
+    return sizes
+
+
 def vispruner_rounds(residual: int, diverse: int, removal_per_round: int = 8) -> int:
     """Number of duplicate-removal rounds VisPruner needs to shrink a residual list (algorithms.md §4).
 
-    Each round removes ``min(removal_per_round, n - diverse, ceil(n / 2))`` tokens. The count is
-    non-decreasing in ``residual``, so running this many rounds for the largest residual of a batch is
-    enough for every sample (samples that finish early do no-op rounds).
+    Each round removes ``min(removal_per_round, n - diverse, ceil(n / 2))`` tokens. ``n -> n - r_step``
+    is non-decreasing in ``n``, so a sample with fewer residual tokens is never behind a larger one: the
+    batched code runs the rounds of the largest residual (valid masks make residuals differ) and lets
+    finished samples do no-op rounds.
     """
-    if removal_per_round < 1:
-        raise ValueError(f"removal_per_round must be >= 1; got {removal_per_round}")
-    n, rounds = residual, 0
-    while n > diverse:
-        n -= min(removal_per_round, n - diverse, (n + 1) // 2)
-        rounds += 1
-    return rounds
+    return len(_residual_bounds(residual, diverse, removal_per_round))
 
 
 def vispruner_select(
@@ -322,18 +328,19 @@ def vispruner_select(
         return _finalize(imp, imp_ok)
 
     res = order[:, t_imp:]  # (B, L): valid residual tokens form a prefix, in descending attention
-    length = res.shape[1]
     n_res = order_ok[:, t_imp:].sum(dim=-1)  # (B,) current |R| per sample
-    rounds = vispruner_rounds(length, t_div, removal_per_round)
-    if rounds:
-        gram = _cosine_matrix(features, dup_tol).reshape(b, n * n)
-        pos = torch.arange(length, device=dev)
-        pos_a, pos_b = pos[0::2], pos[1::2]
-        la, lb = pos_a.numel(), pos_b.numel()
-        ja = torch.arange(la, device=dev)
-        jb = torch.arange(lb, device=dev)
+    # |R| of the largest possible residual before each round (Python ints, no sync). Every sample's |R|
+    # stays <= this bound (the update n -> n - r_step is monotone), so each round only needs that prefix.
+    bounds = _residual_bounds(res.shape[1], t_div, removal_per_round)
+    if bounds:
+        # Gram matrix with an extra -inf column: padded B slots point there and drop out of the max
+        gram = _cosine_matrix(features, dup_tol)
+        gram = torch.cat([gram, gram.new_full((b, n, 1), float("-inf"))], dim=2).reshape(b, n * (n + 1))
         neg_inf = torch.full((), float("-inf"), device=dev)
-        for _ in range(rounds):
+        for cur in bounds:
+            res = res[:, :cur]
+            pos = torch.arange(cur, device=dev)
+            ja, jb = pos[: (cur + 1) // 2], pos[: cur // 2]
             n_a = (n_res + 1) // 2
             n_b = n_res // 2
             r_step = torch.minimum(
@@ -341,24 +348,22 @@ def vispruner_select(
             )
             r_step = r_step.clamp_min(0)
             a_idx, b_idx = res[:, 0::2], res[:, 1::2]
-            a_ok = pos_a.unsqueeze(0) < n_res.unsqueeze(1)
-            b_ok = pos_b.unsqueeze(0) < n_res.unsqueeze(1)
-            flat = (a_idx.unsqueeze(2) * n + b_idx.unsqueeze(1)).reshape(b, la * lb)
-            sim = gram.gather(1, flat).reshape(b, la, lb)
-            sim = torch.where(b_ok.unsqueeze(1), sim, neg_inf)
+            a_ok = ja.unsqueeze(0) < n_a.unsqueeze(1)
+            b_ok = jb.unsqueeze(0) < n_b.unsqueeze(1)
+            flat = (a_idx * (n + 1)).unsqueeze(2) + torch.where(b_ok, b_idx, n).unsqueeze(1)
+            sim = gram.gather(1, flat.reshape(b, -1)).reshape(b, ja.numel(), jb.numel())
             m = torch.where(a_ok, sim.amax(dim=-1), neg_inf)
             perm = torch.sort(m, dim=-1, descending=True, stable=True).indices
             a_sorted = a_idx.gather(1, perm)
             # scatter survivors of A, then B, into their new positions; dead slots go to a dump column
             new_pos_a = ja.unsqueeze(0) - r_step.unsqueeze(1)
-            keep_a = (ja.unsqueeze(0) >= r_step.unsqueeze(1)) & (ja.unsqueeze(0) < n_a.unsqueeze(1))
+            keep_a = (ja.unsqueeze(0) >= r_step.unsqueeze(1)) & a_ok
             new_pos_b = (n_a - r_step).unsqueeze(1) + jb.unsqueeze(0)
-            keep_b = jb.unsqueeze(0) < n_b.unsqueeze(1)
-            new_res = torch.zeros(b, length + 1, dtype=res.dtype, device=dev)
-            new_res.scatter_(1, torch.where(keep_a, new_pos_a, length), a_sorted)
-            new_res.scatter_(1, torch.where(keep_b, new_pos_b, length), b_idx)
+            new_res = torch.zeros(b, cur + 1, dtype=res.dtype, device=dev)
+            new_res.scatter_(1, torch.where(keep_a, new_pos_a, cur), a_sorted)
+            new_res.scatter_(1, torch.where(b_ok, new_pos_b, cur), b_idx)
             # a finished sample keeps its list untouched (a no-op round must not reorder it)
-            res = torch.where((r_step > 0).unsqueeze(1), new_res[:, :length], res)
+            res = torch.where((r_step > 0).unsqueeze(1), new_res[:, :cur], res)
             n_res = n_res - r_step
     div = res[:, :t_div]
     div_ok = torch.arange(t_div, device=dev).unsqueeze(0) < n_res.unsqueeze(1)
@@ -428,7 +433,8 @@ def dpp_greedy(
     fallen to ``d²_i <= exhaustion_tol · L_ii`` lies, to float32 precision, in the span of the tokens
     already chosen (e.g. an exact duplicate, or ``k`` above the kernel's rank). Such candidates all score
     exactly 0, so they are picked after every non-exhausted candidate, by lower index, and picking one
-    adds no update (the official code would divide by ~0 and propagate NaN/inf).
+    adds no update (a literal implementation would divide by ~0 there and spread NaN/inf). On a
+    kernel of full rank with distinct tokens this guard never fires and the result is the plain greedy.
 
     Args:
         kernel: ``(B, N, N)`` symmetric PSD kernel (e.g. :func:`cdpruner_kernel`).
@@ -463,7 +469,7 @@ def dpp_greedy(
         live = ok & ~exhausted[ar, j]
         row = lk[ar, j]  # (B, N)
         if i:
-            row = row - torch.einsum("bt,btn->bn", cs[ar, :i, j], cs[:, :i])
+            row = row - torch.bmm(cs[ar, :i, j].unsqueeze(1), cs[:, :i]).squeeze(1)
         e = row / torch.sqrt(d2[ar, j].clamp_min(torch.finfo(torch.float32).tiny)).unsqueeze(-1)
         e = torch.where(live.unsqueeze(-1), e, zero)
         cs[:, i] = e
