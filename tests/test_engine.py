@@ -408,3 +408,20 @@ def test_random_is_seeded_and_batch_independent():
     assert torch.equal(a.indices, b.indices)
     assert not torch.equal(a.indices, c.indices)
     assert all(row == sorted(row) for row in a.indices.tolist())
+
+
+@pytest.mark.parametrize("name", ["vispruner", "fastv"])
+def test_beam_search_and_multiple_returns(tiny, batch_inputs, name):
+    """generate() expands each sample for beams / num_return_sequences; every copy keeps the same tokens."""
+    model, _, _ = tiny
+    with vtprune.pruned(model, name, keep=16):
+        model.generate(**batch_inputs, max_new_tokens=2, do_sample=False)
+        kept = vtprune.last_record(model).stages[0].kept
+        out = model.generate(**batch_inputs, max_new_tokens=3, num_beams=2, do_sample=False)
+        beams = vtprune.last_record(model).stages[0].kept
+        torch.manual_seed(0)
+        sampled = model.generate(**batch_inputs, max_new_tokens=3, do_sample=True, num_return_sequences=2)
+        copies = vtprune.last_record(model).stages[0].kept
+    assert out.shape[0] == 3 and sampled.shape[0] == 6
+    assert beams == [k for k in kept for _ in range(2)]
+    assert copies == [k for k in kept for _ in range(2)]

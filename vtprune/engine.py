@@ -73,6 +73,12 @@ class Episode:
         return current
 
 
+def _index_or_none(tensor: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
+    if tensor is None or index is None:
+        return tensor
+    return tensor[index]
+
+
 def _causal_allowed(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
     """(B, 1, q, k) bool: query i (the last q of k positions) may see key j <= its own position."""
     k_len = key_valid.shape[1]
@@ -181,13 +187,15 @@ class PruneSession:
         self._pending_vision = None
         return None
 
-    def _vision_capture(self, image_out) -> Captured:
-        # None when vtprune did not see the tower run (then VisionSignals recomputes q/k if asked).
+    def _vision_capture(self, image_out, image_index: torch.Tensor | None) -> Captured | None:
+        """The [CLS] q/k captured when the tower produced `image_out` (None when vtprune did not see it run;
+        VisionSignals then recomputes q/k if asked). `image_index` maps expanded images to computed ones."""
         captured = getattr(image_out, "_vtprune_capture", None)
-        hidden = image_out.hidden_states[self.adapter.feature_hidden_index]
-        if captured is not None and captured.key.shape[0] == hidden.shape[0]:
-            return captured
-        return None
+        if captured is None:
+            return None
+        if image_index is not None:
+            captured = Captured(captured.query[image_index], captured.key[image_index], captured.scaling)
+        return captured
 
     # --- timing -----------------------------------------------------------------------------------------
     def _clock(self) -> float:
@@ -274,6 +282,14 @@ class PruneSession:
             record.timings_ms["vision"] = (self._clock() - t0) * 1e3
         call.pop("mm_encoder_outputs", None)
         hidden_v, projected = self.adapter.unpack_image_output(image_out)
+        expanded_from = None
+        if projected.shape[0] != hidden_v.shape[0]:
+            # generate() repeats each sample's image group for beams / num_return_sequences ([A, B] ->
+            # [A, B, A, B]) in the projected features only; map every expanded image to its computed one.
+            expand = projected.shape[0] // hidden_v.shape[0]
+            j = torch.arange(projected.shape[0], device=projected.device)
+            expanded_from = (j // (n_img * expand)) * n_img + j % n_img
+            hidden_v = hidden_v[expanded_from]
         t1 = self._clock()
         per_image = self.info.visual_tokens
         n_total = hidden_v.shape[0]
@@ -286,8 +302,8 @@ class PruneSession:
             image_sample=image_index // n_img,
             input_ids=input_ids,
             text_valid=text_valid_in & ~is_image,
-            captured=self._vision_capture(image_out),
-            pixel_values=getattr(image_out, "_vtprune_pixels", None),
+            captured=self._vision_capture(image_out, expanded_from),
+            pixel_values=_index_or_none(getattr(image_out, "_vtprune_pixels", None), expanded_from),
             image_output=image_out,
         )
         episode.vision = vision_signals
