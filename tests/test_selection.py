@@ -877,6 +877,7 @@ def test_greedy_selectors_do_not_sync_on_cuda():
     torch.cuda.set_sync_debug_mode("error")
     try:
         topk_indices(scores, 16, valid)
+        cdpruner_kernel(feats, scores, valid)
         vispruner_select(scores, feats, 16, 0.5, 8, valid)
         dpp_greedy(kernel, 16, valid)
         maxmin_diversity(feats, 16, valid)

@@ -459,6 +459,7 @@ def dpp_greedy(
     picks = torch.zeros(b, k, dtype=torch.long, device=dev)
     picked_ok = torch.zeros(b, k, dtype=torch.bool, device=dev)
     ar = torch.arange(b, device=dev)
+    cols = torch.arange(n, device=dev)
     neg_inf = torch.full((), float("-inf"), device=dev)
     zero = torch.zeros((), device=dev)
     for i in range(k):
@@ -474,7 +475,8 @@ def dpp_greedy(
         e = torch.where(live.unsqueeze(-1), e, zero)
         cs[:, i] = e
         d2 = d2 - e * e
-        avail[ar, j] = False
+        # elementwise, not `avail[ar, j] = False`: an index_put with a host scalar syncs on CUDA
+        avail = avail & (cols != j.unsqueeze(1))
         picks[:, i] = j
         picked_ok[:, i] = ok
     return _finalize(picks, picked_ok, sort=sort)
@@ -528,6 +530,7 @@ def maxmin_diversity(
         return _finalize(picks, picked_ok, sort=sort)
     dist = (1.0 - _cosine_matrix(features, dup_tol)).clamp_min(0.0)
     ar = torch.arange(b, device=dev)
+    cols = torch.arange(n, device=dev)
     inf = torch.full((), float("inf"), device=dev)
     neg_inf = torch.full((), float("-inf"), device=dev)
     eye = torch.eye(n, dtype=torch.bool, device=dev)
@@ -540,7 +543,7 @@ def maxmin_diversity(
         j = _argmax_first(score)
         picks[:, i] = j
         picked_ok[:, i] = avail[ar, j]
-        avail[ar, j] = False
+        avail = avail & (cols != j.unsqueeze(1))
         run_min = torch.minimum(run_min, dist[ar, :, j])
     return _finalize(picks, picked_ok, sort=sort)
 
@@ -716,6 +719,9 @@ def tokencarve_fuse_and_merge(
        count exactly ``keep`` when ``N1`` is clipped to ``N``.
     5. Output in raster order with the merged hidden states (mean computed in float32 by a one-hot bmm,
        so it is deterministic on CUDA too).
+
+    This is the one primitive here with a host sync on CUDA: ``torch.linalg.svd`` checks convergence.
+    It happens once per call, not per token.
 
     Args:
         attn_scores: ``(B, N)`` AV score.
