@@ -176,31 +176,17 @@ def test_sampling_generate_runs(tiny, batch_inputs):
 
 @dataclass
 class TwoStageTopNorm(Method):
-    """A test method with two LLM stages (original positions, then re-indexed) scored by hidden-state norm."""
+    """A test pipeline: a vision stage, then two LLM stages with the given position policies."""
 
+    first: str = "original"
+    second: str = "reindex"
     name = "two_stage_test"
 
     def stages(self, info: ModelInfo) -> list[Stage]:
         return [
             Stage(kind="vision", keep=40, name="v"),
-            Stage(
-                kind="llm",
-                keep=20,
-                score_layer=1,
-                prune_layer=1,
-                positions="original",
-                queries="last",
-                name="a",
-            ),
-            Stage(
-                kind="llm",
-                keep=7,
-                score_layer=2,
-                prune_layer=3,
-                positions="reindex",
-                queries="text",
-                name="b",
-            ),
+            Stage(kind="llm", keep=20, score_layer=1, prune_layer=1, positions=self.first, queries="last", name="a"),
+            Stage(kind="llm", keep=7, score_layer=2, prune_layer=3, positions=self.second, queries="text", name="b"),
         ]
 
     def select(self, stage_index, stage, signals) -> Selection:
@@ -211,10 +197,11 @@ class TwoStageTopNorm(Method):
         return Selection(*topk_indices(scores, stage.keep, valid=signals.visual_valid))
 
 
+@pytest.mark.parametrize("policies", [("original", "reindex"), ("original", "original"), ("reindex", "original")])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_pipeline_schedule_equals_oracle(tiny, batch_inputs, impl):
+def test_pipeline_schedule_equals_oracle(tiny, batch_inputs, impl, policies):
     model = model_for(tiny, impl)
-    with vtprune.pruned(model, TwoStageTopNorm()):
+    with vtprune.pruned(model, TwoStageTopNorm(first=policies[0], second=policies[1])):
         logits = forward(model, batch_inputs)
         record = vtprune.last_record(model)
         with torch.no_grad():

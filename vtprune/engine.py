@@ -562,7 +562,8 @@ class PruneSession:
 
         if stage.positions == "original":
             position_ids = torch.gather(prev.position_ids, 1, src.clamp(max=length - 1))
-            cos, sin = kwargs["position_embeddings"]
+            # Gather from the rotary embeddings the previous layers used (the model's own before any LLM stage).
+            cos, sin = prev.prefill_rope if prev.prefill_rope is not None else kwargs["position_embeddings"]
             cos = cos.expand(batch, -1, -1)
             sin = sin.expand(batch, -1, -1)
             gather_index = src.clamp(max=length - 1)[:, :, None].expand(-1, -1, cos.shape[-1])
