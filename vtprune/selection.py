@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vtprune.cuda_graphs import cuda_graphed
+
 __all__ = [
     "PAD_INDEX",
     "Picked",
@@ -268,6 +270,7 @@ def vispruner_rounds(residual: int, diverse: int, removal_per_round: int = 8) ->
     return len(_residual_bounds(residual, diverse, removal_per_round))
 
 
+@cuda_graphed
 def vispruner_select(
     cls_attn: Tensor,
     features: Tensor,
@@ -415,6 +418,7 @@ def cdpruner_kernel(
     return (rho.unsqueeze(-1) * rho.unsqueeze(-2)) * s
 
 
+@cuda_graphed
 def dpp_greedy(
     kernel: Tensor,
     k: int,
@@ -487,6 +491,7 @@ def dpp_greedy(
 # ----------------------------------------------------------------------------------------------------------
 
 
+@cuda_graphed
 def maxmin_diversity(
     features: Tensor,
     k: int,
