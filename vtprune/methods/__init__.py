@@ -1,4 +1,15 @@
 """Built-in pruning methods; importing this package registers them by name."""
 
-from vtprune.methods import fastv, l2norm, none, random, vispruner  # noqa: F401
+# One module per method; importing it registers the method.
+from vtprune.methods import (  # noqa: F401
+    cdpruner,
+    divprune,
+    fastv,
+    l2norm,
+    none,
+    prumerge,
+    random,
+    visionzip,
+    vispruner,
+)
 from vtprune.methods.base import METHODS, Method, Selection, Stage, make_method, register  # noqa: F401

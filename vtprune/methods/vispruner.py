@@ -7,9 +7,15 @@ others; before the LLM, kept tokens in raster order (algorithms.md §4).
 Optional sink exclusion (seeds/000, `vispruner_nosink`): patches whose head-mean [CLS] attention exceeds
 `attention_sink_threshold` are treated as attention sinks and never selected.
 
-Parameters: keep (T, default 64; alias `retain_img_tokens` in the seed scripts), important_ratio=0.5
-(alias `vispruner_ratio`), removal_number=8 (tokens deleted per duplicate-removal round — the seed's
-"maximum number of tokens removed per image" read as the per-round cap), attention_sink_threshold=None.
+Parameters: keep (T, default 64), important_ratio=0.5, removal_number=8 (tokens deleted per
+duplicate-removal round — the seed's "maximum number of tokens removed per image" read as the per-round
+cap), attention_sink_threshold=None (0.02 for `vispruner_nosink`). Budgets 64 / 128 / 192 use r = 0.5 (the
+paper default; the per-benchmark r of the paper table is not published); any other budget is honoured
+exactly with the same r.
+Seed-script names are accepted as aliases: `retain_img_tokens` for keep and `vispruner_ratio` for
+important_ratio. They are folded into keep / important_ratio when the method is built (and then read
+None), so records and `dataclasses.replace` see one value; giving both names with different values is an
+error.
 """
 
 from __future__ import annotations
@@ -30,12 +36,28 @@ class VisPruner(Method):
     important_ratio: float = 0.5
     removal_number: int = 8
     attention_sink_threshold: float | None = None
+    retain_img_tokens: int | None = None  # alias of keep (seed 000)
+    vispruner_ratio: float | None = None  # alias of important_ratio (seed 000)
 
     name = "vispruner"
     stage_kind = "vision"
     paper = "arXiv 2412.01818"
 
     def __post_init__(self) -> None:
+        if self.retain_img_tokens is not None:
+            if self.keep is not None and self.keep != self.retain_img_tokens:
+                raise PruneConfigError(
+                    f"{self.name}: keep={self.keep} and its alias retain_img_tokens={self.retain_img_tokens} differ"
+                )
+            self.keep, self.retain_img_tokens = self.retain_img_tokens, None
+        if self.vispruner_ratio is not None:
+            default = type(self).__dataclass_fields__["important_ratio"].default
+            if self.important_ratio not in (default, self.vispruner_ratio):
+                raise PruneConfigError(
+                    f"{self.name}: important_ratio={self.important_ratio} and its alias "
+                    f"vispruner_ratio={self.vispruner_ratio} differ"
+                )
+            self.important_ratio, self.vispruner_ratio = self.vispruner_ratio, None
         super().__post_init__()
         if not 0.0 <= self.important_ratio <= 1.0:
             raise PruneConfigError(f"{self.name}: important_ratio={self.important_ratio} must be in [0, 1]")

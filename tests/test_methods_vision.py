@@ -1,0 +1,574 @@
+"""Hand-computed and end-to-end tests of the vision-stage methods: CDPruner, DivPrune, VisionZip,
+VisPruner's seed options (sink exclusion, parameter aliases). The invariant matrix is in test_engine.py."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import QUESTIONS, build_inputs
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+import vtprune
+from vtprune.methods.base import ModelInfo, PruneConfigError, Stage
+from vtprune.methods.cdpruner import clean_question, clip_text_embeddings, load_clip_parts
+from vtprune.testing import BASIC_WORDS
+
+INFO_576 = ModelInfo(num_layers=32, num_heads=32, visual_tokens=576, grid=(24, 24), vision_layers=24, vision_heads=16)
+POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
+TINY_POPE_SUFFIX = "\nanswer the question using a single word or phrase ."  # in the tiny LLaVA vocabulary
+
+
+def _stage(keep: int) -> Stage:
+    return Stage(kind="vision", keep=keep)
+
+
+class _Projected:
+    """Fake VisionSignals holding only what the diversity selectors read."""
+
+    def __init__(self, projected, features=None):
+        self.projected = projected
+        self.features = projected if features is None else features
+
+
+def _unit(degrees):
+    rad = torch.tensor([math.radians(a) for a in degrees])
+    return torch.stack([rad.cos(), rad.sin()], dim=-1)
+
+
+# --- CDPruner: hand-computed DPP (algorithms.md §17 ex. 4) -------------------------------------------------
+
+
+def _ex4_signals():
+    # cos(x0, x1) = .9, x2 ⟂ both, x3 ⟂ everything (it carries the minimum relevance so ρ̃ hits [1, .9, .5])
+    x = torch.zeros(1, 4, 4)
+    x[0, 0, 0] = 1.0
+    x[0, 1, 0], x[0, 1, 1] = 0.9, math.sqrt(1 - 0.81)
+    x[0, 2, 2] = 1.0
+    x[0, 3, 3] = 1.0
+    return _Projected(x)
+
+
+def _cdpruner_with_relevance(rho, **params):
+    method = vtprune.get_method("cdpruner", **params)
+    method.relevance_scores = lambda signals: rho  # the CLIP part is tested end to end below
+    return method
+
+
+def test_cdpruner_hand_computed_example():
+    """S = [[1,.9,0],[.9,1,0],[0,0,1]], ρ̃ = [1,.9,.5]: pick 0 (d²=1), then d² = [-, .1539, .25] → 2."""
+    method = _cdpruner_with_relevance(torch.tensor([[1.0, 0.9, 0.5, 0.0]]), keep=2)
+    sel = method.select(0, _stage(2), _ex4_signals())
+    assert sel.indices.tolist() == [[0, 2]]  # the relevant but redundant token 1 loses
+    torch.testing.assert_close(sel.scores[0, :3], torch.tensor([1.0, 0.9, 0.5]), atol=1e-5, rtol=0)
+    # a less relevant token 2 (ρ̃ = .2, L22 = .04 < .1539) gives way to token 1
+    method = _cdpruner_with_relevance(torch.tensor([[1.0, 0.9, 0.2, 0.0]]), keep=2)
+    assert method.select(0, _stage(2), _ex4_signals()).indices.tolist() == [[0, 1]]
+
+
+def test_cdpruner_relevance_none_is_plain_dpp():
+    method = vtprune.get_method("cdpruner", keep=2, relevance="none")
+    sel = method.select(0, _stage(2), _ex4_signals())
+    assert sel.indices.tolist() == [[0, 2]]  # first pick: exact tie d² = 1 → lowest index; then most orthogonal
+    assert sel.scores is None
+
+
+def test_cdpruner_relevance_normalised_per_sample():
+    """Min–max of ρ is taken per image row: a batch selects exactly what each sample selects alone."""
+    g = torch.Generator().manual_seed(0)
+    projected = torch.randn(3, 40, 16, generator=g)
+    rho = torch.randn(3, 40, generator=g)
+    rho[1] = rho[1] * 100 + 50  # very different ranges: a batch-wide min–max would flatten sample 0
+    rho[2] = rho[2] * 1e-3 - 7
+    batched = _cdpruner_with_relevance(rho, keep=9).select(0, _stage(9), _Projected(projected))
+    for i in range(3):
+        alone = _cdpruner_with_relevance(rho[i : i + 1], keep=9).select(0, _stage(9), _Projected(projected[i : i + 1]))
+        assert alone.indices.tolist() == batched.indices[i : i + 1].tolist()
+        torch.testing.assert_close(alone.scores, batched.scores[i : i + 1])
+    # ρ̃ = (ρ − min + 1e-6) / (max − min) spans [~0, ~1] in every row
+    assert torch.allclose(batched.scores.amax(dim=1), torch.ones(3), atol=1e-3)
+    assert bool((batched.scores.amin(dim=1) < 1e-2).all())
+
+
+def test_clean_question():
+    assert clean_question("is there a cat ?" + POPE_SUFFIX + " ASSISTANT:") == "is there a cat ?"
+    mcq = "Which one?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly."
+    assert clean_question(mcq + " ASSISTANT:") == "Which one?\nA. x\nB. y"
+    # decoded word by word (spaces around punctuation) still matches
+    assert clean_question("how many ? Answer the question using a single word or phrase . ASSISTANT :") == "how many ?"
+    assert clean_question("what is the model") == "what is the model"
+
+
+# --- CDPruner with a tiny CLIP saved to disk ---------------------------------------------------------------
+
+
+CLIP_SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    """A random CLIP (vision width 32 = the tiny LLaVA's tower) + a word-level tokenizer, saved with save_pretrained."""
+    directory = tmp_path_factory.mktemp("tiny_clip")
+    vocab: dict[str, int] = {}
+    for word in [*CLIP_SPECIALS, *(w.lower() for w in BASIC_WORDS), "'", "s"]:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=77,
+    )
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(config)
+    with torch.no_grad():  # a wider spread than the default init, so relevance varies between patches
+        model.visual_projection.weight.normal_(0.0, 0.5)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def llava_tokenizer_dir(tiny, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llava_tokenizer")
+    tiny[2].tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def _spy_cdpruner(monkeypatch):
+    """Record the relevance and the question texts CDPruner computes while the model runs."""
+    from vtprune.methods.cdpruner import CDPruner
+
+    seen: dict = {}
+    original_relevance, original_questions = CDPruner.relevance_scores, CDPruner.questions
+
+    def relevance(self, signals):
+        out = original_relevance(self, signals)
+        seen["rho"], seen["signals"] = out, signals
+        return out
+
+    def questions(self, signals):
+        seen["questions"] = original_questions(self, signals)
+        return seen["questions"]
+
+    monkeypatch.setattr(CDPruner, "relevance_scores", relevance)
+    monkeypatch.setattr(CDPruner, "questions", questions)
+    return seen
+
+
+def test_cdpruner_clip_relevance_matches_reference(tiny, tiny_clip_dir, llava_tokenizer_dir, monkeypatch):
+    model, _, processor = tiny
+    questions = [QUESTIONS[0] + TINY_POPE_SUFFIX, QUESTIONS[1], QUESTIONS[0]]  # a repeated question is encoded once
+    inputs = build_inputs(processor, questions, [1, 2, 3])
+    seen = _spy_cdpruner(monkeypatch)
+    with vtprune.pruned(model, "cdpruner", keep=12, clip_model=tiny_clip_dir, prompt_tokenizer=llava_tokenizer_dir):
+        with torch.no_grad():
+            model(**inputs)
+        kept = vtprune.last_record(model).stages[0].kept
+    assert seen["questions"] == [QUESTIONS[0], QUESTIONS[1], QUESTIONS[0]]  # suffix and "ASSISTANT:" stripped
+    assert [len(k) for k in kept] == [12, 12, 12]
+
+    # reference: the CLIP model itself, pooled at EOS, against the LLaVA tower's post-layernorm features
+    clip = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    from transformers import AutoTokenizer
+
+    clip_tok = AutoTokenizer.from_pretrained(tiny_clip_dir)
+    signals = seen["signals"]
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        image = clip.visual_projection(tower.post_layernorm(signals.features))
+        expected = []
+        for i, q in enumerate(seen["questions"]):
+            ids = [clip_tok.bos_token_id, *clip_tok(q, add_special_tokens=False)["input_ids"], clip_tok.eos_token_id]
+            text = clip.get_text_features(input_ids=torch.tensor([ids])).pooler_output
+            expected.append(-F.cosine_similarity(image[i], text, dim=-1))
+    torch.testing.assert_close(seen["rho"], torch.stack(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_cdpruner_clip_batched_equals_single(tiny, batch_inputs, tiny_clip_dir, llava_tokenizer_dir):
+    model, _, processor = tiny
+    params = {"clip_model": tiny_clip_dir, "prompt_tokenizer": llava_tokenizer_dir}
+    with vtprune.pruned(model, "cdpruner", keep=10, **params):
+        with torch.no_grad():
+            model(**batch_inputs)
+        batched = vtprune.last_record(model).stages[0].kept
+        for i, seed in enumerate([1, 2, 3]):
+            with torch.no_grad():
+                model(**build_inputs(processor, [QUESTIONS[i]], [seed]))
+            assert vtprune.last_record(model).stages[0].kept[0] == batched[i]
+    with vtprune.pruned(model, "cdpruner", keep=10, relevance="none"):
+        with torch.no_grad():
+            model(**batch_inputs)
+        plain = vtprune.last_record(model).stages[0].kept
+    assert plain != batched  # the text relevance changes the selection
+
+
+def test_cdpruner_prompt_tokenizer_sources(tiny, tiny_clip_dir, llava_tokenizer_dir, monkeypatch):
+    model, _, processor = tiny
+    inputs = build_inputs(processor, [QUESTIONS[2]], [3])
+    seen = _spy_cdpruner(monkeypatch)
+    # a tokenizer object (recorded by name, so the record stays JSON-friendly)
+    with vtprune.pruned(model, "cdpruner", keep=8, clip_model=tiny_clip_dir, prompt_tokenizer=processor.tokenizer):
+        with torch.no_grad():
+            model(**inputs)
+        assert isinstance(vtprune.last_record(model).params["prompt_tokenizer"], str)
+    assert seen.pop("questions") == [QUESTIONS[2]]
+    # the checkpoint the model was loaded from
+    previous = model.config._name_or_path
+    model.config._name_or_path = llava_tokenizer_dir
+    try:
+        with vtprune.pruned(model, "cdpruner", keep=8, clip_model=tiny_clip_dir):
+            with torch.no_grad():
+                model(**inputs)
+    finally:
+        model.config._name_or_path = previous
+    assert seen.pop("questions") == [QUESTIONS[2]]
+
+
+def test_cdpruner_long_question_is_chunked(tiny_clip_dir):
+    parts, tokenizer = load_clip_parts(tiny_clip_dir, "cpu", torch.float32)
+    words = ("is there a red circle in the image " * 25).split()  # 200 tokens → 3 segments of ≤ 75
+    texts = [" ".join(words), "how many"]
+    emb, valid = clip_text_embeddings(parts, tokenizer, texts)
+    assert valid.tolist() == [[True, True, True], [True, False, False]]
+    for s, piece in enumerate([words[:75], words[75:150], words[150:]]):
+        alone, _ = clip_text_embeddings(parts, tokenizer, [" ".join(piece)])
+        torch.testing.assert_close(emb[0, s], alone[0, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_cdpruner_missing_clip_is_a_clear_error(tiny, batch_inputs, tmp_path, llava_tokenizer_dir):
+    model, _, _ = tiny
+    for missing in (str(tmp_path / "no_such_clip"), str(tmp_path)):  # absent folder; folder without weights
+        with vtprune.pruned(model, "cdpruner", keep=8, clip_model=missing, prompt_tokenizer=llava_tokenizer_dir):
+            with pytest.raises(PruneConfigError, match="clip_model"):
+                with torch.no_grad():
+                    model(**batch_inputs)
+    assert not vtprune.is_pruned(model)
+
+
+def test_cdpruner_needs_a_prompt_tokenizer(tiny, batch_inputs, tiny_clip_dir):
+    model, _, _ = tiny
+    assert not model.config._name_or_path  # built in memory
+    with vtprune.pruned(model, "cdpruner", keep=8, clip_model=tiny_clip_dir):
+        with pytest.raises(PruneConfigError, match="prompt_tokenizer"):
+            with torch.no_grad():
+                model(**batch_inputs)
+    with pytest.raises(PruneConfigError, match="relevance"):
+        vtprune.get_method("cdpruner", relevance="text")
+
+
+# --- DivPrune (algorithms.md §17 ex. 5) --------------------------------------------------------------------
+
+
+def test_divprune_hand_computed_example():
+    """Unit vectors at 0°, 10°, 90°, 180°: first pick 3 (nearest-other distance 1.0), then 0 (distance 2)."""
+    signals = _Projected(_unit([0, 10, 90, 180])[None])
+    assert vtprune.get_method("divprune", keep=1).select(0, _stage(1), signals).indices.tolist() == [[3]]
+    assert vtprune.get_method("divprune", keep=2).select(0, _stage(2), signals).indices.tolist() == [[0, 3]]
+    assert vtprune.get_method("divprune", keep=3).select(0, _stage(3), signals).indices.tolist() == [[0, 2, 3]]
+
+
+def test_divprune_feature_choice_and_batch():
+    g = torch.Generator().manual_seed(1)
+    projected, features = torch.randn(2, 30, 8, generator=g), torch.randn(2, 30, 5, generator=g)
+    signals = _Projected(projected, features)
+    a = vtprune.get_method("divprune", keep=7).select(0, _stage(7), signals)
+    b = vtprune.get_method("divprune", keep=7, feature="vision").select(0, _stage(7), signals)
+    assert a.indices.tolist() != b.indices.tolist()
+    for i in range(2):
+        alone = vtprune.get_method("divprune", keep=7).select(0, _stage(7), _Projected(projected[i : i + 1]))
+        assert alone.indices.tolist() == a.indices[i : i + 1].tolist()
+        assert alone.indices[0].tolist() == sorted(alone.indices[0].tolist())
+    with pytest.raises(PruneConfigError, match="feature"):
+        vtprune.get_method("divprune", feature="keys")
+
+
+# --- VisionZip ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("keep", "split"), [(64, (54, 10)), (128, (108, 20)), (192, (162, 30)), (100, (84, 16)), (1, (1, 0))])
+def test_visionzip_budget_split(keep, split):
+    method = vtprune.get_method("visionzip", keep=keep)
+    assert method.split(INFO_576) == split
+    assert method.stages(INFO_576)[0].keep == keep
+
+
+def test_visionzip_explicit_split():
+    assert vtprune.get_method("visionzip", dominant=54, contextual=10).stages(INFO_576)[0].keep == 64
+    assert vtprune.get_method("visionzip", keep=64, dominant=60).split(INFO_576) == (60, 4)
+    assert vtprune.get_method("visionzip", keep=64, contextual=4).split(INFO_576) == (60, 4)
+    with pytest.raises(PruneConfigError, match="conflicts"):
+        vtprune.get_method("visionzip", keep=32, dominant=54, contextual=10).validate_for(INFO_576)
+    with pytest.raises(PruneConfigError, match="split"):
+        vtprune.get_method("visionzip", keep=8, contextual=8).validate_for(INFO_576)
+    with pytest.raises(PruneConfigError, match="dominant"):
+        vtprune.get_method("visionzip", dominant=0)
+
+
+def _visionzip_reference(model, pixel_values, d, c):
+    """VisionZip from its definition, with an eager tower's attention probabilities and plain loops."""
+    cfg = model.config
+    tower = copy.deepcopy(model.model.vision_tower)
+    tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = tower(pixel_values, output_hidden_states=True, output_attentions=True)
+        layer_index = cfg.vision_feature_layer % (cfg.vision_config.num_hidden_layers + 1) - 1
+        hidden = out.hidden_states[layer_index + 1]  # (N, 1 + P, Dv) the feature layer's output
+        cls_attn = out.attentions[layer_index][:, :, 0, 1:].sum(dim=1)  # summed over heads
+        layer = tower.encoder.layers[layer_index]
+        keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[layer_index]))
+        heads = cfg.vision_config.num_attention_heads
+        keys = keys.view(*keys.shape[:2], heads, -1).mean(dim=2)
+        projector = model.model.multi_modal_projector
+        rows, kept = [], []
+        for i in range(hidden.shape[0]):
+            top = sorted((torch.argsort(cls_attn[i], descending=True)[: d - 1] + 1).tolist())
+            rest = [j for j in range(hidden.shape[1]) if j != 0 and j not in top]
+            step = max(1, len(rest) // c) if c else 1
+            targets = rest[::step][:c]
+            knorm = F.normalize(keys[i], dim=-1)
+            members = {t: [] for t in targets}
+            for j in rest:
+                if j in members:
+                    continue
+                sims = torch.stack([knorm[j] @ knorm[t] for t in targets])
+                members[targets[int(sims.argmax())]].append(j)
+            ctx = [hidden[i, t] + (hidden[i, members[t]].mean(0) if members[t] else 0) for t in targets]
+            tokens = torch.stack([hidden[i, 0], *[hidden[i, j] for j in top], *ctx])
+            rows.append(projector(tokens))
+            kept.append([-1, *[j - 1 for j in top], *[-1] * c])
+    return rows, kept
+
+
+def test_visionzip_sequence_layout_and_created_tokens_reach_llm(tiny, batch_inputs):
+    model, _, _ = tiny
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with vtprune.pruned(model, "visionzip", keep=16):  # D = 14 ([CLS] + 13 patches), C = 2
+            with torch.no_grad():
+                model(**batch_inputs)
+            record = vtprune.last_record(model)
+    finally:
+        handle.remove()
+    rows, kept = _visionzip_reference(model, batch_inputs["pixel_values"], 14, 2)
+    assert record.stages[0].kept == kept
+    assert record.stages[0].counts == [16, 16, 16]
+    assert record.stages[0].extra == {"dominant": 14, "contextual": 2}
+    image_token = model.config.image_token_id
+    for b in range(3):
+        start = int((batch_inputs["input_ids"][b] == image_token).nonzero()[0])  # text before the image is unchanged
+        llm_rows = captured["hidden"][b, start : start + 16]
+        torch.testing.assert_close(llm_rows, rows[b], rtol=1e-4, atol=1e-5)
+        # dominant patches are the model's own projected features
+        assert not torch.allclose(llm_rows[0], llm_rows[1])
+
+
+def test_visionzip_contextual_only_budget(tiny, batch_inputs):
+    """dominant=1 keeps only [CLS] plus contextual tokens; every patch index is created (-1)."""
+    model, _, _ = tiny
+    with vtprune.pruned(model, "visionzip", keep=6, dominant=1):
+        with torch.no_grad():
+            out = model.generate(**batch_inputs, max_new_tokens=2, do_sample=False)
+        record = vtprune.last_record(model)
+    assert record.stages[0].kept == [[-1] * 6] * 3
+    assert out.shape[1] == batch_inputs["input_ids"].shape[1] + 2
+
+
+# --- VisPruner: sink exclusion and the seed's parameter names ---------------------------------------------
+
+
+class _ClsSignals:
+    def __init__(self, cls_attention, features):
+        self.cls_attention = cls_attention
+        self.features = features
+
+
+def test_vispruner_nosink_never_selects_sinks():
+    g = torch.Generator().manual_seed(2)
+    p = 64
+    attention = torch.rand(2, p, generator=g) * 0.01  # ordinary patches below the 0.02 threshold
+    sinks = {0: [5, 17, 40], 1: [0, 63]}
+    for row, idx in sinks.items():
+        attention[row, idx] = torch.tensor([0.2, 0.05, 0.021][: len(idx)])  # the highest attention of the row
+    signals = _ClsSignals(attention, torch.randn(2, p, 8, generator=g))
+    plain = vtprune.get_method("vispruner", keep=16).select(0, _stage(16), signals)
+    nosink = vtprune.get_method("vispruner_nosink", keep=16).select(0, _stage(16), signals)
+    for row, idx in sinks.items():
+        assert set(idx) <= set(plain.indices[row].tolist())  # plain VisPruner takes them first
+        assert not set(idx) & set(nosink.indices[row].tolist())
+        assert len(set(nosink.indices[row].tolist())) == 16
+    assert nosink.info == {"sinks": [3, 2]}
+    assert vtprune.get_method("vispruner_nosink").attention_sink_threshold == 0.02
+    # a threshold that marks everything but 10 patches leaves fewer candidates than the budget: padding slots
+    few = vtprune.get_method("vispruner_nosink", keep=16, attention_sink_threshold=0.0095)
+    sel = few.select(0, _stage(16), _ClsSignals(torch.full((1, p), 0.01).index_fill(1, torch.arange(10), 0.001), torch.randn(1, p, 8, generator=g)))
+    assert sel.valid.sum().item() == 10 and sel.indices[sel.valid].tolist() == list(range(10))
+
+
+def test_vispruner_nosink_in_model_excludes_sinks(tiny, batch_inputs):
+    model, _, _ = tiny
+    from vtprune.methods.vispruner import VisPruner
+
+    seen = {}
+    original = VisPruner.select
+
+    def spy(self, i, stage, signals):
+        seen["cls"] = signals.cls_attention
+        return original(self, i, stage, signals)
+
+    VisPruner.select = spy
+    try:
+        with vtprune.pruned(model, "vispruner", keep=16):
+            with torch.no_grad():
+                model(**batch_inputs)
+        threshold = float(seen["cls"].quantile(0.9))  # the top 10% of patches are "sinks"
+        with vtprune.pruned(model, "vispruner_nosink", keep=16, attention_sink_threshold=threshold):
+            with torch.no_grad():
+                model(**batch_inputs)
+            record = vtprune.last_record(model)
+    finally:
+        VisPruner.select = original
+    sinks = seen["cls"] > threshold
+    assert bool(sinks.any(dim=1).all())
+    for b, kept in enumerate(record.stages[0].kept):
+        assert not any(bool(sinks[b, k]) for k in kept)
+    assert record.stages[0].extra["sinks"] == sinks.sum(dim=1).tolist()
+
+
+def test_vispruner_seed_parameter_aliases():
+    m = vtprune.get_method("vispruner_nosink", retain_img_tokens=128, vispruner_ratio=0.75, removal_number=4)
+    assert (m.keep, m.important_ratio, m.removal_number) == (128, 0.75, 4)
+    assert m.params()["retain_img_tokens"] is None and m.params()["vispruner_ratio"] is None
+    assert m.stages(INFO_576)[0].keep == 128
+    again = vtprune.get_method(m, keep=64)  # replace() on a built method keeps working
+    assert (again.keep, again.important_ratio) == (64, 0.75)
+    assert vtprune.get_method("vispruner", keep=64, retain_img_tokens=64).keep == 64
+    with pytest.raises(PruneConfigError, match="retain_img_tokens"):
+        vtprune.get_method("vispruner", keep=64, retain_img_tokens=32)
+    with pytest.raises(PruneConfigError, match="vispruner_ratio"):
+        vtprune.get_method("vispruner", important_ratio=0.25, vispruner_ratio=0.75)
+    with pytest.raises(PruneConfigError, match="important_ratio"):
+        vtprune.get_method("vispruner", vispruner_ratio=1.5)
+
+
+@pytest.mark.parametrize("keep", [64, 128, 192, 100])
+def test_vision_budgets_are_exact(keep):
+    """Vision-stage methods feed exactly `keep` tokens per image; VisPruner uses r = 0.5 at every budget."""
+    for name in ("vispruner", "vispruner_nosink", "cdpruner", "divprune", "visionzip"):
+        assert vtprune.get_method(name, keep=keep).stages(INFO_576)[0].keep == keep
+    assert vtprune.get_method("vispruner", keep=keep).important_ratio == 0.5
+    assert vtprune.get_method("cdpruner").stages(INFO_576)[0].keep == 64
+
+
+# --- PruMerge / PruMerge+ (algorithms.md §8) ---------------------------------------------------------------
+
+
+def _prumerge_reference(attn, x, keys, plus, neighbours=32):
+    """The official per-image loops (one image): IQR outliers, spatial samples, top-k key-cosine merge."""
+    import numpy as np
+
+    p = attn.shape[0]
+    q1, q3 = np.percentile(attn.numpy(), 25), np.percentile(attn.numpy(), 75)
+    n_out = max(1, int((attn.numpy() > q3 + 1.5 * (q3 - q1)).sum()))
+    idx = sorted(range(p), key=lambda j: (-float(attn[j]), j))[:n_out]
+    if plus:
+        step = p // n_out
+        idx += [j for j in range(step // 6, p - 1, max(1, step // 3)) if j not in idx]
+    kn = F.normalize(keys, dim=-1)
+    merged = []
+    for i in idx:
+        others = [j for j in range(p) if j != i]
+        sims = torch.stack([kn[i] @ kn[j] for j in others])
+        near = [others[j] for j in sorted(range(len(others)), key=lambda j: (-float(sims[j]), j))[:neighbours]]
+        merged.append(x[i] + sum(attn[j] * x[j] for j in near))
+    pruned = [j for j in range(p) if j not in idx]
+    extra = sum(attn[j] * x[j] for j in pruned)
+    return idx, torch.stack(merged), extra
+
+
+def _prumerge_inputs(seed, p=64, d=6, outliers=(2, 5, 1)):
+    g = torch.Generator().manual_seed(seed)
+    attn = torch.rand(len(outliers), p, generator=g) * 0.01
+    for row, n_out in enumerate(outliers):  # n_out clear outliers, at distinct random places
+        places = torch.randperm(p, generator=g)[:n_out]
+        attn[row, places] = 0.05 + 0.1 * torch.rand(n_out, generator=g)
+    attn = attn / attn.sum(dim=1, keepdim=True)
+    return attn, torch.randn(len(outliers), p, d, generator=g), torch.randn(len(outliers), p, 5, generator=g)
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_prumerge_matches_official_loops(plus):
+    from vtprune.methods.prumerge import outlier_count, prumerge_select
+
+    attn, x, keys = _prumerge_inputs(0)
+    assert outlier_count(attn).tolist() == [2, 5, 1]
+    indices, valid, merged, extra = prumerge_select(attn, x, keys, plus=plus)
+    counts = valid.sum(dim=1).tolist()
+    for row in range(3):
+        idx, ref_merged, ref_extra = _prumerge_reference(attn[row], x[row], keys[row], plus)
+        assert indices[row, : counts[row]].tolist() == idx  # attention rank order, then spatial samples
+        torch.testing.assert_close(merged[row, : counts[row]], ref_merged, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(extra[row, 0], ref_extra, rtol=1e-5, atol=1e-6)
+    assert len(set(counts)) == 3 and not bool(valid.all())  # adaptive counts, padded
+    # each image alone selects the same
+    for row in range(3):
+        alone = prumerge_select(attn[row : row + 1], x[row : row + 1], keys[row : row + 1], plus=plus)
+        assert alone[0][0].tolist() == indices[row, : counts[row]].tolist()
+
+
+def test_prumerge_plus_spatial_sequence_576():
+    """PruMerge+ on 576 tokens: the official arange(int(s/6), 575, int(s/3)), s = int(576 / count)."""
+    from vtprune.methods.prumerge import prumerge_select
+
+    attn = torch.full((1, 576), 1e-3)
+    attn[0, [7, 300, 301]] = 0.5  # 3 outliers → s = 192, samples 32, 96, 160, ...
+    indices, valid, _, _ = prumerge_select(attn, torch.randn(1, 576, 4), torch.randn(1, 576, 4), plus=True)
+    spatial = [j for j in range(32, 575, 64)]
+    assert indices[0].tolist() == [7, 300, 301, *spatial] and bool(valid.all())
+    capped = prumerge_select(attn, torch.randn(1, 576, 4), torch.randn(1, 576, 4), plus=True, cap=5)
+    assert capped[0][0].tolist() == [7, 300, 301, 32, 96]
+
+
+def test_prumerge_in_model(tiny, batch_inputs, monkeypatch):
+    """Adaptive counts that differ per image: batched == single, created extra token last, caps honoured."""
+    import vtprune.methods.prumerge as prumerge
+
+    model, _, processor = tiny
+    # make the counts image-dependent (the tiny tower gives one outlier everywhere): 1 + argmax % 4
+    monkeypatch.setattr(prumerge, "outlier_count", lambda attn: 1 + attn.argmax(dim=1) % 4)
+    with vtprune.pruned(model, "prumerge", plus=True):
+        with torch.no_grad():
+            batched = model(**batch_inputs).logits[:, -1]
+        record = vtprune.last_record(model)
+        kept = record.stages[0].kept
+        assert len(set(record.stages[0].counts)) > 1
+        for i, seed in enumerate([1, 2, 3]):
+            with torch.no_grad():
+                single = model(**build_inputs(processor, [QUESTIONS[i]], [seed])).logits[:, -1]
+            torch.testing.assert_close(single[0], batched[i], rtol=1e-4, atol=1e-4)
+            assert vtprune.last_record(model).stages[0].kept[0] == kept[i]
+    assert all(k[-1] == -1 and -1 not in k[:-1] for k in kept)  # the extra token closes each image
+    with vtprune.pruned(model, "prumerge", keep=3, plus=True):
+        with torch.no_grad():
+            model(**batch_inputs)
+        assert max(vtprune.last_record(model).stages[0].counts) <= 3
+    with pytest.raises(PruneConfigError, match="keep"):
+        vtprune.prune(model, "prumerge", keep=1)
+    assert not vtprune.is_pruned(model)

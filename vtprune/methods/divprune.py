@@ -1,0 +1,48 @@
+"""DivPrune — "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models"
+(Alvar et al., CVPR 2025, arXiv 2503.02175).
+
+Idea: treat pruning as a Max–Min Diversity Problem on the projected visual tokens: greedily keep the token
+farthest (cosine distance 1 − cos) from everything kept so far, starting with the token farthest from its
+nearest neighbour; the kept tokens enter the LLM in raster order (algorithms.md §6).
+
+Parameters: keep (T, default 64; the repo's default ratio 0.098 of 576 is 56 — pass keep=56 to match it),
+feature ("projected" = what the LLM receives, the official choice; "vision" = the CLIP feature-layer patches,
+an ablation).
+
+Deviations (both in `vtprune.selection.maxmin_diversity`): selected tokens are excluded explicitly (the
+official code relies on their ~0 self-distance and can re-pick a token once only duplicates are left), and
+distances within 1e-6 of 0 are snapped to 0 so duplicates tie exactly and the lower index wins.
+Budgets 64 / 128 / 192 are plain counts (DivPrune has no other hyper-parameter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.selection import maxmin_diversity
+
+
+@register
+@dataclass
+class DivPrune(Method):
+    """Greedy max–min cosine diversity on the projected visual tokens."""
+
+    feature: str = "projected"
+
+    name = "divprune"
+    stage_kind = "vision"
+    paper = "arXiv 2503.02175"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.feature not in ("projected", "vision"):
+            raise PruneConfigError(f"{self.name}: feature={self.feature!r}; valid: projected, vision")
+
+    def stages(self, info: ModelInfo) -> list[Stage]:
+        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
+
+    def select(self, stage_index, stage, signals) -> Selection:
+        x = signals.projected if self.feature == "projected" else signals.features
+        picked = maxmin_diversity(x, stage.keep)
+        return Selection(*picked)

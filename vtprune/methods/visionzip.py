@@ -1,0 +1,154 @@
+"""VisionZip — "VisionZip: Longer is Better but Not Necessary in Vision Language Models"
+(Yang et al., CVPR 2025, arXiv 2412.04467).
+
+Idea: keep D *dominant* tokens — the vision tower's [CLS] token plus the D−1 patches with the highest
+[CLS] attention (summed over heads) at the feature layer — and compress the rest into C *contextual* tokens
+by merging each remaining token into its most similar target token (head-mean key cosine); the LLM
+receives [CLS, dominant patches in raster order, contextual tokens in target order] (algorithms.md §7).
+
+Parameters: keep (T = D + C, default 64), dominant (D, [CLS] included) and contextual (C). With neither
+given, D = round(T·54/64) (half up, at least 1) and C = T − D: the README's 54/10 at 64 and the
+proportional 108/20 and 162/30 at 128 and 192 used by reproductions. Giving one of them fixes the other
+from T; giving both sets T = D + C (a conflicting keep is an error). The README's `visionzip(model,
+dominant=54, contextual=10)` is `get_method("visionzip", dominant=54, contextual=10)`.
+
+How the tokens reach the LLM (engine contract): the [CLS] token and the contextual tokens are created
+tokens and the engine places a Selection's `extra` tokens right after its kept slots, so VisionZip returns
+no kept slots (`indices` of width 0) and its whole output as `extra`, already projected with the LLaVA
+projector: [project(CLS), projected dominant patches, project(contextual)], with `extra_index` = the
+patch's visual-token index for dominant patches and −1 for [CLS] and the contextual tokens (the record
+lists them as −1, "created"). The dominant patches' vectors are the model's own projected features,
+bit-identical to what the unpruned model feeds its LLM.
+
+With `vision_feature_select_strategy="full"` (the [CLS] token is visual token 0) the [CLS] token is an
+ordinary kept token and is recorded with index 0.
+
+Deviations: ties in the [CLS] attention go to the lower index (stable sort; torch.topk has no guaranteed
+tie order) and ties between targets go to the earlier target (`vtprune.selection.visionzip_merge`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtprune.methods.base import (
+    Method,
+    ModelInfo,
+    PruneConfigError,
+    Selection,
+    Stage,
+    register,
+    resolve_keep,
+)
+from vtprune.selection import topk_indices, visionzip_merge
+
+# Dominant share of the budget in the README setting (54 of 64).
+DOMINANT_SHARE = (54, 64)
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+@register
+@dataclass
+class VisionZip(Method):
+    """Dominant tokens by [CLS] attention + contextual tokens by key-similarity merging."""
+
+    dominant: int | None = None
+    contextual: int | None = None
+
+    name = "visionzip"
+    stage_kind = "vision"
+    paper = "arXiv 2412.04467"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for field_name, low in (("dominant", 1), ("contextual", 0)):
+            value = getattr(self, field_name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise PruneConfigError(f"{self.name}: {field_name}={value!r} must be an int >= {low}")
+
+    def split_total(self, total: int) -> tuple[int, int]:
+        """(D, C) for a budget of `total` tokens per image."""
+        if self.dominant is not None and self.contextual is not None:
+            return self.dominant, self.contextual
+        if self.dominant is not None:
+            return self.dominant, total - self.dominant
+        if self.contextual is not None:
+            return total - self.contextual, self.contextual
+        share, of = DOMINANT_SHARE
+        d = max(1, (2 * total * share + of) // (2 * of))  # round(total * 54 / 64), half up
+        return d, total - d
+
+    def split(self, info: ModelInfo) -> tuple[int, int]:
+        """(D, C): dominant tokens ([CLS] included) and contextual tokens per image; validated."""
+        if self.dominant is not None and self.contextual is not None:
+            total = resolve_keep(self.dominant + self.contextual, info.visual_tokens, what=f"{self.name}: dominant + contextual")
+            if self.keep is not None and resolve_keep(self.keep, info.visual_tokens) != total:
+                raise PruneConfigError(
+                    f"{self.name}: keep={self.keep} conflicts with dominant={self.dominant} + "
+                    f"contextual={self.contextual}; give keep or both"
+                )
+        else:
+            total = self.keep_count(info, 64)
+        d, c = self.split_total(total)
+        if d < 1 or c < 0:
+            raise PruneConfigError(
+                f"{self.name}: keep={total} cannot be split into dominant={d} (>= 1, [CLS] included) and "
+                f"contextual={c} (>= 0)"
+            )
+        return d, c
+
+    def validate_for(self, info: ModelInfo) -> None:
+        super().validate_for(info)
+        self.split(info)
+
+    def stages(self, info: ModelInfo) -> list[Stage]:
+        d, c = self.split(info)
+        return [Stage(kind="vision", keep=d + c, name=self.name)]
+
+    def select(self, stage_index, stage, signals) -> Selection:
+        hidden = signals.hidden  # (N, 1 + P, Dv): [CLS] first
+        n, length, _ = hidden.shape
+        heads_attn = signals.cls_attention_heads  # (N, Hv, P), columns = tower tokens 1..P
+        # Visual token j is tower token j + 1 ("default": [CLS] dropped) or j ("full": [CLS] is token 0).
+        offset = length - signals.projected.shape[1]
+        d, c = self.split_total(stage.keep)
+
+        scores = heads_attn.float().sum(dim=1)  # (N, P) summed over heads, as the official code
+        top = topk_indices(scores, d - 1).indices + 1  # tower positions, ascending
+        cls = torch.zeros(n, 1, dtype=torch.long, device=hidden.device)
+        dominant = torch.cat([cls, top], dim=1)  # (N, D): [CLS] first, then raster order
+        is_dominant = torch.zeros(n, length, dtype=torch.bool, device=hidden.device).scatter(1, dominant, True)
+        # the L − D other tokens, in original order (stable sort puts the non-dominant ones first)
+        rest = torch.sort(is_dominant.to(torch.int8), dim=1, stable=True).indices[:, : length - d]
+        hv = heads_attn.shape[1]
+        keys = signals.keys.reshape(n, length, hv, -1).float().mean(dim=2)  # head-mean keys (N, L, dh)
+        contextual = visionzip_merge(_gather(hidden, rest), _gather(keys, rest), c)
+
+        projected = signals.projected
+        if offset == 1:
+            created = signals.project(torch.cat([hidden[:, :1], contextual.tokens], dim=1))
+            cls_vec, ctx_vec = created[:, :1], created[:, 1:]
+            dom_vec = _gather(projected, top - 1)
+            dom_index = torch.cat([torch.full_like(cls, -1), top - 1], dim=1)
+            tokens = torch.cat([cls_vec, dom_vec.to(cls_vec.dtype), ctx_vec], dim=1)
+        else:
+            ctx_vec = signals.project(contextual.tokens)
+            dom_vec = _gather(projected, dominant)
+            dom_index = dominant
+            tokens = torch.cat([dom_vec.to(ctx_vec.dtype), ctx_vec], dim=1)
+        extra_index = torch.cat([dom_index, torch.full((n, c), -1, dtype=torch.long, device=hidden.device)], dim=1)
+        empty = torch.zeros(n, 0, dtype=torch.long, device=hidden.device)
+        return Selection(
+            indices=empty,
+            extra=tokens,
+            extra_index=extra_index,
+            scores=scores,
+            info={"dominant": d, "contextual": c},
+        )
