@@ -2,6 +2,30 @@
 
 case id ("method" or "method[variant]") -> (params for the 4-layer, 64-visual-token tiny model,
 exact oracle possible (no created/merged tokens), keeps everything at keep=all).
+
+On 4 layers the layer-average budgets of PDrop/HiMAP cannot go below ~17 tokens (layer 0 sees all 64), so
+the plain cases keep one token per stage at keep=16/5; the [ratios]/[counts] variants give explicit counts
+(which override keep, hence not keep-all) to exercise real selections.
 """
 
-CASES: dict[str, tuple[dict, bool, bool]] = {}
+CASES: dict[str, tuple[dict, bool, bool]] = {
+    # SparseVLM: sparse layers 0, 1, 2 (score layer l, prune before l + 1); recycling creates tokens.
+    "sparsevlm": ({"layers": (0, 1, 2)}, False, True),
+    "sparsevlm[norecycle]": ({"layers": (0, 1, 2), "recycle": False}, True, True),
+    # v1: rank-adaptive, different counts per sample (Selection.valid). The hand-written oracle needs equal
+    # counts per sample, so its exactness is checked sample by sample in test_methods_llm.py.
+    "sparsevlm[v1]": ({"version": "1", "layers": (0, 1, 2), "scale": 0.5, "recycle": False}, False, True),
+    "sparsevlm[v1-recycle]": ({"version": "1", "layers": (0, 1, 2), "scale": 3.0}, False, True),
+    "sparsevlm[v2]": ({"version": "2.0", "layers": (0, 1, 2), "priority_heads": 2}, True, True),
+    "sparsevlm[debias]": (
+        {"layers": (0, 1, 2), "recycle": False, "debias": ["recency", "sink"]},
+        True,
+        False,
+    ),
+    "pdrop": ({"layer_list": (1, 2, 3)}, True, True),
+    "pdrop[ratios]": ({"layer_list": (1, 2, 3), "ratios": (0.5, 0.25, 0.0625)}, True, False),
+    "himap": ({"K_t": 1, "K_i": 2}, True, True),
+    "himap[counts]": ({"K_t": 1, "K_i": 3, "R_t": 12, "R_i": 4}, True, False),
+    "tokencarve": ({"K": 2}, False, True),
+    "illava": ({"llm_layer": 2}, False, True),
+}

@@ -1,0 +1,546 @@
+"""LLM-stage methods of the methods issue: SparseVLM, PyramidDrop, HiMAP, TokenCarve, iLLaVA.
+
+Hand-computed scores on hand-made inputs (a fake LLMSignals), the budget/schedule arithmetic of
+algorithms.md §2/§3/§9/§17, and checks on the tiny model: scores equal their definition recomputed by hand,
+merged/created tokens reach the LLM, SparseVLM v1's per-sample counts are exact per sample, and the
+debias/head options change selections (debias only at the first stage; strength 0 changes nothing).
+The engine invariants (keep-all, oracle, batched == single, cache, sdpa == eager) are in cases_llm.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import QUESTIONS, build_inputs
+from oracle import oracle_logits
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import vtprune
+from vtprune.methods.base import ModelInfo, PruneConfigError, Stage
+from vtprune.methods.himap import HiMAP
+from vtprune.methods.pdrop import PyramidDrop, pdrop_layer_average, pdrop_ratio_for_average
+from vtprune.methods.sparsevlm import (
+    recycle_counts,
+    rope_prior,
+    sparsevlm_schedule,
+    stage_counts,
+    text_raters,
+)
+from vtprune.models.llava import LlavaAdapter
+
+LLAVA15 = ModelInfo(
+    num_layers=32, num_heads=32, visual_tokens=576, grid=(24, 24), vision_layers=24, vision_heads=16
+)
+TINY = ModelInfo(num_layers=4, num_heads=4, visual_tokens=64, grid=(8, 8), vision_layers=3, vision_heads=4)
+
+
+class FakeSignals:
+    """The parts of LLMSignals the methods read, from hand-made tensors (one image per sample)."""
+
+    def __init__(
+        self,
+        attention=None,
+        hidden=None,
+        tokens_per_image=None,
+        input_embeds=None,
+        input_visual_index=None,
+        input_valid=None,
+    ):
+        self._attention = attention or {}
+        first = next(iter(self._attention.values()))[0] if self._attention else hidden
+        b, v = first.shape[0], first.shape[-1] if self._attention else first.shape[1]
+        self.images_per_sample = 1
+        self.num_visual = v
+        self.tokens_per_image = tokens_per_image or v
+        self.visual_valid = torch.ones(b, v, dtype=torch.bool)
+        self._hidden = hidden
+        self.input_embeds = input_embeds
+        self.input_visual_index = input_visual_index
+        self.input_valid = input_valid
+
+    def attention(self, queries):
+        return self._attention[queries]
+
+    def visual_hidden(self):
+        return self._hidden
+
+    def is_full_visual_set(self):
+        return True
+
+
+def llm_stage(keep, queries, layer=1, positions="original"):
+    return Stage(
+        kind="llm", keep=keep, score_layer=layer - 1, prune_layer=layer, positions=positions, queries=queries
+    )
+
+
+# --- SparseVLM -------------------------------------------------------------------------------------------
+
+
+def rater_inputs(batch=1):
+    """[sys, v0..v3, t0, t1, t2]: visual embeddings (1, 0); t0 = t2 = (2, 0), t1 = (0, 0).
+
+    Each visual row of softmax(H_v·H_qᵀ) is [e², 1, e²] / (2e² + 1), so r = that row, mean(r) = 1/3 and the
+    raters are t0 and t2 (0.468 > 1/3 > 0.063)."""
+    seq = torch.tensor([[5.0, 5.0], [1, 0], [1, 0], [1, 0], [1, 0], [2, 0], [0, 0], [2, 0]])
+    embeds = seq[None].expand(batch, -1, -1).clone()
+    visual = torch.arange(1, 5).expand(batch, -1)
+    return embeds, visual, torch.ones(batch, 8, dtype=torch.bool)
+
+
+def test_sparsevlm_text_raters_hand_example():
+    embeds, visual, valid = rater_inputs(2)
+    # sample 1 is left-padded by one token (the pad is invalid and must not count as text or visual)
+    embeds[1] = torch.cat([torch.zeros(1, 2), embeds[1, 1:]])
+    valid[1, 0] = False
+    sig = FakeSignals(
+        hidden=torch.zeros(2, 4, 2), input_embeds=embeds, input_visual_index=visual, input_valid=valid
+    )
+    assert text_raters(sig).tolist() == [[True, False, True], [True, False, True]]
+    # a token before the image is never a rater; a single text token (no token above the mean) rates alone
+    embeds2 = torch.tensor([[[9.0, 9.0], [1, 0], [1, 0], [3, 0]]])
+    sig2 = FakeSignals(
+        hidden=torch.zeros(1, 2, 2),
+        input_embeds=embeds2,
+        input_visual_index=torch.tensor([[1, 2]]),
+        input_valid=torch.ones(1, 4, dtype=torch.bool),
+    )
+    assert text_raters(sig2).tolist() == [[True]]
+
+
+def sparsevlm_attention():
+    """(1, 2 heads, 3 text rows, 4 visual): rater rows (0, 2) average to [.2, .1, .25, .1]; the non-rater row 1
+    puts everything on token 3 (it would win if all text rows were averaged)."""
+    head0 = torch.tensor([[0.1, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.9], [0.3, 0.0, 0.1, 0.2]])
+    head1 = torch.tensor([[0.3, 0.0, 0.1, 0.2], [0.0, 0.0, 0.0, 0.9], [0.1, 0.2, 0.5, 0.0]])
+    return torch.stack([head0, head1])[None]
+
+
+def test_sparsevlm_scores_are_rater_mean_hand_example():
+    embeds, visual, valid = rater_inputs()
+    attn = sparsevlm_attention()
+    sig = FakeSignals(
+        {"text": (attn, torch.ones(1, 3, dtype=torch.bool))},
+        input_embeds=embeds,
+        input_visual_index=visual,
+        input_valid=valid,
+        tokens_per_image=4,
+    )
+    method = vtprune.get_method("sparsevlm", recycle=False)
+    sel = method.select(0, llm_stage(2, "text", positions="reindex"), sig)
+    torch.testing.assert_close(sel.scores, torch.tensor([[0.2, 0.1, 0.25, 0.1]]))
+    assert sel.indices.tolist() == [[0, 2]]
+    assert sel.info["raters"] == [2] and sel.info["kept"] == [2]
+
+
+def test_sparsevlm_v1_rank_adaptive_counts_per_sample():
+    """v1: keep = min(int(rank·λ + bias), n − 1). Sample 0's two rater rows are equal (rank 1 → 1 token),
+    sample 1's differ (rank 2 → min(3, 3) = 3 tokens): one batch, two counts, `valid` marks the slots."""
+    embeds, visual, valid = rater_inputs(2)
+    rows0 = torch.tensor([[0.2, 0.1, 0.25, 0.1], [0.0, 0.0, 0.0, 0.9], [0.2, 0.1, 0.25, 0.1]])
+    rows1 = torch.tensor([[0.2, 0.1, 0.2, 0.1], [0.0, 0.0, 0.0, 0.9], [0.2, 0.1, 0.3, 0.1]])
+    attn = torch.stack([rows0, rows1])[:, None]
+    sig = FakeSignals(
+        {"text": (attn, torch.ones(2, 3, dtype=torch.bool))},
+        input_embeds=embeds,
+        input_visual_index=visual,
+        input_valid=valid,
+        tokens_per_image=64,
+    )
+    method = vtprune.get_method("sparsevlm", version="1", scale=1.5, bias=0.0, recycle=False)
+    sel = method.select(0, llm_stage(16, "text", positions="reindex"), sig)
+    assert sel.info["rank"] == [1, 2] and sel.info["kept"] == [1, 3]
+    assert sel.valid.tolist() == [[True, False, False], [True, True, True]]
+    assert sel.indices[0, :1].tolist() == [2] and sel.indices[1].tolist() == [0, 1, 2]  # 1 vs 3: lower index
+
+
+def test_sparsevlm_v2_prior_and_priority_heads(tiny):
+    """v2.0: probabilities ÷ RoPE prior of all-ones q/k (= Σ_i 2cos(Δ·θ_i)/√d), then the mean of the
+    `priority_heads` heads with the most rater→visual mass."""
+    model = tiny[0]
+    adapter = LlavaAdapter(model)
+    embeds, visual, valid = rater_inputs()
+    attn = sparsevlm_attention()
+    sig = FakeSignals(
+        {"text": (attn, torch.ones(1, 3, dtype=torch.bool))},
+        input_embeds=embeds,
+        input_visual_index=visual,
+        input_valid=valid,
+        tokens_per_image=4,
+    )
+    sig.adapter = adapter
+    sig.hidden = torch.zeros(1, 8, 64)
+    sig.position_ids = torch.arange(8)[None]
+    sig.visual_index = visual
+    sig.query_index = lambda q: (torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool))
+    d = model.config.text_config.head_dim
+    theta = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    delta = (
+        torch.tensor([5, 6, 7], dtype=torch.float64)[:, None] - torch.arange(1, 5, dtype=torch.float64)[None]
+    )
+    prior = (2 * torch.cos(delta[:, :, None] * theta).sum(-1) / math.sqrt(d)).float()
+    torch.testing.assert_close(rope_prior(sig, torch.tensor([[5, 6, 7]]))[0], prior, rtol=1e-5, atol=1e-5)
+    corrected = attn[0] / prior  # (heads, rows, visual)
+    best = int(corrected[:, [0, 2]].sum(dim=(1, 2)).argmax())  # raters are rows 0 and 2
+    method = vtprune.get_method("sparsevlm", version="2.0", priority_heads=1)
+    sel = method.select(0, llm_stage(2, "text"), sig)
+    torch.testing.assert_close(sel.scores, corrected[best, [0, 2]].mean(0)[None], rtol=1e-5, atol=1e-6)
+    assert sel.extra is None
+
+
+def test_sparsevlm_schedules_and_budget_arithmetic():
+    assert sparsevlm_schedule("1.5", 192, 576) == (300, 200, 110)
+    assert sparsevlm_schedule("1.5", 128, 576) == (303, 110, 36)
+    assert sparsevlm_schedule("1.5", 96, 576) == (238, 48, 26)
+    assert sparsevlm_schedule("1.5", 64, 576) == (66, 30, 17)
+    assert sparsevlm_schedule("2.0", 192, 576) == (300, 200, 118)
+    assert sparsevlm_schedule("2.0", 128, 576) == (238, 108, 60)
+    assert sparsevlm_schedule("2.0", 64, 576) == (66, 34, 20)
+    assert sparsevlm_schedule("1.5", 100, 576) == (156, 104, 57)  # other budgets: 192 schedule × keep/192
+    assert sparsevlm_schedule("1.5", 16, 64) == (25, 17, 9)
+    assert sparsevlm_schedule("1.5", 576, 576) == (576, 576, 576)
+    # §17 ex. 6: 192 → 309 / 204 / 113 incl. 9 / 4 / 3 recycled; repo accounting (tokens after each layer's
+    # pruning, 32 layers) averages 192.0
+    assert [recycle_counts(n)[1] for n in (276, 109, 94)] == [9, 4, 3]
+    after = stage_counts(576, [300, 200, 110])
+    assert after == [309, 204, 113]
+    per_layer = [576] * 2 + [after[0]] * 4 + [after[1]] * 9 + [after[2]] * 17
+    assert sum(per_layer) / 32 == pytest.approx(192.0, abs=0.05)
+    assert stage_counts(576, [303, 110, 36]) == [312, 117, 39]
+    assert stage_counts(576, [66, 30, 17]) == [82, 32, 18]
+    stages = vtprune.get_method("sparsevlm", keep=128).stages(LLAVA15)
+    assert [(s.score_layer, s.prune_layer, s.keep, s.positions, s.queries) for s in stages] == [
+        (2, 3, 303, "reindex", "text"),
+        (6, 7, 110, "reindex", "text"),
+        (15, 16, 36, "reindex", "text"),
+    ]
+    v2 = vtprune.get_method("sparsevlm", keep=64, version="2.0").stages(LLAVA15)
+    assert [(s.keep, s.positions) for s in v2] == [(66, "original"), (34, "original"), (20, "original")]
+    assert [s.prune_layer for s in vtprune.get_method("sparsevlm", version="1").stages(LLAVA15)] == [
+        3,
+        7,
+        16,
+        20,
+    ]
+    assert vtprune.get_method("sparsevlm", version="1", keep=128).scale_bias(128, 576) == (9.0, 6.0)
+    assert vtprune.get_method("sparsevlm", version="1").scale_bias(192, 576) == (13.5, 0.0)
+    assert [s.keep for s in vtprune.get_method("sparsevlm").stages(LLAVA15)] == [300, 200, 110]  # default 192
+
+
+def test_sparsevlm_config_errors(tiny):
+    model = tiny[0]
+    with pytest.raises(PruneConfigError, match="valid: 0..2"):
+        vtprune.prune(model, "sparsevlm")  # default layers [2, 6, 15] on a 4-layer model
+    assert not vtprune.is_pruned(model)
+    with pytest.raises(PruneConfigError, match="version"):
+        vtprune.get_method("sparsevlm", version="3")
+    with pytest.raises(PruneConfigError, match="recycle"):
+        vtprune.get_method("sparsevlm", version="2.0", recycle=True)
+    with pytest.raises(PruneConfigError, match="schedule"):
+        vtprune.get_method("sparsevlm", layers=(0, 1)).stages(TINY)
+
+
+# --- PyramidDrop -----------------------------------------------------------------------------------------
+
+
+def test_pdrop_budget_arithmetic():
+    """§17 ex. 6: layers [2, 10, 20], ratios [0.32, 0.16, 0.08] → 184 / 92 / 46, layer average 128.0."""
+    layers, counts = vtprune.get_method("pdrop", keep=128).plan(LLAVA15)
+    assert layers == (2, 10, 20) and counts == (184, 92, 46)
+    assert pdrop_layer_average(list(counts), layers, 32, 576) == 128.0
+    assert vtprune.get_method("pdrop", keep=192).plan(LLAVA15) == ((2, 10, 20), (311, 155, 77))
+    assert vtprune.get_method("pdrop", keep=64).plan(LLAVA15) == ((2, 10, 20), (57, 28, 14))
+    assert pdrop_layer_average([311, 155, 77], (2, 10, 20), 32, 576) == pytest.approx(191.06, abs=0.01)
+    assert pdrop_layer_average([57, 28, 14], (2, 10, 20), 32, 576) == 64.25
+    # the closed form gives back the repo's ratios (which it rounded) and honours other budgets
+    assert pdrop_ratio_for_average(128, (2, 10, 20), 32, 576, 0.5) == pytest.approx(0.32, abs=0.005)
+    layers, counts = vtprune.get_method("pdrop", keep=100).plan(LLAVA15)
+    assert counts == (128, 64, 32) and pdrop_layer_average(list(counts), layers, 32, 576) == 100.0
+    # paper default and explicit overrides
+    assert vtprune.get_method("pdrop").plan(LLAVA15) == ((8, 16, 24), (288, 144, 72))
+    assert vtprune.get_method("pdrop", keep=64, layer_list=(4, 8), ratios=(0.5, 0.1)).plan(LLAVA15) == (
+        (4, 8),
+        (288, 57),
+    )
+    stage = vtprune.get_method("pdrop", keep=128).stages(LLAVA15)[0]
+    assert (stage.score_layer, stage.prune_layer, stage.positions, stage.queries) == (2, 2, "reindex", "last")
+    with pytest.raises(PruneConfigError, match="one ratio per layer"):
+        vtprune.get_method("pdrop", ratios=(0.5,))
+
+
+def test_pdrop_hand_example():
+    s = torch.tensor([0.10, 0.30, 0.05, 0.25, 0.20, 0.05])
+    attn = torch.stack([s + 0.02, s - 0.02])[None, :, None, :]  # two heads whose mean is s
+    sig = FakeSignals({"last": (attn, torch.ones(1, 1, dtype=torch.bool))})
+    sel = PyramidDrop(keep=3).select(
+        0, Stage(kind="llm", keep=3, score_layer=1, prune_layer=1, queries="last"), sig
+    )
+    assert sel.indices.tolist() == [[1, 3, 4]]
+    torch.testing.assert_close(sel.scores, s[None])
+
+
+def test_pdrop_scores_use_layer_k_projections_of_its_input(tiny, batch_inputs, monkeypatch):
+    """The score at stage boundary k is the last prompt token's softmax row computed from layer k's
+    input RMSNorm, q/k projections and RoPE applied to the hidden states entering layer k (head mean)."""
+    model = tiny[0]
+    lm = model.model.language_model
+    k = 2
+    seen = {}
+    original = PyramidDrop.select
+
+    def spy(self, i, stage, signals):
+        out = original(self, i, stage, signals)
+        seen["scores"] = out.scores
+        return out
+
+    monkeypatch.setattr(PyramidDrop, "select", spy)
+    handle = lm.layers[k - 1].register_forward_hook(
+        lambda m, a, out: seen.setdefault("h", out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        with vtprune.pruned(model, "pdrop", layer_list=(k,), ratios=(0.25,)):
+            with torch.no_grad():
+                model(**batch_inputs)
+    finally:
+        handle.remove()
+    hidden, layer = seen["h"], lm.layers[k]
+    b, length, _ = hidden.shape
+    with torch.no_grad():
+        normed = layer.input_layernorm(hidden)
+        dh = layer.self_attn.head_dim
+        q = layer.self_attn.q_proj(normed).view(b, length, -1, dh).transpose(1, 2)
+        key = layer.self_attn.k_proj(normed).view(b, length, -1, dh).transpose(1, 2)
+        cos, sin = lm.rotary_emb(hidden, position_ids=batch_inputs["position_ids"])
+        q, key = apply_rotary_pos_emb(q, key, cos, sin)
+    logits = (q[:, :, -1:].float() @ key.float().transpose(2, 3)) * dh**-0.5
+    logits = logits.masked_fill(~batch_inputs["attention_mask"].bool()[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).mean(dim=1)[:, 0]
+    image = batch_inputs["input_ids"] == model.config.image_token_id
+    expected = torch.stack([probs[i][image[i]] for i in range(b)])
+    torch.testing.assert_close(seen["scores"], expected, rtol=1e-4, atol=1e-6)
+
+
+# --- HiMAP -----------------------------------------------------------------------------------------------
+
+
+def test_himap_hand_example():
+    """Stage 1 sums the head-mean text→image rows, stage 2 the image→image rows."""
+    text = torch.tensor(
+        [[0.1, 0.0, 0.3, 0.0], [0.1, 0.0, 0.0, 0.35], [0.1, 0.1, 0.0, 0.0]]
+    )  # sums .3 .1 .3 .35
+    attn = torch.stack([text + 0.05, text - 0.05])[None]
+    sig = FakeSignals({"text": (attn, torch.ones(1, 3, dtype=torch.bool))})
+    method = HiMAP(K_t=1, K_i=2, R_t=2, R_i=1)
+    sel = method.select(0, llm_stage(2, "text"), sig)
+    torch.testing.assert_close(sel.scores, torch.tensor([[0.3, 0.1, 0.3, 0.35]]))
+    assert sel.indices.tolist() == [[0, 3]]  # .35, then the .3 tie goes to the lower index
+    image = torch.tensor([[[[1.0, 0.0], [0.4, 0.6]]]])  # token 1 receives 0.6, token 0 receives 1.4
+    sel2 = method.select(
+        1, llm_stage(1, "image", layer=2), FakeSignals({"image": (image, torch.ones(1, 2, dtype=torch.bool))})
+    )
+    torch.testing.assert_close(sel2.scores, torch.tensor([[1.4, 0.6]]))
+    assert sel2.indices.tolist() == [[0]]
+
+
+def test_himap_stage1_equals_eager_text_rows(tiny, batch_inputs, monkeypatch):
+    sdpa, eager, _ = tiny
+    with torch.no_grad():
+        attn = eager(**batch_inputs, output_attentions=True).attentions[0].float()  # layer K_t - 1 = 0
+    image = batch_inputs["input_ids"] == sdpa.config.image_token_id
+    expected = []
+    for i in range(attn.shape[0]):
+        cols = image[i].nonzero().squeeze(1)
+        expected.append(attn[i, :, cols.max() + 1 :][:, :, cols].mean(0).sum(0))
+    seen = []
+    original = HiMAP.select
+
+    def spy(self, i, stage, signals):
+        out = original(self, i, stage, signals)
+        seen.append(out.scores)
+        return out
+
+    monkeypatch.setattr(HiMAP, "select", spy)
+    with vtprune.pruned(sdpa, "himap", K_t=1, K_i=2, R_t=12, R_i=4):
+        with torch.no_grad():
+            sdpa(**batch_inputs)
+    torch.testing.assert_close(seen[0], torch.stack(expected), rtol=1e-4, atol=1e-6)
+
+
+def test_himap_budget_mapping():
+    assert HiMAP().counts(LLAVA15) == (288, 72)
+    assert HiMAP(keep=128).counts(LLAVA15) == (115, 90)
+    assert HiMAP(keep=192).counts(LLAVA15) == (416, 104)
+    assert HiMAP(keep=64).counts(LLAVA15) == (76, 19)
+    assert HiMAP(keep=144).counts(LLAVA15) == (288, 72)  # the README setting is this shape's 144
+    assert HiMAP(keep=64, K_t=1, K_i=2).counts(TINY) == (64, 64)
+    stages = HiMAP().stages(LLAVA15)
+    assert [(s.score_layer, s.prune_layer, s.queries, s.positions) for s in stages] == [
+        (1, 2, "text", "original"),
+        (7, 8, "image", "original"),
+    ]
+    with pytest.raises(PruneConfigError, match="outside"):
+        vtprune.get_method("himap", K_t=2, K_i=4).validate_for(TINY)
+    with pytest.raises(PruneConfigError, match="both"):
+        vtprune.get_method("himap", R_t=10)
+
+
+# --- TokenCarve and iLLaVA -------------------------------------------------------------------------------
+
+
+def test_tokencarve_hand_example():
+    """H rows along the axes, so U·S = H up to signs: SV = L1 norms [3, 2, 1, .5]; AV = [.1, .4, .3, .2].
+    Borda (w=.5): [2.5, 3.5, 2.5, 1.5] → N1 = 3 of keep 2: order 1, 0, 2; A = {1}, B = {0, 2}; both B cosines
+    to A are 0 → the earlier B token (0) merges into 1: h1 ← (h0 + h1) / 2; token 2 is kept."""
+    hidden = torch.tensor([[[3.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 0.5]]])
+    av = torch.tensor([0.1, 0.4, 0.3, 0.2])
+    attn = av[None, None, None, :].expand(1, 2, 1, 4)
+    sig = FakeSignals({"last": (attn, torch.ones(1, 1, dtype=torch.bool))}, hidden=hidden)
+    sel = vtprune.get_method("tokencarve", keep=2).select(0, llm_stage(2, "last", layer=2), sig)
+    assert sel.indices.tolist() == [[1, 2]]
+    torch.testing.assert_close(sel.values, torch.tensor([[[1.5, 1.0], [1.0, 0.0]]]))
+    assert vtprune.get_method("tokencarve").stages(LLAVA15)[0].keep == 128
+
+
+def test_illava_hand_example():
+    """scores [.4, .1, .3, .2], keep 2 → r = 2 removed (3, 1); the survivor 2 becomes (1·h2 + 2·h3 + 3·h1) / 6."""
+    hidden = torch.tensor([[[1.0, 0.0], [0.0, 6.0], [6.0, 0.0], [0.0, 3.0]]])
+    s = torch.tensor([0.4, 0.1, 0.3, 0.2])
+    sig = FakeSignals(
+        {"last": (s[None, None, None, :].expand(1, 2, 1, 4), torch.ones(1, 1, dtype=torch.bool))},
+        hidden=hidden,
+    )
+    sel = vtprune.get_method("illava", keep=2).select(0, llm_stage(2, "last", layer=2), sig)
+    assert sel.indices.tolist() == [[0, 2]]
+    torch.testing.assert_close(sel.values, torch.tensor([[[1.0, 0.0], [1.0, 4.0]]]))
+    stage = vtprune.get_method("illava").stages(LLAVA15)[0]
+    assert (stage.keep, stage.score_layer, stage.prune_layer, stage.positions) == (403, 1, 2, "original")
+
+
+# --- on the tiny model -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [("tokencarve", {"K": 2}), ("illava", {"llm_layer": 2}), ("sparsevlm", {"layers": (0, 1, 2)})],
+)
+def test_created_and_merged_tokens_reach_the_llm(tiny, batch_inputs, monkeypatch, name, params):
+    """The hidden states entering the prune layer hold Selection.values at the kept visual slots and
+    Selection.extra (SparseVLM's recycled clusters) right after them."""
+    model = tiny[0]
+    method = vtprune.get_method(name, keep=16, **params)
+    selections = []
+    original = type(method).select
+
+    def spy(self, i, stage, signals):
+        out = original(self, i, stage, signals)
+        selections.append((out, signals.visual_hidden()))
+        return out
+
+    monkeypatch.setattr(type(method), "select", spy)
+    seen = {}
+    with vtprune.pruned(model, method):
+        session = model._vtprune_session
+        layer = session.llm_stages[0].prune_layer
+
+        def pre(module, args, kwargs):
+            seen["h"] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+        handle = model.model.language_model.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model(**batch_inputs)
+        finally:
+            handle.remove()
+        layout = session.episode.layouts[1]
+    sel, before = selections[0]
+    d = seen["h"].shape[-1]
+    rows = torch.gather(seen["h"], 1, layout.visual_index[:, :, None].expand(-1, -1, d))
+    t = sel.indices.shape[1]
+    plain = torch.gather(before, 1, sel.indices[:, :, None].expand(-1, -1, d))
+    if sel.values is not None:
+        torch.testing.assert_close(rows[:, :t], sel.values.to(rows.dtype))
+        assert not torch.allclose(sel.values, plain)  # something was merged
+    else:
+        torch.testing.assert_close(rows[:, :t], plain)
+    if name == "sparsevlm":
+        assert sel.extra is not None and bool(sel.extra_valid.all())
+        torch.testing.assert_close(rows[:, t:], sel.extra.to(rows.dtype))
+        assert layout.original_index[:, t:].eq(-1).all()
+
+
+def test_sparsevlm_v1_variable_counts_exact_per_sample(tiny):
+    """v1 keeps a different number of tokens per sample; each sample alone equals the hand-written oracle
+    (the batched run equals the single runs: tests/test_engine.py)."""
+    model, _, processor = tiny
+    params = {"version": "1", "layers": (0, 1, 2), "scale": 0.5, "recycle": False}
+    batch = build_inputs(processor, QUESTIONS, [1, 2, 3])
+    with vtprune.pruned(model, "sparsevlm", keep=16, **params):
+        with torch.no_grad():
+            model(**batch)
+        counts = vtprune.last_record(model).stages[0].counts
+        assert len(set(counts)) > 1
+        for i, seed in enumerate([1, 2, 3]):
+            single = build_inputs(processor, [QUESTIONS[i]], [seed])
+            with torch.no_grad():
+                logits = model(**single).logits
+            record = vtprune.last_record(model)
+            assert record.stages[0].counts == [counts[i]]
+            expected, valid = oracle_logits(
+                model, single["input_ids"], single["attention_mask"], single["pixel_values"], record
+            )
+            torch.testing.assert_close(logits[valid], expected[valid], rtol=1e-4, atol=1e-4)
+
+
+OPTION_CASES = {
+    "sparsevlm": {"layers": (0, 1, 2), "recycle": False},
+    "pdrop": {"layer_list": (1, 2, 3), "ratios": (0.5, 0.25, 0.125)},
+    "himap": {"K_t": 1, "K_i": 2, "R_t": 24, "R_i": 8},
+    "tokencarve": {"K": 2},
+    "illava": {"llm_layer": 2},
+}
+
+
+def kept_sets(model, inputs, name, keep, **params):
+    with vtprune.pruned(model, name, keep=keep, **params):
+        with torch.no_grad():
+            model(**inputs)
+        return [s.kept for s in vtprune.last_record(model).stages]
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_CASES))
+def test_debias_and_head_options_change_selection(tiny, batch_inputs, name):
+    model = tiny[0]
+    params = OPTION_CASES[name]
+    plain = kept_sets(model, batch_inputs, name, 16, **params)
+    assert (
+        kept_sets(model, batch_inputs, name, 16, debias=["recency"], debias_strength=0.0, **params) == plain
+    )
+    assert kept_sets(model, batch_inputs, name, 16, heads="mean", num_heads=None, **params) == plain
+    assert (
+        kept_sets(model, batch_inputs, name, 16, debias=["recency"], debias_strength=3.0, **params)[0]
+        != plain[0]
+    )
+    assert kept_sets(model, batch_inputs, name, 16, heads="sparsity", num_heads=1, **params) != plain
+
+
+@pytest.mark.parametrize("name", ["sparsevlm", "pdrop", "himap"])
+def test_debias_only_at_the_first_stage(tiny, batch_inputs, monkeypatch, name):
+    """§13: the multi-stage pruners debias their first pruning stage only (SparseVLM also computes the
+    plain score, which ranks the recycled tokens)."""
+    model = tiny[0]
+    method = vtprune.get_method(name, keep=16, debias=["recency"], **OPTION_CASES[name])
+    calls = []
+    original = type(method).attention_scores
+
+    def spy(self, signals, queries, budget, reduce="mean", debias=True):
+        calls.append((signals.num_visual, debias))
+        return original(self, signals, queries, budget, reduce=reduce, debias=debias)
+
+    monkeypatch.setattr(type(method), "attention_scores", spy)
+    with vtprune.pruned(model, method):
+        with torch.no_grad():
+            model(**batch_inputs)
+    debiased = [n for n, flag in calls if flag]
+    assert debiased == [64]  # once, on the full set of 64 tokens

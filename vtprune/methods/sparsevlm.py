@@ -1,0 +1,405 @@
+"""SparseVLM — "Visual Token Sparsification for Efficient Vision-Language Model Inference"
+(Zhang et al., ICML 2025, arXiv 2410.04417; repo Gumpest/SparseVLMs), algorithms.md §2.
+
+Idea: the text tokens that are relevant to the image ("raters", chosen once from the LLM input embeddings)
+judge the visual tokens: at a few sparse layers the visual tokens those raters attend to least are dropped
+from the layer's output, and (v1/v1.5) the best of the dropped ones are recycled into a few cluster tokens.
+
+Steps (rows are samples; every step is per sample, so a batch behaves as its samples run alone):
+
+* A (once): raters = the tokens after the (last) image whose mean, over the visual tokens, of the
+  text-axis softmax of ``H_v · H_qᵀ`` (projected image embeddings × text embeddings, raw dot products,
+  float32 here) is strictly above its mean.
+* B (at each sparse layer l, which runs on all current tokens): head-mean attention of layer l, rows =
+  raters, columns = the current visual tokens, mean over the raters (``attention_scores`` with the rater
+  rows, so ``heads``/``num_heads``/``debias`` apply; debiasing touches the first stage only, §13).
+* C (how many): ``version="1.5"`` (default, the ICML numbers) keeps a fixed count per stage from the
+  schedule of the budget (per image, LLaVA-1.5 frame of 576 tokens per image):
+  192 → 300/200/110, 128 → 303/110/36, 96 → 238/48/26, 64 → 66/30/17.
+  ``version="2.0"`` (SparseVLM+): 192 → 300/200/118, 128 → 238/108/60, 96 → 246/54/28, 64 → 66/34/20.
+  Any other budget (or a model whose images do not have 576 tokens) scales the 192 schedule
+  proportionally: ``count = round(c · keep / 192)`` clipped to [1, tokens per image]; an explicit
+  ``schedule`` overrides both. ``version="1"`` is rank-adaptive: ``rank`` = numerical rank
+  (``torch.linalg.matrix_rank`` default tolerance) of the rater × visual block of the head-mean
+  attention, ``keep = min(int(rank · scale + bias), n_vis − 1)`` per sample (nothing is dropped when
+  ``rank == n_vis``), so samples keep different counts (``Selection.valid``). ``scale``/``bias`` default
+  by budget to the README's examples: 192 → (13.5, 0), 128 → (9, 6), 64 → (0.8, 0); otherwise (13.5, 0).
+* D (v1/v1.5, ``recycle=True``): of the dropped tokens, the top ``int(0.3·N_del) + 1`` by the (not
+  debiased) score are clustered with DPC-kNN (``selection.dpc_knn_cluster``, k = C) into
+  ``C = int(n_rec / 10) + 1`` tokens (member means of layer l's output), placed right after the kept
+  visual tokens in centre order; they are visual tokens for the later stages.
+* E (v2.0): attention probabilities are divided by the RoPE prior of all-ones q/k at the current
+  positions (``q₁·k₁ᵀ/√d``), only the ``priority_heads`` (14) heads with the largest rater→visual mass are
+  averaged, no recycling, original position ids.
+
+Layers: ``layers`` = the sparse layers l (score layer l runs on everything, layers ≥ l+1 see the pruned
+set): default [2, 6, 15] (v1.5, v2.0) and [2, 6, 15, 19] (v1). v1/v1.5 re-index positions after each
+stage, v2.0 keeps the original ones. The record holds, per stage, the count including recycled tokens
+(``info``: ``kept``, ``recycled``, ``tokens`` = kept + recycled, ``raters``; v1 also ``rank``).
+
+Budget accounting: the schedules hit their budget under the repo's count of the visual tokens *after*
+each layer's pruning (192 → 309/204/113 gives 192.0 over 32 layers); vtprune's record counts the tokens
+*entering* each layer (the sparse layer itself still runs on the unpruned set), 206.5 for the same run.
+
+Parameters: keep (budget per image, default 192 of 576 — a third of the tokens per image on other
+models), version ("1.5" | "1" | "2.0"), layers,
+schedule, recycle (None = on for v1/v1.5, off for v2.0), scale, bias, priority_heads (14), and the
+attention options heads, num_heads, debias, debias_strength, benchmark.
+
+Deviations from the official code (batch size 1, fp16):
+* keep ≥ tokens per image keeps everything (no stage drops or recycles); a schedule count ≥ the current
+  visual count keeps all of them (the official ``min(count, n − 1)`` would still drop one token). Neither
+  happens with the paper budgets on LLaVA-1.5.
+* Scores and the rater softmax in float32; ties go to the lower index; DPC-kNN breaks density ties by the
+  lower index instead of the official 1e-6 random jitter.
+* v1's rank is taken from the plain head-mean block whatever ``heads`` selects for the scores.
+* A sample with no rater (a single text token) uses every text token as rater (the official code would
+  average an empty set, NaN). v1 keeps at least one token.
+* v2.0's priority heads are skipped when ``heads``/``num_heads`` choose the heads (the option wins); on a
+  model with fewer than ``priority_heads`` heads all heads are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vtprune.methods.base import (
+    AttentionMethod,
+    ModelInfo,
+    PruneConfigError,
+    Selection,
+    Stage,
+    register,
+    resolve_keep,
+)
+from vtprune.selection import dpc_knn_cluster
+
+PAPER_TOKENS = 576  # tokens per image of LLaVA-1.5, the frame the schedules are written in
+
+SCHEDULES: dict[str, dict[int, tuple[int, ...]]] = {
+    "1.5": {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)},
+    "2.0": {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)},
+}
+V1_SCALE_BIAS: dict[int, tuple[float, float]] = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
+DEFAULT_LAYERS = {"1": (2, 6, 15, 19), "1.5": (2, 6, 15), "2.0": (2, 6, 15)}
+RECYCLE_RATIO = 0.3  # τ: share of the dropped tokens that are recycled
+VERSIONS = ("1", "1.5", "2.0")
+
+
+def sparsevlm_schedule(version: str, keep: int, tokens_per_image: int) -> tuple[int, ...]:
+    """Per-image keep counts of the three sparse layers for a budget (v1.5 / v2.0), see the module doc."""
+    if keep >= tokens_per_image:
+        return (tokens_per_image,) * 3
+    table = SCHEDULES[version]
+    if tokens_per_image == PAPER_TOKENS and keep in table:
+        return table[keep]
+    return tuple(min(tokens_per_image, max(1, round(c * keep / 192))) for c in table[192])
+
+
+def recycle_counts(n_deleted: int) -> tuple[int, int]:
+    """(tokens recycled, clusters) for `n_deleted` dropped tokens (Step D: τ = 30 %, θ = 1/10)."""
+    if n_deleted <= 0:
+        return 0, 0
+    n_rec = int(n_deleted * RECYCLE_RATIO) + 1
+    return n_rec, int(n_rec / 10) + 1
+
+
+def stage_counts(n_visual: int, kept: list[int], recycle: bool = True) -> list[int]:
+    """Visual tokens after each stage (kept + recycled) for fixed per-stage keep counts — the repo's
+    accounting of §17 ex. 6 (192 → 309 / 204 / 113)."""
+    out = []
+    n = n_visual
+    for k in kept:
+        k = min(k, n)
+        n = k + (recycle_counts(n - k)[1] if recycle else 0)
+        out.append(n)
+    return out
+
+
+def _rank_order(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, V) token order: valid tokens by descending score (ties: lower index), then invalid ones."""
+    s = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    ok = torch.gather(valid, 1, order)
+    return torch.gather(order, 1, torch.sort((~ok).to(torch.uint8), dim=1, stable=True).indices)
+
+
+def top_counts(
+    scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top `counts[b]` valid tokens of each row, in raster order: ((B, max count) indices, validity)."""
+    width = int(counts.max()) if counts.numel() else 0
+    order = _rank_order(scores, valid)[:, :width]
+    ok = torch.arange(width, device=scores.device)[None, :] < counts[:, None]
+    sentinel = torch.iinfo(torch.long).max
+    key = torch.sort(torch.where(ok, order, sentinel), dim=1).values
+    ok = key != sentinel
+    return torch.where(ok, key, 0), ok
+
+
+class _RaterRows:
+    """Stands in for the stage's LLMSignals inside `attention_scores`: the "text" rows limited to the raters,
+    optionally with replaced probabilities (v2.0's corrected, head-selected attention)."""
+
+    def __init__(self, signals, raters: torch.Tensor, attn: torch.Tensor | None = None):
+        self._signals = signals
+        self._raters = raters
+        self._attn = attn
+
+    def __getattr__(self, name):
+        return getattr(self._signals, name)
+
+    def attention(self, queries: str = "text"):
+        attn, valid = self._signals.attention(queries)
+        if self._attn is not None:
+            attn = self._attn
+        return attn, valid & self._raters
+
+
+def text_raters(signals) -> torch.Tensor:
+    """(B, Lt) Step A raters, aligned with the rows of ``signals.attention("text")``."""
+    embeds = signals.input_embeds.float()
+    vis_index = signals.input_visual_index
+    b, length, d = embeds.shape
+    vis_valid = torch.gather(signals.input_valid, 1, vis_index)
+    positions = torch.arange(length, device=embeds.device).expand(b, length)
+    after = (positions > vis_index.max(dim=1).values[:, None]) & signals.input_valid
+    width = int(after.sum(dim=1).max())
+    order = torch.sort((~after).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    text_valid = torch.gather(after, 1, order)
+    h_v = torch.gather(embeds, 1, vis_index[:, :, None].expand(-1, -1, d))
+    h_q = torch.gather(embeds, 1, order[:, :, None].expand(-1, -1, d))
+    logits = (h_v @ h_q.transpose(1, 2)).masked_fill(~text_valid[:, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).masked_fill(~vis_valid[:, :, None], 0.0)
+    r = probs.sum(dim=1) / vis_valid.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = (r * text_valid).sum(dim=1, keepdim=True) / text_valid.sum(dim=1, keepdim=True).clamp(min=1)
+    raters = (r > mean) & text_valid
+    none = ~raters.any(dim=1, keepdim=True)
+    return torch.where(none, text_valid, raters)
+
+
+def rope_prior(signals, rows: torch.Tensor) -> torch.Tensor:
+    """(B, Q, V) v2.0 prior: RoPE-rotated all-ones query (at `rows`) · all-ones key (at the visual tokens)
+    / sqrt(head_dim), at the current position ids."""
+    cos, sin = signals.adapter.rotary(signals.hidden, signals.position_ids)
+    cos = cos.float().expand(signals.hidden.shape[0], -1, -1)
+    sin = sin.float().expand(signals.hidden.shape[0], -1, -1)
+    d = cos.shape[-1]
+    half = torch.cat([-torch.ones(d // 2), torch.ones(d - d // 2)]).to(cos.device)
+    rotated = cos + half * sin  # q_embed of q = 1: 1·cos + rotate_half(1)·sin
+    q = torch.gather(rotated, 1, rows[:, :, None].expand(-1, -1, d))
+    k = torch.gather(rotated, 1, signals.visual_index[:, :, None].expand(-1, -1, d))
+    return (q @ k.transpose(1, 2)) / d**0.5
+
+
+@register
+@dataclass
+class SparseVLM(AttentionMethod):
+    """Text-rater-guided progressive pruning inside the LLM with token recycling."""
+
+    version: str = "1.5"
+    layers: tuple[int, ...] | None = None
+    schedule: tuple[int, ...] | None = None
+    recycle: bool | None = None
+    scale: float | None = None
+    bias: float | None = None
+    priority_heads: int = 14
+
+    name = "sparsevlm"
+    stage_kind = "llm"
+    paper = "arXiv 2410.04417"
+    default_keep: ClassVar[int] = 192
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.version = str(self.version)
+        if self.version == "2":
+            self.version = "2.0"
+        if self.version not in VERSIONS:
+            raise PruneConfigError(f"sparsevlm: version={self.version!r}; valid: {', '.join(VERSIONS)}")
+        if self.layers is not None:
+            self.layers = tuple(int(x) for x in self.layers)
+            if not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0:
+                raise PruneConfigError(
+                    f"sparsevlm: layers={self.layers} must be increasing layer indices >= 0"
+                )
+        if self.schedule is not None:
+            self.schedule = tuple(int(x) for x in self.schedule)
+            if self.version == "1":
+                raise PruneConfigError(
+                    "sparsevlm: version 1 is rank-adaptive; schedule applies to 1.5 and 2.0"
+                )
+            if any(c < 1 for c in self.schedule):
+                raise PruneConfigError(f"sparsevlm: schedule={self.schedule} counts must be >= 1")
+        if self.recycle is None:
+            self.recycle = self.version != "2.0"
+        if self.recycle and self.version == "2.0":
+            raise PruneConfigError(
+                "sparsevlm: version 2.0 keeps original positions and cannot recycle (recycle=False)"
+            )
+        if self.scale is not None and self.scale <= 0:
+            raise PruneConfigError(f"sparsevlm: scale={self.scale} must be > 0")
+        if self.priority_heads < 1:
+            raise PruneConfigError(f"sparsevlm: priority_heads={self.priority_heads} must be >= 1")
+
+    # --- planning -----------------------------------------------------------------------------------------
+    def sparse_layers(self) -> tuple[int, ...]:
+        return self.layers if self.layers is not None else DEFAULT_LAYERS[self.version]
+
+    def budget(self, info: ModelInfo) -> int:
+        """Layer-average budget per image: keep, or 192 of 576 (the same third on other token counts)."""
+        return self.keep_count(info, max(1, round(info.visual_tokens * self.default_keep / PAPER_TOKENS)))
+
+    def counts(self, info: ModelInfo) -> tuple[int, ...]:
+        """Per-image keep count of each stage (v1: the budget, an upper bound only)."""
+        layers = self.sparse_layers()
+        keep = self.budget(info)
+        if self.version == "1":
+            return (keep,) * len(layers)
+        if self.schedule is not None:
+            counts = tuple(resolve_keep(c, info.visual_tokens, "schedule count") for c in self.schedule)
+        else:
+            counts = sparsevlm_schedule(self.version, keep, info.visual_tokens)
+        if len(counts) != len(layers):
+            raise PruneConfigError(
+                f"sparsevlm: {len(layers)} sparse layers {list(layers)} need {len(layers)} schedule counts, "
+                f"got {list(counts)} (pass schedule=...)"
+            )
+        return counts
+
+    def scale_bias(self, budget: int, tokens_per_image: int) -> tuple[float, float]:
+        """v1's (λ, bias): explicit values, else the README example of the budget on LLaVA-1.5, else (13.5, 0)."""
+        default = V1_SCALE_BIAS.get(budget, (13.5, 0.0)) if tokens_per_image == PAPER_TOKENS else (13.5, 0.0)
+        return (
+            self.scale if self.scale is not None else default[0],
+            self.bias if self.bias is not None else default[1],
+        )
+
+    def stages(self, info: ModelInfo) -> list[Stage]:
+        positions = "original" if self.version == "2.0" else "reindex"
+        return [
+            Stage(
+                kind="llm",
+                keep=k,
+                score_layer=layer,
+                prune_layer=layer + 1,
+                positions=positions,
+                queries="text",
+                name=f"sparsevlm@{layer}",
+            )
+            for layer, k in zip(self.sparse_layers(), self.counts(info), strict=True)
+        ]
+
+    def validate_for(self, info: ModelInfo) -> None:
+        last = info.num_layers - 2
+        bad = [layer for layer in self.sparse_layers() if not 0 <= layer <= last]
+        if bad:
+            raise PruneConfigError(
+                f"sparsevlm: sparse layers {bad} out of range; layer l runs on all tokens and layer l+1 must "
+                f"exist (valid: 0..{last})"
+            )
+        super().validate_for(info)
+
+    # --- selection ----------------------------------------------------------------------------------------
+    def _v2_attention(self, signals, raters: torch.Tensor) -> torch.Tensor | None:
+        """Step E: prior-corrected probabilities, restricted to the priority heads (None: nothing to replace)."""
+        attn, _ = signals.attention("text")
+        rows, _ = signals.query_index("text")
+        attn = attn.float() / rope_prior(signals, rows)[:, None]
+        if not self._head_policy.is_mean:
+            return attn
+        heads = min(self.priority_heads, attn.shape[1])
+        mass = (attn * raters[:, None, :, None] * signals.visual_valid[:, None, None, :]).sum(dim=(2, 3))
+        top = torch.sort(mass, dim=1, descending=True, stable=True).indices[:, :heads]
+        return torch.gather(attn, 1, top[:, :, None, None].expand(-1, -1, attn.shape[2], attn.shape[3]))
+
+    def _v1_counts(self, signals, raters: torch.Tensor, budget: int) -> tuple[torch.Tensor, list[int]]:
+        attn, _ = signals.attention("text")
+        block = attn.float().mean(dim=1)  # (B, Q, V) head mean, as the official rank
+        scale, bias = self.scale_bias(budget, signals.tokens_per_image)
+        counts, ranks = [], []
+        for b in range(block.shape[0]):
+            cols = signals.visual_valid[b].nonzero().squeeze(1)
+            rows = raters[b].nonzero().squeeze(1)
+            n = cols.numel()
+            rank = int(torch.linalg.matrix_rank(block[b][rows][:, cols])) if rows.numel() and n else 0
+            ranks.append(rank)
+            counts.append(n if rank == n else max(1, min(int(rank * scale + bias), n - 1)))
+        return torch.tensor(counts, device=block.device), ranks
+
+    def _recycle(self, signals, scores: torch.Tensor, kept: torch.Tensor, kept_valid: torch.Tensor):
+        """Step D: cluster the best dropped tokens into new ones. Returns (extra, extra_valid, clusters per row)."""
+        valid = signals.visual_valid
+        b, v = valid.shape
+        kept_mask = torch.zeros(b, v + 1, dtype=torch.bool, device=valid.device)  # column v: unused slots
+        kept_mask.scatter_(1, torch.where(kept_valid, kept, v), True)
+        dropped = valid & ~kept_mask[:, :v]
+        plans = [recycle_counts(int(n)) for n in dropped.sum(dim=1).tolist()]
+        width = max(c for _, c in plans)
+        if width == 0:
+            return None, None, [0] * b
+        hidden = signals.visual_hidden()
+        order = _rank_order(scores, dropped)
+        extra = hidden.new_zeros(b, width, hidden.shape[-1])
+        extra_valid = torch.zeros(b, width, dtype=torch.bool, device=hidden.device)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row, plan in enumerate(plans):
+            if plan[1]:
+                groups.setdefault(plan, []).append(row)
+        for (n_rec, c), rows in groups.items():
+            idx = torch.tensor(rows, device=hidden.device)
+            pick = order[idx, :n_rec]
+            x = torch.gather(hidden[idx], 1, pick[:, :, None].expand(-1, -1, hidden.shape[-1]))
+            clusters = dpc_knn_cluster(x, c, k_neighbors=c)
+            extra[idx, :c] = clusters.merged.to(extra.dtype)
+            extra_valid[idx, :c] = clusters.valid
+        return extra, extra_valid, [c for _, c in plans]
+
+    def select(self, stage_index, stage, signals) -> Selection:
+        raters = text_raters(signals)
+        attn, _ = signals.attention("text")
+        if raters.shape[1] != attn.shape[2]:
+            raise RuntimeError("sparsevlm: rater rows do not match the text rows of the stage")
+        replaced = self._v2_attention(signals, raters) if self.version == "2.0" else None
+        rows = _RaterRows(signals, raters, replaced)
+        first = stage_index == 0
+        raw, info = self.attention_scores(rows, "text", budget=stage.keep, debias=False)
+        scores = raw
+        if first and self._debias is not None:
+            scores, info = self.attention_scores(rows, "text", budget=stage.keep, debias=True)
+        valid = signals.visual_valid
+        n_valid = valid.sum(dim=1)
+        if self.version == "1" and stage.keep < signals.tokens_per_image:
+            counts, ranks = self._v1_counts(signals, raters, stage.keep)
+            info["rank"] = ranks
+        elif self.version == "1":
+            counts = n_valid  # keep >= tokens per image: keep everything
+        else:
+            counts = n_valid.clamp(max=stage.keep * signals.images_per_sample)
+        indices, ok = top_counts(scores, counts, valid)
+        extra = extra_valid = None
+        recycled = [0] * indices.shape[0]
+        if self.recycle:
+            extra, extra_valid, recycled = self._recycle(signals, raw, indices, ok)
+        kept = counts.tolist()
+        info.update(
+            kept=kept,
+            recycled=recycled,
+            tokens=[k + c for k, c in zip(kept, recycled, strict=True)],
+            raters=raters.sum(dim=1).tolist(),
+        )
+        extra_index = None
+        if extra is not None:
+            extra_index = torch.full(extra_valid.shape, -1, dtype=torch.long, device=extra.device)
+        return Selection(
+            indices,
+            valid=ok,
+            extra=extra,
+            extra_valid=extra_valid,
+            extra_index=extra_index,
+            scores=scores,
+            info=info,
+        )
