@@ -111,12 +111,8 @@ def list_methods() -> list[MethodInfo]:
             )
             for f in dataclasses.fields(cls)
         }
-        doc = (cls.__module__ and __import__(cls.__module__, fromlist=["_"]).__doc__) or cls.__doc__ or ""
-        infos.append(
-            MethodInfo(
-                name, cls.stage_kind, cls.paper, doc.strip().splitlines()[0] if doc.strip() else "", params
-            )
-        )
+        doc = (cls.__doc__ or "").strip()
+        infos.append(MethodInfo(name, cls.stage_kind, cls.paper, doc.splitlines()[0] if doc else "", params))
     return infos
 
 

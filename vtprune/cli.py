@@ -64,11 +64,11 @@ def methods_command(as_json: bool = typer.Option(False, "--json", help="Machine-
         )
         return
     table = Table(title="vtprune methods", show_lines=True)
-    for col in ("method", "stage", "paper", "parameters (default)"):
+    for col in ("method", "stage", "idea", "paper", "parameters (default)"):
         table.add_column(col, overflow="fold")
     for info in infos:
         params = ", ".join(f"{k}={d!r}" for k, (_, d) in info.params.items())
-        table.add_row(info.name, info.stage, info.paper, params)
+        table.add_row(info.name, info.stage, info.summary, info.paper, params)
     console.print(table)
 
 
