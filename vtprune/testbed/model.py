@@ -16,7 +16,8 @@ from vtprune.testbed.world import COLOURS, SHAPE_PLURALS, SHAPES
 from vtprune.testing import BASIC_WORDS, IMAGE_TOKEN, make_tiny_processor, tiny_llava_config
 
 _QUESTION_WORDS = (
-    "Is there a an in the image ? How many are objects object Which colour is shape What Context : - ' s"
+    "Is there a an in the image ? How many are objects object Which colour is shape What Context : - ' s "
+    "Describe this ."
 ).split()
 
 # Architecture of the shipped model (see weights/README.md).

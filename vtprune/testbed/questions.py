@@ -19,6 +19,7 @@ from vtprune.testbed.world import (
     NUM_SHAPES,
     SHAPE_PLURALS,
     SHAPES,
+    class_name,
     colour_of,
     cooccurrence_stats,
     shape_of,
@@ -33,6 +34,7 @@ SYSTEM_PROMPT = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 MCQ_TYPES: tuple[str, ...] = ("count_shape", "count_colour", "colour_at", "shape_at")
+CAPTION_PROMPT = "Describe this image."
 NUM_CHOICES = 4
 LETTERS = "ABCDEFGH"
 
@@ -151,18 +153,31 @@ def make_mcq(scene: Scene, qtype: str, rng: np.random.Generator) -> McqItem | No
     raise ValueError(f"unknown question type {qtype!r}; expected one of {MCQ_TYPES}")
 
 
+def caption(scene: Scene) -> str:
+    """'red circle , blue square .': the objects in reading order (bands of 4 patches, then left to right)."""
+    band = IMAGE_SIZE / 6
+    objects = sorted(scene.objects, key=lambda o: (int(o.centre[1] // band), o.centre[0]))
+    return " , ".join(class_name(o.cls) for o in objects) + " ."
+
+
 @dataclass(frozen=True)
 class TrainingExample:
     text: str  # the user text (question + instructions), before the chat template
-    answer: str  # "yes", "no" or a letter
-    kind: str  # "pope" or "mcq"
+    answer: str  # "yes", "no", a letter, or a caption (several words)
+    kind: str  # "pope", "mcq" or "caption"
 
 
 def sample_training_example(
-    scene: Scene, rng: np.random.Generator, mcq_fraction: float = 0.5
+    scene: Scene, rng: np.random.Generator, mcq_fraction: float = 0.5, caption_fraction: float = 0.0
 ) -> TrainingExample:
-    """One random question about `scene`: balanced yes/no POPE probes with all three negative kinds, or MCQ."""
-    if rng.random() < mcq_fraction:
+    """One random example about `scene`: a caption, an MCQ, or a balanced yes/no POPE probe (all three kinds
+    of negatives). Captions are the dense signal that teaches the LLM to read the image at all: a yes/no
+    answer depends only on the *interaction* of question and image, which a randomly initialised model
+    does not find from POPE and MCQ alone."""
+    draw = rng.random()
+    if draw < caption_fraction:
+        return TrainingExample(CAPTION_PROMPT, caption(scene), "caption")
+    if draw < caption_fraction + mcq_fraction:
         item = make_mcq(scene, MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))], rng)
         if item is not None:
             return TrainingExample(mcq_text(item.question, item.choices), LETTERS[item.answer], "mcq")

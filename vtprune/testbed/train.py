@@ -1,15 +1,18 @@
 """Train the testbed LLaVA on shapes scenes, then evaluate it on held-out data and save it.
 
     python -m vtprune.testbed.train --out DIR --seed 0                       # GPU, the shipped recipe
-    python -m vtprune.testbed.train --out DIR --smoke                        # CPU, seconds: the code path only
+    python -m vtprune.testbed.train --out DIR --smoke                        # CPU, minutes: the code path only
 
 Stage 1 pre-trains the vision tower alone: its [CLS] token (after `post_layernorm`) predicts which of the 64
 colour-shape classes are present (multi-label), and every patch of the penultimate layer (the features LLaVA
-feeds the LLM) predicts the class of the object covering it. Stage 2 trains the whole model on POPE and MCQ
-questions (loss on the answer token and EOS only) with the stage-1 losses kept as auxiliaries, so [CLS] stays
-meaningful for methods that score tokens by [CLS] attention. Prompts are built by the processor's chat template,
-exactly as at evaluation time. The model is saved with `save_pretrained` (fp16 weights, loaded as fp32 by
-default), reloaded with `from_pretrained`, and evaluated with plain batched `generate`.
+feeds the LLM) predicts the class of the object covering it. Stage 2 freezes the tower, as LLaVA-1.5 does, and
+trains the projector and the LLM on captions ("Describe this image." -> objects in reading order), MCQ and
+POPE questions, with the loss on the answer tokens and EOS only. Captions matter: a yes/no or letter answer
+depends only on the interaction of question and image, and a randomly initialised LLM trained on QA alone
+stays at its language prior; a caption is predictable from the image alone, which teaches the LLM to read it.
+Prompts are built by the processor's chat template, exactly as at evaluation. The model is saved with
+`save_pretrained` (fp16 weights, loaded as fp32 by default), reloaded with `from_pretrained`, and evaluated
+with plain batched `generate`.
 """
 
 from __future__ import annotations
@@ -35,10 +38,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vtprune.testbed import evaluate as ev
 from vtprune.testbed.model import MODEL_CONFIG, build_model, build_processor
 from vtprune.testbed.questions import SYSTEM_PROMPT, sample_training_example
-from vtprune.testbed.render import BACKGROUND_LABEL, render, sample_scene
+from vtprune.testbed.render import BACKGROUND_LABEL, GRID, render, sample_scene
 from vtprune.testbed.shapes import STREAM_TRAIN, map_indices, mcq_records, pope_records, scene_rng
 from vtprune.testbed.world import NUM_CLASSES
 from vtprune.testing import IMAGE_TOKEN
+
+TINY_MODEL = {
+    "vision_hidden": 32,
+    "vision_layers": 2,
+    "text_hidden": 64,
+    "text_layers": 2,
+    "intermediate_size": 128,
+}
+KINDS = ("pope", "mcq", "caption")  # training example kinds, in the order of the batches' "kind" codes
 
 
 @dataclass
@@ -48,15 +60,15 @@ class TrainConfig:
     data_seed: int | None = None
     train_images: int = 32000
     vision_steps: int = 3000
-    steps: int = 8000
+    steps: int = 12000
     batch_size: int = 64
     vision_lr: float = 1e-3
-    lr: float = 8e-4
-    tower_lr: float = 3e-4  # vision tower in stage 2
+    position_weight: float = 0.0  # stage 1: weight of the patch row/column loss (0: no position head)
+    lr: float = 6e-4
     weight_decay: float = 0.05
     warmup: int = 300
-    aux_weight: float = 0.5
-    mcq_fraction: float = 0.6
+    caption_fraction: float = 0.25
+    mcq_fraction: float = 0.4
     system_fraction: float = 0.3
     eval_pope_images: int = 500
     eval_mcq_questions: int = 1000
@@ -67,12 +79,13 @@ class TrainConfig:
     time_budget_s: float = 0.0  # > 0: cap the step counts (both stages) to fit, measured after warm-up
     device: str = "auto"
     log_every: int = 100
+    tiny: bool = False  # a much smaller model of the same architecture (tests of the training code)
     smoke: bool = False
 
 
 SMOKE = dict(
     train_images=48, vision_steps=3, steps=4, batch_size=4, warmup=2, eval_pope_images=2, eval_mcq_questions=4,
-    eval_blank=4, eval_batch_size=8, eval_sample=False, workers=0, log_every=1,
+    eval_blank=4, eval_batch_size=8, eval_sample=False, workers=0, log_every=1, tiny=True,
 )  # fmt: skip
 
 
@@ -151,23 +164,23 @@ class QuestionBatches(IterableDataset):
     def make_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         index = rng.integers(len(self.scenes), size=cfg.batch_size)
-        seqs, lengths, is_mcq = [], [], []
+        seqs, lengths, kinds = [], [], []
         for i in index:
-            ex = sample_training_example(self.scenes[i], rng, cfg.mcq_fraction)
-            is_mcq.append(ex.kind == "mcq")
+            ex = sample_training_example(self.scenes[i], rng, cfg.mcq_fraction, cfg.caption_fraction)
+            kinds.append(KINDS.index(ex.kind))
             system = SYSTEM_PROMPT if rng.random() < cfg.system_fraction else None
             prompt = self.prompt_ids(ex.text, system)
-            answer = self.processor.tokenizer.convert_tokens_to_ids(ex.answer)
-            seqs.append(prompt + [answer, self.eos_id])
+            answer = self.processor.tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
+            seqs.append(prompt + answer + [self.eos_id])
             lengths.append(len(prompt))
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         labels = torch.full_like(input_ids, -100)
         for row, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
             input_ids[row, : len(seq)] = torch.tensor(seq)
-            labels[row, n : n + 2] = torch.tensor(seq[n:])
+            labels[row, n : len(seq)] = torch.tensor(seq[n:])
         return {"index": torch.from_numpy(index), "input_ids": input_ids, "labels": labels,
-                "is_mcq": torch.tensor(is_mcq)}  # fmt: skip
+                "kind": torch.tensor(kinds)}  # fmt: skip
 
     def __iter__(self):
         info = get_worker_info()
@@ -180,12 +193,15 @@ class QuestionBatches(IterableDataset):
 
 
 class AuxHeads(nn.Module):
-    """Training-only heads on the vision tower: [CLS] -> present classes, patch -> covering class."""
+    """Training-only heads on the vision tower: [CLS] -> present classes, patch -> covering class, and
+    optionally patch -> its own row and column (keeps absolute position decodable from the features, as it is
+    in CLIP; without it the class objectives wash position out by the penultimate layer)."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, position: bool = False):
         super().__init__()
         self.cls = nn.Linear(hidden, NUM_CLASSES)
         self.patch = nn.Linear(hidden, NUM_CLASSES + 1)
+        self.position = nn.Linear(hidden, 2 * GRID) if position else None
 
     def losses(
         self, vision_out: Any, presence: torch.Tensor, patch_labels: torch.Tensor
@@ -197,8 +213,18 @@ class AuxHeads(nn.Module):
         with torch.no_grad():
             exact = ((cls_logits > 0) == (presence > 0.5)).all(dim=1).float().mean()
             obj = patch_labels != BACKGROUND_LABEL
-            patch_acc = (patch_logits.argmax(-1)[obj] == patch_labels[obj]).float().mean()
-        return {"cls": cls_loss, "patch": patch_loss, "cls_exact": exact, "patch_acc": patch_acc}
+            hits = (patch_logits.argmax(-1)[obj] == patch_labels[obj]).float().sum()
+            patch_acc = hits / obj.sum().clamp(min=1)
+        out = {"cls": cls_loss, "patch": patch_loss, "cls_exact": exact, "patch_acc": patch_acc}
+        if self.position is not None:
+            features = vision_out.hidden_states[-2][:, 1:]
+            logits = self.position(features).float().view(*features.shape[:2], 2, GRID)
+            cell = torch.arange(GRID * GRID, device=logits.device)
+            target = torch.stack([cell // GRID, cell % GRID], dim=-1).expand(*logits.shape[:-1])
+            out["position"] = F.cross_entropy(logits.flatten(0, 2), target.flatten())
+            with torch.no_grad():
+                out["position_acc"] = (logits.argmax(-1) == target).float().mean()
+        return out
 
 
 class PixelNormaliser:
@@ -219,11 +245,12 @@ def vision_forward(model: Any, pixel_values: torch.Tensor) -> Any:
     return model.model.vision_tower(pixel_values, output_hidden_states=True)
 
 
-def answer_loss(model: Any, vision_out: Any, input_ids: torch.Tensor, labels: torch.Tensor):
-    """LLaVA's forward written out (features of layer -2 without CLS -> projector -> image-token slots), with
-    logits computed only where a label is: cross-entropy on answer + EOS, and per-row answer correctness."""
+def answer_loss(model: Any, features: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor):
+    """LLaVA's forward written out (`features`: vision layer -2 without CLS -> projector -> image-token slots),
+    with logits only where a label is: cross-entropy on the answer + EOS, and whether each row's first answer
+    token is right."""
     inner = model.model
-    image_features = inner.multi_modal_projector(vision_out.hidden_states[-2][:, 1:])
+    image_features = inner.multi_modal_projector(features)
     embeds = model.get_input_embeddings()(input_ids)
     slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(slots, image_features.to(embeds.dtype))
@@ -296,7 +323,7 @@ def train_vision(model, heads, pool, normalise, cfg, device, autocast, budget_s:
         with autocast():
             out = heads.losses(vision_forward(model, pixels), pool.presence[index].to(device),
                                pool.patch_labels[index].to(device))  # fmt: skip
-        loss = out["cls"] + out["patch"]
+        loss = out["cls"] + out["patch"] + cfg.position_weight * out.get("position", 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -309,14 +336,28 @@ def train_vision(model, heads, pool, normalise, cfg, device, autocast, budget_s:
     return {"steps": step, "seconds": round(time.time() - t0, 1), **log}
 
 
-def train_full(
-    model, heads, pool, batches, normalise, cfg, device, autocast, budget_s: float
-) -> dict[str, Any]:
-    tower_params = list(model.model.vision_tower.parameters())
-    tower_ids = {id(p) for p in tower_params}
-    other = [p for p in model.parameters() if id(p) not in tower_ids] + list(heads.parameters())
-    groups = [{"params": tower_params, "base": cfg.tower_lr}, {"params": other, "base": cfg.lr}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **_fused(device))
+@torch.no_grad()
+def precompute_features(model, pool, normalise, device, autocast, batch_size: int = 128) -> torch.Tensor:
+    """Penultimate-layer patch features of every pool image (what LLaVA feeds the projector), bf16 on GPU."""
+    tower = model.model.vision_tower.eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = len(pool.scenes)
+    out = torch.empty(n, model.config.image_seq_length, model.config.vision_config.hidden_size, dtype=dtype,
+                      device=device)  # fmt: skip
+    for start in range(0, n, batch_size):
+        pixels = normalise(pool.pixels[start : start + batch_size].to(device))
+        with autocast():
+            out[start : start + batch_size] = tower(pixels, output_hidden_states=True).hidden_states[-2][
+                :, 1:
+            ]
+    return out
+
+
+def train_llm(model, features, batches, cfg, device, autocast, budget_s: float) -> dict[str, Any]:
+    """Stage 2: projector + LLM on captions, MCQ and POPE; the vision tower stays frozen (as in LLaVA-1.5)."""
+    model.model.vision_tower.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **_fused(device))
     budget = StepBudget(cfg.steps, budget_s, device)
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if cfg.workers else None, persistent_workers=cfg.workers > 0)  # fmt: skip
@@ -325,34 +366,30 @@ def train_full(
         if step >= budget.total:
             break
         for group in opt.param_groups:
-            group["lr"] = group["base"] * lr_factor(step, budget.total, cfg.warmup)
-        index = batch["index"]
-        pixels = normalise(pool.pixels[index.to(pool.pixels.device)].to(device, non_blocking=True))
+            group["lr"] = cfg.lr * lr_factor(step, budget.total, cfg.warmup)
+        feats = features[batch["index"].to(features.device)]
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         with autocast():
-            vision_out = vision_forward(model, pixels)
-            lm, correct = answer_loss(model, vision_out, input_ids, labels)
-            aux = heads.losses(
-                vision_out, pool.presence[index].to(device), pool.patch_labels[index].to(device)
-            )
-        loss = lm + cfg.aux_weight * (aux["cls"] + aux["patch"])
+            loss, correct = answer_loss(model, feats, input_ids, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         budget.update(step)
-        is_mcq = batch["is_mcq"].to(device)
-        running.append(torch.stack([lm.detach(), correct[~is_mcq].sum(), (~is_mcq).sum(), correct[is_mcq].sum(),
-                                    is_mcq.sum()]))  # fmt: skip
+        onehot = F.one_hot(batch["kind"].to(device), len(KINDS)).float()
+        running.append(torch.cat([loss.detach()[None], correct @ onehot, onehot.sum(0)]))
         if step % cfg.log_every == 0 or step == budget.total:
-            lm_sum, pope_ok, pope_n, mcq_ok, mcq_n = torch.stack(running).sum(0).tolist()
-            log = {"lm": round(lm_sum / len(running), 4), "pope_acc": round(pope_ok / max(pope_n, 1), 4),
-                   "mcq_acc": round(mcq_ok / max(mcq_n, 1), 4),
-                   **{k: round(float(v.detach()), 4) for k, v in aux.items()}}  # fmt: skip
+            total = torch.stack(running).sum(0).tolist()
+            k = len(KINDS)
+            log = {"loss": round(total[0] / len(running), 4)}
+            log |= {
+                f"{name}_acc": round(total[1 + i] / max(total[1 + k + i], 1), 4)
+                for i, name in enumerate(KINDS)
+            }
             running = []
-            print(f"full {step}/{budget.total} {log} {time.time() - t0:.0f}s", flush=True)
+            print(f"llm {step}/{budget.total} {log} {time.time() - t0:.0f}s", flush=True)
     return {"steps": step, "seconds": round(time.time() - t0, 1), **log}
 
 
@@ -432,8 +469,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t_start = time.time()
     processor = build_processor()
-    model = build_model(processor, seed=cfg.seed).to(device).train()
-    heads = AuxHeads(model.config.vision_config.hidden_size).to(device)
+    model = build_model(processor, seed=cfg.seed, **(TINY_MODEL if cfg.tiny else {})).to(device).train()
+    heads = AuxHeads(model.config.vision_config.hidden_size, position=cfg.position_weight > 0).to(device)
     print(
         f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}", flush=True
     )
@@ -447,12 +484,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _check_prompt_ids(batches, processor)
     normalise = PixelNormaliser(processor, device)
 
-    # The time budget is shared between the stages in proportion to their planned steps (vision steps ~ 1/2).
-    total_units = cfg.vision_steps * 0.5 + cfg.steps
-    vision_budget = cfg.time_budget_s * cfg.vision_steps * 0.5 / total_units if cfg.time_budget_s else 0.0
+    # With a time budget, stage 1 may take at most a quarter of it and stage 2 gets whatever is left.
+    vision_budget = 0.25 * cfg.time_budget_s
     vision_log = train_vision(model, heads, pool, normalise, cfg, device, autocast, vision_budget)
-    full_budget = max(0.0, cfg.time_budget_s - (time.time() - t_start)) if cfg.time_budget_s else 0.0
-    full_log = train_full(model, heads, pool, batches, normalise, cfg, device, autocast, full_budget)
+    features = precompute_features(model, pool, normalise, device, autocast)
+    del pool.pixels  # the frozen tower's features are all stage 2 needs
+    llm_budget = max(0.0, cfg.time_budget_s - (time.time() - t_start)) if cfg.time_budget_s else 0.0
+    llm_log = train_llm(model, features, batches, cfg, device, autocast, llm_budget)
+    del features
 
     model.eval()
     directory = save_model(model, processor, out / "model")
@@ -463,9 +502,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(line, flush=True)
     report = {
         "config": asdict(cfg) | {"data_seed": data_seed},
-        "model_config": MODEL_CONFIG,
+        "model_config": {**MODEL_CONFIG, **(TINY_MODEL if cfg.tiny else {})},
         "command": "python -m vtprune.testbed.train " + " ".join(sys.argv[1:] if argv is None else argv),
-        "train": {"vision": vision_log, "full": full_log},
+        "train": {"vision": vision_log, "llm": llm_log},
         "eval_seed": ev.EVAL_SEED,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"

@@ -1,0 +1,96 @@
+"""The testbed training code: prompts identical to the processor's, the written-out loss equals LLaVA's, smoke."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vtprune.testbed import evaluate as ev
+from vtprune.testbed import train
+from vtprune.testbed.model import build_model, build_processor
+from vtprune.testbed.questions import SYSTEM_PROMPT, caption
+from vtprune.testbed.render import render, sample_scene
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return train.build_pool(6, seed=0, workers=1)
+
+
+def _batches(processor, pool, **overrides):
+    cfg = train.parse_args(["--smoke"])
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return train.QuestionBatches(pool.scenes, processor, cfg, image_seq_length=576)
+
+
+def test_training_prompt_ids_match_processor(processor, pool):
+    batches = _batches(processor, pool)
+    image = Image.fromarray(render(pool.scenes[0])[0])
+    for text in ("Is there a red circle in the image?\nAnswer the question using a single word or phrase.",
+                 "Describe this image."):  # fmt: skip
+        for system in (None, SYSTEM_PROMPT):
+            prompt = ev.chat_prompt(processor, text, system)
+            expected = processor(images=image, text=prompt, return_tensors="pt")["input_ids"][0].tolist()
+            assert batches.prompt_ids(text, system) == expected
+
+
+def test_batch_labels_cover_answer_and_eos_only(processor, pool):
+    batches = _batches(processor, pool, batch_size=24, caption_fraction=0.3)
+    batch = batches.make_batch(np.random.default_rng(0))
+    tok = processor.tokenizer
+    assert set(batch["kind"].tolist()) == {0, 1, 2}
+    for ids, labels, index, kind in zip(
+        batch["input_ids"], batch["labels"], batch["index"], batch["kind"], strict=True
+    ):
+        answer = labels[labels != -100].tolist()
+        assert answer[-1] == tok.eos_token_id
+        words = tok.convert_ids_to_tokens(answer[:-1])
+        if kind == 0:
+            assert words in (["yes"], ["no"])
+        elif kind == 1:
+            assert words[0] in "ABCD" and len(words) == 1
+        else:
+            assert " ".join(words) == caption(pool.scenes[int(index)])
+        real = ids[ids != tok.pad_token_id]
+        assert real[-len(answer) :].tolist() == answer  # right padding: the answer ends the real tokens
+
+
+def test_written_out_loss_equals_llava_loss(processor, pool):
+    model = build_model(processor, seed=0, **train.TINY_MODEL).eval()
+    batch = _batches(processor, pool, batch_size=3).make_batch(np.random.default_rng(1))
+    pixels = train.PixelNormaliser(processor, torch.device("cpu"))(pool.pixels[batch["index"]])
+    with torch.no_grad():
+        features = train.vision_forward(model, pixels).hidden_states[-2][:, 1:]
+        loss, _ = train.answer_loss(model, features, batch["input_ids"], batch["labels"])
+        reference = model(input_ids=batch["input_ids"], pixel_values=pixels, labels=batch["labels"]).loss
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_pixel_normaliser_matches_processor(processor):
+    pixels = render(sample_scene(np.random.default_rng(2)))[0]
+    expected = processor.image_processor(Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
+    got = train.PixelNormaliser(processor, torch.device("cpu"))(torch.from_numpy(pixels)[None])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_smoke_run_saves_a_loadable_model(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    report = train.main(["--out", str(tmp_path), "--smoke", "--position-weight", "1"])
+    assert report["train"]["llm"]["steps"] == 4 and "position" in report["train"]["vision"]
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["heldout"]["pope"]["all"]["n"] > 0 and (tmp_path / "model.tar").is_file()
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model")
+    assert model.dtype == torch.float32
+    AutoProcessor.from_pretrained(tmp_path / "model")
