@@ -1,0 +1,491 @@
+"""`vtprune bench` on the tiny model (CPU): files and keys, oracle replay, FLOPs/KV arithmetic, CLI, errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vtprune
+from vtprune.analysis.plots import assert_png_ok
+from vtprune.bench import flops as F
+from vtprune.bench.oracle import FixedSelection
+from vtprune.bench.report import target_checks
+from vtprune.bench.runner import BenchConfig, cache_bytes, run_bench
+from vtprune.bench.timing import summarize
+from vtprune.bench.workload import build_model, init_random_weights, synthetic_inputs
+from vtprune.methods.base import METHODS, Method, ModelInfo, PruneConfigError, Selection, Stage
+from vtprune.selection import topk_indices
+
+METHODS_UNDER_TEST = ["none", "fastv", "random"]
+KEEPS = [64, 16]
+BATCHES = [1, 2]
+NEW_TOKENS = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model is far faster on one thread than on oversubscribed cores (CI runners share them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_model(model=None, arch="tiny", random_weights=False, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cfg = BenchConfig(
+        arch="tiny",
+        methods=METHODS_UNDER_TEST,
+        keeps=KEEPS,
+        batches=BATCHES,
+        new_tokens=NEW_TOKENS,
+        repeats=2,
+        warmup=1,
+        device="cpu",
+        dtype="float32",
+        output=out,
+        progress=False,
+    )
+    results = run_bench(cfg, loaded=tiny_model)
+    return results, out
+
+
+def ok_entries(results):
+    return [e for e in results["results"] if e["status"] == "ok"]
+
+
+# --- end to end ------------------------------------------------------------------------------------------
+
+
+def test_writes_json_markdown_and_plots(bench_run):
+    results, out = bench_run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["meta"]["schema"] == "vtprune.bench/1"
+    for key in (
+        "device_name",
+        "date",
+        "torch",
+        "transformers",
+        "attn",
+        "dtype",
+        "random_weights",
+        "weights_note",
+        "text_tokens",
+        "new_tokens",
+        "repeats",
+        "warmup",
+        "weights_bytes",
+    ):
+        assert key in on_disk["meta"], key
+    assert on_disk["meta"]["random_weights"] is True and on_disk["meta"]["attn"] == "sdpa"
+    md = (out / "results.md").read_text()
+    assert "## Batch 1" in md and "## Batch 2" in md and "oracle prefill ms" in md and "## Targets" in md
+    for stem in ("prefill_vs_tokens", "pareto"):
+        assert_png_ok(out / f"{stem}.png", min_size=(400, 300))
+        assert (out / f"{stem}.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_every_configuration_ran_with_method_and_oracle_timings(bench_run):
+    results, _ = bench_run
+    entries = results["results"]
+    assert all(e["status"] == "ok" for e in entries), [e.get("error") for e in entries]
+    expected = {(m, k, b) for m in METHODS_UNDER_TEST if m != "none" for k in KEEPS for b in BATCHES}
+    expected |= {("none", None, b) for b in BATCHES}
+    assert {(e["name"], e["keep"], e["batch"]) for e in entries} == expected
+    timing_keys = (
+        "prefill_ms",
+        "e2e_ms",
+        "ttft_generate_ms",
+        "decode_ms_per_token",
+        "throughput_samples_s",
+        "tokens_per_s",
+        "kv_cache_bytes",
+        "peak_mem_prefill_bytes",
+        "peak_mem_generate_bytes",
+    )
+    for e in entries:
+        for side in ("method_timing", "oracle_timing"):
+            timing = e[side]
+            assert timing is not None, (e["method"], side)
+            for key in timing_keys:
+                assert key in timing, (e["method"], side, key)
+            assert timing["prefill_ms"]["median"] > 0 and timing["prefill_ms"]["n"] == 2
+            assert (
+                timing["prefill_ms"]["min"] <= timing["prefill_ms"]["median"] <= timing["prefill_ms"]["max"]
+            )
+        assert e["method_timing"]["vision_ms"]["median"] > 0
+        assert e["method_timing"]["select_ms"] is not None
+        for key in ("overhead_ms", "overhead_pct", "prefill_vs_oracle", "speedup_vs_unpruned"):
+            assert isinstance(e[key], float), (e["method"], key)
+        if e["name"] != "none":
+            assert e["oracle_exact"] is True
+    refs = results["references"]
+    assert [r["batch"] for r in refs] == BATCHES
+    for ref in refs:
+        assert ref["status"] == "ok"
+        assert set(ref["short_prompt"]) == {str(k) for k in KEEPS}
+        assert ref["vision_tower_ms"]["median"] > 0
+
+
+def test_flops_and_tokens_match_bench_flops(bench_run, tiny_model):
+    results, _ = bench_run
+    spec = tiny_model.spec
+    text = results["meta"]["text_tokens"]
+    for e in ok_entries(results):
+        # Per-layer tokens rebuilt from the recorded stages with bench/flops.py's own accounting.
+        stages = [
+            (s["prune_layer"] or 0, s["counts"][0]) for s in e["record"]["stages"] if s["name"] != "none"
+        ]
+        expected_layers = F.layer_tokens_for_stages(spec.num_layers, text, spec.visual_tokens, stages)
+        assert e["layer_tokens"] == expected_layers
+        assert e["tokens"]["tokens_after_pruning"][0] == F.tokens_after_pruning(spec.visual_tokens, stages)
+        assert e["tokens"]["layer_avg_tokens"][0] == pytest.approx(
+            F.layer_avg_visual_tokens(spec.num_layers, spec.visual_tokens, stages)
+        )
+        true = F.prefill_flops(spec, expected_layers)
+        assert e["flops"]["true_total"] == true["total"]
+        assert e["flops"]["true_llm"] == true["llm"]
+        assert e["flops"]["fastv_convention"] == F.fastv_convention_flops(spec, expected_layers)
+        # KV bytes read from the cache object equal the arithmetic (prompt + N-1 tokens per layer).
+        theory = F.kv_cache_bytes(spec, [t + NEW_TOKENS - 1 for t in expected_layers], 4, batch=e["batch"])
+        assert sum(e["kv_cache_bytes_theory_per_sample"]) == theory
+        assert e["method_timing"]["kv_cache_bytes"] == theory
+        assert e["oracle_timing"]["kv_cache_bytes"] == theory
+    for e in ok_entries(results):
+        if e["name"] == "fastv" and e["keep"] == 16:
+            assert e["tokens"]["layer_avg_tokens"][0] == pytest.approx((2 * 64 + 2 * 16) / 4)
+
+
+def test_targets_are_checked_on_the_largest_batch(bench_run):
+    results, _ = bench_run
+    checks = results["targets"]
+    assert checks and all(c["batch"] == max(BATCHES) for c in checks)
+    speed = {c["method"]: c for c in checks if c["check"].startswith("prefill speed-up")}
+    assert speed["random"]["threshold"] == 4.5 and speed["fastv"]["threshold"] == 3.5  # fastv K=2
+
+
+# --- the oracle -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ThreeStages(Method):
+    """Test-only (unregistered): random vision stage, then two LLM stages, to exercise the replay mapping."""
+
+    name = "_three_stages"
+    stage_kind = "vision+llm"
+
+    def stages(self, info: ModelInfo) -> list[Stage]:
+        return [
+            Stage(kind="vision", keep=40, name="v"),
+            Stage(kind="llm", keep=20, score_layer=1, prune_layer=1, name="l1"),
+            Stage(kind="llm", keep=7, score_layer=2, prune_layer=2, positions="reindex", name="l2"),
+        ]
+
+    def select(self, stage_index, stage, signals) -> Selection:
+        if stage.kind == "vision":
+            rows, n = signals.projected.shape[:2]
+            keep = stage.keep
+        else:
+            rows, n = signals.visual_index.shape
+            keep = stage.keep * signals.images_per_sample
+        gen = torch.Generator().manual_seed(11 + stage_index)
+        scores = torch.rand(rows, n, generator=gen)
+        return Selection(*topk_indices(scores, keep))
+
+
+@pytest.mark.parametrize("method", ["fastv", "random", "vispruner", "vispruner_nosink", "visionzip", "three"])
+def test_oracle_replays_exactly_the_recorded_kept_sets(tiny_model, method):
+    """Fixed, adaptive (invalid slots), created tokens (VisionZip: [CLS] and contextual tokens) and three stages."""
+    if method != "three" and method not in {m.name for m in vtprune.list_methods()}:
+        pytest.skip(f"{method} is not registered")
+    model = tiny_model.model
+    inputs = synthetic_inputs(model.config, 2, 20, device="cpu", dtype=torch.float32, seed=3)
+    obj = _ThreeStages() if method == "three" else vtprune.get_method(method, keep=12)
+    with torch.no_grad():
+        vtprune.prune(model, obj)
+        model(**inputs.model_kwargs())
+        record = vtprune.last_record(model)
+        oracle = FixedSelection.from_record(record)
+        vtprune.prune(model, oracle)
+        for _ in range(2):  # the second call uses the cached index tensors
+            model(**inputs.model_kwargs())
+            replay = vtprune.last_record(model)
+            assert [(s.kind, s.prune_layer, s.positions, s.kept) for s in replay.stages] == [
+                (s.kind, s.prune_layer, s.positions, s.kept) for s in record.stages
+            ]
+        vtprune.unprune(model)
+    assert "oracle" not in METHODS  # never registered
+
+
+def test_oracle_scores_nothing(tiny_model):
+    """The oracle of an attention method captures no LLM attention (score layer == prune layer, no queries)."""
+    model = tiny_model.model
+    inputs = synthetic_inputs(model.config, 1, 20, device="cpu", dtype=torch.float32)
+    with torch.no_grad(), vtprune.pruned(model, "fastv", keep=8):
+        model(**inputs.model_kwargs())
+        record = vtprune.last_record(model)
+    oracle = FixedSelection.from_record(record)
+    (stage,) = oracle.stages(None)
+    assert stage.score_layer == stage.prune_layer == 2 and stage.queries is None
+    assert oracle.params() == {"replays": "fastv"}
+
+
+def test_oracle_of_unpruned_record_has_no_stage(tiny_model):
+    model = tiny_model.model
+    inputs = synthetic_inputs(model.config, 1, 20, device="cpu", dtype=torch.float32)
+    with torch.no_grad(), vtprune.pruned(model, "none"):
+        model(**inputs.model_kwargs())
+        record = vtprune.last_record(model)
+    assert FixedSelection.from_record(record).stages(None) == []
+
+
+def test_oracle_rejects_another_batch(tiny_model):
+    model = tiny_model.model
+    one = synthetic_inputs(model.config, 1, 20, device="cpu", dtype=torch.float32)
+    two = synthetic_inputs(model.config, 2, 20, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        with vtprune.pruned(model, "random", keep=8):
+            model(**one.model_kwargs())
+            record = vtprune.last_record(model)
+        with (
+            vtprune.pruned(model, FixedSelection.from_record(record)),
+            pytest.raises(PruneConfigError, match="sample"),
+        ):
+            model(**two.model_kwargs())
+
+
+# --- pieces -------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_inputs_layout(tiny_model):
+    cfg = tiny_model.model.config
+    inputs = synthetic_inputs(cfg, 3, 60, device="cpu", dtype=torch.float32)
+    ids = inputs.input_ids
+    assert ids.shape == (3, 60 + 64)
+    assert int((ids[0] == cfg.image_token_id).sum()) == 64
+    assert bool((ids[:, inputs.image_start : inputs.image_start + 64] == cfg.image_token_id).all())
+    assert bool((ids == ids[0]).all()) and bool(inputs.attention_mask.all())
+    assert inputs.pixel_values.shape == (3, 3, 112, 112)
+
+
+def test_random_weights_from_an_arch_spec():
+    """The --random-weights path on the real module layout (a small ArchSpec, so it runs on a CPU)."""
+    from vtprune.bench.workload import _random_model
+
+    spec = F.ArchSpec(
+        name="mini",
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=16,
+        vocab_size=300,
+        vision_hidden_size=32,
+        vision_intermediate_size=64,
+        vision_layers=2,
+        vision_heads=2,
+        image_size=56,
+        patch_size=14,
+        image_token_index=260,
+        pad_token_id=261,
+    )
+    model = _random_model(F.llava_config(spec), torch.device("cpu"), torch.bfloat16, "sdpa", seed=0)
+    params = dict(model.named_parameters())
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in params.values())
+    assert bool((params["model.language_model.norm.weight"] == 1).all())
+    assert abs(float(params["lm_head.weight"].detach().float().std()) - 0.02) < 0.005
+    assert sum(p.numel() for p in params.values()) == spec.param_counts()["total"]
+    inputs = synthetic_inputs(model.config, 2, 10, device="cpu", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = model(**inputs.model_kwargs(), logits_to_keep=1)
+    assert out.logits.shape == (2, 1, 300)
+
+
+def test_init_random_weights_is_deterministic(tiny_model):
+    import copy
+
+    a, b = copy.deepcopy(tiny_model.model), copy.deepcopy(tiny_model.model)
+    init_random_weights(a, seed=5)
+    init_random_weights(b, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_build_model_from_a_local_checkpoint(tmp_path):
+    from vtprune.testing import save_tiny_llava
+
+    path = save_tiny_llava(tmp_path / "ckpt")
+    real = build_model(model=str(path), arch=None, random_weights=False, device="cpu", dtype=torch.float32)
+    rand = build_model(model=str(path), arch=None, random_weights=True, device="cpu", dtype=torch.float32)
+    assert not real.random_weights and rand.random_weights
+    assert real.visual_tokens == rand.visual_tokens == 64
+
+
+def test_summarize_and_cache_bytes():
+    s = summarize([3.0, 1.0, 2.0, 10.0])
+    assert s == {"median": 2.5, "min": 1.0, "max": 10.0, "p25": 1.75, "p75": 4.75, "n": 4}
+    assert summarize([]) is None
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(2, 4, 5, 8), torch.zeros(2, 4, 5, 8), 0)
+    cache.update(torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8), 1)
+    assert cache_bytes(cache) == 2 * 4 * 8 * 4 * 2 * (5 + 3)
+    assert cache_bytes(None) is None
+
+
+def test_target_checks_thresholds():
+    def entry(name, stage, keep, ratio, speed, layer=None):
+        stages = (
+            [{"kind": "llm", "prune_layer": layer}]
+            if layer is not None
+            else [{"kind": "vision", "prune_layer": None}]
+        )
+        return {
+            "status": "ok",
+            "name": name,
+            "method": name,
+            "stage": stage,
+            "keep": keep,
+            "batch": 16,
+            "prefill_vs_oracle": ratio,
+            "speedup_vs_unpruned": speed,
+            "record": {"stages": stages},
+        }
+
+    results = {
+        "results": [
+            entry("vispruner", "vision", 64, 1.02, 4.6),
+            entry("fastv", "llm", 64, 1.08, 3.4, layer=2),
+            entry("pdrop", "llm", 64, 1.0, 3.0, layer=8),
+            entry("vispruner", "vision", 576, 1.2, 1.0),
+        ]
+    }
+    checks = {(c["check"], c["method"]): c for c in target_checks(results)}
+    assert checks[("prefill <= 1.05 x oracle", "vispruner")]["met"] is True  # the 576 budget is not checked
+    assert checks[("prefill <= 1.05 x oracle", "fastv")]["met"] is False
+    assert checks[("prefill <= 1.05 x oracle", "pdrop")]["met"] is True
+    speed = {c["method"]: c for c in target_checks(results) if c["check"].startswith("prefill speed")}
+    assert (
+        speed["vispruner"]["met"] is True and speed["fastv"]["met"] is False and speed["pdrop"]["met"] is None
+    )
+
+
+# --- input checks and the CLI ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"methods": ["nope"]}, "unknown method"),
+        ({"keeps": [0]}, "--keep"),
+        ({"batches": [0]}, "--batch"),
+        ({"new_tokens": 1}, "--new-tokens"),
+        ({"params": {"fastv": {"R": 2.0}}}, "fastv"),
+        ({"params": {"random": {"seed": 1}}, "methods": ["fastv"]}, "not benchmarked"),
+    ],
+)
+def test_bad_configuration_is_refused_before_anything_runs(kwargs, match):
+    cfg = BenchConfig(arch="tiny", device="cpu", progress=False, **kwargs)
+    with pytest.raises(PruneConfigError, match=match):
+        run_bench(cfg)
+
+
+def test_bad_model_choice_is_refused():
+    with pytest.raises(PruneConfigError, match="random-weights"):
+        build_model(model=None, arch="llava-1.5-7b", random_weights=False, device="cpu", dtype=torch.float32)
+    with pytest.raises(PruneConfigError, match="exactly one"):
+        build_model(model=None, arch=None, random_weights=False, device="cpu", dtype=torch.float32)
+    with pytest.raises(PruneConfigError, match="attention"):
+        build_model(
+            model=None, arch="tiny", random_weights=False, device="cpu", dtype=torch.float32, attn="xformers"
+        )
+
+
+def test_a_configuration_error_fails_the_method_not_the_run(tiny_model, tmp_path):
+    cfg = BenchConfig(
+        arch="tiny",
+        methods=["fastv", "random"],
+        params={"fastv": {"K": 9}},
+        keeps=[16, 8],
+        batches=[1],
+        new_tokens=2,
+        repeats=1,
+        warmup=0,
+        device="cpu",
+        dtype="float32",
+        output=tmp_path,
+        progress=False,
+    )
+    results = run_bench(cfg, loaded=tiny_model)
+    by = {(e["name"], e["keep"]): e for e in results["results"]}
+    assert by[("fastv", 16)]["status"] == "error" and "prune layer 9" in by[("fastv", 16)]["error"]
+    assert by[("fastv", 8)]["status"] == "error" and "not run" in by[("fastv", 8)]["error"]
+    assert by[("random", 16)]["status"] == by[("random", 8)]["status"] == "ok"
+    assert "prune layer 9" in (tmp_path / "results.md").read_text()
+
+
+def test_keep_larger_than_the_image_is_refused(tiny_model):
+    cfg = BenchConfig(arch="tiny", keeps=[576], device="cpu", dtype="float32", progress=False)
+    with pytest.raises(PruneConfigError, match="576"):
+        run_bench(cfg, loaded=tiny_model)
+
+
+def test_cli_bench_command(tmp_path):
+    from vtprune.cli import app
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--arch",
+            "tiny",
+            "--methods",
+            "random",
+            "--keep",
+            "8",
+            "--batch",
+            "1",
+            "--new-tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--param",
+            "random.seed=4",
+            "--no-oracle-generate",
+            "--output",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    (entry,) = data["results"]
+    assert entry["method"] == "random(seed=4)" and entry["params"] == {"seed": 4} and entry["status"] == "ok"
+    assert "prefill_ms" in entry["oracle_timing"] and "e2e_ms" not in entry["oracle_timing"]
+    assert entry["oracle_exact"] is True and entry["e2e_overhead_ms"] is None
+    assert "| random(seed=4) | 8 |" in (out / "results.md").read_text()
+
+
+def test_cli_rejects_malformed_lists(tmp_path):
+    from vtprune.cli import app
+
+    result = CliRunner().invoke(
+        app, ["bench", "--arch", "tiny", "--keep", "64,abc", "--output", str(tmp_path)]
+    )
+    assert result.exit_code != 0 and "integers" in result.output

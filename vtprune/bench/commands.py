@@ -1,0 +1,118 @@
+"""`vtprune bench`: the command-line front of bench/runner.py (registered by vtprune/cli.py)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import typer
+
+__all__ = ["bench_command", "parse_int_list", "parse_method_params"]
+
+
+def parse_int_list(raw: str, what: str) -> list[int]:
+    """`576,192,128,64` -> [576, 192, 128, 64], with a clear message for anything else."""
+    values = []
+    for item in (raw or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            values.append(int(item))
+        except ValueError:
+            raise typer.BadParameter(f"{what} expects comma-separated integers, got {item!r}") from None
+    if not values:
+        raise typer.BadParameter(f"{what} names no value")
+    return values
+
+
+def parse_method_params(items: list[str] | None) -> dict[str, dict]:
+    """`--param fastv.K=3 --param vispruner.important_ratio=0.25` -> {"fastv": {"K": 3}, ...}."""
+    params: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        method, dot, name = key.strip().partition(".")
+        if not sep or not dot or not method or not name:
+            raise typer.BadParameter(f"--param expects method.name=value, got {item!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        params.setdefault(method, {})[name] = value
+    return params
+
+
+def bench_command(
+    model: str = typer.Option(None, help="Hugging Face id or local folder of a LLaVA checkpoint."),
+    arch: str = typer.Option(
+        None, help="Architecture preset instead of a checkpoint: llava-1.5-7b, llava-1.5-13b, tiny."
+    ),
+    random_weights: bool = typer.Option(
+        False, "--random-weights", help="Random weights with the real architecture (no checkpoint needed)."
+    ),
+    methods: str = typer.Option(
+        "none,fastv,vispruner", help="Comma-separated methods (`all` = every registered method)."
+    ),
+    keep: str = typer.Option("576,192,128,64", help="Visual-token budgets per image, comma-separated."),
+    batch: str = typer.Option("1,16", help="Batch sizes, comma-separated."),
+    new_tokens: int = typer.Option(8, help="Tokens generated per sample (greedy, EOS disabled)."),
+    attn: str = typer.Option("sdpa", help="Attention implementation: sdpa, eager or flash_attention_2."),
+    repeats: int = typer.Option(5, help="Timed repeats per measurement (medians reported)."),
+    warmup: int = typer.Option(1, help="Untimed calls before each measurement."),
+    generate_repeats: int = typer.Option(
+        None, help="Timed generate() calls per subject (default: --repeats)."
+    ),
+    dtype: str = typer.Option("auto", help="float32, float16, bfloat16 or auto (bf16 on GPU, fp32 on CPU)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
+    output: Path = typer.Option(..., help="Folder for results.json, results.md and the plots."),
+    text_tokens: int = typer.Option(60, help="Text tokens of the synthetic prompt."),
+    param: list[str] = typer.Option(None, help="Method hyper-parameter method.name=value (repeatable)."),
+    oracle: bool = typer.Option(True, help="Also time each method's oracle (its kept tokens, no scoring)."),
+    oracle_generate: bool = typer.Option(
+        True, help="Also time the oracle's generate() (e2e and decode overhead)."
+    ),
+    profile: bool = typer.Option(
+        False, help="Profile one prefill per method at the largest batch and smallest budget."
+    ),
+    time_budget: float = typer.Option(
+        None, help="Seconds after which the remaining configurations are skipped."
+    ),
+    seed: int = typer.Option(0, help="Seed of the random weights and inputs."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Time pruning methods (prefill, decode, memory, FLOPs) against the unpruned model and the oracle."""
+    from rich.console import Console
+
+    from vtprune.bench.runner import BenchConfig, run_bench
+
+    console = Console(stderr=True)
+    cfg = BenchConfig(
+        model=model,
+        arch=arch,
+        random_weights=random_weights,
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        keeps=parse_int_list(keep, "--keep"),
+        batches=parse_int_list(batch, "--batch"),
+        new_tokens=new_tokens,
+        attn=attn,
+        repeats=repeats,
+        warmup=warmup,
+        generate_repeats=generate_repeats,
+        dtype=dtype,
+        device=device,
+        output=output,
+        text_tokens=text_tokens,
+        params=parse_method_params(param),
+        oracle=oracle,
+        oracle_generate=oracle_generate,
+        profile=profile,
+        time_budget_s=time_budget,
+        seed=seed,
+        progress=progress,
+    )
+    results = run_bench(cfg, log=lambda msg: console.log(msg))
+    failed = [e for e in results["results"] if e.get("status") != "ok"]
+    console.print(f"wrote {output}/results.json, results.md, prefill_vs_tokens.png/pdf, pareto.png/pdf")
+    if failed:
+        console.print(f"[yellow]{len(failed)} configuration(s) did not run; see results.json[/yellow]")
+    print((Path(output) / "results.md").read_text())

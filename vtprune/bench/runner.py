@@ -1,0 +1,789 @@
+"""`vtprune bench`: time every method × budget × batch against the unpruned model and the oracle.
+
+For each configuration the same inputs go through
+
+* the **method** (`vtprune.prune(model, method, keep=T)`);
+* its **oracle** (`FixedSelection` replaying the method's kept tokens at the same stages, no scoring:
+  bench/oracle.py), so `overhead = method − oracle` is the price of scoring and selecting;
+
+and, once per batch size, through the **unpruned** model with no hook at all, the vision tower alone, and a
+**short prompt** per budget (the unmodified model given `inputs_embeds` holding T image tokens gathered from
+its own projected features: the cost of T tokens with no engine in the way).
+
+Measured (CUDA events on a GPU, host clock on a CPU; `warmup` untimed calls first; medians of `repeats`):
+
+* `prefill_ms`: one forward `model(**inputs, use_cache=True, logits_to_keep=1)`, i.e. vision tower +
+  selection + LLM + LM head on the last position, exactly the prefill `generate` runs: the time to first token;
+* `vision_ms`, `select_ms` (and `phases_ms`): the engine's own per-phase clocks (`prune(..., timing=True)`,
+  which synchronises the device around each phase; taken in separate repeats so the headline prefill is
+  free of those syncs);
+* `e2e_ms`: `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)` (greedy, exactly N tokens,
+  EOS cannot stop it); `ttft_generate_ms` from the call to the end of its first forward; `decode_ms_per_token`
+  = (end of the last forward − end of the first) / (N − 1), so it includes generate's per-step Python;
+* `throughput_samples_s` = batch / e2e, `tokens_per_s` = batch · N / e2e;
+* `peak_mem_*_bytes`: `torch.cuda.max_memory_allocated` over the prefill repeats and over the generate
+  repeats (weights included; `weights_bytes` is given once);
+* `kv_cache_bytes`: summed over the cache object `generate` returns (prompt + N − 1 tokens per layer), next to
+  `kv_cache_bytes_theory` from bench/flops.py with the record's per-layer token counts.
+
+FLOPs (bench/flops.py, per sample): true FLOPs (2 per MAC, SwiGLU, causal attention, LM head on one
+position, vision tower and projector) and the FastV-convention count, with the record's per-layer tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import vtprune
+from vtprune.bench import flops as F
+from vtprune.bench.oracle import FixedSelection
+from vtprune.bench.timing import Clock, summarize
+from vtprune.bench.workload import BenchModel, Inputs, build_model, synthetic_inputs
+from vtprune.methods.base import METHODS, Method, PruneConfigError, make_method, method_class
+
+__all__ = ["BenchConfig", "Bench", "run_bench", "SCHEMA"]
+
+SCHEMA = "vtprune.bench/1"
+PHASE_REPEATS = 3  # the synchronised per-phase repeats only split the prefill; fewer are enough
+PROFILE_MAX_METHODS = 6
+
+
+@dataclass
+class BenchConfig:
+    model: str | None = None
+    arch: str | None = None
+    random_weights: bool = False
+    methods: list[str] = field(default_factory=lambda: ["none", "fastv", "vispruner"])
+    keeps: list[int] = field(default_factory=lambda: [576, 192, 128, 64])
+    batches: list[int] = field(default_factory=lambda: [1, 16])
+    new_tokens: int = 8
+    attn: str = "sdpa"
+    repeats: int = 5
+    warmup: int = 1
+    dtype: str = "auto"
+    device: str = "auto"
+    output: Path | None = None
+    text_tokens: int = 60
+    params: dict[str, dict] = field(default_factory=dict)  # method name -> hyper-parameters
+    oracle: bool = True
+    oracle_generate: bool = True  # also time the oracle's generate() (e2e overhead); prefill is always timed
+    generate_repeats: int | None = None  # timed generate calls (None: `repeats`)
+    profile: bool = False
+    time_budget_s: float | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def check(self) -> None:
+        """Every user input checked before anything is built, with the valid choices in the message."""
+        if not self.methods:
+            raise PruneConfigError("--methods names no method; see `vtprune methods`")
+        for name in self.methods:
+            method_class(name)
+        unknown = sorted(set(self.params) - set(self.methods))
+        if unknown:
+            raise PruneConfigError(f"--param names method(s) not benchmarked: {', '.join(unknown)}")
+        for name in self.methods:
+            make_method(name, **self.params.get(name, {}))  # parameter names and ranges
+        if not self.keeps or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.keeps):
+            raise PruneConfigError(f"--keep must list visual-token counts >= 1, got {self.keeps}")
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise PruneConfigError(f"--batch must list sizes >= 1, got {self.batches}")
+        if self.new_tokens < 2:
+            raise PruneConfigError(
+                f"--new-tokens must be >= 2 (one prefill token and at least one decode step), got {self.new_tokens}"
+            )
+        if self.generate_repeats is not None and self.generate_repeats < 1:
+            raise PruneConfigError(f"--generate-repeats must be >= 1, got {self.generate_repeats}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise PruneConfigError(
+                f"--repeats must be >= 1 and --warmup >= 0, got {self.repeats}, {self.warmup}"
+            )
+        if self.text_tokens < 2:
+            raise PruneConfigError(f"--text-tokens must be >= 2, got {self.text_tokens}")
+
+
+def expand_methods(names: list[str]) -> list[str]:
+    """`all` stands for every registered method; duplicates are dropped, order kept."""
+    method_class("none")  # loads the built-in methods
+    out: list[str] = []
+    for name in names:
+        for item in sorted(METHODS) if name == "all" else [name]:
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def method_label(name: str, params: dict) -> str:
+    if not params:
+        return name
+    return name + "(" + ",".join(f"{k}={v}" for k, v in sorted(params.items())) + ")"
+
+
+def cache_bytes(cache) -> int | None:
+    """Bytes held by a transformers cache object (keys and values of every layer)."""
+    if cache is None:
+        return None
+    layers = getattr(cache, "layers", None)
+    total = 0
+    if layers is not None:
+        for layer in layers:
+            for attr in ("keys", "values"):
+                t = getattr(layer, attr, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+    try:  # legacy tuple-of-tuples caches
+        for layer in cache:
+            for t in layer:
+                total += t.numel() * t.element_size()
+    except TypeError:
+        return None
+    return total
+
+
+def gpu_busy_us(averages) -> float:
+    """Device time of the kernels alone (µs). An operator's "self device time" repeats its kernels' time, so
+    only events that ran on the device itself are summed (what the profiler's "Self CUDA time total" shows)."""
+    from torch.autograd import DeviceType
+
+    return float(
+        sum(
+            getattr(evt, "self_device_time_total", 0.0) or 0.0
+            for evt in averages
+            if getattr(evt, "device_type", None) == DeviceType.CUDA
+        )
+    )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+class Bench:
+    """Measurements on one built model; every timed call goes through here."""
+
+    def __init__(self, loaded: BenchModel, cfg: BenchConfig):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.cfg = cfg
+        self.clock = Clock(loaded.device)
+        self.cuda = self.clock.cuda
+
+    # --- primitives -------------------------------------------------------------------------------------
+    def _reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.loaded.device)
+            torch.cuda.reset_peak_memory_stats(self.loaded.device)
+
+    def _peak(self) -> int | None:
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize(self.loaded.device)
+        return int(torch.cuda.max_memory_allocated(self.loaded.device))
+
+    def time_calls(self, fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
+        """Milliseconds of `repeats` calls of `fn` after `warmup` untimed ones (one sync per call)."""
+        with torch.no_grad():
+            for _ in range(warmup):
+                out = fn()
+                del out
+            self.clock.sync()
+            times = []
+            for _ in range(repeats):
+                start = self.clock.mark()
+                out = fn()
+                end = self.clock.mark()
+                self.clock.sync()
+                del out
+                times.append(self.clock.ms(start, end))
+        return times
+
+    def prefill_fn(self, inputs: Inputs) -> Callable[[], object]:
+        kwargs = inputs.model_kwargs()
+        return lambda: self.model(**kwargs, use_cache=True, logits_to_keep=1)
+
+    def generate_kwargs(self, inputs: Inputs) -> dict:
+        n = self.cfg.new_tokens
+        return {
+            **inputs.model_kwargs(),
+            "max_new_tokens": n,
+            "min_new_tokens": n,
+            "do_sample": False,
+            "num_beams": 1,
+        }
+
+    def time_generate(self, inputs: Inputs, repeats: int) -> dict:
+        """e2e, in-generate TTFT and per-token decode of `repeats` generate calls (after one warm-up that
+        also reads the KV cache)."""
+        kwargs = self.generate_kwargs(inputs)
+        marks: list = []
+        handle = self.model.register_forward_hook(
+            lambda module, args, output: marks.append(self.clock.mark())
+        )
+        try:
+            with torch.no_grad():
+                out = self.model.generate(**kwargs, return_dict_in_generate=True)
+                new = out.sequences.shape[1] - inputs.input_ids.shape[1]
+                if new != self.cfg.new_tokens:
+                    raise RuntimeError(f"generate produced {new} tokens instead of {self.cfg.new_tokens}")
+                kv = cache_bytes(getattr(out, "past_key_values", None))
+                del out
+                self._reset_peak()
+                e2e, ttft, decode = [], [], []
+                for _ in range(repeats):
+                    marks.clear()
+                    start = self.clock.mark()
+                    seq = self.model.generate(**kwargs)
+                    end = self.clock.mark()
+                    self.clock.sync()
+                    del seq
+                    e2e.append(self.clock.ms(start, end))
+                    ttft.append(self.clock.ms(start, marks[0]))
+                    decode.append(self.clock.ms(marks[0], marks[-1]) / max(1, len(marks) - 1))
+                peak = self._peak()
+        finally:
+            handle.remove()
+        e2e_s = summarize(e2e)
+        batch = inputs.batch
+        return {
+            "e2e_ms": e2e_s,
+            "ttft_generate_ms": summarize(ttft),
+            "decode_ms_per_token": summarize(decode),
+            "throughput_samples_s": batch * 1e3 / e2e_s["median"],
+            "tokens_per_s": batch * self.cfg.new_tokens * 1e3 / e2e_s["median"],
+            "peak_mem_generate_bytes": peak,
+            "kv_cache_bytes": kv,
+        }
+
+    # --- one timed subject --------------------------------------------------------------------------------
+    def measure(
+        self, inputs: Inputs, method: Method | None, *, phases: bool = True, generate: bool = True
+    ) -> tuple[dict, object]:
+        """Everything for one subject: the unhooked model (method None) or a pruned one. Returns the timings
+        and the PruneRecord of the last prefill (None when unhooked)."""
+        cfg = self.cfg
+        record = None
+        if method is not None:
+            vtprune.prune(self.model, method)
+        try:
+            self._reset_peak()
+            prefill = self.time_calls(self.prefill_fn(inputs), cfg.repeats, cfg.warmup)
+            peak_prefill = self._peak()
+            if method is not None:
+                record = vtprune.last_record(self.model)
+            result: dict = {"prefill_ms": summarize(prefill), "peak_mem_prefill_bytes": peak_prefill}
+            if method is not None and phases:
+                vtprune.prune(self.model, method, timing=True)
+                fn = self.prefill_fn(inputs)
+                per_key: dict[str, list[float]] = {}
+                with torch.no_grad():
+                    for _ in range(min(cfg.repeats, PHASE_REPEATS)):
+                        out = fn()
+                        del out
+                        timings = vtprune.last_record(self.model).timings_ms
+                        for key, value in timings.items():
+                            per_key.setdefault(key, []).append(value)
+                        select = sum(v for k, v in timings.items() if k.startswith("select"))
+                        per_key.setdefault("select", []).append(select)
+                result["phases_ms"] = {k: summarize(v) for k, v in per_key.items()}
+                result["vision_ms"] = result["phases_ms"].get("vision")
+                result["select_ms"] = result["phases_ms"].get("select")
+                vtprune.prune(self.model, method)
+            if generate:
+                result.update(self.time_generate(inputs, cfg.generate_repeats or cfg.repeats))
+        finally:
+            if method is not None:
+                vtprune.unprune(self.model)
+        return result, record
+
+    def vision_tower(self, inputs: Inputs) -> dict:
+        base = self.model.model
+        cfg = self.model.config
+
+        def encode():
+            return base.get_image_features(
+                pixel_values=inputs.pixel_values,
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            )
+
+        return {"vision_tower_ms": summarize(self.time_calls(encode, self.cfg.repeats, self.cfg.warmup))}
+
+    def short_prompt(self, inputs: Inputs, keep: int) -> dict:
+        """The unmodified model on a prompt holding `keep` image tokens: the vision tower and projector run as
+        usual, `keep` projected features (evenly spaced) are written into the prompt embeddings, and the
+        forward takes `inputs_embeds`. Nothing of vtprune runs."""
+        base = self.model.model
+        cfg = self.model.config
+        p = inputs.visual_tokens
+        start = inputs.image_start
+        device = inputs.input_ids.device
+        ids = torch.cat([inputs.input_ids[:, :start], inputs.input_ids[:, start + p - keep :]], dim=1).clone()
+        ids[:, start : start + keep] = 0  # placeholders, overwritten by the image features
+        mask = torch.ones_like(ids)
+        index = torch.linspace(0, p - 1, keep, device=device).round().long()
+        embed = self.model.get_input_embeddings()
+
+        def forward():
+            feats = base.get_image_features(
+                pixel_values=inputs.pixel_values,
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            ).pooler_output
+            feats = torch.stack(list(feats))[:, index]
+            embeds = embed(ids)
+            embeds[:, start : start + keep] = feats.to(embeds.dtype)
+            return self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
+
+        return {"prefill_ms": summarize(self.time_calls(forward, self.cfg.repeats, self.cfg.warmup))}
+
+    def profile(self, inputs: Inputs, method: Method | None, label: str) -> tuple[str, dict]:
+        """One profiled prefill (after a warm-up): the top kernels/ops table and GPU-busy vs wall time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        if method is not None:
+            vtprune.prune(self.model, method)
+        try:
+            fn = self.prefill_fn(inputs)
+            self.time_calls(fn, 1, 1)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            with torch.no_grad(), profile(activities=activities) as prof:
+                start = time.perf_counter()
+                out = fn()
+                self.clock.sync()
+                wall = (time.perf_counter() - start) * 1e3
+                del out
+        finally:
+            if method is not None:
+                vtprune.unprune(self.model)
+        averages = prof.key_averages()
+        device_key = "self_device_time_total"
+        busy_us = gpu_busy_us(averages) if self.cuda else 0.0
+        sort_key = device_key if self.cuda else "self_cpu_time_total"
+        try:
+            table = averages.table(sort_by=sort_key, row_limit=15)
+        except (AttributeError, KeyError, ValueError):
+            table = averages.table(
+                sort_by="self_cuda_time_total" if self.cuda else "self_cpu_time_total", row_limit=15
+            )
+        summary = {"label": label, "wall_ms": wall, "gpu_busy_ms": busy_us / 1e3 if self.cuda else None}
+        head = (
+            f"=== {label}: wall {wall:.2f} ms"
+            + (f", GPU busy {busy_us / 1e3:.2f} ms" if self.cuda else "")
+            + " ===\n"
+        )
+        return head + table + "\n", summary
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-configuration facts from the record (tokens, FLOPs, KV bytes)
+# --------------------------------------------------------------------------------------------------------
+
+
+def token_facts(record, visual_before: int, num_layers: int, text_tokens: int, batch: int) -> dict:
+    """Per-sample token counts of one prefill (`record` None = unpruned)."""
+    if record is None:
+        per_layer = [[visual_before] * num_layers for _ in range(batch)]
+        after, avg = [visual_before] * batch, [float(visual_before)] * batch
+    else:
+        per_layer = [record.layer_tokens(b) for b in range(record.batch_size)]
+        after, avg = record.tokens_after_pruning, record.layer_avg_tokens
+    return {
+        "text": text_tokens,
+        "visual_before": visual_before,
+        "tokens_after_pruning": after,
+        "layer_avg_tokens": avg,
+        "layer_visual_tokens": per_layer,
+    }
+
+
+def flops_facts(spec: F.ArchSpec, tokens: dict, new_tokens: int, dtype_bytes: int) -> dict:
+    """FLOPs (per sample, averaged over the batch's samples) and the theoretical KV bytes of the batch."""
+    text = tokens["text"]
+    per_sample = [[text + v for v in layers] for layers in tokens["layer_visual_tokens"]]
+    n = len(per_sample)
+    true = [F.prefill_flops(spec, layer_tokens) for layer_tokens in per_sample]
+    fastv = [F.fastv_convention_flops(spec, layer_tokens) for layer_tokens in per_sample]
+    sparse = [F.sparsevlm_convention_flops(spec, layer_tokens) for layer_tokens in per_sample]
+    kv = [
+        F.kv_cache_bytes(spec, [t + new_tokens - 1 for t in layer_tokens], dtype_bytes)
+        for layer_tokens in per_sample
+    ]
+
+    def mean(values):
+        return sum(values) / n
+
+    return {
+        "flops": {
+            "per": "sample",
+            "true_total": mean([f["total"] for f in true]),
+            "true_llm": mean([f["llm"] for f in true]),
+            "true_lm_head": mean([f["lm_head"] for f in true]),
+            "true_vision": mean([f["vision"] for f in true]),
+            "true_projector": mean([f["projector"] for f in true]),
+            "fastv_convention": mean(fastv),
+            "sparsevlm_convention": mean(sparse),
+        },
+        "layer_tokens": per_sample[0],
+        "kv_cache_bytes_theory_per_sample": kv,
+    }
+
+
+def _ratio(a, b) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _median(timing: dict | None, key: str) -> float | None:
+    if not timing or timing.get(key) is None:
+        return None
+    return timing[key]["median"]
+
+
+def compare(entry: dict, unpruned: dict | None, vision_ms: float | None = None) -> None:
+    """Overhead against the oracle and speed-ups against the unpruned model, in place.
+
+    `speedup_vs_unpruned_llm` leaves the vision tower (the same `vision_ms` for every subject: the standalone
+    tower time of this batch) out of both sides: the part of the prefill pruning can shrink.
+    """
+    method, oracle = entry.get("method_timing"), entry.get("oracle_timing")
+    m, o = _median(method, "prefill_ms"), _median(oracle, "prefill_ms")
+    entry["overhead_ms"] = None if m is None or o is None else m - o
+    entry["overhead_pct"] = (
+        None if entry["overhead_ms"] is None or not o else 100.0 * entry["overhead_ms"] / o
+    )
+    entry["prefill_vs_oracle"] = _ratio(m, o)
+    u = _median(unpruned, "prefill_ms")
+    entry["speedup_vs_unpruned"] = _ratio(u, m)
+    entry["oracle_speedup_vs_unpruned"] = _ratio(u, o)
+    if vision_ms is not None and u is not None and m is not None:
+        entry["speedup_vs_unpruned_llm"] = _ratio(u - vision_ms, m - vision_ms)
+        entry["oracle_speedup_vs_unpruned_llm"] = None if o is None else _ratio(u - vision_ms, o - vision_ms)
+    me, oe = _median(method, "e2e_ms"), _median(oracle, "e2e_ms")
+    entry["e2e_overhead_ms"] = None if me is None or oe is None else me - oe
+    entry["e2e_speedup_vs_unpruned"] = _ratio(_median(unpruned, "e2e_ms"), me)
+    md, ud = _median(method, "decode_ms_per_token"), _median(unpruned, "decode_ms_per_token")
+    entry["decode_speedup_vs_unpruned"] = _ratio(ud, md)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------------------------------------
+
+
+def environment(loaded: BenchModel, cfg: BenchConfig) -> dict:
+    import transformers
+
+    device = loaded.device
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (platform.processor() or platform.machine() or "cpu")
+    )
+    return {
+        "schema": SCHEMA,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": name,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "attn": cfg.attn,
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "model": loaded.name,
+        "random_weights": loaded.random_weights,
+        "weights_note": (
+            "random weights with the real architecture: timings, memory and FLOPs are real; which tokens a "
+            "method keeps is meaningless"
+            if loaded.random_weights
+            else "real checkpoint weights"
+        ),
+        "arch": dataclasses.asdict(loaded.spec),
+        "visual_tokens_per_image": loaded.visual_tokens,
+        "text_tokens": cfg.text_tokens,
+        "new_tokens": cfg.new_tokens,
+        "repeats": cfg.repeats,
+        "warmup": cfg.warmup,
+        "weights_bytes": sum(p.numel() * p.element_size() for p in loaded.model.parameters()),
+    }
+
+
+def run_bench(
+    cfg: BenchConfig, *, loaded: BenchModel | None = None, log: Callable[[str], None] | None = None
+) -> dict:
+    """Run the grid, writing `results.json` after every configuration, then the Markdown table and plots.
+
+    Configurations run in the order given (batches, then methods, then budgets), so with a time budget the
+    ones named first are the ones measured; whatever is left is recorded as skipped.
+    """
+    from vtprune.bench import report
+    from vtprune.loading import resolve_device_dtype
+
+    cfg.methods = expand_methods(cfg.methods)
+    cfg.check()
+    log = log or (lambda msg: None)
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    t_start = time.perf_counter()
+    if loaded is None:
+        loaded = build_model(
+            model=cfg.model,
+            arch=cfg.arch,
+            random_weights=cfg.random_weights,
+            device=device,
+            dtype=dtype,
+            attn=cfg.attn,
+            seed=cfg.seed,
+        )
+    visual = loaded.visual_tokens
+    too_big = [k for k in cfg.keeps if k > visual]
+    if too_big:
+        raise PruneConfigError(
+            f"--keep {too_big} larger than the {visual} visual tokens per image of this model"
+        )
+    keeps = list(dict.fromkeys(cfg.keeps))
+    out_dir = Path(cfg.output) if cfg.output is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    grid = _Grid(Bench(loaded, cfg), cfg, keeps, device, dtype, log, t_start)
+    results = grid.results
+    results["meta"]["build_s"] = time.perf_counter() - t_start
+
+    def save() -> None:
+        if out_dir is not None:
+            _write_json(out_dir / "results.json", results)
+
+    cells: list[tuple[str, int, int | None]] = []
+    for batch in cfg.batches:
+        cells.append(("reference", batch, None))
+        for name in cfg.methods:
+            for keep in [None] if name == "none" else keeps:
+                cells.append((name, batch, keep))
+    with report.progress(len(cells), enabled=cfg.progress) as advance:
+        for kind, batch, keep in cells:
+            if kind == "reference":
+                results["references"].append(grid.reference(batch))
+            else:
+                results["results"].append(grid.cell(kind, batch, keep))
+            save()
+            advance()
+    results["targets"] = report.target_checks(results)
+    profile_text = grid.profiles() if cfg.profile else []
+    results["meta"]["total_s"] = time.perf_counter() - t_start
+    save()
+    if out_dir is not None:
+        (out_dir / "results.md").write_text(report.markdown(results))
+        report.plots(results, out_dir)
+        if profile_text:
+            (out_dir / "profile.txt").write_text("".join(profile_text))
+    return results
+
+
+class _Grid:
+    """The state of one bench run: inputs per batch, the unpruned references, the results so far."""
+
+    def __init__(self, bench: Bench, cfg: BenchConfig, keeps: list[int], device, dtype, log, t_start: float):
+        self.bench = bench
+        self.cfg = cfg
+        self.keeps = keeps
+        self.device = device
+        self.dtype = dtype
+        self.log = log
+        self.t_start = t_start
+        loaded = bench.loaded
+        self.loaded = loaded
+        self.visual = loaded.visual_tokens
+        self.dtype_bytes = torch.tensor([], dtype=loaded.dtype).element_size()
+        self.unpruned: dict[int, dict] = {}
+        self.config_errors: dict[str, str] = {}
+        self.vision: dict[int, float] = {}
+        self._inputs: dict[int, Inputs] = {}
+        self.results: dict = {
+            "meta": environment(loaded, cfg),
+            "config": {
+                "methods": cfg.methods,
+                "params": cfg.params,
+                "keeps": keeps,
+                "batches": cfg.batches,
+                "oracle": cfg.oracle,
+                "oracle_generate": cfg.oracle_generate,
+                "generate_repeats": cfg.generate_repeats or cfg.repeats,
+                "phase_repeats": min(cfg.repeats, PHASE_REPEATS),
+                "profile": cfg.profile,
+                "time_budget_s": cfg.time_budget_s,
+                "seed": cfg.seed,
+            },
+            "references": [],
+            "results": [],
+            "profiles": [],
+        }
+
+    def over_budget(self) -> bool:
+        return (
+            self.cfg.time_budget_s is not None and time.perf_counter() - self.t_start > self.cfg.time_budget_s
+        )
+
+    def inputs(self, batch: int) -> Inputs:
+        if batch not in self._inputs:
+            self._inputs = {  # one batch's inputs alive at a time
+                batch: synthetic_inputs(
+                    self.loaded.model.config,
+                    batch,
+                    self.cfg.text_tokens,
+                    device=self.device,
+                    dtype=self.dtype,
+                    seed=self.cfg.seed,
+                )
+            }
+        return self._inputs[batch]
+
+    def _failed(self, item: dict, err: Exception, what: str) -> None:
+        item["status"] = "skipped" if isinstance(err, TimeoutError) else "error"
+        item["error"] = f"{type(err).__name__}: {err}"
+        if item["status"] == "error":
+            item["traceback"] = traceback.format_exc(limit=6)
+        if self.bench.cuda:
+            torch.cuda.empty_cache()  # after an out-of-memory error the next configuration starts clean
+        self.log(f"{what}: {item['error']}")
+
+    def reference(self, batch: int) -> dict:
+        cfg, bench = self.cfg, self.bench
+        ref: dict = {"kind": "unpruned", "batch": batch, "status": "ok"}
+        try:
+            if self.over_budget():
+                raise TimeoutError("time budget exhausted")
+            inputs = self.inputs(batch)
+            timing, _ = bench.measure(inputs, None)
+            ref["timing"] = timing
+            ref.update(bench.vision_tower(inputs))
+            tokens = token_facts(None, self.visual, self.loaded.spec.num_layers, cfg.text_tokens, batch)
+            ref["tokens"] = tokens
+            ref.update(flops_facts(self.loaded.spec, tokens, cfg.new_tokens, self.dtype_bytes))
+            ref["short_prompt"] = {str(k): bench.short_prompt(inputs, k) for k in self.keeps}
+            self.unpruned[batch] = timing
+            self.vision[batch] = ref["vision_tower_ms"]["median"]
+            self.log(
+                f"B={batch} unpruned: prefill {timing['prefill_ms']['median']:.2f} ms, vision tower "
+                f"{self.vision[batch]:.2f} ms, e2e {timing['e2e_ms']['median']:.1f} ms"
+            )
+        except Exception as err:  # noqa: BLE001 - a failed cell is recorded, the grid goes on
+            self._failed(ref, err, f"B={batch} unpruned")
+        return ref
+
+    def cell(self, name: str, batch: int, keep: int | None) -> dict:
+        cfg, bench = self.cfg, self.bench
+        params = cfg.params.get(name, {})
+        entry: dict = {
+            "method": method_label(name, params),
+            "name": name,
+            "params": params,
+            "stage": method_class(name).stage_kind,
+            "keep": keep,
+            "batch": batch,
+            "status": "ok",
+        }
+        try:
+            if self.over_budget():
+                raise TimeoutError("time budget exhausted")
+            if name in self.config_errors:
+                raise PruneConfigError(f"not run: {self.config_errors[name]}")
+            inputs = self.inputs(batch)
+            method = make_method(name, keep=keep, **params)
+            timing, record = bench.measure(inputs, method)
+            entry["method_timing"] = timing
+            entry["record"] = record.summary() if record is not None else None
+            pruned = record if name != "none" else None
+            tokens = token_facts(pruned, self.visual, self.loaded.spec.num_layers, cfg.text_tokens, batch)
+            entry["tokens"] = tokens
+            entry.update(flops_facts(self.loaded.spec, tokens, cfg.new_tokens, self.dtype_bytes))
+            if name == "none":
+                entry["oracle_timing"] = self.unpruned.get(batch)
+                entry["oracle"] = "unpruned model, no hooks"
+            elif cfg.oracle:
+                oracle = FixedSelection.from_record(record)
+                oracle_timing, oracle_record = bench.measure(
+                    inputs, oracle, phases=False, generate=cfg.oracle_generate
+                )
+                entry["oracle_timing"] = oracle_timing
+                entry["oracle"] = "FixedSelection replay of the method's record"
+                entry["oracle_exact"] = [s.kept for s in oracle_record.stages] == [
+                    s.kept for s in record.stages
+                ]
+            compare(entry, self.unpruned.get(batch), self.vision.get(batch))
+            self.log(_cell_line(entry))
+        except Exception as err:  # noqa: BLE001 - a failed method is recorded, the grid goes on
+            if isinstance(err, PruneConfigError) and name not in self.config_errors:
+                # A configuration the model refuses (a layer out of range, a checkpoint that cannot be
+                # loaded) fails the same way at every budget: the method's other cells are not run.
+                self.config_errors[name] = f"{err} (raised at keep={keep}, batch={batch})"
+            self._failed(entry, err, f"{entry['method']} keep={keep} B={batch}")
+        return entry
+
+    def profiles(self) -> list[str]:
+        """Profile one prefill of the unpruned model and of the methods (and their oracles) that missed a
+        target at the largest batch and smallest budget, worst first; text for profile.txt."""
+        batch, keep = max(self.cfg.batches), min(self.keeps)
+        missed: dict[str, float] = {}
+        for check in self.results.get("targets", []):
+            if check["met"] is False and check["keep"] == keep:
+                missed[check["method"]] = max(missed.get(check["method"], 0.0), 1.0)
+        by_ratio = {
+            e["name"]: e.get("prefill_vs_oracle") or 0.0
+            for e in self.results["results"]
+            if e["status"] == "ok" and e["batch"] == batch and e["keep"] == keep
+        }
+        names = sorted(
+            (n for n in by_ratio if method_label(n, self.cfg.params.get(n, {})) in missed),
+            key=lambda n: -by_ratio[n],
+        )
+        subjects: list[tuple[str, Method | None]] = [("unpruned", None)]
+        text: list[str] = []
+        inputs = self.inputs(batch)
+        for name in names[:PROFILE_MAX_METHODS]:
+            try:
+                method = make_method(name, keep=keep, **self.cfg.params.get(name, {}))
+                vtprune.prune(self.loaded.model, method)
+                with torch.no_grad():
+                    self.bench.prefill_fn(inputs)()
+                record = vtprune.last_record(self.loaded.model)
+                vtprune.unprune(self.loaded.model)
+                subjects += [
+                    (f"{name} keep={keep}", method),
+                    (f"oracle of {name} keep={keep}", FixedSelection.from_record(record)),
+                ]
+            except Exception as err:  # noqa: BLE001
+                text.append(f"=== {name}: {type(err).__name__}: {err} ===\n")
+        for label, method in subjects:
+            try:
+                table, summary = self.bench.profile(inputs, method, f"B={batch} {label}")
+                text.append(table)
+                self.results["profiles"].append(summary)
+            except Exception as err:  # noqa: BLE001
+                text.append(f"=== {label}: {type(err).__name__}: {err} ===\n")
+        return text
+
+
+def _cell_line(entry: dict) -> str:
+    m = _median(entry.get("method_timing"), "prefill_ms")
+    o = _median(entry.get("oracle_timing"), "prefill_ms")
+    parts = [f"{entry['method']} keep={entry['keep']} B={entry['batch']}: prefill {m:.2f} ms"]
+    if o is not None:
+        parts.append(f"oracle {o:.2f} ms ({entry['overhead_ms']:+.2f} ms)")
+    if entry.get("speedup_vs_unpruned"):
+        parts.append(f"{entry['speedup_vs_unpruned']:.2f}x vs unpruned")
+    return ", ".join(parts)
