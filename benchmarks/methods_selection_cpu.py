@@ -14,8 +14,9 @@ features (N, 577, 1024) incl. [CLS], [CLS] attention of 16 heads and keys of 16 
 * `visionzip` (54 dominant + 10 contextual): [CLS]-attention top-k, key-similarity merge, and the LLaVA
   projector (1024 -> 4096 -> 4096, random weights) applied to the 11 created tokens.
 
-Figures are medians over `--repeats` runs after `--warmup` (min/max kept: on a shared machine the minimum is
-the better estimate of uncontended time; the JSON records the load average before and after).
+Every (method, batch) row is timed `--repeats` times after `--warmup` calls, in `--rounds` interleaved passes;
+figures are the median and the minimum over all of them (on a shared machine the minimum is the better
+estimate of uncontended time; the JSON records the load average before and after).
 
     python benchmarks/methods_selection_cpu.py      # writes benchmarks/results/methods_selection_cpu.json
 """
@@ -110,7 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per row and round")
+    parser.add_argument("--rounds", type=int, default=3, help="passes over every row, interleaved")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "methods_selection_cpu.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -142,32 +144,38 @@ def main() -> None:
     }
     stage = Stage(kind="vision", keep=KEEP)
     load_before = os.getloadavg()[0]
-    results = []
+    inputs = {}
+    for batch in args.batches:
+        inputs[batch] = (fake_signals(batch, generator, projector, adapter), torch.randn(batch, N_TOKENS, generator=generator))
+    times: dict[tuple[str, int], list[float]] = {}
     with torch.no_grad():
-        for batch in args.batches:
-            signals = fake_signals(batch, generator, projector, adapter)
-            rho = torch.randn(batch, N_TOKENS, generator=generator)
-            for name, method in methods.items():
-                if name == "cdpruner[rho]":
-                    method.relevance_scores = lambda s, rho=rho: rho
-                sel = method.select(0, stage, signals)  # also loads the CLIP tower once
-                count = sel.indices.shape[1] + (0 if sel.extra is None else sel.extra.shape[1])
-                assert count == KEEP, (name, count)
-                times = time_call(lambda m=method, s=signals: m.select(0, stage, s), args.warmup, args.repeats)
-                median = statistics.median(times)
-                row = {
-                    "method": name, "batch": batch, "median_ms": round(median, 2),
-                    "per_sample_ms": round(median / batch, 2), "min_ms": round(min(times), 2),
-                    "max_ms": round(max(times), 2), "repeats": args.repeats,
-                }
-                results.append(row)
-                print(f"{name:16s} batch {batch:3d}: median {median:9.2f} ms  ({median / batch:8.2f} ms/sample, "
-                      f"min {min(times):9.2f})", flush=True)
+        # Rounds interleave every (method, batch) so that load from other processes spreads over all rows.
+        for _ in range(args.rounds):
+            for batch, (signals, rho) in inputs.items():
+                for name, method in methods.items():
+                    if name == "cdpruner[rho]":
+                        method.relevance_scores = lambda s, rho=rho: rho
+                    sel = method.select(0, stage, signals)  # the first call also loads the CLIP tower
+                    count = sel.indices.shape[1] + (0 if sel.extra is None else sel.extra.shape[1])
+                    assert count == KEEP, (name, count)
+                    run = time_call(lambda m=method, s=signals: m.select(0, stage, s), args.warmup, args.repeats)
+                    times.setdefault((name, batch), []).extend(run)
+    results = []
+    for (name, batch), run in times.items():
+        median = statistics.median(run)
+        results.append({
+            "method": name, "batch": batch, "median_ms": round(median, 2), "per_sample_ms": round(median / batch, 2),
+            "min_ms": round(min(run), 2), "min_per_sample_ms": round(min(run) / batch, 2), "max_ms": round(max(run), 2),
+            "runs": len(run),
+        })
+        print(f"{name:16s} batch {batch:3d}: median {median:9.2f} ms  ({median / batch:8.2f} ms/sample)  "
+              f"min {min(run):9.2f} ms  ({min(run) / batch:8.2f} ms/sample)", flush=True)
     meta = {
         "tokens": N_TOKENS, "keep": KEEP, "projected_width": LLM_WIDTH, "clip_width": CLIP_WIDTH,
         "device": "cpu", "device_name": platform.processor() or platform.machine(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "loadavg_1min_before_after": [load_before, os.getloadavg()[0]], "warmup": args.warmup,
+        "rounds": args.rounds, "repeats_per_round": args.repeats,
         "dtype": "float32", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     out = Path(args.out)
