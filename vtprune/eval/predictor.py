@@ -110,6 +110,10 @@ class Predictor:
         """Load model + processor with `from_pretrained` (Hub id or local folder)."""
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+        from vtprune.loading import resolve_model_path
+
+        name = model_id
+        model_id = resolve_model_path(model_id)  # `testbed` -> the packaged checkpoint
         device = resolve_device(device)
         torch_dtype = getattr(torch, resolve_dtype(dtype, device))
         model = LlavaForConditionalGeneration.from_pretrained(
@@ -124,7 +128,7 @@ class Predictor:
             template=template,
             preprocessing=preprocessing,
             max_new_tokens=max_new_tokens,
-            model_id=model_id,
+            model_id=name,
         )
 
     # ------------------------------------------------------------------------------------ pruning

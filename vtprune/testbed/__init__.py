@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vtprune.testbed import tasks  # noqa: F401  (registers the shapes-pope / shapes-mcq tasks)
 from vtprune.testbed.shapes import ensure_shapes_data, write_shapes_mcq, write_shapes_pope
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
