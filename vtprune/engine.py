@@ -43,6 +43,8 @@ class Layout:
     visual_valid: torch.Tensor  # (B, V)
     original_index: torch.Tensor  # (B, V) original visual-token numbering, -1 for created tokens
     stage: Stage | None = None
+    all_valid: bool = True  # no padding or holes in the prefix (decided once, at prefill)
+    model_positions: bool = True  # positions equal the model's own (so are its rotary embeddings)
     prefill_mask: object = None  # formatted attention mask for the prefill
     prefill_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -90,9 +92,15 @@ def _causal_allowed(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
     return allowed[:, None]
 
 
-def format_mask(key_valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype):
-    """An attention mask in the form the model's attention implementation expects (None when not needed)."""
-    all_valid = bool(key_valid.all())
+def format_mask(
+    key_valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype, all_valid: bool | None = None
+):
+    """An attention mask in the form the model's attention implementation expects (None when not needed).
+
+    `all_valid` (no padding, no holes), when the caller already knows it, saves a device-to-host sync.
+    """
+    if all_valid is None:
+        all_valid = bool(key_valid.all())
     if implementation.startswith("flash"):
         return None if all_valid else key_valid.long()
     if implementation == "sdpa" and all_valid and (q_len == 1 or q_len == key_valid.shape[1]):
@@ -357,6 +365,7 @@ class PruneSession:
             position_ids = torch.arange(new_len, device=embeds.device)[None].expand(batch, -1)
         position_ids = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
         layout0 = Layout(
+            all_valid=bool(key_valid.all()),
             first_layer=0,
             key_valid=key_valid,
             position_ids=position_ids,
@@ -572,7 +581,10 @@ class PruneSession:
             position_ids = (torch.cumsum(key_valid, dim=1) - 1).clamp(min=0).masked_fill(~key_valid, 0)
             rope = self.adapter.rotary(new_hidden, position_ids)
         impl = self.adapter.attn_implementation
+        all_valid = bool(key_valid.all())
         layout = Layout(
+            all_valid=all_valid,
+            model_positions=prev.model_positions and stage.positions == "original",
             first_layer=layer_idx,
             key_valid=key_valid,
             position_ids=position_ids,
@@ -580,7 +592,7 @@ class PruneSession:
             visual_valid=visual_valid,
             original_index=original,
             stage=stage,
-            prefill_mask=format_mask(key_valid, key_valid.shape[1], impl, hidden.dtype),
+            prefill_mask=format_mask(key_valid, key_valid.shape[1], impl, hidden.dtype, all_valid),
             prefill_rope=rope,
         )
         episode.layouts.append(layout)
@@ -600,7 +612,8 @@ class PruneSession:
         else:
             tail = torch.ones(batch, done + q_len, dtype=torch.bool, device=ref.device)
         offsets = torch.arange(done, done + q_len, device=ref.device)
-        episode.step = {"q_len": q_len, "tail": tail, "offsets": offsets}
+        tail_valid = mask2d is None or bool(tail.all())  # the one host sync of a decode step
+        episode.step = {"q_len": q_len, "tail": tail, "offsets": offsets, "tail_valid": tail_valid}
         if self.vision_stage is not None:
             layout0 = episode.layouts[0]
             full = torch.cat([layout0.key_valid, tail], dim=1)
@@ -614,16 +627,22 @@ class PruneSession:
         if layout.first_layer == 0 or not episode.step:
             return None
         key = ("layout", layout.first_layer)
-        if key not in episode.step:
-            step = episode.step
+        step = episode.step
+        if key not in step:
             hidden = args[0] if args else kwargs["hidden_states"]
             key_valid = torch.cat([layout.key_valid, step["tail"]], dim=1)
-            position_ids = layout.next_position[:, None] + step["offsets"]
-            mask = format_mask(key_valid, step["q_len"], self.adapter.attn_implementation, hidden.dtype)
-            episode.step[key] = (mask, self.adapter.rotary(hidden, position_ids), position_ids)
-        mask, rope, position_ids = episode.step[key]
+            all_valid = layout.all_valid and step["tail_valid"]
+            mask = format_mask(key_valid, step["q_len"], self.adapter.attn_implementation, hidden.dtype, all_valid)
+            if layout.model_positions:
+                # Kept tokens kept their positions: the model's own rotary embeddings are right as they are.
+                step[key] = (mask, None, None)
+            else:
+                position_ids = layout.next_position[:, None] + step["offsets"]
+                step[key] = (mask, self.adapter.rotary(hidden, position_ids), position_ids)
+        mask, rope, position_ids = step[key]
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = mask
-        kwargs["position_embeddings"] = rope
-        kwargs["position_ids"] = position_ids
+        if rope is not None:
+            kwargs["position_embeddings"] = rope
+            kwargs["position_ids"] = position_ids
         return args, kwargs
