@@ -712,7 +712,7 @@ def tokencarve_fuse_and_merge(
     """TokenCarve: Borda fusion of attention and SVD information scores, then similarity merge (§10).
 
     1. AV = ``attn_scores`` (last-token head-mean attention of layer 1).
-    2. SV = row-wise L1 norm of ``U·S`` from ``torch.linalg.svd(H, full_matrices=False)`` of the image
+    2. SV = row-wise L1 norm of ``U·S`` of the thin SVD ``H = U S Vᵀ`` of the image
        rows ``H`` (float32). (Its L2 version would be ``||h_i||₂`` exactly, §15.)
     3. Borda: rank ρ by AV and ρ' by SV (0-based, descending, ties lower index) give
        ``(N - ρ)·w + (N - ρ')·(1 - w)``; keep the top ``N1 = min(N, floor(1.5·keep))`` by that fused score.
@@ -725,7 +725,7 @@ def tokencarve_fuse_and_merge(
     5. Output in raster order with the merged hidden states (mean computed in float32 by a one-hot bmm,
        so it is deterministic on CUDA too).
 
-    This is the one primitive here with a host sync on CUDA: ``torch.linalg.svd`` checks convergence.
+    This is the one primitive here with a host sync on CUDA: ``torch.linalg.eigh`` checks convergence.
     It happens once per call, not per token.
 
     Args:
@@ -744,8 +744,14 @@ def tokencarve_fuse_and_merge(
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1]; got {weight}")
     h = hidden.float()
-    u, s, _ = torch.linalg.svd(h, full_matrices=False)
-    sv = (u * s.unsqueeze(1)).abs().sum(dim=-1)
+    # Row i of U·S equals h_i·V: take V from the eigenvectors of the smaller Gram matrix instead of a full
+    # SVD (an SVD of a 16x576x4096 batch took ~420 ms on an H200; the 576x576 eigh is far cheaper).
+    if n <= h.shape[-1]:
+        evals, evecs = torch.linalg.eigh(h @ h.mT)  # h hᵀ = U S² Uᵀ
+        sv = (evecs * evals.clamp_min(0).sqrt().unsqueeze(1)).abs().sum(dim=-1)
+    else:
+        _, evecs = torch.linalg.eigh(h.mT @ h)  # hᵀ h = V S² Vᵀ
+        sv = (h @ evecs).abs().sum(dim=-1)
     fused = _borda_points(attn_scores) * weight + _borda_points(sv) * (1.0 - weight)
     n1 = min(n, (3 * keep) // 2)
     forder, _ = _rank(fused)
