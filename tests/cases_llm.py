@@ -27,5 +27,7 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "himap": ({"K_t": 1, "K_i": 2}, True, True),
     "himap[counts]": ({"K_t": 1, "K_i": 3, "R_t": 12, "R_i": 4}, True, False),
     "tokencarve": ({"K": 2}, False, True),
-    "illava": ({"llm_layer": 2}, False, True),
+    "illava": ({"llm_layer": 2}, False, True),  # the tiny 3-layer tower gets no ViT stage by default
+    # ViT stage at CLIP layer 0 (the only one before the tiny tower's feature layer 1): 64 -> 56 patches.
+    "illava[vit]": ({"llm_layer": 2, "vit_layers": (0,), "vit_remove": 8}, False, False),
 }

@@ -414,8 +414,11 @@ def test_illava_hand_example():
     sel = vtprune.get_method("illava", keep=2).select(0, llm_stage(2, "last", layer=2), sig)
     assert sel.indices.tolist() == [[0, 2]]
     torch.testing.assert_close(sel.values, torch.tensor([[[1.0, 0.0], [1.0, 4.0]]]))
-    stage = vtprune.get_method("illava").stages(LLAVA15)[0]
-    assert (stage.keep, stage.score_layer, stage.prune_layer, stage.positions) == (403, 1, 2, "original")
+    vit, stage = vtprune.get_method("illava").stages(LLAVA15)  # defaults: ViT stage 576 -> 208, then 0.70
+    assert (vit.kind, vit.vit_layers, vit.vit_remove, vit.keep) == ("vit", (5, 6, 7, 8), 92, 208)
+    assert (stage.keep, stage.score_layer, stage.prune_layer, stage.positions) == (146, 1, 2, "original")
+    (stage,) = vtprune.get_method("illava", vit_layers=()).stages(LLAVA15)
+    assert stage.keep == 403
 
 
 # --- on the tiny model -----------------------------------------------------------------------------------
@@ -544,3 +547,101 @@ def test_debias_only_at_the_first_stage(tiny, batch_inputs, monkeypatch, name):
             model(**batch_inputs)
     debiased = [n for n, flag in calls if flag]
     assert debiased == [64]  # once, on the full set of 64 tokens
+
+
+# --- iLLaVA ViT stage ------------------------------------------------------------------------------------
+
+
+def reference_vit_tower(model, pixel_values, layers, remove):
+    """The CLIP tower run by hand up to LLaVA's feature layer, merging after the attention sub-block of each
+    layer in `layers` (§11): importance = head-mean attention received, mean over all query rows; the r + 1
+    least important patches ([CLS] excluded) are averaged with weights r+1, r, ..., 1 (least important
+    first) into the most important of them, the other r dropped, raster order kept.
+    Returns the feature layer's output (N, 1 + P', Dv) and the original patch index of each survivor."""
+    vm = model.model.vision_tower  # CLIPVisionModel (transformers 5: no inner vision_model)
+    vm = getattr(vm, "vision_model", vm)
+    feature = LlavaAdapter(model).feature_layer
+    x = vm.pre_layrnorm(vm.embeddings(pixel_values))
+    n = x.shape[0]
+    pos = torch.arange(x.shape[1]).expand(n, -1)
+    for i, layer in enumerate(vm.encoder.layers[: feature + 1]):
+        if i not in layers:
+            x = layer(x, None)
+            continue
+        attn = layer.self_attn
+        hn = layer.layer_norm1(x)
+        q = attn.q_proj(hn).view(n, hn.shape[1], -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(hn).view(n, hn.shape[1], -1, attn.head_dim).transpose(1, 2)
+        received = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1).mean(dim=1).mean(dim=1)
+        h = x + attn(hidden_states=hn, attention_mask=None)[0]
+        rows, new_pos = [], []
+        for b in range(n):
+            low = (torch.argsort(received[b, 1:]) + 1)[: remove + 1].tolist()  # ascending importance
+            w = torch.arange(remove + 1, 0, -1, dtype=torch.float32)  # least important weighs most
+            merged = (w[:, None] * h[b, low]).sum(dim=0) / w.sum()
+            keep = [j for j in range(h.shape[1]) if j not in low[:-1]]
+            row = h[b, keep].clone()
+            row[keep.index(low[-1])] = merged
+            rows.append(row)
+            new_pos.append(pos[b, keep])
+        h = torch.stack(rows)
+        pos = torch.stack(new_pos)
+        x = h + layer.mlp(layer.layer_norm2(h))
+    return x, pos
+
+
+def test_illava_vit_merge_equals_hand_reference(tiny, batch_inputs):
+    model = tiny[0]
+    pixels = batch_inputs["pixel_values"]
+    with torch.no_grad():
+        expected, positions = reference_vit_tower(model, pixels, (0,), 8)
+        with vtprune.pruned(model, "illava", keep=16, llm_layer=2, vit_layers=(0,), vit_remove=8):
+            out = model.model.get_image_features(
+                pixel_values=pixels,
+                vision_feature_layer=-2,
+                vision_feature_select_strategy="default",
+                output_hidden_states=True,
+                return_dict=True,
+            )
+            model(**batch_inputs)
+            record = vtprune.last_record(model)
+            layout0 = model._vtprune_session.episode.layouts[0]
+            input_embeds = model._vtprune_session.episode.input_embeds
+    assert positions.shape == (3, 57) and positions[:, 0].eq(0).all()
+    torch.testing.assert_close(out.hidden_states[2], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out._vtprune_vit_positions, positions)
+    # The LLM receives exactly the projected survivors, numbered by their original patch index.
+    vit = record.stages[0]
+    assert vit.kind == "vit" and vit.counts == [56, 56, 56]
+    assert vit.kept == (positions[:, 1:] - 1).tolist()
+    assert vit.extra == {"layers": [0], "removed_per_layer": 8}
+    projected = model.model.multi_modal_projector(expected[:, 1:])
+    d = input_embeds.shape[-1]
+    rows = torch.gather(input_embeds, 1, layout0.visual_index[:, :, None].expand(-1, -1, d))
+    torch.testing.assert_close(rows, projected, rtol=1e-5, atol=1e-5)
+    assert layout0.original_index.tolist() == vit.kept
+    # Counts per stage, and what each LLM layer sees (the ViT stage acts before the LLM like a vision stage).
+    assert [s.kind for s in record.stages] == ["vit", "llm"]
+    assert record.stages[1].counts == [16, 16, 16]
+    assert set(record.stages[1].kept[0]) <= set(vit.kept[0])
+    assert record.layer_tokens(0) == [56, 56, 16, 16]
+
+
+def test_illava_vit_config_errors(tiny, batch_inputs):
+    model = tiny[0]
+    for params, match in [
+        ({"vit_layers": (1,)}, r"vision layer\(s\) \[1\] cannot merge tokens: valid layers are 0\.\.0"),
+        ({"vit_layers": (7,)}, r"valid layers are 0\.\.0"),
+        ({"vit_layers": (0,), "vit_remove": 64}, "removes all 64 patches"),
+        ({"vit_layers": (0,), "vit_remove": 0}, "vit_remove=0 must be an int >= 1"),
+        ({"vit_layers": 0}, "must be a sequence of ints"),
+    ]:
+        with pytest.raises(PruneConfigError, match=match):
+            with vtprune.pruned(model, "illava", keep=16, vit_remove=params.pop("vit_remove", 8), **params):
+                pass
+    assert not hasattr(model, "_vtprune_session") or model._vtprune_session is None
+    # a fraction keep applies to the patches leaving the ViT stage; a larger count keeps all of them
+    (_, llm) = vtprune.get_method("illava", keep=0.5, vit_layers=(0,), vit_remove=8).stages(TINY)
+    assert llm.keep == 28
+    (_, llm) = vtprune.get_method("illava", keep=60, vit_layers=(0,), vit_remove=8).stages(TINY)
+    assert llm.keep == 56

@@ -10,7 +10,10 @@ A `PruneSession` attaches hooks to an unmodified `LlavaForConditionalGeneration`
   asks the method for a selection and gathers the hidden states, the rotary embeddings, the attention mask
   and the positions; every later layer gets that stage's mask and rotary embeddings (prefill and decode),
   so each layer's KV cache holds exactly the tokens that layer saw;
-* a capture of the post-RoPE q/k of the layers whose attention a method scores (signals/attention.py).
+* a capture of the post-RoPE q/k of the layers whose attention a method scores (signals/attention.py);
+* for a "vit" stage (iLLaVA), hooks inside the CLIP encoder that merge patches after the attention sub-block
+  of the listed layers (see `_vit_merge`); the tower's output then has fewer patches, and the original patch
+  index of each survivor rides on the output object to the prefill.
 
 Pruning happens once, at prefill; decode steps attend to the kept set. `generate()` works unchanged
 (greedy, sampling, beams, batches with left padding), because the engine keeps, per stage, the prefix's
@@ -24,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from vtprune.methods.base import Method, PruneConfigError, Selection, Stage
 from vtprune.models.llava import LlavaAdapter
@@ -124,7 +128,10 @@ class PruneSession:
         method.validate_for(self.info)
         self.stages = method.stages(self.info)
         self._check_stages()
+        self.vit_stage = next((s for s in self.stages if s.kind == "vit"), None)
         self.vision_stage = next((s for s in self.stages if s.kind == "vision"), None)
+        # Stages before the LLM change the image blocks' length: positions and masks are rebuilt.
+        self.shrinks_input = self.vision_stage is not None or self.vit_stage is not None
         self.llm_stages = [s for s in self.stages if s.kind == "llm"]
         self.timing = timing
         self.episode: Episode | None = None
@@ -135,8 +142,15 @@ class PruneSession:
 
     def _check_stages(self) -> None:
         kinds = [s.kind for s in self.stages]
-        if "vision" in kinds[1:] or kinds.count("vision") > 1:
-            raise PruneConfigError(f"{self.method.name}: at most one vision stage, and it must come first")
+        if "vit" in kinds[1:] or kinds.count("vit") > 1:
+            raise PruneConfigError(f"{self.method.name}: at most one vit stage, and it must come first")
+        rest = kinds[1:] if kinds[:1] == ["vit"] else kinds
+        if "vision" in rest[1:] or rest.count("vision") > 1:
+            raise PruneConfigError(
+                f"{self.method.name}: at most one vision stage, and it must come first (after a vit stage)"
+            )
+        if kinds[:1] == ["vit"]:
+            self._check_vit_stage(self.stages[0])
         layers = [s.prune_layer for s in self.stages if s.kind == "llm"]
         if layers != sorted(set(layers)):
             raise PruneConfigError(
@@ -147,6 +161,30 @@ class PruneSession:
                 raise PruneConfigError(
                     f"{self.method.name}: an LLM stage that scores a layer must name its query rows"
                 )
+
+    def _check_vit_stage(self, stage: Stage) -> None:
+        name = self.method.name
+        if not hasattr(self.method, "merge_vit"):
+            raise PruneConfigError(f"{name}: a vit stage needs the method to define merge_vit()")
+        feature = self.adapter.feature_layer
+        layers = list(stage.vit_layers)
+        if not layers:
+            raise PruneConfigError(f"{name}: a vit stage needs at least one vision layer")
+        bad = [layer for layer in layers if not 0 <= layer < feature]
+        if bad:
+            raise PruneConfigError(
+                f"{name}: vision layer(s) {bad} cannot merge tokens: valid layers are 0..{feature - 1} (the "
+                f"tower has {len(self.adapter.vision_layers)} layers and LLaVA takes its features from layer "
+                f"{feature}; later layers never reach the LLM)"
+            )
+        if layers != sorted(set(layers)):
+            raise PruneConfigError(f"{name}: vit layers must be increasing and distinct, got {layers}")
+        patches = self.adapter.grid[0] * self.adapter.grid[1]
+        if stage.vit_remove < 1 or stage.vit_remove * len(layers) > patches - 1:
+            raise PruneConfigError(
+                f"{name}: vit_remove={stage.vit_remove} at {len(layers)} layer(s) must be >= 1 and leave at "
+                f"least one of the {patches} patches"
+            )
 
     # --- attach / detach --------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -161,6 +199,8 @@ class PruneSession:
                 )
         # The [CLS] row is read by vision-stage methods and by sink debiasing; capturing costs two references.
         self._handles.append(self.adapter.vision_tower.register_forward_hook(self._tag_vision_output))
+        if self.vit_stage is not None:
+            self._attach_vit()
         self._add_capture(self.adapter.vision_attention_module(), "vision")
         for stage in self.llm_stages:
             if stage.score_layer < stage.prune_layer:
@@ -178,6 +218,9 @@ class PruneSession:
 
     def _add_capture(self, module: torch.nn.Module, key) -> None:
         def capture(_module, query, key_states, scaling):
+            if isinstance(key, tuple):  # ("vit", layer): read by the merge of that layer, in the same pass
+                self._vit_qk[key[1]] = Captured(query, key_states, float(scaling))
+                return
             if key == "vision":  # the tower may run before the prefill call (generate pre-encodes images)
                 self._pending_vision = Captured(query, key_states, float(scaling))
                 return
@@ -189,11 +232,96 @@ class PruneSession:
         self._captured_modules.append(module)
 
     def _tag_vision_output(self, module, args, output):
-        # Ties the captured [CLS] q/k to the very output object it belongs to.
+        # Ties the captured [CLS] q/k (and the vit stage's surviving positions) to the very output object it
+        # belongs to.
         output._vtprune_capture = getattr(self, "_pending_vision", None)
         output._vtprune_pixels = args[0] if args else None
+        output._vtprune_vit_positions = getattr(self, "_vit_positions", None)
+        self._pad_projection = getattr(self, "_vit_positions", None) is not None
         self._pending_vision = None
+        self._vit_positions = None
         return None
+
+    # --- vit stage (merging inside the CLIP encoder) ------------------------------------------------------
+    def _attach_vit(self) -> None:
+        """At each listed CLIP layer l, merge after the attention sub-block and before the MLP, exactly:
+
+        CLIPEncoderLayer computes h = x + attn(ln1(x)); out = h + mlp(ln2(h)). A pre-hook on l's `layer_norm2`
+        receives h, merges it to h' (fewer tokens, scored with l's captured q/k) and hands ln2 a one-token
+        stub (so the layer's own MLP costs nothing; its output is discarded); a forward hook on layer l, run
+        before any other (transformers' hidden-state recorder included), returns h' + mlp(ln2(h')). CLIP
+        layers are non-causal, have no cache and get the mask None, so later layers simply see fewer tokens.
+        """
+        self._vit_qk: dict[int, Captured] = {}
+        self._vit_merged: dict[int, torch.Tensor] = {}
+        self._vit_positions = None
+        self._pad_projection = False
+        self._handles.append(self.adapter.vision_tower.register_forward_pre_hook(self._vit_reset))
+        self._handles.append(self.adapter.base.multi_modal_projector.register_forward_hook(self._vit_pad))
+        for layer in self.vit_stage.vit_layers:
+            module = self.adapter.vision_layers[layer]
+            self._add_capture(module.self_attn, ("vit", layer))
+            self._handles.append(module.layer_norm2.register_forward_pre_hook(self._vit_merge_hook(layer)))
+            self._handles.append(module.register_forward_hook(self._vit_finish_hook(layer), prepend=True))
+
+    def _vit_reset(self, module, args):
+        self._vit_qk.clear()
+        self._vit_merged.clear()
+        self._vit_positions = None
+        self._pad_projection = False
+
+    def _vit_pad(self, module, args, output):
+        """Zero-pad the projection of merged tower features back to the prompt's image-token count.
+
+        generate() groups pre-encoded image features per sample by counting image placeholders (beams,
+        num_return_sequences), so each image's feature list must keep its placeholder length; the prefill
+        cuts the padding off again (`_vit_original_index` gives the real width)."""
+        if not self._pad_projection:
+            return None
+        self._pad_projection = False  # only the projection that directly follows the tower
+        missing = self.info.visual_tokens - output.shape[1]
+        return F.pad(output, (0, 0, 0, missing)) if missing > 0 else None
+
+    def _vit_merge_hook(self, layer: int):
+        def hook(module, args):
+            hidden = args[0]  # (N, T, Dv): the residual stream after layer `layer`'s attention sub-block
+            captured = self._vit_qk.pop(layer)
+            n, t, _ = hidden.shape
+            logits = torch.matmul(captured.query.float(), captured.key.float().transpose(-1, -2))
+            probs = torch.softmax(logits * captured.scaling, dim=-1)  # (N, H, T, T), no mask: non-causal
+            received = probs.mean(dim=1).mean(dim=1)  # (N, T) head mean, then mean over every query row
+            merged, kept = self.method.merge_vit(self.vit_stage, layer, hidden, received)
+            if self._vit_positions is None:
+                self._vit_positions = torch.arange(t, device=hidden.device).expand(n, t)
+            self._vit_positions = torch.gather(self._vit_positions, 1, kept)
+            self._vit_merged[layer] = merged.to(hidden.dtype)
+            return (hidden[:, :1],)  # the stub: the layer's own ln2/MLP output is replaced below
+
+        return hook
+
+    def _vit_finish_hook(self, layer: int):
+        def hook(module, args, output):
+            merged = self._vit_merged.pop(layer)
+            ln = module.layer_norm2
+            normed = F.layer_norm(merged, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+            out = merged + module.mlp(normed)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        return hook
+
+    def _vit_original_index(self, image_out, expanded_from) -> torch.Tensor | None:
+        """(N, P') original visual-token index (within its image) of each patch the tower output holds."""
+        if self.vit_stage is None:
+            return None
+        positions = getattr(image_out, "_vtprune_vit_positions", None)
+        if positions is None:
+            raise PruneConfigError(
+                f"{self.method.name}: the image features were computed without vtprune's vit-stage hooks "
+                "(before vtprune.prune() was applied); pass pixel_values instead"
+            )
+        positions = _index_or_none(positions, expanded_from)
+        # Tower positions count the [CLS] (always kept, first); LLaVA's "default" features drop it.
+        return positions[:, 1:] - 1 if self.adapter.select_strategy == "default" else positions
 
     def _vision_capture(self, image_out, image_index: torch.Tensor | None) -> Captured | None:
         """The [CLS] q/k captured when the tower produced `image_out` (None when vtprune did not see it run;
@@ -298,6 +426,9 @@ class PruneSession:
             j = torch.arange(projected.shape[0], device=projected.device)
             expanded_from = (j // (n_img * expand)) * n_img + j % n_img
             hidden_v = hidden_v[expanded_from]
+        vit_orig = self._vit_original_index(image_out, expanded_from)
+        if vit_orig is not None:
+            projected = projected[:, : vit_orig.shape[1]]  # drop the padding `_vit_pad` added
         t1 = self._clock()
         per_image = self.info.visual_tokens
         n_total = hidden_v.shape[0]
@@ -315,11 +446,34 @@ class PruneSession:
             image_output=image_out,
         )
         episode.vision = vision_signals
+        image_offset = (image_index % n_img)[:, None] * per_image
+        if vit_orig is not None:
+            if self.adapter.select_strategy == "default" and vision_signals.captured is not None:
+                # Per-original lookups (debiasing) expect the full patch width: merged-away patches get 0.
+                full = torch.zeros(n_total, per_image, device=projected.device)
+                vision_signals.__dict__["cls_attention"] = full.scatter(
+                    1, vit_orig, vision_signals.cls_attention.float()
+                )
+            vit_valid = torch.ones(vit_orig.shape, dtype=torch.bool, device=vit_orig.device)
+            record.stages.append(
+                self._stage_record(
+                    self.vit_stage,
+                    0,
+                    (vit_orig + image_offset).view(batch, -1),
+                    vit_valid.view(batch, -1),
+                    None,
+                )
+            )
+            record.stages[-1].extra.update(
+                layers=list(self.vit_stage.vit_layers), removed_per_layer=self.vit_stage.vit_remove
+            )
         if self.vision_stage is not None:
             signals = vision_signals
             selection = self.method.select(0, self.vision_stage, signals)
             tokens, valid, orig = self._vision_tokens(selection, projected)
-            orig = torch.where(orig >= 0, orig + (image_index % n_img)[:, None] * per_image, orig)
+            if vit_orig is not None:  # selection indices count the patches the tower kept
+                orig = torch.where(orig >= 0, torch.gather(vit_orig, 1, orig.clamp(min=0)), orig)
+            orig = torch.where(orig >= 0, orig + image_offset, orig)
             record.timings_ms["select_vision"] = (self._clock() - t1) * 1e3
             record.stages.append(
                 self._stage_record(
@@ -329,10 +483,10 @@ class PruneSession:
         else:
             tokens = projected
             valid = torch.ones(projected.shape[:2], dtype=torch.bool, device=projected.device)
-            orig = (
-                torch.arange(per_image, device=projected.device).expand(n_total, -1)
-                + (image_index % n_img)[:, None] * per_image
-            )
+            if vit_orig is not None:
+                orig = vit_orig + image_offset
+            else:
+                orig = torch.arange(per_image, device=projected.device).expand(n_total, -1) + image_offset
 
         # Assemble the LLM input: text embeddings with each image block replaced by its kept tokens.
         embeds = self.adapter.embed(input_ids)
@@ -359,7 +513,7 @@ class PruneSession:
         key_valid.scatter_(1, slot_pos, valid.reshape(batch, -1))
 
         position_ids = call.get("position_ids")
-        if self.vision_stage is not None or position_ids is None and not bool(key_valid.all()):
+        if self.shrinks_input or position_ids is None and not bool(key_valid.all()):
             position_ids = (torch.cumsum(key_valid, dim=1) - 1).clamp(min=0).masked_fill(~key_valid, 0)
         elif position_ids is None:
             position_ids = torch.arange(new_len, device=embeds.device)[None].expand(batch, -1)
@@ -438,7 +592,7 @@ class PruneSession:
             kind=stage.kind,
             score_layer=stage.score_layer,
             prune_layer=stage.prune_layer,
-            positions="reindex" if stage.kind == "vision" else stage.positions,
+            positions="reindex" if stage.kind in ("vit", "vision") else stage.positions,
             kept=kept,
             counts=[len(k) for k in kept],
             extra=dict(selection.info) if selection is not None else {},
@@ -614,7 +768,7 @@ class PruneSession:
         offsets = torch.arange(done, done + q_len, device=ref.device)
         tail_valid = mask2d is None or bool(tail.all())  # the one host sync of a decode step
         episode.step = {"q_len": q_len, "tail": tail, "offsets": offsets, "tail_valid": tail_valid}
-        if self.vision_stage is not None:
+        if self.shrinks_input:
             layout0 = episode.layouts[0]
             full = torch.cat([layout0.key_valid, tail], dim=1)
             call["attention_mask"] = None if mask2d is None and bool(full.all()) else full.long()

@@ -15,7 +15,7 @@ class StageRecord:
     """
 
     name: str
-    kind: str  # "vision" | "llm"
+    kind: str  # "vit" | "vision" | "llm"
     score_layer: int | None
     prune_layer: int | None
     positions: str  # "original" | "reindex"
@@ -39,7 +39,7 @@ class PruneRecord:
         """Visual tokens entering each LLM layer for one sample."""
         per_layer = [self.visual_tokens] * self.num_layers
         for stage in self.stages:
-            start = 0 if stage.kind == "vision" else stage.prune_layer
+            start = 0 if stage.kind in ("vit", "vision") else stage.prune_layer
             for layer in range(start, self.num_layers):
                 per_layer[layer] = stage.counts[sample]
         return per_layer

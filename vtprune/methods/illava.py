@@ -1,41 +1,71 @@
 """iLLaVA — "An Image is Worth Fewer Than 1/3 Input Tokens in Large Multimodal Models" (Hu et al.,
-arXiv 2412.06263; repo hulianyuyy/iLLaVA), algorithms.md §11 — the LLM stage only.
+arXiv 2412.06263; repo hulianyuyy/iLLaVA), algorithms.md §11: a ViT stage and an LLM stage.
 
-Idea: at one LLM layer the image tokens the last prompt token attends to least (FastV's score: head-mean
-last-token row of the previous layer's attention) are not simply dropped but folded into the lowest-scoring
-kept token by a weighted average (weights 1, 2, …, r+1 from that survivor to the least important removed
-token, as the official code computes), so their information is kept in one token. The merged hidden state
-replaces the survivor entering layer `llm_layer` (`Selection.values`); kept tokens stay in raster order
-with their original positions. The work is `selection.illava_weighted_merge`.
+ViT stage: inside the vision encoder, at each layer of `vit_layers`, after the attention sub-block and before
+the MLP, the importance of a patch is the attention it *receives* (head-mean softmax attention of that layer,
+averaged over every query row, [CLS] row included); the `vit_remove` + 1 least important patches ([CLS]
+excluded) are folded into the most important of them by a weighted average with weights r+1, r, …, 1 in
+ascending-importance order (the least important weighs most, as the official code does), the other r are
+dropped, raster order is kept. The engine runs it exactly there (a "vit" Stage, engine.py `_attach_vit`);
+later CLIP layers, the feature layer and the projector see only the survivors.
 
-NOT SUPPORTED — the ViT stage: iLLaVA also merges tokens inside the vision encoder (layers 5–8, 92 tokens
-each, by received attention). vtprune's engine never changes the vision tower's sequence length, so only
-the LLM stage is implemented; results are therefore not comparable with the paper's full iLLaVA numbers.
+LLM stage: at layer `llm_layer` the image tokens the last prompt token attends to least (FastV's score:
+head-mean last-token row of the previous layer's attention) are folded into the lowest-scoring kept token by
+the same weighted average (weights 1, 2, …, r+1 from that survivor to the least important removed token);
+the merged hidden state replaces the survivor (`Selection.values`); kept tokens stay in raster order with
+their original positions. Both merges are `selection.illava_weighted_merge`.
 
-Budget: keep = the visual tokens per image after the merge (r = N − keep are removed); default
-round(0.70 · N) (``llm_r`` = 0.70, the README's keep fraction). `llm_layer` defaults to 2: the repo's
-image setting (8) targets LLaVA-OneVision, its LLaVA-1.5 setting is not released, and the debiasing
-paper compares it with FastV-style pruners at K=2 — a vtprune choice. keep ≥ N keeps everything.
+Defaults: `vit_layers` None = the official 5, 6, 7, 8 (for a CLIP tower of at least 10 layers, LLaVA-1.5's
+24-layer ViT-L; a shallower tower, e.g. the tests' 3-layer one, gets no ViT stage by default); `vit_layers=()`
+disables the ViT stage; explicit layers must lie before LLaVA's feature layer (checked by the engine).
+`vit_remove` = 92 patches per layer (official). LLaVA-1.5 defaults: 576 → 208 patches per image after the
+ViT stage. The configuration the debiasing paper used on LLaVA-1.5 is not released.
 
-Parameters: keep, llm_layer (2), llm_r (0.70, used only when keep is None); attention options heads,
-num_heads, debias (no released patch; vtprune applies it to the score, §13), debias_strength, benchmark.
+Budget: `keep` applies to the LLM stage: the visual tokens per image left after it; a fraction is of the
+P' patches that leave the ViT stage, a count larger than P' keeps all of them. Default round(llm_r · P')
+(``llm_r`` = 0.70, the README's keep fraction; 146 on LLaVA-1.5). `llm_layer` defaults to 2: the repo's
+image setting (8) targets LLaVA-OneVision, its LLaVA-1.5 setting is not released, and the debiasing paper
+compares it with FastV-style pruners at K=2 — a vtprune choice. The record has one stage per part ("vit":
+patches per sample after the ViT merges; "llm": after the LLM merge).
+
+Deviation: the official code targets SigLIP/Qwen2-VL towers without [CLS]; on CLIP the [CLS] is never merged
+(it stays first) but its query row counts in the received attention.
+
+Parameters: keep, llm_layer (2), llm_r (0.70, used only when keep is None), vit_layers (None = 5-8),
+vit_remove (92); attention options heads, num_heads, debias (no released patch; vtprune applies it to the
+LLM-stage score, §13; the recency correction is off after a ViT stage, as tokens are no longer a full raster),
+debias_strength, benchmark.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtprune.methods.base import AttentionMethod, ModelInfo, PruneConfigError, Selection, Stage, register
+import torch
+
+from vtprune.methods.base import (
+    AttentionMethod,
+    ModelInfo,
+    PruneConfigError,
+    Selection,
+    Stage,
+    register,
+    resolve_keep,
+)
 from vtprune.selection import illava_weighted_merge
+
+OFFICIAL_VIT_LAYERS = (5, 6, 7, 8)
 
 
 @register
 @dataclass
 class ILLaVA(AttentionMethod):
-    """LLM-stage weighted merge of the least-attended image tokens into the lowest kept one."""
+    """ViT-stage and LLM-stage weighted merges of the least-attended image tokens."""
 
     llm_layer: int = 2
     llm_r: float = 0.70
+    vit_layers: tuple[int, ...] | list[int] | None = None
+    vit_remove: int = 92
 
     name = "illava"
     stage_kind = "llm"
@@ -51,20 +81,58 @@ class ILLaVA(AttentionMethod):
             raise PruneConfigError(
                 f"illava: llm_r={self.llm_r} (fraction of image tokens kept) must be in (0, 1]"
             )
+        if self.vit_layers is not None:
+            if isinstance(self.vit_layers, int) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in self.vit_layers
+            ):
+                raise PruneConfigError(f"illava: vit_layers={self.vit_layers!r} must be a sequence of ints")
+            self.vit_layers = tuple(self.vit_layers)
+        if isinstance(self.vit_remove, bool) or not isinstance(self.vit_remove, int) or self.vit_remove < 1:
+            raise PruneConfigError(f"illava: vit_remove={self.vit_remove!r} must be an int >= 1")
+
+    def resolved_vit_layers(self, info: ModelInfo) -> tuple[int, ...]:
+        if self.vit_layers is not None:
+            return self.vit_layers
+        return OFFICIAL_VIT_LAYERS if info.vision_layers >= 10 else ()
 
     def stages(self, info: ModelInfo) -> list[Stage]:
-        keep = self.keep_count(info, max(1, round(info.visual_tokens * self.llm_r)))
-        return [
-            Stage(
-                kind="llm",
-                keep=keep,
-                score_layer=self.llm_layer - 1,
-                prune_layer=self.llm_layer,
-                positions="original",
-                queries="last",
-                name="illava",
+        layers = self.resolved_vit_layers(info)
+        n = info.visual_tokens
+        left = n - len(layers) * self.vit_remove  # patches per image entering the LLM
+        if left < 1:
+            raise PruneConfigError(
+                f"illava: vit_remove={self.vit_remove} at {len(layers)} vision layer(s) removes all "
+                f"{n} patches of an image"
             )
-        ]
+        if self.keep is None:
+            keep = max(1, round(left * self.llm_r))
+        elif isinstance(self.keep, float) and self.keep <= 1.0:
+            keep = resolve_keep(self.keep, left)
+        else:
+            keep = min(resolve_keep(self.keep, n), left)
+        llm = Stage(
+            kind="llm",
+            keep=keep,
+            score_layer=self.llm_layer - 1,
+            prune_layer=self.llm_layer,
+            positions="original",
+            queries="last",
+            name="illava",
+        )
+        if not layers:
+            return [llm]
+        vit = Stage(kind="vit", keep=left, name="illava_vit", vit_layers=layers, vit_remove=self.vit_remove)
+        return [vit, llm]
+
+    def merge_vit(
+        self, stage: Stage, layer: int, hidden: torch.Tensor, attn_received: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, T, Dv) hidden states ([CLS] first) and (N, T) received attention of one CLIP layer ->
+        (N, T - r, Dv) merged hidden states and (N, T - r) positions of the survivors in the input."""
+        merged = illava_weighted_merge(attn_received[:, 1:], hidden[:, 1:], stage.vit_remove)
+        cls_pos = torch.zeros(hidden.shape[0], 1, dtype=torch.long, device=hidden.device)
+        kept = torch.cat([cls_pos, merged.indices + 1], dim=1)
+        return torch.cat([hidden[:, :1], merged.hidden.to(hidden.dtype)], dim=1), kept
 
     def select(self, stage_index, stage, signals) -> Selection:
         scores, info = self.attention_scores(signals, "last", budget=stage.keep)
