@@ -107,28 +107,21 @@ class Predictor:
         preprocessing: str = "crop",
         max_new_tokens: int = 128,
     ) -> Predictor:
-        """Load model + processor with `from_pretrained` (Hub id or local folder)."""
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        """Load model + processor with `from_pretrained` (Hub id, local folder or `testbed`)."""
+        from vtprune.loading import load_model
 
-        from vtprune.loading import resolve_model_path
-
-        name = model_id
-        model_id = resolve_model_path(model_id)  # `testbed` -> the packaged checkpoint
         device = resolve_device(device)
         torch_dtype = getattr(torch, resolve_dtype(dtype, device))
-        model = LlavaForConditionalGeneration.from_pretrained(
-            model_id, dtype=torch_dtype, attn_implementation=attn_implementation, revision=revision
+        model, processor = load_model(
+            model_id, device=device, dtype=torch_dtype, attn_implementation=attn_implementation, revision=revision
         )
-        model.to(device)
-        model.eval()
-        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
         return cls(
             model,
             processor,
             template=template,
             preprocessing=preprocessing,
             max_new_tokens=max_new_tokens,
-            model_id=name,
+            model_id=model_id,
         )
 
     # ------------------------------------------------------------------------------------ pruning
