@@ -489,3 +489,20 @@ def test_cli_rejects_malformed_lists(tmp_path):
         app, ["bench", "--arch", "tiny", "--keep", "64,abc", "--output", str(tmp_path)]
     )
     assert result.exit_code != 0 and "integers" in result.output
+
+
+def test_oracle_of_a_vit_merging_method_feeds_the_same_tokens(tiny_model):
+    """iLLaVA's ViT stage is replayed as a vision stage keeping the surviving patches (unmerged)."""
+    model = tiny_model.model
+    inputs = synthetic_inputs(model.config, 2, 20, device="cpu", dtype=torch.float32, seed=3)
+    with torch.no_grad():
+        vtprune.prune(model, "illava", keep=12, vit_layers=(0,), vit_remove=8)
+        model(**inputs.model_kwargs())
+        record = vtprune.last_record(model)
+        vtprune.prune(model, FixedSelection.from_record(record))
+        model(**inputs.model_kwargs())
+        replay = vtprune.last_record(model)
+        vtprune.unprune(model)
+    assert [s.kind for s in record.stages] == ["vit", "llm"]
+    assert [s.kind for s in replay.stages] == ["vision", "llm"]
+    assert [(s.prune_layer, s.kept) for s in replay.stages] == [(s.prune_layer, s.kept) for s in record.stages]

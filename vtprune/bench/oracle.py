@@ -60,7 +60,9 @@ class FixedSelection(Method):
                 and all(c == record.visual_tokens for c in stage.counts)
             ):
                 continue  # the engine's stand-in stage of an unpruned prefill: nothing was dropped
-            if stage.kind == "vision":
+            if stage.kind in ("vision", "vit"):
+                # A ViT-merging stage is replayed as "the LLM gets the surviving patches" (unmerged features,
+                # full vision tower): the token counts the LLM sees are the method's, with no scoring.
                 planned = Stage(kind="vision", keep=max(stage.counts), name=stage.name)
             else:
                 planned = Stage(
