@@ -117,6 +117,31 @@ def test_negatives_follow_cooccurrence():
     assert np.mean(freq["popular"]) > 2 * np.mean(freq["random"])
 
 
+def test_binding_negatives_and_attribute_probes():
+    from vtprune.testbed.world import colour_of, shape_of
+
+    rng = np.random.default_rng(4)
+    for _ in range(100):
+        scene = sample_scene(rng)
+        present = scene.classes
+        for cls in qs.binding_negatives(present):
+            assert cls not in present
+            assert any(colour_of(c) == colour_of(cls) for c in present)
+            assert any(shape_of(c) == shape_of(cls) for c in present)
+        probe = qs.attribute_probe(scene, rng)
+        word = probe.text.split()[3]  # "Is there a red object ..." / "Is there a star ..."
+        names = [qs.COLOURS[o.colour] for o in scene.objects] + [qs.SHAPES[o.shape] for o in scene.objects]
+        assert probe.kind == "attribute" and probe.answer == ("yes" if word in names else "no")
+    # the defaults draw exactly what they drew before these options existed
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    for _ in range(50):
+        scene = sample_scene(a)
+        assert sample_scene(b) == scene
+        assert qs.sample_training_example(scene, a, 0.4, 0.25) == qs.sample_training_example(
+            scene, b, 0.4, 0.25, binding_fraction=0.0, attribute_fraction=0.0
+        )
+
+
 def test_world_has_cooccurring_pairs():
     stats = cooccurrence_stats()
     theme = world().themes[0]

@@ -82,11 +82,15 @@ def test_batched_equals_single(testbed, sample):
     assert batched == single
 
 
-@pytest.mark.xfail(
-    reason="the shipped weights are below the issue's bar; see weights/README.md", strict=False
-)
-def test_recorded_heldout_accuracy_meets_the_bar(record):
+def test_recorded_pope_accuracy_meets_the_bar(record):
     pope = record["heldout"]["pope"]
     assert all(pope[c]["accuracy"] >= 0.95 for c in ("random", "popular", "adversarial"))
-    assert record["heldout"]["mcq"]["all"]["accuracy"] >= 0.85
     assert record["blank_image"]["pope"]["all"]["accuracy"] <= 0.6
+
+
+@pytest.mark.xfail(
+    reason="the shipped weights are below the issue's MCQ bar (63.4% < 85%); see weights/README.md",
+    strict=False,
+)
+def test_recorded_mcq_accuracy_meets_the_bar(record):
+    assert record["heldout"]["mcq"]["all"]["accuracy"] >= 0.85

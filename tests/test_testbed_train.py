@@ -76,6 +76,43 @@ def test_written_out_loss_equals_llava_loss(processor, pool):
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
 
 
+def test_per_example_loss_is_the_mean_of_row_losses(processor, pool):
+    model = build_model(processor, seed=0, **train.TINY_MODEL).eval()
+    batch = _batches(processor, pool, batch_size=4, caption_fraction=0.5).make_batch(np.random.default_rng(3))
+    pixels = train.PixelNormaliser(processor, torch.device("cpu"))(pool.pixels[batch["index"]])
+    with torch.no_grad():
+        features = train.vision_forward(model, pixels).hidden_states[-2][:, 1:]
+        got, _ = train.answer_loss(model, features, batch["input_ids"], batch["labels"], per_example=True)
+        rows = [
+            train.answer_loss(
+                model, features[i : i + 1], batch["input_ids"][i : i + 1], batch["labels"][i : i + 1]
+            )[0]
+            for i in range(4)
+        ]
+    assert got.item() == pytest.approx(torch.stack(rows).mean().item(), rel=1e-5)
+
+
+def test_trained_tower_layers_reproduce_the_features(processor, pool):
+    from contextlib import nullcontext
+
+    model = build_model(processor, seed=0, **train.TINY_MODEL).eval()
+    normalise = train.PixelNormaliser(processor, torch.device("cpu"))
+    with torch.no_grad():
+        expected = train.vision_forward(model, normalise(pool.pixels)).hidden_states[-2][:, 1:]
+        cached = train.precompute_features(
+            model, pool, normalise, torch.device("cpu"), nullcontext, tower_layers=1
+        )
+        _, layers = train.tower_top_layers(model, 1)
+        torch.testing.assert_close(train.run_tower_layers(layers, cached), expected)
+        stats = train.centre_projector(model, cached, tower_layers=1)
+        projected = model.model.multi_modal_projector.linear_1(expected.flatten(0, 1))
+    centred = (expected.flatten(0, 1) - expected.flatten(0, 1).mean(0)).pow(2).mean().sqrt()
+    assert stats["centred_rms"] == pytest.approx(centred.item(), rel=1e-4)
+    assert projected.mean(0).abs().max() < 1e-4  # the centred features' mean maps to the bias of 0
+    with pytest.raises(ValueError, match="tower_layers"):
+        train.tower_top_layers(model, 2)
+
+
 def test_pixel_normaliser_matches_processor(processor):
     pixels = render(sample_scene(np.random.default_rng(2)))[0]
     expected = processor.image_processor(Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
@@ -88,6 +125,10 @@ def test_smoke_run_saves_a_loadable_model(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     report = train.main(["--out", str(tmp_path), "--smoke", "--position-weight", "1"])
+    assert report["train"]["llm"]["steps"] == 4 and "position" in report["train"]["vision"]
+    options = ["--position-loss", "mse", "--tower-layers", "1", "--per-example-loss", "--centre-projector",
+               "--binding-fraction", "0.5", "--attribute-fraction", "0.5", "--no-eval-sample"]  # fmt: skip
+    report = train.main(["--out", str(tmp_path / "new"), "--smoke", "--position-weight", "1", *options])
     assert report["train"]["llm"]["steps"] == 4 and "position" in report["train"]["vision"]
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["heldout"]["pope"]["all"]["n"] > 0 and (tmp_path / "model.tar").is_file()

@@ -164,16 +164,48 @@ def caption(scene: Scene) -> str:
 class TrainingExample:
     text: str  # the user text (question + instructions), before the chat template
     answer: str  # "yes", "no", a letter, or a caption (several words)
-    kind: str  # "pope", "mcq" or "caption"
+    kind: str  # "pope", "mcq", "caption" or "attribute"
+
+
+def binding_negatives(present: list[int]) -> list[int]:
+    """Absent classes whose colour and whose shape are both in the scene, on different objects ("a red star"
+    when a red circle and a blue star are present): only binding colour to shape answers them."""
+    colours = {colour_of(c) for c in present}
+    shapes = {shape_of(c) for c in present}
+    absent = [c for c in range(NUM_CLASSES) if c not in present]
+    return [c for c in absent if colour_of(c) in colours and shape_of(c) in shapes]
+
+
+def attribute_probe(scene: Scene, rng: np.random.Generator) -> TrainingExample:
+    """'Is there a red object in the image?' or 'Is there a star in the image?', half of them yes: one word to
+    look up in the image, the stepping stone to a POPE probe, which needs two on the same object."""
+    if rng.random() < 0.5:
+        present, names, template = {o.colour for o in scene.objects}, COLOURS, "{} {} object"
+    else:
+        present, names, template = {o.shape for o in scene.objects}, SHAPES, "{} {}"
+    yes = bool(rng.random() < 0.5)
+    choices = sorted(present) if yes else [v for v in range(len(names)) if v not in present]
+    name = names[int(rng.choice(choices))]
+    article = "an" if name[0] in "aeiou" else "a"
+    question = f"Is there {template.format(article, name)} in the image?"
+    return TrainingExample(pope_text(question), "yes" if yes else "no", "attribute")
 
 
 def sample_training_example(
-    scene: Scene, rng: np.random.Generator, mcq_fraction: float = 0.5, caption_fraction: float = 0.0
+    scene: Scene,
+    rng: np.random.Generator,
+    mcq_fraction: float = 0.5,
+    caption_fraction: float = 0.0,
+    binding_fraction: float = 0.0,
+    attribute_fraction: float = 0.0,
 ) -> TrainingExample:
     """One random example about `scene`: a caption, an MCQ, or a balanced yes/no POPE probe (all three kinds
     of negatives). Captions are the dense signal that teaches the LLM to read the image at all: a yes/no
     answer depends only on the *interaction* of question and image, which a randomly initialised model
-    does not find from POPE and MCQ alone."""
+    does not find from POPE and MCQ alone. With `binding_fraction > 0`, that fraction of the negatives are
+    `binding_negatives` where the scene has any (hard negatives), and with `attribute_fraction > 0` that
+    fraction of the yes/no probes are `attribute_probe`s (kind "attribute"). Both at 0 draw exactly what earlier
+    versions drew."""
     draw = rng.random()
     if draw < caption_fraction:
         return TrainingExample(CAPTION_PROMPT, caption(scene), "caption")
@@ -181,9 +213,13 @@ def sample_training_example(
         item = make_mcq(scene, MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))], rng)
         if item is not None:
             return TrainingExample(mcq_text(item.question, item.choices), LETTERS[item.answer], "mcq")
+    if attribute_fraction > 0 and rng.random() < attribute_fraction:
+        return attribute_probe(scene, rng)
     present = scene.classes
     if rng.random() < 0.5:
         cls, answer = int(rng.choice(present)), "yes"
+    elif binding_fraction > 0 and rng.random() < binding_fraction and (hard := binding_negatives(present)):
+        cls, answer = int(rng.choice(hard)), "no"
     else:
         category = POPE_CATEGORIES[int(rng.integers(len(POPE_CATEGORIES)))]
         cls, answer = pope_negatives(present, category, 1, rng, pool=6)[0], "no"

@@ -50,7 +50,7 @@ TINY_MODEL = {
     "text_layers": 2,
     "intermediate_size": 128,
 }
-KINDS = ("pope", "mcq", "caption")  # training example kinds, in the order of the batches' "kind" codes
+KINDS = ("pope", "mcq", "caption", "attribute")  # training example kinds, in the order of the "kind" codes
 
 
 @dataclass
@@ -64,7 +64,14 @@ class TrainConfig:
     batch_size: int = 64
     vision_lr: float = 1e-3
     position_weight: float = 0.0  # stage 1: weight of the patch row/column loss (0: no position head)
+    position_loss: str = "ce"  # "ce": 24-way row and column classes; "mse": the row and column as 2 numbers
     lr: float = 6e-4
+    tower_layers: int = 0  # stage 2 also trains the top N vision layers below the features (0: frozen tower)
+    tower_lr: float = 1e-4  # their learning rate
+    per_example_loss: bool = False  # mean of each example's answer tokens first: a caption weighs one answer
+    centre_projector: bool = False  # fold the features' mean and scale into the projector (stage 2 init)
+    binding_fraction: float = 0.0  # POPE negatives that need colour bound to shape (`binding_negatives`)
+    attribute_fraction: float = 0.0  # yes/no probes about one colour or one shape (`attribute_probe`)
     weight_decay: float = 0.05
     warmup: int = 300
     caption_fraction: float = 0.25
@@ -166,7 +173,14 @@ class QuestionBatches(IterableDataset):
         index = rng.integers(len(self.scenes), size=cfg.batch_size)
         seqs, lengths, kinds = [], [], []
         for i in index:
-            ex = sample_training_example(self.scenes[i], rng, cfg.mcq_fraction, cfg.caption_fraction)
+            ex = sample_training_example(
+                self.scenes[i],
+                rng,
+                cfg.mcq_fraction,
+                cfg.caption_fraction,
+                cfg.binding_fraction,
+                cfg.attribute_fraction,
+            )
             kinds.append(KINDS.index(ex.kind))
             system = SYSTEM_PROMPT if rng.random() < cfg.system_fraction else None
             prompt = self.prompt_ids(ex.text, system)
@@ -195,13 +209,20 @@ class QuestionBatches(IterableDataset):
 class AuxHeads(nn.Module):
     """Training-only heads on the vision tower: [CLS] -> present classes, patch -> covering class, and
     optionally patch -> its own row and column (keeps absolute position decodable from the features, as it is
-    in CLIP; without it the class objectives wash position out by the penultimate layer)."""
+    in CLIP; without it the class objectives wash position out by the penultimate layer). The position loss is
+    cross-entropy over the 24 rows and the 24 columns, or ("mse") the squared error of the row and column
+    scaled to [0, 1]: two linear directions, which cannot take over the features as the unbounded margins of
+    the cross-entropy did (88% of the layer -2 variance was position, 3% class, in the run that used it)."""
 
-    def __init__(self, hidden: int, position: bool = False):
+    def __init__(self, hidden: int, position: bool = False, position_loss: str = "ce"):
         super().__init__()
         self.cls = nn.Linear(hidden, NUM_CLASSES)
         self.patch = nn.Linear(hidden, NUM_CLASSES + 1)
-        self.position = nn.Linear(hidden, 2 * GRID) if position else None
+        if position_loss not in ("ce", "mse"):
+            raise ValueError(f"position_loss must be 'ce' or 'mse', got {position_loss!r}")
+        self.position_loss = position_loss
+        width = 2 * GRID if position_loss == "ce" else 2
+        self.position = nn.Linear(hidden, width) if position else None
 
     def losses(
         self, vision_out: Any, presence: torch.Tensor, patch_labels: torch.Tensor
@@ -218,12 +239,18 @@ class AuxHeads(nn.Module):
         out = {"cls": cls_loss, "patch": patch_loss, "cls_exact": exact, "patch_acc": patch_acc}
         if self.position is not None:
             features = vision_out.hidden_states[-2][:, 1:]
-            logits = self.position(features).float().view(*features.shape[:2], 2, GRID)
-            cell = torch.arange(GRID * GRID, device=logits.device)
-            target = torch.stack([cell // GRID, cell % GRID], dim=-1).expand(*logits.shape[:-1])
-            out["position"] = F.cross_entropy(logits.flatten(0, 2), target.flatten())
-            with torch.no_grad():
-                out["position_acc"] = (logits.argmax(-1) == target).float().mean()
+            cell = torch.arange(GRID * GRID, device=features.device)
+            target = torch.stack([cell // GRID, cell % GRID], dim=-1).expand(*features.shape[:2], 2)
+            if self.position_loss == "mse":
+                pred = self.position(features).float()  # row and column, divided by GRID - 1
+                out["position"] = F.mse_loss(pred, target / (GRID - 1))
+                with torch.no_grad():
+                    out["position_acc"] = ((pred * (GRID - 1) - target).abs() < 0.5).float().mean()
+            else:
+                logits = self.position(features).float().view(*features.shape[:2], 2, GRID)
+                out["position"] = F.cross_entropy(logits.flatten(0, 2), target.flatten())
+                with torch.no_grad():
+                    out["position_acc"] = (logits.argmax(-1) == target).float().mean()
         return out
 
 
@@ -245,10 +272,17 @@ def vision_forward(model: Any, pixel_values: torch.Tensor) -> Any:
     return model.model.vision_tower(pixel_values, output_hidden_states=True)
 
 
-def answer_loss(model: Any, features: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor):
+def answer_loss(
+    model: Any,
+    features: torch.Tensor,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    per_example: bool = False,
+):
     """LLaVA's forward written out (`features`: vision layer -2 without CLS -> projector -> image-token slots),
     with logits only where a label is: cross-entropy on the answer + EOS, and whether each row's first answer
-    token is right."""
+    token is right. The loss is the mean over all answer tokens of the batch (LLaVA's), or with `per_example`
+    the mean over rows of each row's mean, so that a one-word answer weighs as much as a whole caption."""
     inner = model.model
     image_features = inner.multi_modal_projector(features)
     embeds = model.get_input_embeddings()(input_ids)
@@ -259,7 +293,12 @@ def answer_loss(model: Any, features: torch.Tensor, input_ids: torch.Tensor, lab
     where = targets != -100
     logits = model.lm_head(hidden[:, :-1][where]).float()
     gold = targets[where]
-    loss = F.cross_entropy(logits, gold)
+    if per_example:
+        row = torch.arange(len(where), device=where.device)[:, None].expand_as(where)[where]
+        weight = 1.0 / (where.sum(1).float() * len(where))  # every row has an answer token and EOS
+        loss = (F.cross_entropy(logits, gold, reduction="none") * weight[row]).sum()
+    else:
+        loss = F.cross_entropy(logits, gold)
     with torch.no_grad():
         first = torch.zeros_like(where)
         first[torch.arange(len(where)), where.float().argmax(1)] = True  # the answer token of each row
@@ -336,28 +375,81 @@ def train_vision(model, heads, pool, normalise, cfg, device, autocast, budget_s:
     return {"steps": step, "seconds": round(time.time() - t0, 1), **log}
 
 
+def tower_top_layers(model: Any, count: int) -> tuple[int, nn.ModuleList]:
+    """The `count` vision layers just below LLaVA's features (layer -2), and the index of their input in the
+    tower's `hidden_states`: stage 2 caches that input and trains these layers."""
+    layers = model.model.vision_tower.encoder.layers
+    top = len(layers) + 1 + model.config.vision_feature_layer  # hidden_states index of the features
+    if not 0 <= count <= top:
+        raise ValueError(f"tower_layers must be in [0, {top}], got {count}")
+    return top - count, layers[top - count : top]
+
+
+def run_tower_layers(layers: nn.ModuleList, hidden: torch.Tensor) -> torch.Tensor:
+    """Cached hidden states ([CLS] + patches) through `layers` -> the LLaVA features (patches only)."""
+    for layer in layers:
+        out = layer(hidden, None)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden[:, 1:]
+
+
 @torch.no_grad()
-def precompute_features(model, pool, normalise, device, autocast, batch_size: int = 128) -> torch.Tensor:
-    """Penultimate-layer patch features of every pool image (what LLaVA feeds the projector), bf16 on GPU."""
+def precompute_features(
+    model, pool, normalise, device, autocast, batch_size: int = 128, tower_layers: int = 0
+) -> torch.Tensor:
+    """Penultimate-layer patch features of every pool image (what LLaVA feeds the projector), bf16 on GPU; with
+    `tower_layers`, the input of the top layers that stage 2 trains instead ([CLS] included)."""
     tower = model.model.vision_tower.eval()
+    index, _ = tower_top_layers(model, tower_layers)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = len(pool.scenes)
-    out = torch.empty(n, model.config.image_seq_length, model.config.vision_config.hidden_size, dtype=dtype,
-                      device=device)  # fmt: skip
+    n, first = len(pool.scenes), 0 if tower_layers else 1
+    out = torch.empty(n, model.config.image_seq_length + 1 - first, model.config.vision_config.hidden_size,
+                      dtype=dtype, device=device)  # fmt: skip
     for start in range(0, n, batch_size):
         pixels = normalise(pool.pixels[start : start + batch_size].to(device))
         with autocast():
-            out[start : start + batch_size] = tower(pixels, output_hidden_states=True).hidden_states[-2][
-                :, 1:
-            ]
+            hidden = tower(pixels, output_hidden_states=True).hidden_states[index]
+            out[start : start + batch_size] = hidden[:, first:]
     return out
 
 
+@torch.no_grad()
+def centre_projector(
+    model: Any, features: torch.Tensor, tower_layers: int, rows: int = 256
+) -> dict[str, float]:
+    """Data-dependent initialisation of the projector: fold the features' mean and overall scale into its first
+    linear layer, so that it sees centred features of unit RMS. Layer -2 features share one dominant direction
+    (mean pairwise cosine about 0.8), so a freshly initialised projector gives image tokens that, after the
+    LLM's RMSNorm, differ little by content. The architecture is unchanged: only the initial values move."""
+    _, layers = tower_top_layers(model, tower_layers)
+    index = torch.linspace(0, len(features) - 1, min(rows, len(features))).long().to(features.device)
+    sample = features[index].float()
+    x = (run_tower_layers(layers, sample) if tower_layers else sample).flatten(0, 1)
+    mean = x.mean(0)
+    scale = (x - mean).pow(2).mean().sqrt()
+    linear = model.model.multi_modal_projector.linear_1
+    linear.weight.div_(scale)
+    linear.bias.sub_(linear.weight @ mean)
+    return {"feature_rms": round(float(x.pow(2).mean().sqrt()), 4), "centred_rms": round(float(scale), 4)}
+
+
 def train_llm(model, features, batches, cfg, device, autocast, budget_s: float) -> dict[str, Any]:
-    """Stage 2: projector + LLM on captions, MCQ and POPE; the vision tower stays frozen (as in LLaVA-1.5)."""
+    """Stage 2: projector + LLM on captions, MCQ and POPE; the vision tower stays frozen (as in LLaVA-1.5), or
+    its top `cfg.tower_layers` layers below the features train too, at `cfg.tower_lr` (`features` then holds
+    their cached input)."""
     model.model.vision_tower.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **_fused(device))
+    if cfg.centre_projector:
+        print(f"  centred the projector: {centre_projector(model, features, cfg.tower_layers)}", flush=True)
+    _, tower_layers = tower_top_layers(model, cfg.tower_layers)
+    tower_layers.requires_grad_(True)
+    tower_params = list(tower_layers.parameters())
+    tower_ids = {id(p) for p in tower_params}
+    llm_params = [p for p in model.parameters() if p.requires_grad and id(p) not in tower_ids]
+    groups = [{"params": llm_params, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if tower_params:
+        groups.append({"params": tower_params, "lr": cfg.tower_lr, "base_lr": cfg.tower_lr})
+    params = llm_params + tower_params
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, **_fused(device))
     budget = StepBudget(cfg.steps, budget_s, device)
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if cfg.workers else None, persistent_workers=cfg.workers > 0)  # fmt: skip
@@ -366,12 +458,14 @@ def train_llm(model, features, batches, cfg, device, autocast, budget_s: float) 
         if step >= budget.total:
             break
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, budget.total, cfg.warmup)
+            group["lr"] = group["base_lr"] * lr_factor(step, budget.total, cfg.warmup)
         feats = features[batch["index"].to(features.device)]
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         with autocast():
-            loss, correct = answer_loss(model, feats, input_ids, labels)
+            if cfg.tower_layers:
+                feats = run_tower_layers(tower_layers, feats)
+            loss, correct = answer_loss(model, feats, input_ids, labels, cfg.per_example_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -470,7 +564,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.time()
     processor = build_processor()
     model = build_model(processor, seed=cfg.seed, **(TINY_MODEL if cfg.tiny else {})).to(device).train()
-    heads = AuxHeads(model.config.vision_config.hidden_size, position=cfg.position_weight > 0).to(device)
+    heads = AuxHeads(
+        model.config.vision_config.hidden_size,
+        position=cfg.position_weight > 0,
+        position_loss=cfg.position_loss,
+    ).to(device)
     print(
         f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}", flush=True
     )
@@ -487,8 +585,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # With a time budget, stage 1 may take at most a quarter of it and stage 2 gets whatever is left.
     vision_budget = 0.25 * cfg.time_budget_s
     vision_log = train_vision(model, heads, pool, normalise, cfg, device, autocast, vision_budget)
-    features = precompute_features(model, pool, normalise, device, autocast)
-    del pool.pixels  # the frozen tower's features are all stage 2 needs
+    features = precompute_features(model, pool, normalise, device, autocast, tower_layers=cfg.tower_layers)
+    del pool.pixels  # the frozen part of the tower is done: stage 2 needs its output only
     llm_budget = max(0.0, cfg.time_budget_s - (time.time() - t_start)) if cfg.time_budget_s else 0.0
     llm_log = train_llm(model, features, batches, cfg, device, autocast, llm_budget)
     del features
