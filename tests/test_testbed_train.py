@@ -12,7 +12,7 @@ from PIL import Image
 from vtprune.testbed import evaluate as ev
 from vtprune.testbed import train
 from vtprune.testbed.model import build_model, build_processor
-from vtprune.testbed.questions import SYSTEM_PROMPT, caption
+from vtprune.testbed.questions import SYSTEM_PROMPT, caption, sample_training_example
 from vtprune.testbed.render import render, sample_scene
 
 
@@ -48,7 +48,7 @@ def test_batch_labels_cover_answer_and_eos_only(processor, pool):
     batches = _batches(processor, pool, batch_size=24, caption_fraction=0.3)
     batch = batches.make_batch(np.random.default_rng(0))
     tok = processor.tokenizer
-    assert set(batch["kind"].tolist()) == {0, 1, 2}
+    assert {0, 1, 2} <= set(batch["kind"].tolist()) <= {0, 1, 2, 4}  # 4: a position MCQ, logged apart
     for ids, labels, index, kind in zip(
         batch["input_ids"], batch["labels"], batch["index"], batch["kind"], strict=True
     ):
@@ -57,7 +57,7 @@ def test_batch_labels_cover_answer_and_eos_only(processor, pool):
         words = tok.convert_ids_to_tokens(answer[:-1])
         if kind == 0:
             assert words in (["yes"], ["no"])
-        elif kind == 1:
+        elif kind in (1, 4):
             assert words[0] in "ABCD" and len(words) == 1
         else:
             assert " ".join(words) == caption(pool.scenes[int(index)])
@@ -135,3 +135,34 @@ def test_smoke_run_saves_a_loadable_model(tmp_path):
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model")
     assert model.dtype == torch.float32
     AutoProcessor.from_pretrained(tmp_path / "model")
+
+
+def test_position_fraction_sets_the_share_of_position_mcqs(processor, pool):
+    rng = np.random.default_rng(5)
+    kinds = []
+    for _ in range(300):
+        ex = sample_training_example(pool.scenes[int(rng.integers(len(pool.scenes)))], rng, mcq_fraction=1.0,
+                                     position_fraction=1.0)  # fmt: skip
+        kinds.append(ex.qtype if ex.kind == "mcq" else ex.kind)
+    # every MCQ asks about position; a scene without an object alone in a quadrant falls back to a yes/no probe
+    assert set(kinds) <= {"colour_at", "shape_at", "pope", "attribute"}
+    assert kinds.count("colour_at") > 50 and kinds.count("shape_at") > 50
+
+
+def test_quadrant_position_head_targets():
+    heads = train.AuxHeads(8, position=True, position_loss="quadrant")
+    features = torch.zeros(1, 577, 8)
+    out = heads.losses(
+        type("Out", (), {"pooler_output": features[:, 0], "hidden_states": [features, features]})(),
+        torch.zeros(1, 64), torch.full((1, 576), 64),
+    )  # fmt: skip
+    # with all-zero features the head outputs its bias: the loss is the mean square of the targets minus it
+    row, col = torch.arange(576) // 24, torch.arange(576) % 24
+    quadrant = torch.nn.functional.one_hot(2 * (row >= 12) + (col >= 12), 4).float()
+    target = torch.cat([torch.stack([row, col], -1) / 23, quadrant], -1)
+    expected = (target - heads.position.bias.detach()).pow(2).mean()
+    assert out["position"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert quadrant[0].tolist() == [1, 0, 0, 0] and quadrant[575].tolist() == [0, 0, 0, 1]
+    assert quadrant[23].tolist() == [0, 1, 0, 0] and quadrant[24 * 23].tolist() == [0, 0, 1, 0]
+    with pytest.raises(ValueError, match="position_loss must be one of"):
+        train.AuxHeads(8, position=True, position_loss="l1")

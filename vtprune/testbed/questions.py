@@ -165,6 +165,7 @@ class TrainingExample:
     text: str  # the user text (question + instructions), before the chat template
     answer: str  # "yes", "no", a letter, or a caption (several words)
     kind: str  # "pope", "mcq", "caption" or "attribute"
+    qtype: str = ""  # the MCQ type (`MCQ_TYPES`) of an "mcq" example
 
 
 def binding_negatives(present: list[int]) -> list[int]:
@@ -198,21 +199,28 @@ def sample_training_example(
     caption_fraction: float = 0.0,
     binding_fraction: float = 0.0,
     attribute_fraction: float = 0.0,
+    position_fraction: float | None = None,
 ) -> TrainingExample:
     """One random example about `scene`: a caption, an MCQ, or a balanced yes/no POPE probe (all three kinds
     of negatives). Captions are the dense signal that teaches the LLM to read the image at all: a yes/no
     answer depends only on the *interaction* of question and image, which a randomly initialised model
     does not find from POPE and MCQ alone. With `binding_fraction > 0`, that fraction of the negatives are
     `binding_negatives` where the scene has any (hard negatives), and with `attribute_fraction > 0` that
-    fraction of the yes/no probes are `attribute_probe`s (kind "attribute"). Both at 0 draw exactly what earlier
-    versions drew."""
+    fraction of the yes/no probes are `attribute_probe`s (kind "attribute"). With `position_fraction`, that
+    fraction of the MCQs are position questions (`colour_at`, `shape_at`); None draws the four types uniformly.
+    The defaults draw exactly what earlier versions drew."""
     draw = rng.random()
     if draw < caption_fraction:
         return TrainingExample(CAPTION_PROMPT, caption(scene), "caption")
     if draw < caption_fraction + mcq_fraction:
-        item = make_mcq(scene, MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))], rng)
+        if position_fraction is None:
+            qtype = MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))]
+        else:
+            pair = 2 if rng.random() < position_fraction else 0  # MCQ_TYPES: two count types, then two position
+            qtype = MCQ_TYPES[pair + int(rng.integers(2))]
+        item = make_mcq(scene, qtype, rng)
         if item is not None:
-            return TrainingExample(mcq_text(item.question, item.choices), LETTERS[item.answer], "mcq")
+            return TrainingExample(mcq_text(item.question, item.choices), LETTERS[item.answer], "mcq", qtype)
     if attribute_fraction > 0 and rng.random() < attribute_fraction:
         return attribute_probe(scene, rng)
     present = scene.classes

@@ -50,7 +50,10 @@ TINY_MODEL = {
     "text_layers": 2,
     "intermediate_size": 128,
 }
-KINDS = ("pope", "mcq", "caption", "attribute")  # training example kinds, in the order of the "kind" codes
+# Training example kinds, in the order of the "kind" codes; "mcq_position" is an MCQ of type colour_at or shape_at
+# (logged apart from the counting MCQs).
+KINDS = ("pope", "mcq", "caption", "attribute", "mcq_position")
+POSITION_MCQ_TYPES = ("colour_at", "shape_at")
 
 
 @dataclass
@@ -64,7 +67,8 @@ class TrainConfig:
     batch_size: int = 64
     vision_lr: float = 1e-3
     position_weight: float = 0.0  # stage 1: weight of the patch row/column loss (0: no position head)
-    position_loss: str = "ce"  # "ce": 24-way row and column classes; "mse": the row and column as 2 numbers
+    position_loss: str = "ce"  # "ce": 24-way row and column classes; "mse": the row and column as 2 numbers;
+    # "quadrant": "mse" plus the patch's quadrant as 4 one-hot numbers (what "the shape in the top-left" needs)
     lr: float = 6e-4
     tower_layers: int = 0  # stage 2 also trains the top N vision layers below the features (0: frozen tower)
     tower_lr: float = 1e-4  # their learning rate
@@ -72,6 +76,7 @@ class TrainConfig:
     centre_projector: bool = False  # fold the features' mean and scale into the projector (stage 2 init)
     binding_fraction: float = 0.0  # POPE negatives that need colour bound to shape (`binding_negatives`)
     attribute_fraction: float = 0.0  # yes/no probes about one colour or one shape (`attribute_probe`)
+    position_fraction: float | None = None  # MCQs about position (colour_at, shape_at); None: 1 in 2 as types
     weight_decay: float = 0.05
     warmup: int = 300
     caption_fraction: float = 0.25
@@ -103,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if f.type == "bool":
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            kind = {"int": int, "float": float, "str": str, "int | None": int}[f.type]
+            kind = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}[f.type]
             parser.add_argument(name, type=kind, default=f.default)
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     if cfg.smoke:
@@ -180,8 +185,9 @@ class QuestionBatches(IterableDataset):
                 cfg.caption_fraction,
                 cfg.binding_fraction,
                 cfg.attribute_fraction,
+                cfg.position_fraction,
             )
-            kinds.append(KINDS.index(ex.kind))
+            kinds.append(KINDS.index("mcq_position" if ex.qtype in POSITION_MCQ_TYPES else ex.kind))
             system = SYSTEM_PROMPT if rng.random() < cfg.system_fraction else None
             prompt = self.prompt_ids(ex.text, system)
             answer = self.processor.tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
@@ -212,16 +218,20 @@ class AuxHeads(nn.Module):
     in CLIP; without it the class objectives wash position out by the penultimate layer). The position loss is
     cross-entropy over the 24 rows and the 24 columns, or ("mse") the squared error of the row and column
     scaled to [0, 1]: two linear directions, which cannot take over the features as the unbounded margins of
-    the cross-entropy did (88% of the layer -2 variance was position, 3% class, in the run that used it)."""
+    the cross-entropy did (88% of the layer -2 variance was position, 3% class, in the run that used it).
+    "quadrant" adds the patch's quadrant as four one-hot numbers to the squared error: a patch's row and column
+    as linear directions do not let one attention logit single out a quadrant (the top-left is where
+    row < 12 AND column < 12, which no linear score of row and column ranks first), a quadrant direction does."""
 
     def __init__(self, hidden: int, position: bool = False, position_loss: str = "ce"):
         super().__init__()
         self.cls = nn.Linear(hidden, NUM_CLASSES)
         self.patch = nn.Linear(hidden, NUM_CLASSES + 1)
-        if position_loss not in ("ce", "mse"):
-            raise ValueError(f"position_loss must be 'ce' or 'mse', got {position_loss!r}")
+        widths = {"ce": 2 * GRID, "mse": 2, "quadrant": 6}
+        if position_loss not in widths:
+            raise ValueError(f"position_loss must be one of {sorted(widths)}, got {position_loss!r}")
         self.position_loss = position_loss
-        width = 2 * GRID if position_loss == "ce" else 2
+        width = widths[position_loss]
         self.position = nn.Linear(hidden, width) if position else None
 
     def losses(
@@ -241,11 +251,18 @@ class AuxHeads(nn.Module):
             features = vision_out.hidden_states[-2][:, 1:]
             cell = torch.arange(GRID * GRID, device=features.device)
             target = torch.stack([cell // GRID, cell % GRID], dim=-1).expand(*features.shape[:2], 2)
-            if self.position_loss == "mse":
-                pred = self.position(features).float()  # row and column, divided by GRID - 1
-                out["position"] = F.mse_loss(pred, target / (GRID - 1))
+            if self.position_loss in ("mse", "quadrant"):
+                pred = self.position(features).float()  # row and column divided by GRID - 1 (, quadrant)
+                scaled = target / (GRID - 1)
+                if self.position_loss == "quadrant":
+                    quadrant = F.one_hot(2 * (target[..., 0] >= GRID // 2) + (target[..., 1] >= GRID // 2), 4)
+                    scaled = torch.cat([scaled, quadrant.float()], dim=-1)
+                out["position"] = F.mse_loss(pred, scaled)
                 with torch.no_grad():
-                    out["position_acc"] = ((pred * (GRID - 1) - target).abs() < 0.5).float().mean()
+                    out["position_acc"] = ((pred[..., :2] * (GRID - 1) - target).abs() < 0.5).float().mean()
+                    if self.position_loss == "quadrant":
+                        hit = pred[..., 2:].argmax(-1) == scaled[..., 2:].argmax(-1)
+                        out["quadrant_acc"] = hit.float().mean()
             else:
                 logits = self.position(features).float().view(*features.shape[:2], 2, GRID)
                 out["position"] = F.cross_entropy(logits.flatten(0, 2), target.flatten())
