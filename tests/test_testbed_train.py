@@ -166,3 +166,20 @@ def test_quadrant_position_head_targets():
     assert quadrant[23].tolist() == [0, 1, 0, 0] and quadrant[24 * 23].tolist() == [0, 0, 1, 0]
     with pytest.raises(ValueError, match="position_loss must be one of"):
         train.AuxHeads(8, position=True, position_loss="l1")
+
+
+def test_region_probe_names_the_object_alone_in_its_quadrant(pool):
+    from vtprune.testbed.questions import region_probe
+    from vtprune.testbed.world import class_name
+
+    rng = np.random.default_rng(0)
+    seen = 0
+    for scene in pool.scenes:
+        probe = region_probe(scene, rng)
+        if probe is None:
+            continue
+        seen += 1
+        region = probe.text.split("What is in the ")[1].split("?")[0]
+        inside = [o for o in scene.objects if o.region() == region]
+        assert len(inside) == 1 and probe.answer == class_name(inside[0].cls) and probe.kind == "region"
+    assert seen >= 3

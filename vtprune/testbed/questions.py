@@ -164,7 +164,7 @@ def caption(scene: Scene) -> str:
 class TrainingExample:
     text: str  # the user text (question + instructions), before the chat template
     answer: str  # "yes", "no", a letter, or a caption (several words)
-    kind: str  # "pope", "mcq", "caption" or "attribute"
+    kind: str  # "pope", "mcq", "caption", "attribute" or "region"
     qtype: str = ""  # the MCQ type (`MCQ_TYPES`) of an "mcq" example
 
 
@@ -192,6 +192,19 @@ def attribute_probe(scene: Scene, rng: np.random.Generator) -> TrainingExample:
     return TrainingExample(pope_text(question), "yes" if yes else "no", "attribute")
 
 
+def region_probe(scene: Scene, rng: np.random.Generator) -> TrainingExample | None:
+    """'What is in the top-left?' -> 'red circle', for a quadrant that holds one object alone (None if no
+    quadrant does): the position lookup of `colour_at`/`shape_at` answered in words, without the step of
+    matching the answer to a lettered option, the stepping stone to those MCQs."""
+    regions = [r for r in REGIONS if _object_alone_in(scene, r) is not None]
+    if not regions:
+        return None
+    region = str(rng.choice(regions))
+    target = _object_alone_in(scene, region)
+    assert target is not None
+    return TrainingExample(pope_text(f"What is in the {region}?"), class_name(target.cls), "region")
+
+
 def sample_training_example(
     scene: Scene,
     rng: np.random.Generator,
@@ -200,6 +213,7 @@ def sample_training_example(
     binding_fraction: float = 0.0,
     attribute_fraction: float = 0.0,
     position_fraction: float | None = None,
+    region_fraction: float = 0.0,
 ) -> TrainingExample:
     """One random example about `scene`: a caption, an MCQ, or a balanced yes/no POPE probe (all three kinds
     of negatives). Captions are the dense signal that teaches the LLM to read the image at all: a yes/no
@@ -208,11 +222,14 @@ def sample_training_example(
     `binding_negatives` where the scene has any (hard negatives), and with `attribute_fraction > 0` that
     fraction of the yes/no probes are `attribute_probe`s (kind "attribute"). With `position_fraction`, that
     fraction of the MCQs are position questions (`colour_at`, `shape_at`); None draws the four types uniformly.
-    The defaults draw exactly what earlier versions drew."""
+    With `region_fraction`, that fraction of the examples are `region_probe`s (kind "region") where the scene
+    has one. The defaults draw exactly what earlier versions drew."""
     draw = rng.random()
     if draw < caption_fraction:
         return TrainingExample(CAPTION_PROMPT, caption(scene), "caption")
-    if draw < caption_fraction + mcq_fraction:
+    if draw < caption_fraction + region_fraction and (probe := region_probe(scene, rng)) is not None:
+        return probe
+    if draw < caption_fraction + region_fraction + mcq_fraction:
         if position_fraction is None:
             qtype = MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))]
         else:
