@@ -149,23 +149,20 @@ def test_position_fraction_sets_the_share_of_position_mcqs(processor, pool):
     assert kinds.count("colour_at") > 50 and kinds.count("shape_at") > 50
 
 
-def test_quadrant_position_head_targets():
-    heads = train.AuxHeads(8, position=True, position_loss="quadrant")
+def test_quadrant_head_learns_object_patches_only():
+    heads = train.AuxHeads(8, quadrant=True)
     features = torch.zeros(1, 577, 8)
+    labels = torch.full((1, 576), 64)
+    labels[0, [0, 23, 24 * 23, 575]] = 5  # one object patch in each corner
     out = heads.losses(
         type("Out", (), {"pooler_output": features[:, 0], "hidden_states": [features, features]})(),
-        torch.zeros(1, 64), torch.full((1, 576), 64),
+        torch.zeros(1, 64), labels,
     )  # fmt: skip
-    # with all-zero features the head outputs its bias: the loss is the mean square of the targets minus it
-    row, col = torch.arange(576) // 24, torch.arange(576) % 24
-    quadrant = torch.nn.functional.one_hot(2 * (row >= 12) + (col >= 12), 4).float()
-    target = torch.cat([torch.stack([row, col], -1) / 23, quadrant], -1)
-    expected = (target - heads.position.bias.detach()).pow(2).mean()
-    assert out["position"].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert quadrant[0].tolist() == [1, 0, 0, 0] and quadrant[575].tolist() == [0, 0, 0, 1]
-    assert quadrant[23].tolist() == [0, 1, 0, 0] and quadrant[24 * 23].tolist() == [0, 0, 1, 0]
-    with pytest.raises(ValueError, match="position_loss must be one of"):
-        train.AuxHeads(8, position=True, position_loss="l1")
+    # all-zero features: the head outputs its bias for the four object patches, whose quadrants are 0, 1, 2, 3
+    logp = torch.log_softmax(heads.quadrant.bias.detach(), -1)
+    assert out["quadrant"].item() == pytest.approx(-logp.mean().item(), rel=1e-5)
+    assert train.patch_quadrants(torch.device("cpu"))[[0, 23, 24 * 23, 575]].tolist() == [0, 1, 2, 3]
+    assert train.patch_quadrants(torch.device("cpu"))[[11, 12, 24 * 11, 24 * 12]].tolist() == [0, 1, 0, 2]
 
 
 def test_region_probe_names_the_object_alone_in_its_quadrant(pool):

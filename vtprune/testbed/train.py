@@ -67,8 +67,8 @@ class TrainConfig:
     batch_size: int = 64
     vision_lr: float = 1e-3
     position_weight: float = 0.0  # stage 1: weight of the patch row/column loss (0: no position head)
-    position_loss: str = "ce"  # "ce": 24-way row and column classes; "mse": the row and column as 2 numbers;
-    # "quadrant": "mse" plus the patch's quadrant as 4 one-hot numbers (what "the shape in the top-left" needs)
+    position_loss: str = "ce"  # "ce": 24-way row and column classes; "mse": the row and column as 2 numbers
+    quadrant_weight: float = 0.0  # stage 1: weight of the object patches' quadrant loss (4-way; 0: no head)
     lr: float = 6e-4
     tower_layers: int = 0  # stage 2 also trains the top N vision layers below the features (0: frozen tower)
     tower_lr: float = 1e-4  # their learning rate
@@ -221,20 +221,23 @@ class AuxHeads(nn.Module):
     cross-entropy over the 24 rows and the 24 columns, or ("mse") the squared error of the row and column
     scaled to [0, 1]: two linear directions, which cannot take over the features as the unbounded margins of
     the cross-entropy did (88% of the layer -2 variance was position, 3% class, in the run that used it).
-    "quadrant" adds the patch's quadrant as four one-hot numbers to the squared error: a patch's row and column
-    as linear directions do not let one attention logit single out a quadrant (the top-left is where
-    row < 12 AND column < 12, which no linear score of row and column ranks first), a quadrant direction does."""
 
-    def __init__(self, hidden: int, position: bool = False, position_loss: str = "ce"):
+    With `quadrant`, every patch covered by an object also predicts its quadrant (4-way cross-entropy). The
+    class loss gives object patches large class margins, so that position was 3-6% of their variance and an
+    attention head looking for "the shape in the top-left" also took the other objects (a third of its
+    weight); a quadrant classifier on the same patches gives them a quadrant direction of the same kind. The
+    top-left is where row < 12 AND column < 12, which no linear score of the row and column ranks first."""
+
+    def __init__(self, hidden: int, position: bool = False, position_loss: str = "ce", quadrant: bool = False):
         super().__init__()
         self.cls = nn.Linear(hidden, NUM_CLASSES)
         self.patch = nn.Linear(hidden, NUM_CLASSES + 1)
-        widths = {"ce": 2 * GRID, "mse": 2, "quadrant": 6}
-        if position_loss not in widths:
-            raise ValueError(f"position_loss must be one of {sorted(widths)}, got {position_loss!r}")
+        if position_loss not in ("ce", "mse"):
+            raise ValueError(f"position_loss must be 'ce' or 'mse', got {position_loss!r}")
         self.position_loss = position_loss
-        width = widths[position_loss]
+        width = 2 * GRID if position_loss == "ce" else 2
         self.position = nn.Linear(hidden, width) if position else None
+        self.quadrant = nn.Linear(hidden, 4) if quadrant else None
 
     def losses(
         self, vision_out: Any, presence: torch.Tensor, patch_labels: torch.Tensor
@@ -253,24 +256,30 @@ class AuxHeads(nn.Module):
             features = vision_out.hidden_states[-2][:, 1:]
             cell = torch.arange(GRID * GRID, device=features.device)
             target = torch.stack([cell // GRID, cell % GRID], dim=-1).expand(*features.shape[:2], 2)
-            if self.position_loss in ("mse", "quadrant"):
-                pred = self.position(features).float()  # row and column divided by GRID - 1 (, quadrant)
-                scaled = target / (GRID - 1)
-                if self.position_loss == "quadrant":
-                    quadrant = F.one_hot(2 * (target[..., 0] >= GRID // 2) + (target[..., 1] >= GRID // 2), 4)
-                    scaled = torch.cat([scaled, quadrant.float()], dim=-1)
-                out["position"] = F.mse_loss(pred, scaled)
+            if self.position_loss == "mse":
+                pred = self.position(features).float()  # row and column, divided by GRID - 1
+                out["position"] = F.mse_loss(pred, target / (GRID - 1))
                 with torch.no_grad():
-                    out["position_acc"] = ((pred[..., :2] * (GRID - 1) - target).abs() < 0.5).float().mean()
-                    if self.position_loss == "quadrant":
-                        hit = pred[..., 2:].argmax(-1) == scaled[..., 2:].argmax(-1)
-                        out["quadrant_acc"] = hit.float().mean()
+                    out["position_acc"] = ((pred * (GRID - 1) - target).abs() < 0.5).float().mean()
             else:
                 logits = self.position(features).float().view(*features.shape[:2], 2, GRID)
                 out["position"] = F.cross_entropy(logits.flatten(0, 2), target.flatten())
                 with torch.no_grad():
                     out["position_acc"] = (logits.argmax(-1) == target).float().mean()
+        if self.quadrant is not None:
+            obj = patch_labels != BACKGROUND_LABEL
+            logits = self.quadrant(vision_out.hidden_states[-2][:, 1:][obj]).float()
+            gold = patch_quadrants(obj.device).expand_as(obj)[obj]
+            out["quadrant"] = F.cross_entropy(logits, gold)
+            with torch.no_grad():
+                out["quadrant_acc"] = (logits.argmax(-1) == gold).float().mean()
         return out
+
+
+def patch_quadrants(device: torch.device) -> torch.Tensor:
+    """(576,) quadrant of each patch in reading order: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right."""
+    cell = torch.arange(GRID * GRID, device=device)
+    return 2 * (cell // GRID >= GRID // 2) + (cell % GRID >= GRID // 2)
 
 
 class PixelNormaliser:
@@ -382,6 +391,7 @@ def train_vision(model, heads, pool, normalise, cfg, device, autocast, budget_s:
             out = heads.losses(vision_forward(model, pixels), pool.presence[index].to(device),
                                pool.patch_labels[index].to(device))  # fmt: skip
         loss = out["cls"] + out["patch"] + cfg.position_weight * out.get("position", 0.0)
+        loss = loss + cfg.quadrant_weight * out.get("quadrant", 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -587,6 +597,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.config.vision_config.hidden_size,
         position=cfg.position_weight > 0,
         position_loss=cfg.position_loss,
+        quadrant=cfg.quadrant_weight > 0,
     ).to(device)
     print(
         f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}", flush=True
