@@ -161,8 +161,8 @@ def test_quadrant_head_learns_object_patches_only():
     # all-zero features: the head outputs its bias for the four object patches, whose quadrants are 0, 1, 2, 3
     logp = torch.log_softmax(heads.quadrant.bias.detach(), -1)
     assert out["quadrant"].item() == pytest.approx(-logp.mean().item(), rel=1e-5)
-    assert train.patch_quadrants(torch.device("cpu"))[[0, 23, 24 * 23, 575]].tolist() == [0, 1, 2, 3]
-    assert train.patch_quadrants(torch.device("cpu"))[[11, 12, 24 * 11, 24 * 12]].tolist() == [0, 1, 0, 2]
+    assert train.patch_quadrants()[[0, 23, 24 * 23, 575]].tolist() == [0, 1, 2, 3]
+    assert train.patch_quadrants()[[11, 12, 24 * 11, 24 * 12]].tolist() == [0, 1, 0, 2]
 
 
 def test_region_probe_names_the_object_alone_in_its_quadrant(pool):

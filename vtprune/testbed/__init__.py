@@ -26,10 +26,13 @@ def testbed_path() -> Path:
     return WEIGHTS_DIR
 
 
-def load_testbed(device: str = "cpu", attn_implementation: str = "sdpa") -> tuple[Any, Any]:
-    """(model, processor) of the testbed, loaded offline with `from_pretrained`, fp32, in eval mode."""
+def load_testbed(
+    device: str = "cpu", attn_implementation: str = "sdpa", path: str | Path | None = None
+) -> tuple[Any, Any]:
+    """(model, processor) of the testbed (or of another saved testbed-style model at `path`), loaded offline with
+    `from_pretrained`, fp32, in eval mode."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    path = testbed_path()
+    path = testbed_path() if path is None else Path(path)
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation)
     return model.to(device).eval(), AutoProcessor.from_pretrained(path)

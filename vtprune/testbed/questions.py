@@ -114,12 +114,21 @@ def _quadrant(obj: SceneObject) -> str:
     return ("top" if cy < half else "bottom") + "-" + ("left" if cx < half else "right")
 
 
-def _object_alone_in(scene: Scene, region: str) -> SceneObject | None:
+def object_alone_in(scene: Scene, region: str) -> SceneObject | None:
     """The only object whose centre is in `region`, if it is clearly inside it."""
     inside = [o for o in scene.objects if _quadrant(o) == region]
     if len(inside) == 1 and inside[0].region() == region:
         return inside[0]
     return None
+
+
+def pick_lone_object(scene: Scene, rng: np.random.Generator) -> tuple[str, SceneObject] | None:
+    """A random quadrant that holds one object alone, and that object (None when no quadrant does)."""
+    regions = [r for r in REGIONS if object_alone_in(scene, r) is not None]
+    if not regions:
+        return None
+    region = str(rng.choice(regions))
+    return region, object_alone_in(scene, region)  # type: ignore[return-value]
 
 
 def make_mcq(scene: Scene, qtype: str, rng: np.random.Generator) -> McqItem | None:
@@ -136,12 +145,10 @@ def make_mcq(scene: Scene, qtype: str, rng: np.random.Generator) -> McqItem | No
         choices, answer = _count_choices(colours.count(colour), rng)
         return McqItem(f"How many {COLOURS[colour]} objects are there?", choices, answer, qtype)
     if qtype in ("colour_at", "shape_at"):
-        regions = [r for r in REGIONS if _object_alone_in(scene, r) is not None]
-        if not regions:
+        picked = pick_lone_object(scene, rng)
+        if picked is None:
             return None
-        region = str(rng.choice(regions))
-        target = _object_alone_in(scene, region)
-        assert target is not None
+        region, target = picked
         others = [o for o in objs if o is not target]
         if qtype == "colour_at":
             choices, answer = _name_choices(
@@ -196,12 +203,10 @@ def region_probe(scene: Scene, rng: np.random.Generator) -> TrainingExample | No
     """'What is in the top-left?' -> 'red circle', for a quadrant that holds one object alone (None if no
     quadrant does): the position lookup of `colour_at`/`shape_at` answered in words, without the step of
     matching the answer to a lettered option, the stepping stone to those MCQs."""
-    regions = [r for r in REGIONS if _object_alone_in(scene, r) is not None]
-    if not regions:
+    picked = pick_lone_object(scene, rng)
+    if picked is None:
         return None
-    region = str(rng.choice(regions))
-    target = _object_alone_in(scene, region)
-    assert target is not None
+    region, target = picked
     return TrainingExample(pope_text(f"What is in the {region}?"), class_name(target.cls), "region")
 
 
@@ -233,7 +238,9 @@ def sample_training_example(
         if position_fraction is None:
             qtype = MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))]
         else:
-            pair = 2 if rng.random() < position_fraction else 0  # MCQ_TYPES: two count types, then two position
+            pair = (
+                2 if rng.random() < position_fraction else 0
+            )  # MCQ_TYPES: two count types, then two position
             qtype = MCQ_TYPES[pair + int(rng.integers(2))]
         item = make_mcq(scene, qtype, rng)
         if item is not None:

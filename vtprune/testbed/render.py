@@ -24,6 +24,12 @@ BACKGROUND_LABEL = NUM_CLASSES  # patch label of a patch no object covers
 REGIONS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 
+def patch_quadrants() -> np.ndarray:
+    """(576,) index into `REGIONS` of each patch's quadrant, patches in reading order."""
+    cell = np.arange(GRID * GRID)
+    return 2 * (cell // GRID >= GRID // 2) + (cell % GRID >= GRID // 2)
+
+
 @dataclass(frozen=True)
 class SceneObject:
     cls: int

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vtprune.testbed import evaluate as ev
 from vtprune.testbed.model import MODEL_CONFIG, build_model, build_processor
 from vtprune.testbed.questions import SYSTEM_PROMPT, sample_training_example
-from vtprune.testbed.render import BACKGROUND_LABEL, GRID, render, sample_scene
+from vtprune.testbed.render import BACKGROUND_LABEL, GRID, patch_quadrants, render, sample_scene
 from vtprune.testbed.shapes import STREAM_TRAIN, map_indices, mcq_records, pope_records, scene_rng
 from vtprune.testbed.world import NUM_CLASSES
 from vtprune.testing import IMAGE_TOKEN
@@ -228,7 +228,9 @@ class AuxHeads(nn.Module):
     weight); a quadrant classifier on the same patches gives them a quadrant direction of the same kind. The
     top-left is where row < 12 AND column < 12, which no linear score of the row and column ranks first."""
 
-    def __init__(self, hidden: int, position: bool = False, position_loss: str = "ce", quadrant: bool = False):
+    def __init__(
+        self, hidden: int, position: bool = False, position_loss: str = "ce", quadrant: bool = False
+    ):
         super().__init__()
         self.cls = nn.Linear(hidden, NUM_CLASSES)
         self.patch = nn.Linear(hidden, NUM_CLASSES + 1)
@@ -269,17 +271,11 @@ class AuxHeads(nn.Module):
         if self.quadrant is not None:
             obj = patch_labels != BACKGROUND_LABEL
             logits = self.quadrant(vision_out.hidden_states[-2][:, 1:][obj]).float()
-            gold = patch_quadrants(obj.device).expand_as(obj)[obj]
+            gold = torch.from_numpy(patch_quadrants()).to(obj.device).expand_as(obj)[obj]
             out["quadrant"] = F.cross_entropy(logits, gold)
             with torch.no_grad():
                 out["quadrant_acc"] = (logits.argmax(-1) == gold).float().mean()
         return out
-
-
-def patch_quadrants(device: torch.device) -> torch.Tensor:
-    """(576,) quadrant of each patch in reading order: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right."""
-    cell = torch.arange(GRID * GRID, device=device)
-    return 2 * (cell // GRID >= GRID // 2) + (cell % GRID >= GRID // 2)
 
 
 class PixelNormaliser:
