@@ -180,3 +180,60 @@ def test_region_probe_names_the_object_alone_in_its_quadrant(pool):
         inside = [o for o in scene.objects if o.region() == region]
         assert len(inside) == 1 and probe.answer == class_name(inside[0].cls) and probe.kind == "region"
     assert seen >= 3
+
+
+def test_ranks_draw_their_own_questions(processor, pool):
+    cfg = train.parse_args(["--smoke"])
+    first = [next(iter(train.QuestionBatches(pool.scenes, processor, cfg, 576, rank=r))) for r in (0, 1)]
+    assert not torch.equal(first[0]["index"], first[1]["index"]) or not torch.equal(
+        first[0]["input_ids"], first[1]["input_ids"]
+    )
+    # rank 0 draws exactly what a single process drew before data parallelism existed
+    legacy = train.QuestionBatches(pool.scenes, processor, cfg, 576).make_batch(
+        np.random.default_rng([0, 99, 0])
+    )
+    assert torch.equal(first[0]["input_ids"], legacy["input_ids"])
+
+
+def test_data_parallel_gradient_equals_whole_batch(tmp_path):
+    """Two processes under torchrun, each with half a batch: DDP's averaged gradient is the whole batch's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("ddp_answer_gradient.py")
+    flag = tmp_path / "ok"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(script),
+        str(flag),
+    ]
+    proc = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert flag.read_text() == "ok"
+
+
+def test_training_under_torchrun_two_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "vtprune.testbed.train", "--out", str(out), "--smoke", "--tower-layers", "1"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())  # written only when the replicas ended identical
+    assert report["config"]["processes"] == 2 and report["command"].startswith("torchrun --nproc-per-node 2")
+    assert report["train"]["llm"]["steps"] == 4 and (out / "model" / "model.safetensors").is_file()
+    assert proc.stdout.count("llm 4/4") == 1  # only process 0 logs

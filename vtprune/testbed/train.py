@@ -2,6 +2,11 @@
 
     python -m vtprune.testbed.train --out DIR --seed 0                       # GPU, the shipped recipe
     python -m vtprune.testbed.train --out DIR --smoke                        # CPU, minutes: the code path only
+    torchrun --standalone --nproc-per-node 4 -m vtprune.testbed.train --out DIR ...   # data parallel, 4 GPUs
+
+Under `torchrun` (or `accelerate launch`) every process trains a replica on its own batches of `--batch-size`
+(the global batch is that times the number of processes) and gradients are averaged by DistributedDataParallel;
+process 0 logs, saves and evaluates.
 
 Stage 1 pre-trains the vision tower alone: its [CLS] token (after `post_layernorm`) predicts which of the 64
 colour-shape classes are present (multi-label), and every patch of the penultimate layer (the features LLaVA
@@ -33,8 +38,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vtprune.eval.distributed import DistContext, shutdown
 from vtprune.testbed import evaluate as ev
 from vtprune.testbed.model import MODEL_CONFIG, build_model, build_processor
 from vtprune.testbed.questions import SYSTEM_PROMPT, sample_training_example
@@ -157,8 +164,11 @@ class QuestionBatches(IterableDataset):
     and positions are the same as for a left-padded prompt at generation time.
     """
 
-    def __init__(self, scenes: list[Any], processor: Any, cfg: TrainConfig, image_seq_length: int):
+    def __init__(
+        self, scenes: list[Any], processor: Any, cfg: TrainConfig, image_seq_length: int, rank: int = 0
+    ):
         self.scenes = scenes
+        self.rank = rank  # data-parallel rank: every process draws its own questions
         self.processor = processor
         self.cfg = cfg
         self.image_seq_length = image_seq_length
@@ -206,7 +216,8 @@ class QuestionBatches(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        rng = np.random.default_rng([self.cfg.seed, 99, info.id if info else 0])
+        stream = [self.cfg.seed, 99, info.id if info else 0] + ([self.rank] if self.rank else [])
+        rng = np.random.default_rng(stream)
         while True:
             yield self.make_batch(rng)
 
@@ -341,8 +352,9 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 class StepBudget:
     """Caps a stage's step count to a time budget, measured after warm-up (logged; pass --steps to reproduce)."""
 
-    def __init__(self, planned: int, budget_s: float, device: torch.device):
+    def __init__(self, planned: int, budget_s: float, device: torch.device, ctx: DistContext | None = None):
         self.total, self.budget_s, self.device = planned, budget_s, device
+        self.ctx = ctx or DistContext()  # every process must run the same number of steps: rank 0's count
         self.t0: float | None = None
 
     def update(self, step: int) -> int:
@@ -354,10 +366,9 @@ class StepBudget:
         elif step == 40 and self.t0 is not None:
             _sync(self.device)
             per_step = (time.time() - self.t0) / 30
-            fit = int(self.budget_s / per_step)
-            print(
-                f"  {per_step * 1000:.1f} ms/step; {self.total} steps planned, {fit} fit the budget",
-                flush=True,
+            fit = self.ctx.broadcast(int(self.budget_s / per_step))
+            _log(
+                self.ctx, f"  {per_step * 1000:.1f} ms/step; {self.total} steps planned, {fit} fit the budget"
             )
             self.total = max(41, min(self.total, fit))
         return self.total
@@ -368,15 +379,72 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _log(ctx: DistContext, line: str) -> None:
+    if ctx.is_main:
+        print(line, flush=True)
+
+
+class VisionObjective(nn.Module):
+    """Stage 1 as one module (the vision tower and the training heads), so that DDP can wrap it."""
+
+    def __init__(self, model: Any, heads: AuxHeads):
+        super().__init__()
+        self.tower, self.heads = model.model.vision_tower, heads
+
+    def forward(self, pixels, presence, patch_labels) -> dict[str, torch.Tensor]:
+        return self.heads.losses(self.tower(pixels, output_hidden_states=True), presence, patch_labels)
+
+
+class AnswerObjective(nn.Module):
+    """Stage 2 as one module (the trained tower layers, projector and LLM), so that DDP can wrap it. The rest of
+    the vision tower is frozen here: DDP reduces gradients in buckets, and a bucket holding a trainable
+    parameter that gets no gradient would never be averaged."""
+
+    def __init__(self, model: Any, tower_layers: nn.ModuleList, per_example: bool):
+        super().__init__()
+        self.model, self.tower_layers, self.per_example = model, tower_layers, per_example
+        model.model.vision_tower.requires_grad_(False)
+        tower_layers.requires_grad_(True)
+
+    def forward(self, features, input_ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.tower_layers):
+            features = run_tower_layers(self.tower_layers, features)
+        return answer_loss(self.model, features, input_ids, labels, self.per_example)
+
+
+def data_parallel(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+    """`module` wrapped in DistributedDataParallel under a multi-process launch, else as it is."""
+    if ctx.world <= 1:
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def replicas_identical(model: Any, ctx: DistContext) -> bool:
+    """True when every process ends with bit-identical weights (DDP keeps the replicas in step)."""
+    if ctx.world <= 1:
+        return True
+    import torch.distributed as dist
+
+    mine = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    first = mine.clone()
+    dist.broadcast(first, src=0)
+    same = torch.tensor([float(torch.equal(mine, first))], device=mine.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item())
+
+
 # ------------------------------------------------------------------------------------------- training
 
 
-def train_vision(model, heads, pool, normalise, cfg, device, autocast, budget_s: float) -> dict[str, Any]:
-    tower = model.model.vision_tower
-    params = list(tower.parameters()) + list(heads.parameters())
+def train_vision(
+    model, heads, pool, normalise, cfg, device, autocast, budget_s: float, ctx: DistContext | None = None
+) -> dict[str, Any]:
+    ctx = ctx or DistContext()
+    objective = data_parallel(VisionObjective(model, heads), ctx, device)
+    params = [p for p in objective.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay, **_fused(device))
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    budget = StepBudget(cfg.vision_steps, budget_s, device)
+    gen = torch.Generator().manual_seed(cfg.seed + 1 + 1000 * ctx.rank)
+    budget = StepBudget(cfg.vision_steps, budget_s, device, ctx)
     step, t0, log = 0, time.time(), {}
     while step < budget.total:
         for group in opt.param_groups:
@@ -384,8 +452,7 @@ def train_vision(model, heads, pool, normalise, cfg, device, autocast, budget_s:
         index = torch.randint(len(pool.scenes), (cfg.batch_size,), generator=gen)
         pixels = normalise(pool.pixels[index.to(pool.pixels.device)].to(device, non_blocking=True))
         with autocast():
-            out = heads.losses(vision_forward(model, pixels), pool.presence[index].to(device),
-                               pool.patch_labels[index].to(device))  # fmt: skip
+            out = objective(pixels, pool.presence[index].to(device), pool.patch_labels[index].to(device))
         loss = out["cls"] + out["patch"] + cfg.position_weight * out.get("position", 0.0)
         loss = loss + cfg.quadrant_weight * out.get("quadrant", 0.0)
         opt.zero_grad(set_to_none=True)
@@ -396,7 +463,7 @@ def train_vision(model, heads, pool, normalise, cfg, device, autocast, budget_s:
         budget.update(step)
         if step % cfg.log_every == 0 or step == budget.total:
             log = {k: round(float(v.detach()), 4) for k, v in out.items()}
-            print(f"vision {step}/{budget.total} {log} {time.time() - t0:.0f}s", flush=True)
+            _log(ctx, f"vision {step}/{budget.total} {log} {time.time() - t0:.0f}s")
     return {"steps": step, "seconds": round(time.time() - t0, 1), **log}
 
 
@@ -458,15 +525,17 @@ def centre_projector(
     return {"feature_rms": round(float(x.pow(2).mean().sqrt()), 4), "centred_rms": round(float(scale), 4)}
 
 
-def train_llm(model, features, batches, cfg, device, autocast, budget_s: float) -> dict[str, Any]:
+def train_llm(
+    model, features, batches, cfg, device, autocast, budget_s: float, ctx: DistContext | None = None
+) -> dict[str, Any]:
     """Stage 2: projector + LLM on captions, MCQ and POPE; the vision tower stays frozen (as in LLaVA-1.5), or
     its top `cfg.tower_layers` layers below the features train too, at `cfg.tower_lr` (`features` then holds
     their cached input)."""
-    model.model.vision_tower.requires_grad_(False)
-    if cfg.centre_projector:
-        print(f"  centred the projector: {centre_projector(model, features, cfg.tower_layers)}", flush=True)
+    ctx = ctx or DistContext()
+    if cfg.centre_projector:  # the same on every process: same weights, same pool
+        _log(ctx, f"  centred the projector: {centre_projector(model, features, cfg.tower_layers)}")
     _, tower_layers = tower_top_layers(model, cfg.tower_layers)
-    tower_layers.requires_grad_(True)
+    objective = data_parallel(AnswerObjective(model, tower_layers, cfg.per_example_loss), ctx, device)
     tower_params = list(tower_layers.parameters())
     tower_ids = {id(p) for p in tower_params}
     llm_params = [p for p in model.parameters() if p.requires_grad and id(p) not in tower_ids]
@@ -475,7 +544,7 @@ def train_llm(model, features, batches, cfg, device, autocast, budget_s: float) 
         groups.append({"params": tower_params, "lr": cfg.tower_lr, "base_lr": cfg.tower_lr})
     params = llm_params + tower_params
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, **_fused(device))
-    budget = StepBudget(cfg.steps, budget_s, device)
+    budget = StepBudget(cfg.steps, budget_s, device, ctx)
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if cfg.workers else None, persistent_workers=cfg.workers > 0)  # fmt: skip
     step, t0, log, running = 0, time.time(), {}, []
@@ -488,9 +557,7 @@ def train_llm(model, features, batches, cfg, device, autocast, budget_s: float) 
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         with autocast():
-            if cfg.tower_layers:
-                feats = run_tower_layers(tower_layers, feats)
-            loss, correct = answer_loss(model, feats, input_ids, labels, cfg.per_example_loss)
+            loss, correct = objective(feats, input_ids, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -508,7 +575,7 @@ def train_llm(model, features, batches, cfg, device, autocast, budget_s: float) 
                 for i, name in enumerate(KINDS)
             }
             running = []
-            print(f"llm {step}/{budget.total} {log} {time.time() - t0:.0f}s", flush=True)
+            _log(ctx, f"llm {step}/{budget.total} {log} {time.time() - t0:.0f}s")
     return {"steps": step, "seconds": round(time.time() - t0, 1), **log}
 
 
@@ -572,9 +639,12 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
+    ctx = DistContext.from_env()
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     )
+    if device.type == "cuda" and ctx.world > 1:
+        device = torch.device("cuda", ctx.local_rank)
     data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -595,27 +665,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         position_loss=cfg.position_loss,
         quadrant=cfg.quadrant_weight > 0,
     ).to(device)
-    print(
-        f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}", flush=True
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    _log(
+        ctx,
+        f"model: {size:.2f}M parameters on {device}" + (f", {ctx.world} processes" if ctx.world > 1 else ""),
     )
 
     t0 = time.time()
     pool = build_pool(cfg.train_images, data_seed, max(1, cfg.workers))
     if device.type == "cuda":
         pool.pixels = pool.pixels.to(device)
-    print(f"rendered {cfg.train_images} training images in {time.time() - t0:.0f}s", flush=True)
-    batches = QuestionBatches(pool.scenes, processor, cfg, model.config.image_seq_length)
+    _log(ctx, f"rendered {cfg.train_images} training images in {time.time() - t0:.0f}s")
+    batches = QuestionBatches(pool.scenes, processor, cfg, model.config.image_seq_length, ctx.rank)
     _check_prompt_ids(batches, processor)
     normalise = PixelNormaliser(processor, device)
 
     # With a time budget, stage 1 may take at most a quarter of it and stage 2 gets whatever is left.
     vision_budget = 0.25 * cfg.time_budget_s
-    vision_log = train_vision(model, heads, pool, normalise, cfg, device, autocast, vision_budget)
+    vision_log = train_vision(model, heads, pool, normalise, cfg, device, autocast, vision_budget, ctx)
     features = precompute_features(model, pool, normalise, device, autocast, tower_layers=cfg.tower_layers)
     del pool.pixels  # the frozen part of the tower is done: stage 2 needs its output only
     llm_budget = max(0.0, cfg.time_budget_s - (time.time() - t_start)) if cfg.time_budget_s else 0.0
-    llm_log = train_llm(model, features, batches, cfg, device, autocast, llm_budget)
+    llm_log = train_llm(model, features, batches, cfg, device, autocast, llm_budget, ctx)
     del features
+    identical = replicas_identical(model, ctx)
+    if not ctx.is_main:  # process 0 saves and evaluates
+        shutdown()
+        return {}
+    if not identical:
+        raise RuntimeError("the data-parallel replicas ended with different weights")
 
     model.eval()
     directory = save_model(model, processor, out / "model")
@@ -625,9 +703,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for line in summary_lines(result):
         print(line, flush=True)
     report = {
-        "config": asdict(cfg) | {"data_seed": data_seed},
+        "config": asdict(cfg) | {"data_seed": data_seed, "processes": ctx.world},
         "model_config": {**MODEL_CONFIG, **(TINY_MODEL if cfg.tiny else {})},
-        "command": "python -m vtprune.testbed.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": (f"torchrun --nproc-per-node {ctx.world} -m" if ctx.world > 1 else "python -m")
+        + " vtprune.testbed.train "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "train": {"vision": vision_log, "llm": llm_log},
         "eval_seed": ev.EVAL_SEED,
         "device": torch.cuda.get_device_name(device)
@@ -643,6 +723,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **result,
     }
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    shutdown()
     return report
 
 
