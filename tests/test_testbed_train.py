@@ -70,7 +70,7 @@ def test_written_out_loss_equals_llava_loss(processor, pool):
     batch = _batches(processor, pool, batch_size=3).make_batch(np.random.default_rng(1))
     pixels = train.PixelNormaliser(processor, torch.device("cpu"))(pool.pixels[batch["index"]])
     with torch.no_grad():
-        features = train.vision_forward(model, pixels).hidden_states[-2][:, 1:]
+        features = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         loss, _ = train.answer_loss(model, features, batch["input_ids"], batch["labels"])
         reference = model(input_ids=batch["input_ids"], pixel_values=pixels, labels=batch["labels"]).loss
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
@@ -81,7 +81,7 @@ def test_per_example_loss_is_the_mean_of_row_losses(processor, pool):
     batch = _batches(processor, pool, batch_size=4, caption_fraction=0.5).make_batch(np.random.default_rng(3))
     pixels = train.PixelNormaliser(processor, torch.device("cpu"))(pool.pixels[batch["index"]])
     with torch.no_grad():
-        features = train.vision_forward(model, pixels).hidden_states[-2][:, 1:]
+        features = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         got, _ = train.answer_loss(model, features, batch["input_ids"], batch["labels"], per_example=True)
         rows = [
             train.answer_loss(
@@ -98,7 +98,9 @@ def test_trained_tower_layers_reproduce_the_features(processor, pool):
     model = build_model(processor, seed=0, **train.TINY_MODEL).eval()
     normalise = train.PixelNormaliser(processor, torch.device("cpu"))
     with torch.no_grad():
-        expected = train.vision_forward(model, normalise(pool.pixels)).hidden_states[-2][:, 1:]
+        expected = model.model.vision_tower(normalise(pool.pixels), output_hidden_states=True).hidden_states[
+            -2
+        ][:, 1:]
         cached = train.precompute_features(
             model, pool, normalise, torch.device("cpu"), nullcontext, tower_layers=1
         )

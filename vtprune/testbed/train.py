@@ -303,10 +303,6 @@ class PixelNormaliser:
         return (x - self.mean) / self.std
 
 
-def vision_forward(model: Any, pixel_values: torch.Tensor) -> Any:
-    return model.model.vision_tower(pixel_values, output_hidden_states=True)
-
-
 def answer_loss(
     model: Any,
     features: torch.Tensor,
