@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import torch
 
-from vtprune.eval.distributed import DistContext, shutdown
+from vtprune.eval.distributed import DistContext
 from vtprune.testbed import train
 from vtprune.testbed.model import build_model, build_processor
 
@@ -44,7 +44,7 @@ def main() -> None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
         with open(sys.argv[1], "w") as f:
             f.write("ok")
-    shutdown()
+    train._leave(ctx)
 
 
 if __name__ == "__main__":

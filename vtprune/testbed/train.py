@@ -685,8 +685,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     llm_log = train_llm(model, features, batches, cfg, device, autocast, llm_budget, ctx)
     del features
     identical = replicas_identical(model, ctx)
-    if not ctx.is_main:  # process 0 saves and evaluates
-        shutdown()
+    if not ctx.is_main:  # process 0 saves and evaluates; the others wait for it so that all leave together
+        _leave(ctx)
         return {}
     if not identical:
         raise RuntimeError("the data-parallel replicas ended with different weights")
@@ -719,8 +719,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **result,
     }
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    shutdown()
+    _leave(ctx)
     return report
+
+
+def _leave(ctx: DistContext) -> None:
+    """Leave the process group together: a process destroying it while another still works hung gloo at exit
+    in about one launch in three (tests/ddp_answer_gradient.py)."""
+    ctx.barrier()
+    shutdown()
 
 
 def _check_prompt_ids(batches: QuestionBatches, processor: Any) -> None:
