@@ -238,10 +238,9 @@ def sample_training_example(
         if position_fraction is None:
             qtype = MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))]
         else:
-            pair = (
-                2 if rng.random() < position_fraction else 0
-            )  # MCQ_TYPES: two count types, then two position
-            qtype = MCQ_TYPES[pair + int(rng.integers(2))]
+            # MCQ_TYPES holds the two count types, then the two position types
+            first = 2 if rng.random() < position_fraction else 0
+            qtype = MCQ_TYPES[first + int(rng.integers(2))]
         item = make_mcq(scene, qtype, rng)
         if item is not None:
             return TrainingExample(mcq_text(item.question, item.choices), LETTERS[item.answer], "mcq", qtype)
