@@ -70,21 +70,11 @@ def fake_signals(batch: int, generator: torch.Generator, projector: nn.Module, a
 
 def clip_l_sized(directory: Path):
     """A random CLIP with ViT-L/14-336's text tower and projections (vision encoder cut to 1 layer), saved."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+    from transformers import CLIPConfig, CLIPModel
 
-    from vtprune.testing import BASIC_WORDS
+    from vtprune.testing import BASIC_WORDS, build_clip_word_tokenizer
 
-    vocab: dict[str, int] = {}
-    for word in ["<|startoftext|>", "<|endoftext|>", *(w.lower() for w in BASIC_WORDS)]:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=77,
-    )
+    tokenizer = build_clip_word_tokenizer(BASIC_WORDS)
     config = CLIPConfig(
         text_config=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                          num_attention_heads=12, max_position_embeddings=77, bos_token_id=0, eos_token_id=1),

@@ -90,6 +90,18 @@ def rater_inputs(batch=1):
     return embeds, visual, torch.ones(batch, 8, dtype=torch.bool)
 
 
+def rater_signals(attn, tokens_per_image):
+    """FakeSignals for SparseVLM: `attn` (B, heads, 3 text rows, 4 visual) on the inputs of `rater_inputs`."""
+    embeds, visual, valid = rater_inputs(attn.shape[0])
+    return FakeSignals(
+        {"text": (attn, torch.ones(attn.shape[0], 3, dtype=torch.bool))},
+        input_embeds=embeds,
+        input_visual_index=visual,
+        input_valid=valid,
+        tokens_per_image=tokens_per_image,
+    )
+
+
 def test_sparsevlm_text_raters_hand_example():
     embeds, visual, valid = rater_inputs(2)
     # sample 1 is left-padded by one token (the pad is invalid and must not count as text or visual)
@@ -119,15 +131,7 @@ def sparsevlm_attention():
 
 
 def test_sparsevlm_scores_are_rater_mean_hand_example():
-    embeds, visual, valid = rater_inputs()
-    attn = sparsevlm_attention()
-    sig = FakeSignals(
-        {"text": (attn, torch.ones(1, 3, dtype=torch.bool))},
-        input_embeds=embeds,
-        input_visual_index=visual,
-        input_valid=valid,
-        tokens_per_image=4,
-    )
+    sig = rater_signals(sparsevlm_attention(), tokens_per_image=4)
     method = vtprune.get_method("sparsevlm", recycle=False)
     sel = method.select(0, llm_stage(2, "text", positions="reindex"), sig)
     torch.testing.assert_close(sel.scores, torch.tensor([[0.2, 0.1, 0.25, 0.1]]))
@@ -138,17 +142,9 @@ def test_sparsevlm_scores_are_rater_mean_hand_example():
 def test_sparsevlm_v1_rank_adaptive_counts_per_sample():
     """v1: keep = min(int(rank·λ + bias), n − 1). Sample 0's two rater rows are equal (rank 1 → 1 token),
     sample 1's differ (rank 2 → min(3, 3) = 3 tokens): one batch, two counts, `valid` marks the slots."""
-    embeds, visual, valid = rater_inputs(2)
     rows0 = torch.tensor([[0.2, 0.1, 0.25, 0.1], [0.0, 0.0, 0.0, 0.9], [0.2, 0.1, 0.25, 0.1]])
     rows1 = torch.tensor([[0.2, 0.1, 0.2, 0.1], [0.0, 0.0, 0.0, 0.9], [0.2, 0.1, 0.3, 0.1]])
-    attn = torch.stack([rows0, rows1])[:, None]
-    sig = FakeSignals(
-        {"text": (attn, torch.ones(2, 3, dtype=torch.bool))},
-        input_embeds=embeds,
-        input_visual_index=visual,
-        input_valid=valid,
-        tokens_per_image=64,
-    )
+    sig = rater_signals(torch.stack([rows0, rows1])[:, None], tokens_per_image=64)
     method = vtprune.get_method("sparsevlm", version="1", scale=1.5, bias=0.0, recycle=False)
     sel = method.select(0, llm_stage(16, "text", positions="reindex"), sig)
     assert sel.info["rank"] == [1, 2] and sel.info["kept"] == [1, 3]
@@ -161,19 +157,12 @@ def test_sparsevlm_v2_prior_and_priority_heads(tiny):
     `priority_heads` heads with the most rater→visual mass."""
     model = tiny[0]
     adapter = LlavaAdapter(model)
-    embeds, visual, valid = rater_inputs()
     attn = sparsevlm_attention()
-    sig = FakeSignals(
-        {"text": (attn, torch.ones(1, 3, dtype=torch.bool))},
-        input_embeds=embeds,
-        input_visual_index=visual,
-        input_valid=valid,
-        tokens_per_image=4,
-    )
+    sig = rater_signals(attn, tokens_per_image=4)
     sig.adapter = adapter
     sig.hidden = torch.zeros(1, 8, 64)
     sig.position_ids = torch.arange(8)[None]
-    sig.visual_index = visual
+    sig.visual_index = sig.input_visual_index
     sig.query_index = lambda q: (torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool))
     d = model.config.text_config.head_dim
     theta = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)

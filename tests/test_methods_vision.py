@@ -10,13 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import QUESTIONS, build_inputs
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+from transformers import CLIPConfig, CLIPModel
 
 import vtprune
 from vtprune.methods.base import ModelInfo, PruneConfigError, Stage
 from vtprune.methods.cdpruner import clean_question, clip_text_embeddings, load_clip_parts
-from vtprune.testing import BASIC_WORDS
+from vtprune.testing import BASIC_WORDS, build_clip_word_tokenizer
 
 INFO_576 = ModelInfo(num_layers=32, num_heads=32, visual_tokens=576, grid=(24, 24), vision_layers=24, vision_heads=16)
 POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -106,26 +105,14 @@ def test_clean_question():
 # --- CDPruner with a tiny CLIP saved to disk ---------------------------------------------------------------
 
 
-CLIP_SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
-
-
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
     """A random CLIP (vision width 32 = the tiny LLaVA's tower) + a word-level tokenizer, saved with save_pretrained."""
     directory = tmp_path_factory.mktemp("tiny_clip")
-    vocab: dict[str, int] = {}
-    for word in [*CLIP_SPECIALS, *(w.lower() for w in BASIC_WORDS), "'", "s"]:
-        vocab.setdefault(word, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=77,
-    )
+    tokenizer = build_clip_word_tokenizer([*BASIC_WORDS, "'", "s"])
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
         ),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),

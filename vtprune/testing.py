@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -74,6 +74,27 @@ def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", backend_bos)]
     )
     return tokenizer
+
+
+def build_clip_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level, lower-casing tokenizer with CLIP's special tokens (`<|startoftext|>` = 0,
+    `<|endoftext|>` = 1, also pad and unk), for small CLIP text towers saved next to it."""
+    vocab: dict[str, int] = {}
+    for word in ["<|startoftext|>", "<|endoftext|>", *(w.lower() for w in words)]:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        model_max_length=77,
+    )
 
 
 def tiny_llava_config(
