@@ -77,6 +77,8 @@ class TrainConfig:
     position_loss: str = "ce"  # "ce": 24-way row and column classes; "mse": the row and column as 2 numbers
     quadrant_weight: float = 0.0  # stage 1: weight of the object patches' quadrant loss (4-way; 0: no head)
     lr: float = 6e-4
+    text_layers: int | None = None  # LLM depth (None: MODEL_CONFIG's); the weights must stay <= 25 MB
+    text_heads: int | None = None  # LLM attention heads (None: MODEL_CONFIG's); the head dim is hidden / heads
     tower_layers: int = 0  # stage 2 also trains the top N vision layers below the features (0: frozen tower)
     tower_lr: float = 1e-4  # their learning rate
     per_example_loss: bool = False  # mean of each example's answer tokens first: a caption weighs one answer
@@ -125,6 +127,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             if getattr(cfg, key) == getattr(defaults, key):
                 setattr(cfg, key, value)
     return cfg
+
+
+def model_overrides(cfg: TrainConfig) -> dict[str, int]:
+    """The `MODEL_CONFIG` entries this run changes: the tiny model's, then `--text-layers` / `--text-heads`."""
+    out = dict(TINY_MODEL) if cfg.tiny else {}
+    if cfg.text_layers is not None:
+        out["text_layers"] = cfg.text_layers
+    if cfg.text_heads is not None:
+        out["text_heads"] = cfg.text_heads
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -654,7 +666,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t_start = time.time()
     processor = build_processor()
-    model = build_model(processor, seed=cfg.seed, **(TINY_MODEL if cfg.tiny else {})).to(device).train()
+    model_config = model_overrides(cfg)
+    model = build_model(processor, seed=cfg.seed, **model_config).to(device).train()
     heads = AuxHeads(
         model.config.vision_config.hidden_size,
         position=cfg.position_weight > 0,
@@ -700,7 +713,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(line, flush=True)
     report = {
         "config": asdict(cfg) | {"data_seed": data_seed, "processes": ctx.world},
-        "model_config": {**MODEL_CONFIG, **(TINY_MODEL if cfg.tiny else {})},
+        "model_config": {**MODEL_CONFIG, **model_config},
         "command": (f"torchrun --nproc-per-node {ctx.world} -m" if ctx.world > 1 else "python -m")
         + " vtprune.testbed.train "
         + " ".join(sys.argv[1:] if argv is None else argv),
