@@ -184,6 +184,29 @@ def test_region_probe_names_the_object_alone_in_its_quadrant(pool):
     assert seen >= 3
 
 
+def test_region_check_asks_about_the_object_alone_in_its_quadrant(pool, processor):
+    from vtprune.testbed.questions import region_check, sample_training_example
+    from vtprune.testbed.world import COLOURS, SHAPES
+
+    rng = np.random.default_rng(0)
+    answers = []
+    for scene in pool.scenes * 4:
+        check = region_check(scene, rng)
+        if check is None:
+            continue
+        question = check.text.split("?")[0]
+        region = question.split(" in the ")[1]
+        (target,) = [o for o in scene.objects if o.region() == region]
+        asked = question.split("Is there ")[1].split(" in the ")[0].split()[1]  # "red" (object) or "star"
+        truth = asked == (COLOURS[target.colour] if asked in COLOURS else SHAPES[target.shape])
+        assert check.answer == ("yes" if truth else "no") and check.kind == "region_check"
+        assert processor.tokenizer.unk_token_id not in processor.tokenizer(check.text)["input_ids"]
+        answers.append(check.answer)
+    assert 0.3 < answers.count("yes") / len(answers) < 0.7
+    kinds = {sample_training_example(s, rng, 0.4, region_check_fraction=0.5).kind for s in pool.scenes * 4}
+    assert "region_check" in kinds
+
+
 def test_ranks_draw_their_own_questions(processor, pool):
     cfg = train.parse_args(["--smoke"])
     first = [next(iter(train.QuestionBatches(pool.scenes, processor, cfg, 576, rank=r))) for r in (0, 1)]

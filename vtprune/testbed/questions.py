@@ -171,7 +171,7 @@ def caption(scene: Scene) -> str:
 class TrainingExample:
     text: str  # the user text (question + instructions), before the chat template
     answer: str  # "yes", "no", a letter, or a caption (several words)
-    kind: str  # "pope", "mcq", "caption", "attribute" or "region"
+    kind: str  # "pope", "mcq", "caption", "attribute", "region" or "region_check"
     qtype: str = ""  # the MCQ type (`MCQ_TYPES`) of an "mcq" example
 
 
@@ -210,6 +210,31 @@ def region_probe(scene: Scene, rng: np.random.Generator) -> TrainingExample | No
     return TrainingExample(pope_text(f"What is in the {region}?"), class_name(target.cls), "region")
 
 
+def region_check(scene: Scene, rng: np.random.Generator) -> TrainingExample | None:
+    """'Is there a red object in the top-left?' or 'Is there a star in the top-left?' about a quadrant that holds
+    one object alone (None if no quadrant does), half of them yes. A "no" names, where it can, a colour or shape
+    that is elsewhere in the scene. It is the check a `colour_at`/`shape_at` MCQ needs for each of its options
+    (which are the answer and attributes of the other objects), asked as a yes/no lookup."""
+    picked = pick_lone_object(scene, rng)
+    if picked is None:
+        return None
+    region, target = picked
+    if rng.random() < 0.5:
+        values, names, template = [o.colour for o in scene.objects], COLOURS, "{} {} object"
+        value = target.colour
+    else:
+        values, names, template = [o.shape for o in scene.objects], SHAPES, "{} {}"
+        value = target.shape
+    yes = bool(rng.random() < 0.5)
+    if not yes:
+        elsewhere = sorted({v for v in values if v != value})
+        value = int(rng.choice(elsewhere or [v for v in range(len(names)) if v != value]))
+    name = names[value]
+    article = "an" if name[0] in "aeiou" else "a"
+    question = f"Is there {template.format(article, name)} in the {region}?"
+    return TrainingExample(pope_text(question), "yes" if yes else "no", "region_check")
+
+
 def sample_training_example(
     scene: Scene,
     rng: np.random.Generator,
@@ -219,6 +244,7 @@ def sample_training_example(
     attribute_fraction: float = 0.0,
     position_fraction: float | None = None,
     region_fraction: float = 0.0,
+    region_check_fraction: float = 0.0,
 ) -> TrainingExample:
     """One random example about `scene`: a caption, an MCQ, or a balanced yes/no POPE probe (all three kinds
     of negatives). Captions are the dense signal that teaches the LLM to read the image at all: a yes/no
@@ -228,13 +254,17 @@ def sample_training_example(
     fraction of the yes/no probes are `attribute_probe`s (kind "attribute"). With `position_fraction`, that
     fraction of the MCQs are position questions (`colour_at`, `shape_at`); None draws the four types uniformly.
     With `region_fraction`, that fraction of the examples are `region_probe`s (kind "region") where the scene
-    has one. The defaults draw exactly what earlier versions drew."""
+    has one, and with `region_check_fraction` that fraction are `region_check`s (kind "region_check"). The defaults
+    draw exactly what earlier versions drew."""
     draw = rng.random()
     if draw < caption_fraction:
         return TrainingExample(CAPTION_PROMPT, caption(scene), "caption")
     if draw < caption_fraction + region_fraction and (probe := region_probe(scene, rng)) is not None:
         return probe
-    if draw < caption_fraction + region_fraction + mcq_fraction:
+    region_end = caption_fraction + region_fraction + region_check_fraction
+    if draw < region_end and draw >= caption_fraction + region_fraction and (check := region_check(scene, rng)):
+        return check
+    if draw < region_end + mcq_fraction:
         if position_fraction is None:
             qtype = MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))]
         else:

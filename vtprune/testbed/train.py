@@ -59,7 +59,7 @@ TINY_MODEL = {
 }
 # Training example kinds, in the order of the "kind" codes; "mcq_position" is an MCQ of type colour_at or shape_at
 # (logged apart from the counting MCQs).
-KINDS = ("pope", "mcq", "caption", "attribute", "mcq_position", "region")
+KINDS = ("pope", "mcq", "caption", "attribute", "mcq_position", "region", "region_check")
 POSITION_MCQ_TYPES = ("colour_at", "shape_at")
 
 
@@ -87,6 +87,7 @@ class TrainConfig:
     attribute_fraction: float = 0.0  # yes/no probes about one colour or one shape (`attribute_probe`)
     position_fraction: float | None = None  # MCQs about position (colour_at, shape_at); None: 1 in 2 as types
     region_fraction: float = 0.0  # "What is in the top-left?" -> "red circle" (`region_probe`)
+    region_check_fraction: float = 0.0  # "Is there a red object in the top-left?" (`region_check`)
     weight_decay: float = 0.05
     warmup: int = 300
     caption_fraction: float = 0.25
@@ -210,6 +211,7 @@ class QuestionBatches(IterableDataset):
                 cfg.attribute_fraction,
                 cfg.position_fraction,
                 cfg.region_fraction,
+                cfg.region_check_fraction,
             )
             kinds.append(KINDS.index("mcq_position" if ex.qtype in POSITION_MCQ_TYPES else ex.kind))
             system = SYSTEM_PROMPT if rng.random() < cfg.system_fraction else None
