@@ -78,7 +78,9 @@ class TrainConfig:
     quadrant_weight: float = 0.0  # stage 1: weight of the object patches' quadrant loss (4-way; 0: no head)
     lr: float = 6e-4
     text_layers: int | None = None  # LLM depth (None: MODEL_CONFIG's); the weights must stay <= 25 MB
-    text_heads: int | None = None  # LLM attention heads (None: MODEL_CONFIG's); the head dim is hidden / heads
+    text_heads: int | None = (
+        None  # LLM attention heads (None: MODEL_CONFIG's); the head dim is hidden / heads
+    )
     tower_layers: int = 0  # stage 2 also trains the top N vision layers below the features (0: frozen tower)
     tower_lr: float = 1e-4  # their learning rate
     per_example_loss: bool = False  # mean of each example's answer tokens first: a caption weighs one answer
