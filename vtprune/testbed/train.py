@@ -61,6 +61,9 @@ TINY_MODEL = {
 # (logged apart from the counting MCQs).
 KINDS = ("pope", "mcq", "caption", "attribute", "mcq_position", "region", "region_check")
 POSITION_MCQ_TYPES = ("colour_at", "shape_at")
+# With --compile, batch widths are rounded up to this multiple so that the compiled LLM sees one or two shapes
+# (the recipe's widths are 641-648 tokens) instead of recompiling for each.
+PAD_MULTIPLE = 32
 
 
 @dataclass
@@ -102,6 +105,9 @@ class TrainConfig:
     eval_sample: bool = True  # also score the small fixed sample that the tests re-score on CPU
     workers: int = 8
     time_budget_s: float = 0.0  # > 0: cap the step counts (both stages) to fit, measured after warm-up
+    compile: bool = (
+        False  # stage 2: the LLM under torch.compile, batches padded to a multiple of PAD_MULTIPLE
+    )
     device: str = "auto"
     log_every: int = 100
     tiny: bool = False  # a much smaller model of the same architecture (tests of the training code)
@@ -222,6 +228,8 @@ class QuestionBatches(IterableDataset):
             seqs.append(prompt + answer + [self.eos_id])
             lengths.append(len(prompt))
         width = max(len(s) for s in seqs)
+        if cfg.compile:
+            width = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         labels = torch.full_like(input_ids, -100)
         for row, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
@@ -547,6 +555,8 @@ def train_llm(
     if cfg.centre_projector:  # the same on every process: same weights, same pool
         _log(ctx, f"  centred the projector: {centre_projector(model, features, cfg.tower_layers)}")
     _, tower_layers = tower_top_layers(model, cfg.tower_layers)
+    if cfg.compile:  # in place: parameter names, and so the saved checkpoint, stay the same
+        model.model.language_model.compile(dynamic=False)
     objective = data_parallel(AnswerObjective(model, tower_layers, cfg.per_example_loss), ctx, device)
     tower_params = list(tower_layers.parameters())
     tower_ids = {id(p) for p in tower_params}
