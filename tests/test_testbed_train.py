@@ -207,6 +207,25 @@ def test_region_check_asks_about_the_object_alone_in_its_quadrant(pool, processo
     assert "region_check" in kinds
 
 
+def test_compile_pads_batches_to_a_fixed_multiple(processor, pool):
+    cfg = train.parse_args(["--smoke", "--compile"])
+    batch = train.QuestionBatches(pool.scenes, processor, cfg, 576).make_batch(np.random.default_rng(0))
+    plain = train.QuestionBatches(pool.scenes, processor, train.parse_args(["--smoke"]), 576).make_batch(
+        np.random.default_rng(0)
+    )
+    width = plain["input_ids"].shape[1]
+    assert batch["input_ids"].shape[1] == -(-width // train.PAD_MULTIPLE) * train.PAD_MULTIPLE
+    assert torch.equal(batch["input_ids"][:, :width], plain["input_ids"])
+    assert (batch["labels"][:, width:] == -100).all()
+
+
+def test_model_overrides_change_the_llm_shape(processor):
+    cfg = train.parse_args(["--smoke", "--text-layers", "3", "--text-heads", "2"])
+    model = build_model(processor, seed=0, **train.model_overrides(cfg))
+    assert model.config.text_config.num_hidden_layers == 3 and model.config.text_config.num_attention_heads == 2
+    assert train.model_overrides(train.parse_args([])) == {}
+
+
 def test_ranks_draw_their_own_questions(processor, pool):
     cfg = train.parse_args(["--smoke"])
     first = [next(iter(train.QuestionBatches(pool.scenes, processor, cfg, 576, rank=r))) for r in (0, 1)]

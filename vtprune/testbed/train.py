@@ -592,9 +592,10 @@ def train_llm(
             total = torch.stack(running).sum(0).tolist()
             k = len(KINDS)
             log = {"loss": round(total[0] / len(running), 4)}
-            log |= {
-                f"{name}_acc": round(total[1 + i] / max(total[1 + k + i], 1), 4)
+            log |= {  # kinds this run draws only (a kind with no example in the window would read 0.0)
+                f"{name}_acc": round(total[1 + i] / total[1 + k + i], 4)
                 for i, name in enumerate(KINDS)
+                if total[1 + k + i] > 0
             }
             running = []
             _log(ctx, f"llm {step}/{budget.total} {log} {time.time() - t0:.0f}s")
