@@ -19,17 +19,11 @@ DEMO_KEEP = "64,16"
 
 def demo_command(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = DEMO_METHODS,
-    keep: Annotated[
-        str, typer.Option("--keep", help="Comma-separated budgets (visual tokens per image).")
-    ] = DEMO_KEEP,
-    split: Annotated[
-        str, typer.Option("--split", help="random | popular | adversarial | all.")
-    ] = "adversarial",
+    keep: Annotated[str, typer.Option("--keep", help="Comma-separated budgets (visual tokens per image).")] = DEMO_KEEP,
+    split: Annotated[str, typer.Option("--split", help="random | popular | adversarial | all.")] = "adversarial",
     limit: Annotated[int, typer.Option("--limit", help="Questions per split.")] = 40,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 20,
-    output: Annotated[Path, typer.Option("--output", help="Root folder of the results.")] = Path(
-        "results/demo"
-    ),
+    output: Annotated[Path, typer.Option("--output", help="Root folder of the results.")] = Path("results/demo"),
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "cpu",
 ) -> None:
     """Compare pruning methods on the shipped testbed model and the shapes-pope benchmark (offline)."""
@@ -40,15 +34,8 @@ def demo_command(
     start = time.perf_counter()
     with _user_errors():
         base = EvalConfig(
-            model="testbed",
-            task="shapes-pope",
-            split=split,
-            max_new_tokens=3,
-            dtype="float32",
-            batch_size=batch_size,
-            limit=limit,
-            output=str(output),
-            device=device,
+            model="testbed", task="shapes-pope", split=split, max_new_tokens=3, dtype="float32",
+            batch_size=batch_size, limit=limit, output=str(output), device=device,
         )
         table = run_sweep(base, parse_list(methods), parse_list(keep), None, log=_log)
     if not table:

@@ -262,11 +262,7 @@ def sample_training_example(
     if draw < caption_fraction + region_fraction and (probe := region_probe(scene, rng)) is not None:
         return probe
     region_end = caption_fraction + region_fraction + region_check_fraction
-    if (
-        draw < region_end
-        and draw >= caption_fraction + region_fraction
-        and (check := region_check(scene, rng))
-    ):
+    if caption_fraction + region_fraction <= draw < region_end and (check := region_check(scene, rng)):
         return check
     if draw < region_end + mcq_fraction:
         if position_fraction is None:

@@ -81,9 +81,7 @@ class TrainConfig:
     quadrant_weight: float = 0.0  # stage 1: weight of the object patches' quadrant loss (4-way; 0: no head)
     lr: float = 6e-4
     text_layers: int | None = None  # LLM depth (None: MODEL_CONFIG's); the weights must stay <= 25 MB
-    text_heads: int | None = (
-        None  # LLM attention heads (None: MODEL_CONFIG's); the head dim is hidden / heads
-    )
+    text_heads: int | None = None  # LLM attention heads (None: MODEL_CONFIG's); head dim = hidden / heads
     tower_layers: int = 0  # stage 2 also trains the top N vision layers below the features (0: frozen tower)
     tower_lr: float = 1e-4  # their learning rate
     per_example_loss: bool = False  # mean of each example's answer tokens first: a caption weighs one answer
@@ -105,9 +103,7 @@ class TrainConfig:
     eval_sample: bool = True  # also score the small fixed sample that the tests re-score on CPU
     workers: int = 8
     time_budget_s: float = 0.0  # > 0: cap the step counts (both stages) to fit, measured after warm-up
-    compile: bool = (
-        False  # stage 2: the LLM under torch.compile, batches padded to a multiple of PAD_MULTIPLE
-    )
+    compile: bool = False  # stage 2: the LLM under torch.compile, batches padded to PAD_MULTIPLE
     device: str = "auto"
     log_every: int = 100
     tiny: bool = False  # a much smaller model of the same architecture (tests of the training code)
