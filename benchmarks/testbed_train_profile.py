@@ -2,15 +2,19 @@
 
     python benchmarks/testbed_train_profile.py [--images 2048] [--steps 100]
 
-Prints, for the recipe's model and batch: the data loader's throughput alone, the training step alone (batches
-made beforehand, so no loader), a `torch.profiler` table of one stretch of steps (the ops with the most self CPU and the most CUDA time), then the
-step with every batch padded to one width, eager and with the language model under `torch.compile` (static shapes). A step much slower than its CUDA time is bound by the host (Python, launches, syncs).
+Prints, for the recipe's model and batch: the data loader's throughput alone; the training step alone (batches
+made beforehand, so no loader); a `torch.profiler` table of one stretch of steps (the ops with the most self CPU
+and the most CUDA time); then the step on batches padded as `--compile` pads them, eager and with the language
+model under `torch.compile` (static shapes, as `--compile` trains). A step much slower than its CUDA time is
+bound by the host (Python, launches, syncs). `dynamic=True` without padding measured 165.7 ms a step on an H200,
+far slower than eager, which is why `--compile` pads.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -101,35 +105,20 @@ def main() -> None:
     print(table.table(sort_by="self_cuda_time_total", row_limit=15))
     print("(the profiled stretch is 20 steps: the 30 batches less 10 warm-up steps, which it also covers)")
 
-    # Batches differ in width by a few tokens; padded to one width, the compiled graph has static shapes.
-    width = max(b["input_ids"].shape[1] for b in batches)
-    padded = [pad_batch(b, width, processor.tokenizer.pad_token_id) for b in batches]
-    print(
-        f"training step, padded to {width} tokens (eager): "
-        f"{timed_steps(objective, opt, params, features, padded, device, autocast):.1f} ms"
+    # `--compile` pads every batch to a multiple of train.PAD_MULTIPLE, so that the compiled graph sees one shape
+    padder = train.QuestionBatches(
+        pool.scenes, processor, replace(cfg, compile=True), model.config.image_seq_length
     )
-    for dynamic in (False,):  # dynamic=True measured 165.7 ms a step (H200, unpadded): far slower than eager
-        torch._dynamo.reset()
-        language_model = model.model.language_model
-        model.model.language_model = torch.compile(language_model, dynamic=dynamic)
-        try:
-            t0 = time.time()
-            timed_steps(objective, opt, params, features, padded[:12], device, autocast)
-            print(f"torch.compile (dynamic={dynamic}) warm-up: {time.time() - t0:.0f} s")
-            ms = timed_steps(objective, opt, params, features, padded, device, autocast)
-            print(f"training step, padded, language model compiled (dynamic={dynamic}): {ms:.1f} ms")
-        except Exception as error:  # report, do not hide: the numbers above stand without it
-            print(f"torch.compile (dynamic={dynamic}) failed: {type(error).__name__}: {str(error)[:500]}")
-        model.model.language_model = language_model
-
-
-def pad_batch(batch: dict[str, torch.Tensor], width: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a training batch to `width` tokens (pads carry no label; causal attention never sees them)."""
-    extra = width - batch["input_ids"].shape[1]
-    return batch | {
-        "input_ids": torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_id),
-        "labels": torch.nn.functional.pad(batch["labels"], (0, extra), value=-100),
-    }
+    padded = [padder.make_batch(np.random.default_rng(i)) for i in range(len(batches))]
+    width = padded[0]["input_ids"].shape[1]
+    eager_padded = timed_steps(objective, opt, params, features, padded, device, autocast)
+    print(f"training step, padded to {width} tokens (eager): {eager_padded:.1f} ms")
+    model.model.language_model.compile(dynamic=False)  # as train.train_llm does with --compile
+    t0 = time.time()
+    timed_steps(objective, opt, params, features, padded[:12], device, autocast)
+    print(f"torch.compile warm-up: {time.time() - t0:.0f} s")
+    compiled = timed_steps(objective, opt, params, features, padded, device, autocast)
+    print(f"training step, padded, language model compiled: {compiled:.1f} ms")
 
 
 if __name__ == "__main__":

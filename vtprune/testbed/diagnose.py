@@ -100,9 +100,8 @@ def diagnose(model: Any, processor: Any, num_scenes: int = 100, batch_size: int 
                       (labels == BACKGROUND_LABEL) & in_quadrant]  # fmt: skip
             image_positions = is_image[b].nonzero().flatten()
             for layer, weights in enumerate(out.attentions):
-                row = (
-                    weights[b, :, -1, image_positions].double().cpu()
-                )  # heads x 576, from the last prompt token
+                # heads x 576: the attention of the last prompt token to the image
+                row = weights[b, :, -1, image_positions].double().cpu()
                 attention[layer] += torch.stack([row[:, g].sum(-1) for g in groups], dim=-1)
             labels_seen.append(labels)
             quadrants_seen.append(quadrants)

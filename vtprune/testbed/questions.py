@@ -39,10 +39,18 @@ NUM_CHOICES = 4
 LETTERS = "ABCDEFGH"
 
 
+def _with_article(phrase: str) -> str:
+    """'a red circle', 'an orange star'."""
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _attribute_phrase(name: str, is_colour: bool) -> str:
+    """One colour or one shape as what a yes/no probe asks for: 'a red object', 'a star'."""
+    return _with_article(f"{name} object" if is_colour else name)
+
+
 def pope_question(cls: int) -> str:
-    colour = COLOURS[colour_of(cls)]
-    article = "an" if colour[0] in "aeiou" else "a"
-    return f"Is there {article} {colour} {SHAPES[shape_of(cls)]} in the image?"
+    return f"Is there {_with_article(f'{COLOURS[colour_of(cls)]} {SHAPES[shape_of(cls)]}')} in the image?"
 
 
 def pope_text(question: str) -> str:
@@ -187,15 +195,12 @@ def binding_negatives(present: list[int]) -> list[int]:
 def attribute_probe(scene: Scene, rng: np.random.Generator) -> TrainingExample:
     """'Is there a red object in the image?' or 'Is there a star in the image?', half of them yes: one word to
     look up in the image, the stepping stone to a POPE probe, which needs two on the same object."""
-    if rng.random() < 0.5:
-        present, names, template = {o.colour for o in scene.objects}, COLOURS, "{} {} object"
-    else:
-        present, names, template = {o.shape for o in scene.objects}, SHAPES, "{} {}"
+    is_colour = bool(rng.random() < 0.5)
+    present = {o.colour if is_colour else o.shape for o in scene.objects}
+    names = COLOURS if is_colour else SHAPES
     yes = bool(rng.random() < 0.5)
     choices = sorted(present) if yes else [v for v in range(len(names)) if v not in present]
-    name = names[int(rng.choice(choices))]
-    article = "an" if name[0] in "aeiou" else "a"
-    question = f"Is there {template.format(article, name)} in the image?"
+    question = f"Is there {_attribute_phrase(names[int(rng.choice(choices))], is_colour)} in the image?"
     return TrainingExample(pope_text(question), "yes" if yes else "no", "attribute")
 
 
@@ -219,19 +224,14 @@ def region_check(scene: Scene, rng: np.random.Generator) -> TrainingExample | No
     if picked is None:
         return None
     region, target = picked
-    if rng.random() < 0.5:
-        values, names, template = [o.colour for o in scene.objects], COLOURS, "{} {} object"
-        value = target.colour
-    else:
-        values, names, template = [o.shape for o in scene.objects], SHAPES, "{} {}"
-        value = target.shape
+    is_colour = bool(rng.random() < 0.5)
+    names = COLOURS if is_colour else SHAPES
+    value = target.colour if is_colour else target.shape
     yes = bool(rng.random() < 0.5)
     if not yes:
-        elsewhere = sorted({v for v in values if v != value})
+        elsewhere = sorted({o.colour if is_colour else o.shape for o in scene.objects} - {value})
         value = int(rng.choice(elsewhere or [v for v in range(len(names)) if v != value]))
-    name = names[value]
-    article = "an" if name[0] in "aeiou" else "a"
-    question = f"Is there {template.format(article, name)} in the {region}?"
+    question = f"Is there {_attribute_phrase(names[value], is_colour)} in the {region}?"
     return TrainingExample(pope_text(question), "yes" if yes else "no", "region_check")
 
 

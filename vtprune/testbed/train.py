@@ -271,6 +271,8 @@ class AuxHeads(nn.Module):
         width = 2 * GRID if position_loss == "ce" else 2
         self.position = nn.Linear(hidden, width) if position else None
         self.quadrant = nn.Linear(hidden, 4) if quadrant else None
+        # each patch's quadrant, kept on the heads' device rather than copied there every step
+        self.register_buffer("patch_quadrant", torch.from_numpy(patch_quadrants()), persistent=False)
 
     def losses(
         self, vision_out: Any, presence: torch.Tensor, patch_labels: torch.Tensor
@@ -302,7 +304,7 @@ class AuxHeads(nn.Module):
         if self.quadrant is not None:
             obj = patch_labels != BACKGROUND_LABEL
             logits = self.quadrant(vision_out.hidden_states[-2][:, 1:][obj]).float()
-            gold = torch.from_numpy(patch_quadrants()).to(obj.device).expand_as(obj)[obj]
+            gold = self.patch_quadrant.expand_as(obj)[obj]
             out["quadrant"] = F.cross_entropy(logits, gold)
             with torch.no_grad():
                 out["quadrant_acc"] = (logits.argmax(-1) == gold).float().mean()
@@ -466,7 +468,8 @@ def train_vision(
         for group in opt.param_groups:
             group["lr"] = cfg.vision_lr * lr_factor(step, budget.total, cfg.warmup)
         index = torch.randint(len(pool.scenes), (cfg.batch_size,), generator=gen)
-        pixels = normalise(pool.pixels[index.to(pool.pixels.device)].to(device, non_blocking=True))
+        index = index.to(pool.pixels.device)
+        pixels = normalise(pool.pixels[index].to(device, non_blocking=True))
         with autocast():
             out = objective(pixels, pool.presence[index].to(device), pool.patch_labels[index].to(device))
         loss = out["cls"] + out["patch"] + cfg.position_weight * out.get("position", 0.0)
@@ -693,8 +696,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t0 = time.time()
     pool = build_pool(cfg.train_images, data_seed, max(1, cfg.workers))
-    if device.type == "cuda":
-        pool.pixels = pool.pixels.to(device)
+    if device.type == "cuda":  # stage 1 then draws its batches on the GPU, with no copy a step
+        pool.pixels, pool.presence = pool.pixels.to(device), pool.presence.to(device)
+        pool.patch_labels = pool.patch_labels.to(device)
     _log(ctx, f"rendered {cfg.train_images} training images in {time.time() - t0:.0f}s")
     batches = QuestionBatches(pool.scenes, processor, cfg, model.config.image_seq_length, ctx.rank)
     _check_prompt_ids(batches, processor)
