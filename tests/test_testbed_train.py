@@ -207,6 +207,38 @@ def test_region_check_asks_about_the_object_alone_in_its_quadrant(pool, processo
     assert "region_check" in kinds
 
 
+def test_open_position_question_is_the_mcq_without_its_options(pool, processor):
+    from vtprune.testbed.questions import POPE_POST_PROMPT, open_position_question, sample_training_example
+    from vtprune.testbed.world import COLOURS, SHAPES
+
+    rng = np.random.default_rng(0)
+    qtypes = set()
+    for scene in pool.scenes * 4:
+        question = open_position_question(scene, rng)
+        if question is None:
+            continue
+        assert question.kind == "position_open" and question.text.endswith(POPE_POST_PROMPT)
+        region = question.text.split(" in the ")[1].split("?")[0]
+        (target,) = [o for o in scene.objects if o.region() == region]
+        if question.qtype == "colour_at":
+            assert question.text.startswith("Which colour is the shape in the ")
+            assert question.answer == COLOURS[target.colour]
+        else:
+            assert (
+                question.text.startswith("Which shape is in the ") and question.answer == SHAPES[target.shape]
+            )
+        assert processor.tokenizer.unk_token_id not in processor.tokenizer(question.text)["input_ids"]
+        qtypes.add(question.qtype)
+    assert qtypes == {"colour_at", "shape_at"}
+    drawn = [sample_training_example(s, rng, 0.4, open_position_fraction=0.5) for s in pool.scenes * 4]
+    assert "position_open" in {ex.kind for ex in drawn}
+    # the MCQ log counts real MCQs only: an open question carries a position qtype but is not an "mcq"
+    cfg = train.parse_args(["--smoke", "--open-position-fraction", "1.0"])
+    batch = train.QuestionBatches(pool.scenes, processor, cfg, 576).make_batch(np.random.default_rng(0))
+    assert train.KINDS.index("mcq_position") not in batch["kind"].tolist()
+    assert train.KINDS.index("position_open") in batch["kind"].tolist()
+
+
 def test_compile_pads_batches_to_a_fixed_multiple(processor, pool):
     cfg = train.parse_args(["--smoke", "--compile"])
     batch = train.QuestionBatches(pool.scenes, processor, cfg, 576).make_batch(np.random.default_rng(0))
@@ -219,10 +251,43 @@ def test_compile_pads_batches_to_a_fixed_multiple(processor, pool):
     assert (batch["labels"][:, width:] == -100).all()
 
 
+def test_text_only_batches_are_hinted_mcqs_without_the_image(processor, pool):
+    from vtprune.testbed.questions import LETTERS
+
+    batches = _batches(processor, pool, batch_size=32)
+    batches.text_only = True
+    rng = np.random.default_rng(0)
+    kinds, qtypes = set(), set()
+    for _ in range(3):
+        scene = pool.scenes[int(rng.integers(len(pool.scenes)))]
+        example = batches.draw_example(scene, rng)
+        kinds.add(example.kind)
+        qtypes.add(example.qtype)
+        # the context gives the answer: the option that the answer letter names
+        hint = example.text.split("Context: The answer is ")[1].split(".\n")[0]
+        assert f"\n{example.answer}. {hint}\n" in example.text and example.answer in LETTERS
+    assert kinds == {"mcq_hinted"}
+    batch = batches.make_batch(rng)
+    assert batches.image_id not in batch["input_ids"] and batch["input_ids"].shape[1] < 100
+    assert set(batch["kind"].tolist()) == {train.KINDS.index("mcq_hinted")}
+
+
+def test_text_steps_and_init_from_go_on_training_a_saved_model(tmp_path):
+    first = train.main(["--out", str(tmp_path / "a"), "--smoke", "--text-steps", "3", "--no-eval-sample"])
+    assert first["train"]["text"]["steps"] == 3 and first["train"]["llm"]["steps"] == 4
+    report = train.main(["--out", str(tmp_path / "b"), "--smoke", "--init-from", str(tmp_path / "a" / "model"),
+                         "--no-eval-sample"])  # fmt: skip
+    assert report["train"]["vision"]["steps"] == 0 and report["train"]["llm"]["steps"] == 4
+    assert report["model_config"] == first["model_config"]
+    assert report["model_config"]["text_layers"] == train.TINY_MODEL["text_layers"]
+
+
 def test_model_overrides_change_the_llm_shape(processor):
     cfg = train.parse_args(["--smoke", "--text-layers", "3", "--text-heads", "2"])
     model = build_model(processor, seed=0, **train.model_overrides(cfg))
-    assert model.config.text_config.num_hidden_layers == 3 and model.config.text_config.num_attention_heads == 2
+    assert (
+        model.config.text_config.num_hidden_layers == 3 and model.config.text_config.num_attention_heads == 2
+    )
     assert train.model_overrides(train.parse_args([])) == {}
 
 

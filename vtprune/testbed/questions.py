@@ -34,6 +34,7 @@ SYSTEM_PROMPT = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 MCQ_TYPES: tuple[str, ...] = ("count_shape", "count_colour", "colour_at", "shape_at")
+POSITION_MCQ_TYPES: tuple[str, ...] = MCQ_TYPES[2:]
 CAPTION_PROMPT = "Describe this image."
 NUM_CHOICES = 4
 LETTERS = "ABCDEFGH"
@@ -179,8 +180,9 @@ def caption(scene: Scene) -> str:
 class TrainingExample:
     text: str  # the user text (question + instructions), before the chat template
     answer: str  # "yes", "no", a letter, or a caption (several words)
-    kind: str  # "pope", "mcq", "caption", "attribute", "region" or "region_check"
-    qtype: str = ""  # the MCQ type (`MCQ_TYPES`) of an "mcq" example
+    kind: str  # "pope", "mcq", "caption", "attribute", "region", "region_check", "position_open"
+    # or "mcq_hinted"
+    qtype: str = ""  # the MCQ type (`MCQ_TYPES`) of an "mcq" or "position_open" example
 
 
 def binding_negatives(present: list[int]) -> list[int]:
@@ -235,6 +237,33 @@ def region_check(scene: Scene, rng: np.random.Generator) -> TrainingExample | No
     return TrainingExample(pope_text(question), "yes" if yes else "no", "region_check")
 
 
+def open_position_question(scene: Scene, rng: np.random.Generator) -> TrainingExample | None:
+    """A `colour_at` or `shape_at` MCQ asked without its options ("Which colour is the shape in the top-left?" ->
+    "red"; None when no quadrant holds one object alone). It has the MCQ's exact question words, so that the
+    lookup it trains happens on the same prompt prefix as the MCQ's: a causal LLM computes the same thing at
+    those positions in both, and the MCQ is left to match the looked-up word to an option."""
+    qtype = POSITION_MCQ_TYPES[int(rng.integers(len(POSITION_MCQ_TYPES)))]
+    item = make_mcq(scene, qtype, rng)
+    if item is None:
+        return None
+    return TrainingExample(pope_text(item.question), item.choices[item.answer], "position_open", qtype)
+
+
+def hinted_mcq(
+    scene: Scene, rng: np.random.Generator, qtypes: tuple[str, ...] = POSITION_MCQ_TYPES
+) -> TrainingExample | None:
+    """An MCQ of one of `qtypes` whose ScienceQA context gives the answer away ("Context: The answer is red.\n
+    Which colour is the shape in the top-left?\nA. ..."; None when the scene cannot support the question). It
+    needs no image: only the step of matching a word to its option's letter, taught apart from the lookup that
+    a real MCQ needs first."""
+    qtype = qtypes[int(rng.integers(len(qtypes)))]
+    item = make_mcq(scene, qtype, rng)
+    if item is None:
+        return None
+    text = mcq_text(item.question, item.choices, hint=f"The answer is {item.choices[item.answer]}.")
+    return TrainingExample(text, LETTERS[item.answer], "mcq_hinted", qtype)
+
+
 def sample_training_example(
     scene: Scene,
     rng: np.random.Generator,
@@ -245,6 +274,8 @@ def sample_training_example(
     position_fraction: float | None = None,
     region_fraction: float = 0.0,
     region_check_fraction: float = 0.0,
+    open_position_fraction: float = 0.0,
+    hinted_fraction: float = 0.0,
 ) -> TrainingExample:
     """One random example about `scene`: a caption, an MCQ, or a balanced yes/no POPE probe (all three kinds
     of negatives). Captions are the dense signal that teaches the LLM to read the image at all: a yes/no
@@ -254,7 +285,9 @@ def sample_training_example(
     fraction of the yes/no probes are `attribute_probe`s (kind "attribute"). With `position_fraction`, that
     fraction of the MCQs are position questions (`colour_at`, `shape_at`); None draws the four types uniformly.
     With `region_fraction`, that fraction of the examples are `region_probe`s (kind "region") where the scene
-    has one, and with `region_check_fraction` that fraction are `region_check`s (kind "region_check"). The defaults
+    has one, with `region_check_fraction` that fraction are `region_check`s (kind "region_check"), and with
+    `open_position_fraction` that fraction are `open_position_question`s (kind "position_open"), and with
+    `hinted_fraction` that fraction are position `hinted_mcq`s (kind "mcq_hinted"). The defaults
     draw exactly what earlier versions drew."""
     draw = rng.random()
     if draw < caption_fraction:
@@ -264,7 +297,13 @@ def sample_training_example(
     region_end = caption_fraction + region_fraction + region_check_fraction
     if caption_fraction + region_fraction <= draw < region_end and (check := region_check(scene, rng)):
         return check
-    if draw < region_end + mcq_fraction:
+    open_end = region_end + open_position_fraction
+    if region_end <= draw < open_end and (question := open_position_question(scene, rng)) is not None:
+        return question
+    hinted_end = open_end + hinted_fraction
+    if open_end <= draw < hinted_end and (hinted := hinted_mcq(scene, rng)) is not None:
+        return hinted
+    if draw < hinted_end + mcq_fraction:
         if position_fraction is None:
             qtype = MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))]
         else:

@@ -43,8 +43,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vtprune.eval.distributed import DistContext, shutdown
 from vtprune.testbed import evaluate as ev
-from vtprune.testbed.model import MODEL_CONFIG, build_model, build_processor
-from vtprune.testbed.questions import SYSTEM_PROMPT, sample_training_example
+from vtprune.testbed.model import build_model, build_processor
+from vtprune.testbed.questions import (
+    MCQ_TYPES,
+    POSITION_MCQ_TYPES,
+    SYSTEM_PROMPT,
+    TrainingExample,
+    hinted_mcq,
+    sample_training_example,
+)
 from vtprune.testbed.render import BACKGROUND_LABEL, GRID, patch_quadrants, render, sample_scene
 from vtprune.testbed.shapes import STREAM_TRAIN, map_indices, mcq_records, pope_records, scene_rng
 from vtprune.testbed.world import NUM_CLASSES
@@ -59,8 +66,17 @@ TINY_MODEL = {
 }
 # Training example kinds, in the order of the "kind" codes; "mcq_position" is an MCQ of type colour_at or shape_at
 # (logged apart from the counting MCQs).
-KINDS = ("pope", "mcq", "caption", "attribute", "mcq_position", "region", "region_check")
-POSITION_MCQ_TYPES = ("colour_at", "shape_at")
+KINDS = (
+    "pope",
+    "mcq",
+    "caption",
+    "attribute",
+    "mcq_position",
+    "region",
+    "region_check",
+    "position_open",
+    "mcq_hinted",
+)
 # With --compile, batch widths are rounded up to this multiple so that the compiled LLM sees one or two shapes
 # (the recipe's widths are 641-648 tokens) instead of recompiling for each.
 PAD_MULTIPLE = 32
@@ -91,6 +107,10 @@ class TrainConfig:
     position_fraction: float | None = None  # MCQs about position (colour_at, shape_at); None: 1 in 2 as types
     region_fraction: float = 0.0  # "What is in the top-left?" -> "red circle" (`region_probe`)
     region_check_fraction: float = 0.0  # "Is there a red object in the top-left?" (`region_check`)
+    open_position_fraction: float = 0.0  # position MCQs without options: "...in the top-left?" -> "red"
+    hinted_fraction: float = 0.0  # position MCQs whose context gives the answer (`hinted_mcq`)
+    text_steps: int = 0  # before stage 2: LLM steps on hinted MCQs of every type, without the image
+    init_from: str = ""  # a saved testbed model folder: skip stage 1 and go on training its stage 2
     weight_decay: float = 0.05
     warmup: int = 300
     caption_fraction: float = 0.25
@@ -144,6 +164,20 @@ def model_overrides(cfg: TrainConfig) -> dict[str, int]:
     return out
 
 
+def model_shape(config: Any) -> dict[str, int]:
+    """The `MODEL_CONFIG` entries of a built or loaded model, read from its config."""
+    vision, text = config.vision_config, config.text_config
+    return {
+        "vision_hidden": vision.hidden_size,
+        "vision_layers": vision.num_hidden_layers,
+        "vision_heads": vision.num_attention_heads,
+        "text_hidden": text.hidden_size,
+        "text_layers": text.num_hidden_layers,
+        "text_heads": text.num_attention_heads,
+        "intermediate_size": text.intermediate_size,
+    }
+
+
 # ----------------------------------------------------------------------------------------------- data
 
 
@@ -179,12 +213,22 @@ class QuestionBatches(IterableDataset):
 
     Sequences are right-padded: with causal attention no real token sees a pad, so no attention mask is needed
     and positions are the same as for a left-padded prompt at generation time.
+
+    With `text_only`, every example is a `hinted_mcq` of any type and the prompt has no image tokens at all
+    (`--text-steps`): about 50 tokens instead of 640.
     """
 
     def __init__(
-        self, scenes: list[Any], processor: Any, cfg: TrainConfig, image_seq_length: int, rank: int = 0
+        self,
+        scenes: list[Any],
+        processor: Any,
+        cfg: TrainConfig,
+        image_seq_length: int,
+        rank: int = 0,
+        text_only: bool = False,
     ):
         self.scenes = scenes
+        self.text_only = text_only
         self.rank = rank  # data-parallel rank: every process draws its own questions
         self.processor = processor
         self.cfg = cfg
@@ -194,30 +238,42 @@ class QuestionBatches(IterableDataset):
         self.pad_id, self.eos_id = tok.pad_token_id, tok.eos_token_id
 
     def prompt_ids(self, text: str, system: str | None) -> list[int]:
-        """The processor's ids for the prompt: chat template, then `<image>` expanded to one id per patch."""
+        """The processor's ids for the prompt: chat template, then `<image>` expanded to one id per patch (or,
+        `text_only`, dropped)."""
         ids = self.processor.tokenizer(ev.chat_prompt(self.processor, text, system))["input_ids"]
         out: list[int] = []
         for i in ids:
-            out.extend([i] * self.image_seq_length if i == self.image_id else [i])
+            out.extend([i] * (0 if self.text_only else self.image_seq_length) if i == self.image_id else [i])
         return out
+
+    def draw_example(self, scene: Any, rng: np.random.Generator) -> TrainingExample:
+        cfg = self.cfg
+        if self.text_only:
+            while (example := hinted_mcq(scene, rng, MCQ_TYPES)) is None:  # counts always exist
+                pass
+            return example
+        return sample_training_example(
+            scene,
+            rng,
+            cfg.mcq_fraction,
+            cfg.caption_fraction,
+            cfg.binding_fraction,
+            cfg.attribute_fraction,
+            cfg.position_fraction,
+            cfg.region_fraction,
+            cfg.region_check_fraction,
+            cfg.open_position_fraction,
+            cfg.hinted_fraction,
+        )
 
     def make_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         index = rng.integers(len(self.scenes), size=cfg.batch_size)
         seqs, lengths, kinds = [], [], []
         for i in index:
-            ex = sample_training_example(
-                self.scenes[i],
-                rng,
-                cfg.mcq_fraction,
-                cfg.caption_fraction,
-                cfg.binding_fraction,
-                cfg.attribute_fraction,
-                cfg.position_fraction,
-                cfg.region_fraction,
-                cfg.region_check_fraction,
-            )
-            kinds.append(KINDS.index("mcq_position" if ex.qtype in POSITION_MCQ_TYPES else ex.kind))
+            ex = self.draw_example(self.scenes[i], rng)
+            position_mcq = ex.kind == "mcq" and ex.qtype in POSITION_MCQ_TYPES
+            kinds.append(KINDS.index("mcq_position" if position_mcq else ex.kind))
             system = SYSTEM_PROMPT if rng.random() < cfg.system_fraction else None
             prompt = self.prompt_ids(ex.text, system)
             answer = self.processor.tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
@@ -335,12 +391,14 @@ def answer_loss(
     """LLaVA's forward written out (`features`: vision layer -2 without CLS -> projector -> image-token slots),
     with logits only where a label is: cross-entropy on the answer + EOS, and whether each row's first answer
     token is right. The loss is the mean over all answer tokens of the batch (LLaVA's), or with `per_example`
-    the mean over rows of each row's mean, so that a one-word answer weighs as much as a whole caption."""
+    the mean over rows of each row's mean, so that a one-word answer weighs as much as a whole caption. With
+    `features` None the prompts have no image tokens (`--text-steps`)."""
     inner = model.model
-    image_features = inner.multi_modal_projector(features)
     embeds = model.get_input_embeddings()(input_ids)
-    slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(slots, image_features.to(embeds.dtype))
+    if features is not None:
+        image_features = inner.multi_modal_projector(features)
+        slots = (input_ids == model.config.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(slots, image_features.to(embeds.dtype))
     hidden = inner.language_model(inputs_embeds=embeds).last_hidden_state
     targets = labels[:, 1:]
     where = targets != -100
@@ -425,16 +483,22 @@ class AnswerObjective(nn.Module):
         tower_layers.requires_grad_(True)
 
     def forward(self, features, input_ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(self.tower_layers):
+        if features is not None and len(self.tower_layers):
             features = run_tower_layers(self.tower_layers, features)
         return answer_loss(self.model, features, input_ids, labels, self.per_example)
 
 
-def data_parallel(module: nn.Module, ctx: DistContext, device: torch.device) -> nn.Module:
+def data_parallel(
+    module: nn.Module, ctx: DistContext, device: torch.device, find_unused_parameters: bool = False
+) -> nn.Module:
     """`module` wrapped in DistributedDataParallel under a multi-process launch, else as it is."""
     if ctx.world <= 1:
         return module
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )
 
 
 def replicas_identical(model: Any, ctx: DistContext) -> bool:
@@ -545,18 +609,32 @@ def centre_projector(
 
 
 def train_llm(
-    model, features, batches, cfg, device, autocast, budget_s: float, ctx: DistContext | None = None
+    model,
+    features,
+    batches,
+    cfg,
+    device,
+    autocast,
+    budget_s: float,
+    ctx: DistContext | None = None,
+    steps: int | None = None,
+    stage: str = "llm",
 ) -> dict[str, Any]:
     """Stage 2: projector + LLM on captions, MCQ and POPE; the vision tower stays frozen (as in LLaVA-1.5), or
     its top `cfg.tower_layers` layers below the features train too, at `cfg.tower_lr` (`features` then holds
-    their cached input)."""
+    their cached input). With `features` None, the text-only steps before it (`--text-steps`): `steps` of
+    image-free `batches`, logged as `stage`."""
     ctx = ctx or DistContext()
-    if cfg.centre_projector:  # the same on every process: same weights, same pool
+    text_only = features is None
+    if cfg.centre_projector and not cfg.init_from and not text_only:  # the same on every process
         _log(ctx, f"  centred the projector: {centre_projector(model, features, cfg.tower_layers)}")
     _, tower_layers = tower_top_layers(model, cfg.tower_layers)
-    if cfg.compile:  # in place: parameter names, and so the saved checkpoint, stay the same
-        model.model.language_model.compile(dynamic=False)
-    objective = data_parallel(AnswerObjective(model, tower_layers, cfg.per_example_loss), ctx, device)
+    llm = model.model.language_model
+    if cfg.compile and llm._compiled_call_impl is None:  # in place: parameter names (the checkpoint) stay
+        llm.compile(dynamic=False)
+    objective = AnswerObjective(model, tower_layers, cfg.per_example_loss)
+    # without the image, the projector and the tower layers get no gradient
+    objective = data_parallel(objective, ctx, device, find_unused_parameters=text_only)
     tower_params = list(tower_layers.parameters())
     tower_ids = {id(p) for p in tower_params}
     llm_params = [p for p in model.parameters() if p.requires_grad and id(p) not in tower_ids]
@@ -565,7 +643,7 @@ def train_llm(
         groups.append({"params": tower_params, "lr": cfg.tower_lr, "base_lr": cfg.tower_lr})
     params = llm_params + tower_params
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, **_fused(device))
-    budget = StepBudget(cfg.steps, budget_s, device, ctx)
+    budget = StepBudget(cfg.steps if steps is None else steps, budget_s, device, ctx)
     loader = DataLoader(batches, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if cfg.workers else None, persistent_workers=cfg.workers > 0)  # fmt: skip
     step, t0, log, running = 0, time.time(), {}, []
@@ -574,7 +652,7 @@ def train_llm(
             break
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, budget.total, cfg.warmup)
-        feats = features[batch["index"].to(features.device)]
+        feats = None if text_only else features[batch["index"].to(features.device)]
         input_ids = batch["input_ids"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
         with autocast():
@@ -597,7 +675,7 @@ def train_llm(
                 if total[1 + k + i] > 0
             }
             running = []
-            _log(ctx, f"llm {step}/{budget.total} {log} {time.time() - t0:.0f}s")
+            _log(ctx, f"{stage} {step}/{budget.total} {log} {time.time() - t0:.0f}s")
     return {"steps": step, "seconds": round(time.time() - t0, 1), **log}
 
 
@@ -679,9 +757,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     t_start = time.time()
-    processor = build_processor()
     model_config = model_overrides(cfg)
-    model = build_model(processor, seed=cfg.seed, **model_config).to(device).train()
+    if cfg.init_from:  # a trained model goes on training: its own processor, no new stage 1
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        processor = AutoProcessor.from_pretrained(cfg.init_from)
+        model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
+        model = model.to(device).train()
+    else:
+        processor = build_processor()
+        model = build_model(processor, seed=cfg.seed, **model_config).to(device).train()
     heads = AuxHeads(
         model.config.vision_config.hidden_size,
         position=cfg.position_weight > 0,
@@ -706,9 +791,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # With a time budget, stage 1 may take at most a quarter of it and stage 2 gets whatever is left.
     vision_budget = 0.25 * cfg.time_budget_s
-    vision_log = train_vision(model, heads, pool, normalise, cfg, device, autocast, vision_budget, ctx)
+    if cfg.init_from:
+        vision_log = {"steps": 0, "init_from": cfg.init_from}
+    else:
+        vision_log = train_vision(model, heads, pool, normalise, cfg, device, autocast, vision_budget, ctx)
     features = precompute_features(model, pool, normalise, device, autocast, tower_layers=cfg.tower_layers)
     del pool.pixels  # the frozen part of the tower is done: stage 2 needs its output only
+    text_log = {}
+    if cfg.text_steps:  # a fixed number of short steps, before the budget of stage 2 is measured
+        text = QuestionBatches(
+            pool.scenes, processor, cfg, model.config.image_seq_length, ctx.rank, text_only=True
+        )
+        text_log = train_llm(model, None, text, cfg, device, autocast, 0.0, ctx, cfg.text_steps, "text")
     llm_budget = max(0.0, cfg.time_budget_s - (time.time() - t_start)) if cfg.time_budget_s else 0.0
     llm_log = train_llm(model, features, batches, cfg, device, autocast, llm_budget, ctx)
     del features
@@ -728,11 +822,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(line, flush=True)
     report = {
         "config": asdict(cfg) | {"data_seed": data_seed, "processes": ctx.world},
-        "model_config": {**MODEL_CONFIG, **model_config},
+        "model_config": model_shape(model.config),
         "command": (f"torchrun --nproc-per-node {ctx.world} -m" if ctx.world > 1 else "python -m")
         + " vtprune.testbed.train "
         + " ".join(sys.argv[1:] if argv is None else argv),
-        "train": {"vision": vision_log, "llm": llm_log},
+        "train": {"vision": vision_log, "llm": llm_log} | ({"text": text_log} if text_log else {}),
         "eval_seed": ev.EVAL_SEED,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
