@@ -89,7 +89,7 @@ def test_recorded_pope_accuracy_meets_the_bar(record):
 
 
 @pytest.mark.xfail(
-    reason="the shipped weights are below the issue's MCQ bar (65.8% < 85%); see weights/README.md",
+    reason="the shipped weights are below the issue's MCQ bar (83.8% < 85%); see weights/README.md",
     strict=False,
 )
 def test_recorded_mcq_accuracy_meets_the_bar(record):
