@@ -280,6 +280,11 @@ def test_text_steps_and_init_from_go_on_training_a_saved_model(tmp_path):
     assert report["train"]["vision"]["steps"] == 0 and report["train"]["llm"]["steps"] == 4
     assert report["model_config"] == first["model_config"]
     assert report["model_config"]["text_layers"] == train.TINY_MODEL["text_layers"]
+    with pytest.raises(FileNotFoundError, match="no saved model"):
+        train.main(["--out", str(tmp_path / "c"), "--smoke", "--init-from", str(tmp_path / "missing")])
+    with pytest.raises(ValueError, match="keeps the saved model's shape"):
+        train.main(["--out", str(tmp_path / "c"), "--smoke", "--init-from", str(tmp_path / "a" / "model"),
+                    "--text-layers", "3"])  # fmt: skip
 
 
 def test_model_overrides_change_the_llm_shape(processor):

@@ -1,6 +1,7 @@
 """Train the testbed LLaVA on shapes scenes, then evaluate it on held-out data and save it.
 
-    python -m vtprune.testbed.train --out DIR --seed 0                       # GPU, the shipped recipe
+    python -m vtprune.testbed.train --out DIR --seed 0                       # GPU, a model from scratch
+    python -m vtprune.testbed.train --out DIR2 --init-from DIR/model ...     # GPU, train a saved model on
     python -m vtprune.testbed.train --out DIR --smoke                        # CPU, minutes: the code path only
     torchrun --standalone --nproc-per-node 4 -m vtprune.testbed.train --out DIR ...   # data parallel, 4 GPUs
 
@@ -65,7 +66,8 @@ TINY_MODEL = {
     "intermediate_size": 128,
 }
 # Training example kinds, in the order of the "kind" codes; "mcq_position" is an MCQ of type colour_at or shape_at
-# (logged apart from the counting MCQs).
+# (logged apart from the counting MCQs); "position_open" and "mcq_hinted" are the position questions without
+# options and with the answer as context (`questions.open_position_question`, `questions.hinted_mcq`).
 KINDS = (
     "pope",
     "mcq",
@@ -757,8 +759,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     t_start = time.time()
-    model_config = model_overrides(cfg)
-    if cfg.init_from:  # a trained model goes on training: its own processor, no new stage 1
+    if cfg.init_from:  # a trained model goes on training: its own processor and shape, no new stage 1
+        if cfg.text_layers is not None or cfg.text_heads is not None:
+            raise ValueError("--init-from keeps the saved model's shape: drop --text-layers and --text-heads")
+        if not (Path(cfg.init_from) / "config.json").is_file():
+            raise FileNotFoundError(f"--init-from {cfg.init_from}: no saved model there (no config.json)")
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         processor = AutoProcessor.from_pretrained(cfg.init_from)
@@ -766,7 +771,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = model.to(device).train()
     else:
         processor = build_processor()
-        model = build_model(processor, seed=cfg.seed, **model_config).to(device).train()
+        model = build_model(processor, seed=cfg.seed, **model_overrides(cfg)).to(device).train()
     heads = AuxHeads(
         model.config.vision_config.hidden_size,
         position=cfg.position_weight > 0,
