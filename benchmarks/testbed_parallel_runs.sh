@@ -12,8 +12,9 @@ set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p /tmp/runs "$OUT"
 # Each process gets its share of the cores for torch's CPU ops. Without it every process starts one thread per
-# core; four runs side by side (2026-11-21, 4 x H200, 64 cores) took 80 ms a stage-1 step instead of 19 ms,
-# and thread oversubscription is the suspected (untested) cause. torchrun sets OMP_NUM_THREADS=1 itself.
+# core; four runs side by side (2026-11-21, 4 x H200, 64 cores) took 80 ms a stage-1 step instead of 19 ms. With
+# this share, and stage 1's labels on the GPU, four runs took 18.4-19.0 ms (the same day's later sweeps). torchrun
+# sets OMP_NUM_THREADS=1 itself.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(($(nproc) / $#))}
 gpu=0
 for spec in "$@"; do
