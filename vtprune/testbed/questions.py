@@ -34,6 +34,7 @@ SYSTEM_PROMPT = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 MCQ_TYPES: tuple[str, ...] = ("count_shape", "count_colour", "colour_at", "shape_at")
+COUNT_MCQ_TYPES: tuple[str, ...] = MCQ_TYPES[:2]
 POSITION_MCQ_TYPES: tuple[str, ...] = MCQ_TYPES[2:]
 CAPTION_PROMPT = "Describe this image."
 NUM_CHOICES = 4
@@ -180,8 +181,8 @@ def caption(scene: Scene) -> str:
 class TrainingExample:
     text: str  # the user text (question + instructions), before the chat template
     answer: str  # "yes", "no", a letter, or a caption (several words)
-    kind: str  # "pope", "mcq", "caption", "attribute", "region", "region_check", "position_open"
-    # or "mcq_hinted"
+    # "pope", "mcq", "caption", "attribute", "region", "region_check", "position_open" or "mcq_hinted"
+    kind: str
     qtype: str = ""  # the MCQ type (`MCQ_TYPES`) of an "mcq" or "position_open" example
 
 
@@ -237,16 +238,20 @@ def region_check(scene: Scene, rng: np.random.Generator) -> TrainingExample | No
     return TrainingExample(pope_text(question), "yes" if yes else "no", "region_check")
 
 
+def _random_mcq(scene: Scene, qtypes: tuple[str, ...], rng: np.random.Generator) -> McqItem | None:
+    """An MCQ of a type drawn uniformly from `qtypes` (None when the scene cannot support it)."""
+    return make_mcq(scene, qtypes[int(rng.integers(len(qtypes)))], rng)
+
+
 def open_position_question(scene: Scene, rng: np.random.Generator) -> TrainingExample | None:
     """A `colour_at` or `shape_at` MCQ asked without its options ("Which colour is the shape in the top-left?" ->
     "red"; None when no quadrant holds one object alone). It has the MCQ's exact question words, so that the
     lookup it trains happens on the same prompt prefix as the MCQ's: a causal LLM computes the same thing at
     those positions in both, and the MCQ is left to match the looked-up word to an option."""
-    qtype = POSITION_MCQ_TYPES[int(rng.integers(len(POSITION_MCQ_TYPES)))]
-    item = make_mcq(scene, qtype, rng)
+    item = _random_mcq(scene, POSITION_MCQ_TYPES, rng)
     if item is None:
         return None
-    return TrainingExample(pope_text(item.question), item.choices[item.answer], "position_open", qtype)
+    return TrainingExample(pope_text(item.question), item.choices[item.answer], "position_open", item.qtype)
 
 
 def hinted_mcq(
@@ -256,12 +261,11 @@ def hinted_mcq(
     Which colour is the shape in the top-left?\nA. ..."; None when the scene cannot support the question). It
     needs no image: only the step of matching a word to its option's letter, taught apart from the lookup that
     a real MCQ needs first."""
-    qtype = qtypes[int(rng.integers(len(qtypes)))]
-    item = make_mcq(scene, qtype, rng)
+    item = _random_mcq(scene, qtypes, rng)
     if item is None:
         return None
     text = mcq_text(item.question, item.choices, hint=f"The answer is {item.choices[item.answer]}.")
-    return TrainingExample(text, LETTERS[item.answer], "mcq_hinted", qtype)
+    return TrainingExample(text, LETTERS[item.answer], "mcq_hinted", item.qtype)
 
 
 def sample_training_example(
@@ -289,30 +293,28 @@ def sample_training_example(
     `open_position_fraction` that fraction are `open_position_question`s (kind "position_open"), and with
     `hinted_fraction` that fraction are position `hinted_mcq`s (kind "mcq_hinted"). The defaults
     draw exactly what earlier versions drew."""
-    draw = rng.random()
-    if draw < caption_fraction:
-        return TrainingExample(CAPTION_PROMPT, caption(scene), "caption")
-    if draw < caption_fraction + region_fraction and (probe := region_probe(scene, rng)) is not None:
-        return probe
-    region_end = caption_fraction + region_fraction + region_check_fraction
-    if caption_fraction + region_fraction <= draw < region_end and (check := region_check(scene, rng)):
-        return check
-    open_end = region_end + open_position_fraction
-    if region_end <= draw < open_end and (question := open_position_question(scene, rng)) is not None:
-        return question
-    hinted_end = open_end + hinted_fraction
-    if open_end <= draw < hinted_end and (hinted := hinted_mcq(scene, rng)) is not None:
-        return hinted
-    if draw < hinted_end + mcq_fraction:
+    # consecutive bands of [0, 1): the draw picks one; a kind the scene cannot support falls through to the MCQ
+    bands = (
+        (caption_fraction, lambda: TrainingExample(CAPTION_PROMPT, caption(scene), "caption")),
+        (region_fraction, lambda: region_probe(scene, rng)),
+        (region_check_fraction, lambda: region_check(scene, rng)),
+        (open_position_fraction, lambda: open_position_question(scene, rng)),
+        (hinted_fraction, lambda: hinted_mcq(scene, rng)),
+    )
+    draw, start = rng.random(), 0.0
+    for fraction, make in bands:
+        if start <= draw < start + fraction and (example := make()) is not None:
+            return example
+        start += fraction
+    if draw < start + mcq_fraction:
         if position_fraction is None:
-            qtype = MCQ_TYPES[int(rng.integers(len(MCQ_TYPES)))]
+            qtypes = MCQ_TYPES
         else:
-            # MCQ_TYPES holds the two count types, then the two position types
-            first = 2 if rng.random() < position_fraction else 0
-            qtype = MCQ_TYPES[first + int(rng.integers(2))]
-        item = make_mcq(scene, qtype, rng)
+            qtypes = POSITION_MCQ_TYPES if rng.random() < position_fraction else COUNT_MCQ_TYPES
+        item = _random_mcq(scene, qtypes, rng)
         if item is not None:
-            return TrainingExample(mcq_text(item.question, item.choices), LETTERS[item.answer], "mcq", qtype)
+            text = mcq_text(item.question, item.choices)
+            return TrainingExample(text, LETTERS[item.answer], "mcq", item.qtype)
     if attribute_fraction > 0 and rng.random() < attribute_fraction:
         return attribute_probe(scene, rng)
     present = scene.classes

@@ -245,7 +245,10 @@ class QuestionBatches(IterableDataset):
         ids = self.processor.tokenizer(ev.chat_prompt(self.processor, text, system))["input_ids"]
         out: list[int] = []
         for i in ids:
-            out.extend([i] * (0 if self.text_only else self.image_seq_length) if i == self.image_id else [i])
+            if i != self.image_id:
+                out.append(i)
+            elif not self.text_only:
+                out.extend([i] * self.image_seq_length)
         return out
 
     def draw_example(self, scene: Any, rng: np.random.Generator) -> TrainingExample:
@@ -257,15 +260,15 @@ class QuestionBatches(IterableDataset):
         return sample_training_example(
             scene,
             rng,
-            cfg.mcq_fraction,
-            cfg.caption_fraction,
-            cfg.binding_fraction,
-            cfg.attribute_fraction,
-            cfg.position_fraction,
-            cfg.region_fraction,
-            cfg.region_check_fraction,
-            cfg.open_position_fraction,
-            cfg.hinted_fraction,
+            mcq_fraction=cfg.mcq_fraction,
+            caption_fraction=cfg.caption_fraction,
+            binding_fraction=cfg.binding_fraction,
+            attribute_fraction=cfg.attribute_fraction,
+            position_fraction=cfg.position_fraction,
+            region_fraction=cfg.region_fraction,
+            region_check_fraction=cfg.region_check_fraction,
+            open_position_fraction=cfg.open_position_fraction,
+            hinted_fraction=cfg.hinted_fraction,
         )
 
     def make_batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -628,8 +631,6 @@ def train_llm(
     image-free `batches`, logged as `stage`."""
     ctx = ctx or DistContext()
     text_only = features is None
-    if cfg.centre_projector and not cfg.init_from and not text_only:  # the same on every process
-        _log(ctx, f"  centred the projector: {centre_projector(model, features, cfg.tower_layers)}")
     _, tower_layers = tower_top_layers(model, cfg.tower_layers)
     llm = model.model.language_model
     if cfg.compile and llm._compiled_call_impl is None:  # in place: parameter names (the checkpoint) stay
@@ -772,12 +773,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         processor = build_processor()
         model = build_model(processor, seed=cfg.seed, **model_overrides(cfg)).to(device).train()
-    heads = AuxHeads(
-        model.config.vision_config.hidden_size,
-        position=cfg.position_weight > 0,
-        position_loss=cfg.position_loss,
-        quadrant=cfg.quadrant_weight > 0,
-    ).to(device)
     size = sum(p.numel() for p in model.parameters()) / 1e6
     _log(
         ctx,
@@ -799,9 +794,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if cfg.init_from:
         vision_log = {"steps": 0, "init_from": cfg.init_from}
     else:
+        heads = AuxHeads(
+            model.config.vision_config.hidden_size,
+            position=cfg.position_weight > 0,
+            position_loss=cfg.position_loss,
+            quadrant=cfg.quadrant_weight > 0,
+        ).to(device)
         vision_log = train_vision(model, heads, pool, normalise, cfg, device, autocast, vision_budget, ctx)
     features = precompute_features(model, pool, normalise, device, autocast, tower_layers=cfg.tower_layers)
     del pool.pixels  # the frozen part of the tower is done: stage 2 needs its output only
+    if cfg.centre_projector and not cfg.init_from:  # an initialisation: a loaded projector is trained already
+        _log(ctx, f"  centred the projector: {centre_projector(model, features, cfg.tower_layers)}")
     text_log = {}
     if cfg.text_steps:  # a fixed number of short steps, before the budget of stage 2 is measured
         text = QuestionBatches(
