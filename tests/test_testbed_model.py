@@ -88,9 +88,5 @@ def test_recorded_pope_accuracy_meets_the_bar(record):
     assert record["blank_image"]["pope"]["all"]["accuracy"] <= 0.6
 
 
-@pytest.mark.xfail(
-    reason="the shipped weights are below the issue's MCQ bar (83.8% < 85%); see weights/README.md",
-    strict=False,
-)
 def test_recorded_mcq_accuracy_meets_the_bar(record):
     assert record["heldout"]["mcq"]["all"]["accuracy"] >= 0.85
