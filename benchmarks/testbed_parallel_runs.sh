@@ -6,8 +6,9 @@
 #
 # Run NAME:OPTIONS number i (from 0) gets GPU i, $BASE then OPTIONS, writes /tmp/runs/NAME and logs to $OUT/NAME.log
 # as it goes (so a run stopped by a time limit still leaves its log). When all are done, $OUT/runs.tar holds every
-# run's eval.json, and the model of the best run (the largest margin over the quality bars,
-# min(POPE split - 0.95, MCQ - 0.85)) comes back as $OUT/model-NAME.tar.part-* (12 MB pieces).
+# run's eval.json, and the model of the best run comes back as $OUT/model-NAME.tar.part-* (12 MB pieces). The best
+# run meets more of the two quality bars (each POPE split >= 0.95, MCQ >= 0.85), then has the larger sum
+# of margins over them (the smaller margin alone once picked a run with 92.7% MCQ over one with 97.0%).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p /tmp/runs "$OUT"
@@ -31,7 +32,8 @@ margins = {}
 for report in pathlib.Path("/tmp/runs").glob("*/eval.json"):
     held = json.loads(report.read_text())["heldout"]
     pope = min(v["accuracy"] for k, v in held["pope"].items() if k != "all")
-    margins[report.parent.name] = min(pope - 0.95, held["mcq"]["all"]["accuracy"] - 0.85)
+    pope_margin, mcq_margin = pope - 0.95, held["mcq"]["all"]["accuracy"] - 0.85
+    margins[report.parent.name] = ((pope_margin >= 0) + (mcq_margin >= 0), pope_margin + mcq_margin)
     print(f"{report.parent.name}: POPE min {pope:.4f} MCQ {held['mcq']['all']['accuracy']:.4f}", file=sys.stderr)
 print(max(margins, key=margins.get) if margins else "")
 PY

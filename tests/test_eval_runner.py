@@ -90,6 +90,19 @@ def test_different_settings_never_share_a_folder(env, tmp_path: Path) -> None:
     assert c.summary["environment"]["preprocessing_impl"].startswith("expand_to_square")
 
 
+def test_retrained_weights_in_the_same_folder_are_scored_again(env, tmp_path: Path) -> None:
+    model = save_tiny_llava(tmp_path / "model", seed=0)
+    a = run_eval(_cfg(env, tmp_path / "out", model=str(model), limit=1))
+    before = (a.run_dir / "samples.jsonl").read_text()
+    save_tiny_llava(model, seed=1)  # other weights, same folder, same name
+    b = run_eval(_cfg(env, tmp_path / "out", model=str(model), limit=1))
+    assert b.run_dir != a.run_dir and b.evaluated_now == 1
+    assert (a.run_dir / "samples.jsonl").read_text() == before  # the old model's results stay as they were
+    fingerprints = [json.loads((r / "config.json").read_text())["identity"]["model_fingerprint"]
+                    for r in (a.run_dir, b.run_dir)]
+    assert None not in fingerprints and fingerprints[0] != fingerprints[1]
+
+
 def test_stored_config_mismatch_relocates(env, tmp_path: Path) -> None:
     a = run_eval(_cfg(env, tmp_path, limit=1))
     config_path = a.run_dir / "config.json"

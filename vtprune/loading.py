@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -31,6 +32,35 @@ def resolve_model_path(model: str) -> str:
 
         return str(testbed_path())
     return model
+
+
+# Files that decide what a checkpoint folder computes; weights larger than this are fingerprinted by their size and
+# their first and last FINGERPRINT_CHUNK bytes, so that a 14 GB folder is not read whole before every run.
+FINGERPRINT_FILES = ("*.json", "*.jinja", "*.safetensors", "*.bin", "*.model")
+FINGERPRINT_CHUNK = 8 << 20
+
+
+def model_fingerprint(model: str) -> str | None:
+    """A short digest of a local model folder (or `testbed`): the names, sizes and contents of its config,
+    processor and weight files. Evaluation results are stored under it, so that retrained weights saved in the
+    same folder are never mistaken for the ones an earlier run scored. None for a Hub id (its revision is given
+    with `model_revision`)."""
+    folder = Path(resolve_model_path(model))
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    files = sorted({f for pattern in FINGERPRINT_FILES for f in folder.glob(pattern) if f.is_file()})
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with file.open("rb") as handle:
+            if size <= 2 * FINGERPRINT_CHUNK:
+                digest.update(handle.read())
+            else:
+                digest.update(handle.read(FINGERPRINT_CHUNK))
+                handle.seek(size - FINGERPRINT_CHUNK)
+                digest.update(handle.read(FINGERPRINT_CHUNK))
+    return digest.hexdigest()[:16]
 
 
 def load_model(

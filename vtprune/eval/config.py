@@ -89,6 +89,10 @@ class EvalConfig:
         data["dataset_id"] = task_description.get("dataset")
         data.pop("dataset", None)
         data["dtype"] = resolved_dtype
+        # retrained weights saved in the same folder are another model: their results go to another run folder
+        from vtprune.loading import model_fingerprint
+
+        data["model_fingerprint"] = model_fingerprint(self.model)
         return data
 
 
