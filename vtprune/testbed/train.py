@@ -733,7 +733,9 @@ def run_evaluation(directory: Path, cfg: TrainConfig, device: torch.device) -> d
 def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = []
     for name in ("heldout", "blank_image", "vicuna_system_prompt", "sample"):
-        part = result.get(name, {})
+        if name not in result:  # the sample with --no-eval-sample
+            continue
+        part = result[name]
         pope = " ".join(f"{k}={v['accuracy']:.4f}" for k, v in part.get("pope", {}).items())
         mcq = " ".join(f"{k}={v['accuracy']:.4f}" for k, v in part.get("mcq", {}).items())
         lines.append(f"{name}: POPE {pope} | MCQ {mcq}")
