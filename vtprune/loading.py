@@ -34,8 +34,9 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
-# Files that decide what a checkpoint folder computes; weights larger than this are fingerprinted by their size and
-# their first and last FINGERPRINT_CHUNK bytes, so that a 14 GB folder is not read whole before every run.
+# The files that decide what a checkpoint folder computes. A file over 2 * FINGERPRINT_CHUNK bytes is fingerprinted
+# by its size and its first and last FINGERPRINT_CHUNK bytes, so that a 14 GB folder is not read whole before every
+# run (retraining changes those bytes too: they hold the first and the last tensors).
 FINGERPRINT_FILES = ("*.json", "*.jinja", "*.safetensors", "*.bin", "*.model")
 FINGERPRINT_CHUNK = 8 << 20
 
