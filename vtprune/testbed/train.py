@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vtprune.eval.distributed import DistContext, shutdown
 from vtprune.testbed import evaluate as ev
+from vtprune.testbed import load_testbed
 from vtprune.testbed.model import build_model, build_processor
 from vtprune.testbed.questions import (
     MCQ_TYPES,
@@ -767,11 +768,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ValueError("--init-from keeps the saved model's shape: drop --text-layers and --text-heads")
         if not (Path(cfg.init_from) / "config.json").is_file():
             raise FileNotFoundError(f"--init-from {cfg.init_from}: no saved model there (no config.json)")
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-        processor = AutoProcessor.from_pretrained(cfg.init_from)
-        model = LlavaForConditionalGeneration.from_pretrained(cfg.init_from, dtype=torch.float32)
-        model = model.to(device).train()
+        model, processor = load_testbed(str(device), path=cfg.init_from)
+        model.train()
     else:
         processor = build_processor()
         model = build_model(processor, seed=cfg.seed, **model_overrides(cfg)).to(device).train()
