@@ -152,6 +152,38 @@ def test_generate_cache_equals_recompute(tiny, batch_inputs, name):
     assert out[:, -5:].tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_static_cache_equals_dynamic(tiny, batch_inputs, name, impl):
+    """generate() with a preallocated (static) KV cache gives the tokens and kept sets of the dynamic cache.
+
+    A static layer returns its whole buffer, valid slots or not: every pruned layer must mask the slots past
+    its own (shorter) length, at prefill and at each decode step."""
+    params, _, _ = CASES[name]
+    model = model_for(tiny, impl)
+    suppress = [model.config.image_token_id]
+    runs = []
+    with vtprune.pruned(model, method_of(name), keep=16 if name != "none" else None, **params):
+        for cache in ("dynamic", "static"):
+            with torch.no_grad():
+                out = model.generate(
+                    **batch_inputs,
+                    max_new_tokens=5,
+                    do_sample=False,
+                    suppress_tokens=suppress,
+                    cache_implementation=cache,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                )
+            kept = [s.kept for s in vtprune.last_record(model).stages]
+            runs.append((out.sequences.tolist(), torch.stack(out.scores), kept))
+    (dyn_tokens, dyn_scores, dyn_kept), (static_tokens, static_scores, static_kept) = runs
+    assert static_kept == dyn_kept
+    assert static_tokens == dyn_tokens
+    finite = torch.isfinite(dyn_scores)  # suppressed tokens score -inf in both
+    torch.testing.assert_close(static_scores[finite], dyn_scores[finite], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_sdpa_and_eager_select_same(tiny, batch_inputs, name):
     params, _, _ = CASES[name]
@@ -235,11 +267,11 @@ def test_pipeline_schedule_equals_oracle(tiny, batch_inputs, impl, policies):
 
 
 def test_unprune_restores_model(tiny, batch_inputs):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from vtprune.compat import attention_overrides
 
     model, _, _ = tiny
     before = forward(model, batch_inputs)
-    local_before = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    overrides_before = attention_overrides()
     hooks_before = hook_snapshot(model)
     vtprune.prune(model, "fastv", keep=8)
     assert hook_snapshot(model) != hooks_before
@@ -249,7 +281,7 @@ def test_unprune_restores_model(tiny, batch_inputs):
     vtprune.unprune(model)
     assert not vtprune.is_pruned(model)
     assert hook_snapshot(model) == hooks_before
-    assert dict(ALL_ATTENTION_FUNCTIONS._local_mapping) == local_before
+    assert attention_overrides() == overrides_before
     assert torch.equal(forward(model, batch_inputs), before)
     # a second model pruned at the same time is independent
     other, _ = __import__("vtprune.testing", fromlist=["make_tiny_llava"]).make_tiny_llava(seed=1)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from vtprune import compat
 from vtprune.methods.base import Method, PruneConfigError, Selection, Stage
 from vtprune.models.llava import LlavaAdapter
 from vtprune.record import PruneRecord, StageRecord
@@ -97,19 +98,31 @@ def _causal_allowed(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
 
 
 def format_mask(
-    key_valid: torch.Tensor, q_len: int, implementation: str, dtype: torch.dtype, all_valid: bool | None = None
+    key_valid: torch.Tensor,
+    q_len: int,
+    implementation: str,
+    dtype: torch.dtype,
+    all_valid: bool | None = None,
+    key_length: int | None = None,
 ):
     """An attention mask in the form the model's attention implementation expects (None when not needed).
 
     `all_valid` (no padding, no holes), when the caller already knows it, saves a device-to-host sync.
+    `key_length`: the number of keys attention sees when the layer's cache is preallocated (a static cache
+    returns its whole buffer); the slots after the layer's own tokens are masked out.
     """
+    unused_slots = 0 if key_length is None else key_length - key_valid.shape[1]
     if all_valid is None:
         all_valid = bool(key_valid.all())
     if implementation.startswith("flash"):
+        if unused_slots > 0:
+            return F.pad(key_valid, (0, unused_slots), value=False).long()
         return None if all_valid else key_valid.long()
-    if implementation == "sdpa" and all_valid and (q_len == 1 or q_len == key_valid.shape[1]):
+    if implementation == "sdpa" and all_valid and not unused_slots and q_len in (1, key_valid.shape[1]):
         return None  # SDPA's own causal path: no mask to build, and the fast kernels stay eligible
     allowed = _causal_allowed(key_valid, q_len)
+    if unused_slots > 0:
+        allowed = F.pad(allowed, (0, unused_slots), value=False)
     if implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
@@ -226,6 +239,9 @@ class PruneSession:
                 return
             episode = self.episode
             if episode is not None and not episode.prefill_done and query.shape[2] > 1:
+                # The prefill starts from an empty cache, so its keys are the first q; a static cache returns
+                # its whole preallocated buffer.
+                key_states = key_states[:, :, : query.shape[2]]
                 episode.captures[key] = Captured(query, key_states, float(scaling))
 
         attention_capture.add_capture(module, capture)
@@ -350,13 +366,10 @@ class PruneSession:
 
     def _pre_forward(self, module, args, kwargs):
         call = self._bind(args, kwargs)
-        if (
-            call.get("pixel_values") is not None
-            or (call.get("mm_encoder_outputs") or {}).get("image") is not None
-        ):
+        if call.get("pixel_values") is not None or compat.precomputed_image_output(call) is not None:
             return (), self._prefill(call)
         episode = self.episode
-        cache = call.get("past_key_values")
+        cache = compat.cache_from_call(call)
         if episode is not None and episode.prefill_done and cache is not None and cache is episode.cache:
             return (), self._decode(call)
         self.episode = None  # a text-only call: nothing to prune
@@ -368,7 +381,7 @@ class PruneSession:
             return None
         if not episode.prefill_done:
             episode.prefill_done = True
-            episode.cache = getattr(output, "past_key_values", None)
+            episode.cache = compat.cache_from_output(output)
             episode.captures.clear()  # release q/k of the scored layers
             if self.record is not None and self.timing:
                 self.record.timings_ms["total_prefill"] = (self._clock() - self._prefill_start) * 1e3
@@ -385,18 +398,27 @@ class PruneSession:
             raise PruneConfigError(
                 "vtprune needs `input_ids` (not only inputs_embeds) to locate the image tokens"
             )
-        cache = call.get("past_key_values")
+        cache = compat.cache_from_call(call)
         if cache is not None and cache.get_seq_length() > 0:
             raise PruneConfigError(
                 "vtprune prunes at prefill; continuing a non-empty cache with a new image is not supported"
             )
+        if self.llm_stages and not compat.cache_holds_any_length(cache):
+            raise PruneConfigError(
+                f"{self.method.name} prunes inside the LLM, so each layer's KV cache holds a different number of "
+                f"tokens: it supports the dynamic and static caches (cache_implementation='dynamic' or 'static'), "
+                f"not {type(cache).__name__}"
+            )
         pixel_values = call.pop("pixel_values", None)
         batch, length = input_ids.shape
         mask2d = call.get("attention_mask")
+        if mask2d is not None and mask2d.ndim == 4 and compat.static_key_length(cache, 0) is not None:
+            # generate() prebuilt the 4-D mask of the full prompt; the engine builds the pruned ones itself.
+            mask2d = compat.padding_mask_of_prebuilt(mask2d, length).long()
         if mask2d is not None and mask2d.ndim != 2:
             raise PruneConfigError("vtprune needs a 2-D attention_mask (batch, sequence)")
         text_valid_in = mask2d.bool() if mask2d is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        images_given = (call.get("mm_encoder_outputs") or {}).get("image") if pixel_values is None else None
+        images_given = compat.precomputed_image_output(call) if pixel_values is None else None
         num_images = pixel_values.shape[0] if pixel_values is not None else len(images_given.pooler_output)
         image_layout = self.adapter.locate_images(input_ids, num_images)
         n_img = image_layout.images_per_sample
@@ -407,11 +429,11 @@ class PruneSession:
             num_layers=self.info.num_layers,
         )
         self.record = record
-        self.episode = episode = Episode(layouts=[], input_embeds=None)
+        self.episode = episode = Episode(layouts=[], input_embeds=None, cache=cache)
 
         # Vision tower (once; generate() may have run it already) and the vision stage.
         t0 = self._clock()
-        image_out = (call.get("mm_encoder_outputs") or {}).get("image")
+        image_out = compat.precomputed_image_output(call)
         if image_out is None:
             extra = {k: call.pop(k) for k in ("image_sizes",) if call.get(k) is not None}
             image_out = self.adapter.encode_images(pixel_values, **extra)
@@ -746,7 +768,14 @@ class PruneSession:
             visual_valid=visual_valid,
             original_index=original,
             stage=stage,
-            prefill_mask=format_mask(key_valid, key_valid.shape[1], impl, hidden.dtype, all_valid),
+            prefill_mask=format_mask(
+                key_valid,
+                key_valid.shape[1],
+                impl,
+                hidden.dtype,
+                all_valid,
+                key_length=compat.static_key_length(episode.cache, layer_idx),
+            ),
             prefill_rope=rope,
         )
         episode.layouts.append(layout)
@@ -786,7 +815,14 @@ class PruneSession:
             hidden = args[0] if args else kwargs["hidden_states"]
             key_valid = torch.cat([layout.key_valid, step["tail"]], dim=1)
             all_valid = layout.all_valid and step["tail_valid"]
-            mask = format_mask(key_valid, step["q_len"], self.adapter.attn_implementation, hidden.dtype, all_valid)
+            mask = format_mask(
+                key_valid,
+                step["q_len"],
+                self.adapter.attn_implementation,
+                hidden.dtype,
+                all_valid,
+                key_length=compat.static_key_length(episode.cache, layer_idx),
+            )
             if layout.model_positions:
                 # Kept tokens kept their positions: the model's own rotary embeddings are right as they are.
                 step[key] = (mask, None, None)

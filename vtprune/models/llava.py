@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vtprune import compat
 from vtprune.methods.base import ModelInfo, PruneConfigError
 
 SUPPORTED = ("LlavaForConditionalGeneration",)
@@ -81,7 +82,7 @@ class LlavaAdapter:
 
     @property
     def attn_implementation(self) -> str:
-        return self.config.text_config._attn_implementation or "eager"
+        return compat.attention_implementation(self.config.text_config)
 
     def vision_attention_module(self) -> nn.Module:
         return self.vision_layers[self.feature_layer].self_attn
@@ -146,7 +147,7 @@ class LlavaAdapter:
         """(hidden states of the feature layer incl. [CLS], projected features (N, P, D))."""
         if out.hidden_states is None:
             raise PruneConfigError("the vision tower output has no hidden states; vtprune needs them")
-        return out.hidden_states[self.feature_hidden_index], torch.stack(list(out.pooler_output))
+        return out.hidden_states[self.feature_hidden_index], compat.projected_image_features(out)
 
     def recompute_vision_qk(self, out):
         """q/k of the feature layer from its input hidden state, for outputs vtprune did not see computed

@@ -13,24 +13,19 @@ modules a pruning session registered, and is removed with the last session.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from vtprune import compat
 
 CaptureFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, float], None]
 
 # id(attention module) -> callback(module, query, key, scaling). Filled by pruning sessions.
 _CAPTURES: dict[int, CaptureFn] = {}
-_SAVED: dict[str, object] = {}  # implementation name -> previous local override (or _MISSING)
-_MISSING = object()
+_SAVED: dict[str, Callable | None] = {}  # implementation name -> previous override (None: there was none)
+_ORIGINAL: dict[str, Callable | None] = {}  # implementation name -> what it dispatched to before the wrapper
 _WRAPPED_NAMES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-
-
-def _default_eager(module: torch.nn.Module) -> Callable:
-    # "eager" is not a key of the interface: each model file passes its own eager function as the default.
-    return sys.modules[type(module).__module__].eager_attention_forward
 
 
 def _make_wrapper(impl_name: str) -> Callable:
@@ -41,13 +36,7 @@ def _make_wrapper(impl_name: str) -> Callable:
             if scaling is None:
                 scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
             capture(module, query, key, scaling)
-        previous = _SAVED.get(impl_name, _MISSING)
-        if previous is not _MISSING:
-            original = previous
-        elif impl_name == "eager":
-            original = _default_eager(module)
-        else:
-            original = ALL_ATTENTION_FUNCTIONS._global_mapping[impl_name]
+        original = _ORIGINAL.get(impl_name) or compat.eager_attention(module)
         return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     vtprune_attention.__name__ = f"vtprune_{impl_name}"
@@ -65,25 +54,23 @@ def remove_capture(module: torch.nn.Module) -> None:
 
 
 def _install() -> None:
-    local = ALL_ATTENTION_FUNCTIONS._local_mapping
     for name in _WRAPPED_NAMES:
-        if name != "eager" and name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
-            continue
-        _SAVED[name] = local.get(name, _MISSING)
-        local[name] = _make_wrapper(name)
+        current = compat.attention_function(name)
+        if current is None and name != "eager":
+            continue  # not available in this transformers release
+        _SAVED[name] = current if compat.has_attention_override(name) else None
+        _ORIGINAL[name] = current
+        compat.set_attention_override(name, _make_wrapper(name))
 
 
 def release_if_unused(active_sessions: int) -> None:
     """Restore the attention interface exactly as it was once no session is left."""
     if active_sessions or not _SAVED:
         return
-    local = ALL_ATTENTION_FUNCTIONS._local_mapping
     for name, previous in _SAVED.items():
-        if previous is _MISSING:
-            local.pop(name, None)
-        else:
-            local[name] = previous
+        compat.set_attention_override(name, previous)
     _SAVED.clear()
+    _ORIGINAL.clear()
     _CAPTURES.clear()
 
 

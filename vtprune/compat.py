@@ -1,0 +1,136 @@
+"""Every place where vtprune depends on how a transformers release names or arranges things.
+
+vtprune supports transformers 5.17 (the GPU image) through the newest 5.x that CI has passed (the cap in
+pyproject.toml). Each helper below reads one thing that changed, or might change, between releases through
+a path that works on all of them; the comment says which release changed it. The rest of vtprune reaches
+transformers internals only through this module (tests/test_compat.py checks each helper on the installed
+release, and CI runs the suite on both ends of the range).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import DynamicLayer, StaticLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+# --- the KV cache argument ------------------------------------------------------------------------------
+# 5.24 renamed the cache keyword of every model forward and decoder layer from `past_key_values` to
+# `cache` (the old name still works, through a `deprecate_kwarg` wrapper that renames it *inside* forward;
+# a forward pre-hook sees the name the caller used). Model outputs followed: `output.cache`, with
+# `output.past_key_values` kept as a deprecated property.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_from_call(call: dict):
+    """The KV cache a forward call was given, under whichever name the caller used (None if none)."""
+    for name in CACHE_KWARGS:
+        if call.get(name) is not None:
+            return call[name]
+    return None
+
+
+def cache_from_output(output):
+    """The KV cache a model output carries (`cache` from 5.24, `past_key_values` before)."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    # 5.24+: read `cache` itself (the deprecated property logs a warning)
+    return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
+
+
+def static_key_length(cache, layer_idx: int) -> int | None:
+    """The key length attention sees at `layer_idx` when its cache layer is preallocated, else None.
+
+    A static cache layer (`cache_implementation="static"`, 5.17 through 5.24: `StaticLayer`) returns its whole
+    buffer of `max_cache_len` keys from `update`, valid or not; the attention mask must cover all of them.
+    Each layer counts its own length (`cumulative_length`), so layers pruned to different lengths coexist.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    return int(layer.max_cache_len) if type(layer) is StaticLayer else None
+
+
+def cache_holds_any_length(cache) -> bool:
+    """Whether every layer of `cache` stores whatever number of tokens its layer was given.
+
+    The full-attention `DynamicLayer` (grows by concatenation) and `StaticLayer` (preallocated, counts its own
+    length) do, in 5.17 through 5.24; sliding-window, quantized and linear-attention layers keep a window, a
+    residual or a state and are not supported with pruning inside the LLM. No cache (None) is fine too.
+    """
+    if cache is None:
+        return True
+    layers = getattr(cache, "layers", None)
+    return layers is not None and all(type(layer) in (DynamicLayer, StaticLayer) for layer in layers)
+
+
+def padding_mask_of_prebuilt(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) bool: which of the first `length` keys are real tokens, read from a 4-D mask.
+
+    For a preallocated cache, `generate()` turns the 2-D padding mask into the model's 4-D mask before calling
+    forward (5.17: when a mask is given; 5.24: always). Under left padding the last query is a real token
+    and sees every real key before it, so its row is the padding mask (bool for SDPA, 0 / dtype-min for eager).
+    """
+    row = mask[:, 0, -1, :length]
+    return row if row.dtype == torch.bool else row == 0
+
+
+# --- attention ------------------------------------------------------------------------------------------
+def attention_implementation(config) -> str:
+    """The attention implementation a (text) config dispatches to; transformers' models read the same
+    `_attn_implementation` (unchanged 5.0 → 5.24; None means eager)."""
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+# --- the attention interface ----------------------------------------------------------------------------
+# `ALL_ATTENTION_FUNCTIONS` (transformers' AttentionInterface) keeps the shipped functions in a class-level
+# `_global_mapping` and per-instance overrides in `_local_mapping`; item assignment writes the override and
+# `del` removes it (unchanged 4.48 → 5.24). "eager" is no key of it: every model file passes its own
+# `eager_attention_forward` as the default of `get_interface`.
+def attention_function(name: str) -> Callable | None:
+    """The function transformers dispatches `name` to now (an override if one is set), None if unknown."""
+    try:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    except KeyError:
+        return None
+
+
+def has_attention_override(name: str) -> bool:
+    """Whether an override (not the shipped function) is registered for `name` on the shared interface."""
+    return name in getattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping", {})
+
+
+def set_attention_override(name: str, fn: Callable | None) -> None:
+    """Register `fn` as the override of `name`, or remove the override when `fn` is None."""
+    if fn is None:
+        if has_attention_override(name):
+            del ALL_ATTENTION_FUNCTIONS[name]
+    else:
+        ALL_ATTENTION_FUNCTIONS[name] = fn
+
+
+def attention_overrides() -> dict[str, Callable]:
+    """A copy of the overrides now registered (for tests that check nothing is left behind)."""
+    return dict(getattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping", {}))
+
+
+def eager_attention(module: torch.nn.Module) -> Callable:
+    """The eager attention function of the model file `module` comes from."""
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+# --- image features -------------------------------------------------------------------------------------
+# `get_image_features` returns a `BaseModelOutputWithPooling` whose `pooler_output` holds the projected
+# features per image (a list or a stacked tensor, 5.17 → 5.24); `generate()` pre-computes it once and passes
+# it on as `mm_encoder_outputs={"image": ...}` (5.17 → 5.24).
+def precomputed_image_output(call: dict):
+    """The image encoder output `generate()` computed before the forward call, or None."""
+    return (call.get("mm_encoder_outputs") or {}).get("image")
+
+
+def projected_image_features(image_output) -> torch.Tensor:
+    """(N, P, D) projected features of every image, from a `get_image_features` output."""
+    pooled = image_output.pooler_output
+    return pooled if isinstance(pooled, torch.Tensor) else torch.stack(list(pooled))
