@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from vtprune import compat
+
 
 def _mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n = valid.shape[1]
@@ -28,13 +30,11 @@ def oracle_logits(model, input_ids, attention_mask, pixel_values, record, positi
     base = model.model
     lm = base.language_model
     per_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-    feats = torch.stack(
-        list(
-            base.get_image_features(
-                pixel_values=pixel_values,
-                vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            ).pooler_output
+    feats = compat.projected_image_features(
+        base.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         )
     )
     embeds = model.get_input_embeddings()(input_ids)

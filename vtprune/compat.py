@@ -78,10 +78,17 @@ def padding_mask_of_prebuilt(mask: torch.Tensor, length: int) -> torch.Tensor:
 
 
 # --- attention ------------------------------------------------------------------------------------------
+# Each model reads `config._attn_implementation` (None means eager); assigning it on a composite config sets
+# every sub-config too (unchanged 5.0 → 5.24). A built model changes it with `set_attn_implementation`.
 def attention_implementation(config) -> str:
-    """The attention implementation a (text) config dispatches to; transformers' models read the same
-    `_attn_implementation` (unchanged 5.0 → 5.24; None means eager)."""
+    """The attention implementation a (text) config dispatches to."""
     return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def set_attention_implementation(config, name: str):
+    """Make a config (and its sub-configs) dispatch to `name` before a model is built from it."""
+    config._attn_implementation = name
+    return config
 
 
 # --- the attention interface ----------------------------------------------------------------------------
@@ -116,9 +123,15 @@ def attention_overrides() -> dict[str, Callable]:
     return dict(getattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping", {}))
 
 
+def model_file_function(module: torch.nn.Module, name: str) -> Callable:
+    """A module-level function (`eager_attention_forward`, `apply_rotary_pos_emb`) of the model file that
+    defines `module`'s class: every transformers model file has its own copy."""
+    return getattr(sys.modules[type(module).__module__], name)
+
+
 def eager_attention(module: torch.nn.Module) -> Callable:
     """The eager attention function of the model file `module` comes from."""
-    return sys.modules[type(module).__module__].eager_attention_forward
+    return model_file_function(module, "eager_attention_forward")
 
 
 # --- image features -------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from vtprune import compat
+
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>", IMAGE_TOKEN]
 
@@ -144,8 +146,7 @@ def tiny_llava_config(
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    config._attn_implementation = attn_implementation
-    return config
+    return compat.set_attention_implementation(config, attn_implementation)
 
 
 def make_tiny_processor(words: list[str] | None = None, image_size: int = 112, patch_size: int = 14) -> LlavaProcessor:

@@ -310,6 +310,8 @@ def llava_config(name: str | ArchSpec, attn_implementation: str | None = "sdpa")
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
+    from vtprune import compat
+
     spec = _preset(name) if isinstance(name, str) else name
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden_size,
@@ -357,7 +359,7 @@ def llava_config(name: str | ArchSpec, attn_implementation: str | None = "sdpa")
         architectures=["LlavaForConditionalGeneration"],
     )
     if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
+        compat.set_attention_implementation(config, attn_implementation)
     return config
 
 

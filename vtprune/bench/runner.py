@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 import vtprune
+from vtprune import compat
 from vtprune.bench import flops as F
 from vtprune.bench.oracle import FixedSelection
 from vtprune.bench.timing import Clock, summarize
@@ -239,7 +240,7 @@ class Bench:
                 new = out.sequences.shape[1] - inputs.input_ids.shape[1]
                 if new != self.cfg.new_tokens:
                     raise RuntimeError(f"generate produced {new} tokens instead of {self.cfg.new_tokens}")
-                kv = cache_bytes(getattr(out, "past_key_values", None))
+                kv = cache_bytes(compat.cache_from_output(out))
                 del out
                 self._reset_peak()
                 e2e, ttft, decode = [], [], []
@@ -338,12 +339,13 @@ class Bench:
         embed = self.model.get_input_embeddings()
 
         def forward():
-            feats = base.get_image_features(
-                pixel_values=inputs.pixel_values,
-                vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            ).pooler_output
-            feats = torch.stack(list(feats))[:, index]
+            feats = compat.projected_image_features(
+                base.get_image_features(
+                    pixel_values=inputs.pixel_values,
+                    vision_feature_layer=cfg.vision_feature_layer,
+                    vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                )
+            )[:, index]
             embeds = embed(ids)
             embeds[:, start : start + keep] = feats.to(embeds.dtype)
             return self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vtprune import compat
 from vtprune.eval.config import VICUNA_V1_SYSTEM
 from vtprune.eval.images import expand_to_square, mean_colour
 
@@ -279,8 +280,7 @@ class Predictor:
             "device_name": device_name,
             "cuda": torch.version.cuda,
             "dtype": str(self.model.dtype).replace("torch.", ""),
-            "attn_implementation": getattr(text_config, "_attn_implementation", None)
-            or getattr(config, "_attn_implementation", None),
+            "attn_implementation": compat.attention_implementation(text_config),
             "model_id": self.model_id,
             "template": self.template,
             "preprocessing": self.preprocessing,

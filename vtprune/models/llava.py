@@ -93,6 +93,10 @@ class LlavaAdapter:
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
 
+    def apply_rotary(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The language model's own RoPE application (its model file's `apply_rotary_pos_emb`)."""
+        return compat.model_file_function(self.layers[0].self_attn, "apply_rotary_pos_emb")(query, key, cos, sin)
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.base.multi_modal_projector(features)
 

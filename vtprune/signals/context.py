@@ -12,7 +12,6 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from vtprune.signals.attention import attention_rows
 
@@ -218,7 +217,7 @@ class LLMSignals:
         q = attn.q_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
         cos, sin = self.adapter.rotary(normed, self.position_ids)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = self.adapter.apply_rotary(q, k, cos, sin)
         return Captured(q, k, attn.scaling)
 
     def visual_hidden(self) -> torch.Tensor:
