@@ -57,9 +57,18 @@ def test_unsupported_model_class():
     )
     with pytest.raises(
         PruneConfigError,
-        match="unsupported model class LlamaForCausalLM; supported: LlavaForConditionalGeneration",
+        match=r"unsupported model class LlamaForCausalLM \(model_type 'llama'\); supported: "
+        r"llava \(LlavaForConditionalGeneration\)",
     ):
         vtprune.prune(LlamaForCausalLM(config), "fastv", keep=8)
+
+
+def test_model_without_generation_head(tiny):
+    from transformers import LlavaModel
+
+    model, _, _ = tiny
+    with pytest.raises(PruneConfigError, match="LlavaModel for the llava family; supported: LlavaForCondition"):
+        vtprune.prune(LlavaModel(model.config), "fastv", keep=8)
 
 
 def test_prompt_without_image_token(tiny):

@@ -1,6 +1,7 @@
 """The drop engine: the one place that changes sequence length.
 
-A `PruneSession` attaches hooks to an unmodified `LlavaForConditionalGeneration`:
+A `PruneSession` attaches hooks to an unmodified vision-language model, found through its adapter
+(`vtprune/models/`):
 
 * a pre-hook on the model's forward. At prefill (a call with `pixel_values`) it runs the vision tower once,
   lets the method's vision stage select, and hands the LLM `inputs_embeds` holding only the kept image
@@ -30,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from vtprune import compat
-from vtprune.methods.base import Method, PruneConfigError, Selection, Stage
-from vtprune.models.llava import LlavaAdapter
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import Method, Selection, Stage
+from vtprune.models import adapter_for
 from vtprune.record import PruneRecord, StageRecord
 from vtprune.signals import attention as attention_capture
 from vtprune.signals.context import Captured, LLMSignals, VisionSignals
@@ -136,7 +138,7 @@ class PruneSession:
     def __init__(self, model: torch.nn.Module, method: Method, timing: bool = False):
         self.model = model
         self.method = method
-        self.adapter = LlavaAdapter(model)
+        self.adapter = adapter_for(model)
         self.info = self.adapter.info()
         method.validate_for(self.info)
         self.stages = method.stages(self.info)
@@ -273,7 +275,7 @@ class PruneSession:
         self._vit_positions = None
         self._pad_projection = False
         self._handles.append(self.adapter.vision_tower.register_forward_pre_hook(self._vit_reset))
-        self._handles.append(self.adapter.base.multi_modal_projector.register_forward_hook(self._vit_pad))
+        self._handles.append(self.adapter.projector.register_forward_hook(self._vit_pad))
         for layer in self.vit_stage.vit_layers:
             module = self.adapter.vision_layers[layer]
             self._add_capture(module.self_attn, ("vit", layer))

@@ -34,7 +34,7 @@ class AnalysisModel:
     model: Any
     processor: Any
     predictor: Any  # vtprune.eval.predictor.Predictor: prompt building and `pad` preprocessing
-    adapter: Any  # vtprune.models.llava.LlavaAdapter
+    adapter: Any  # a vtprune.models.base.ModelAdapter
     model_id: str = ""
 
     @property
@@ -125,7 +125,7 @@ def load_analysis_model(
 ) -> AnalysisModel:
     from vtprune.eval.predictor import Predictor
     from vtprune.loading import load_model, resolve_device_dtype
-    from vtprune.models.llava import LlavaAdapter
+    from vtprune.models import adapter_for
 
     if template not in ("hf", "vicuna_v1"):
         raise EvalInputError(f"unknown template {template!r}; valid: hf, vicuna_v1")
@@ -134,7 +134,7 @@ def load_analysis_model(
     dev, dt = resolve_device_dtype(device, dtype)
     llava, processor = load_model(model, device=dev, dtype=dt, attn_implementation=attn_implementation)
     predictor = Predictor(llava, processor, template=template, preprocessing=preprocessing, model_id=model)
-    return AnalysisModel(llava, processor, predictor, LlavaAdapter(llava), model_id=model)
+    return AnalysisModel(llava, processor, predictor, adapter_for(llava), model_id=model)
 
 
 # ------------------------------------------------------------------------------------------ samples

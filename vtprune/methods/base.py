@@ -2,7 +2,8 @@
 
 A method is a small dataclass with validated fields. It declares where it acts (`stages()`) and, for each
 stage, turns signals into a `Selection` (`select()`). It never touches the model: the engine
-(`vtprune/engine.py`) is the only code that changes sequence length.
+(`vtprune/engine.py`) is the only code that changes sequence length. `ModelInfo` (what a method may know
+of the model, from its adapter) and `PruneConfigError` are re-exported here for the method files.
 """
 
 from __future__ import annotations
@@ -13,24 +14,11 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
+from vtprune.errors import PruneConfigError
+from vtprune.models.base import ModelInfo
+
 if TYPE_CHECKING:
     from vtprune.signals.context import LLMSignals, VisionSignals
-
-
-class PruneConfigError(ValueError):
-    """Bad user input to prune(): unknown method, impossible budget, layer out of range, ..."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a method may know about the model when it plans its stages."""
-
-    num_layers: int  # LLM decoder layers
-    num_heads: int
-    visual_tokens: int  # per image
-    grid: tuple[int, int]  # patch grid of one image (rows, cols)
-    vision_layers: int
-    vision_heads: int
 
 
 @dataclass(frozen=True)

@@ -7,54 +7,29 @@ offset, so any chat template works); and how the vision features LLaVA feeds the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from vtprune import compat
-from vtprune.methods.base import ModelInfo, PruneConfigError
-
-SUPPORTED = ("LlavaForConditionalGeneration",)
-
-
-def _find_layers(root: nn.Module, suffix: str) -> nn.ModuleList:
-    for name, module in root.named_modules():
-        if isinstance(module, nn.ModuleList) and (name == suffix or name.endswith("." + suffix)):
-            return module
-    raise PruneConfigError(f"could not find `{suffix}` inside {type(root).__name__}")
+from vtprune.errors import PruneConfigError
+from vtprune.models import register_adapter
+from vtprune.models.base import ImageLayout, ModelAdapter, find_layers
 
 
-@dataclass
-class ImageLayout:
-    """Where the image-token blocks sit in each sample of a batch."""
+@register_adapter
+class LlavaAdapter(ModelAdapter):
+    family = "llava"
+    model_types = ("llava",)
+    model_classes = ("LlavaForConditionalGeneration",)
 
-    starts: torch.Tensor  # (B, n) sequence index of each block's first token
-    tokens_per_image: int
-
-    @property
-    def images_per_sample(self) -> int:
-        return self.starts.shape[1]
-
-    def visual_index(self) -> torch.Tensor:
-        """(B, n * tokens_per_image) sequence positions of every visual token, image by image."""
-        offsets = torch.arange(self.tokens_per_image, device=self.starts.device)
-        return (self.starts[:, :, None] + offsets).flatten(1)
-
-
-class LlavaAdapter:
     def __init__(self, model: nn.Module):
-        if type(model).__name__ not in SUPPORTED:
-            raise PruneConfigError(
-                f"unsupported model class {type(model).__name__}; supported: {', '.join(SUPPORTED)}"
-            )
-        self.model = model
-        self.config = model.config
+        super().__init__(model)
         self.base = model.model  # LlavaModel
         self.language_model = self.base.language_model
         self.layers = self.language_model.layers
         self.vision_tower = self.base.vision_tower
-        self.vision_layers = _find_layers(self.vision_tower, "encoder.layers")
+        self.vision_layers = find_layers(self.vision_tower, "encoder.layers")
+        self.projector = self.base.multi_modal_projector
         self.image_token_id = self.config.image_token_id
         feature_layer = self.config.vision_feature_layer
         if not isinstance(feature_layer, int):
@@ -68,40 +43,11 @@ class LlavaAdapter:
         self.grid = (side, side)
         self.tokens_per_image = side * side + (1 if self.select_strategy == "full" else 0)
 
-    # --- facts ----------------------------------------------------------------------------------------
-    def info(self) -> ModelInfo:
-        tcfg = self.config.text_config
-        return ModelInfo(
-            num_layers=len(self.layers),
-            num_heads=tcfg.num_attention_heads,
-            visual_tokens=self.tokens_per_image,
-            grid=self.grid,
-            vision_layers=len(self.vision_layers),
-            vision_heads=self.config.vision_config.num_attention_heads,
-        )
-
-    @property
-    def attn_implementation(self) -> str:
-        return compat.attention_implementation(self.config.text_config)
-
-    def vision_attention_module(self) -> nn.Module:
-        return self.vision_layers[self.feature_layer].self_attn
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
-
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
 
-    def apply_rotary(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """The language model's own RoPE application (its model file's `apply_rotary_pos_emb`)."""
-        return compat.model_file_function(self.layers[0].self_attn, "apply_rotary_pos_emb")(query, key, cos, sin)
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.base.multi_modal_projector(features)
-
     # --- image tokens ---------------------------------------------------------------------------------
-    def locate_images(self, input_ids: torch.Tensor, num_images: int) -> ImageLayout:
+    def locate_images(self, input_ids: torch.Tensor, num_images: int, token_counts=None) -> ImageLayout:
         """Find each sample's image-token blocks and check them against the number of images given."""
         is_image = input_ids == self.image_token_id
         batch = input_ids.shape[0]
@@ -131,7 +77,7 @@ class LlavaAdapter:
                 "per sample; every sample of a batch needs the same number of images"
             )
         starts = torch.nonzero(block_start)[:, 1].view(batch, int(blocks[0]))
-        return ImageLayout(starts=starts, tokens_per_image=self.tokens_per_image)
+        return ImageLayout(starts=starts, lengths=torch.full_like(starts, p))
 
     # --- vision features --------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, **kwargs):

@@ -16,7 +16,7 @@ import torch
 from vtprune.signals.attention import attention_rows
 
 if TYPE_CHECKING:
-    from vtprune.models.llava import LlavaAdapter
+    from vtprune.models.base import ModelAdapter
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Captured:
 class VisionSignals:
     """Signals of the vision stage; rows are images."""
 
-    adapter: LlavaAdapter
+    adapter: ModelAdapter
     hidden: torch.Tensor  # (N, 1 + P, Dv) output of the feature layer, [CLS] first
     projected: torch.Tensor  # (N, P, D) what the LLM would receive
     image_sample: torch.Tensor  # (N,) the sample each image belongs to
@@ -112,7 +112,7 @@ class VisionSignals:
 class LLMSignals:
     """Signals at an LLM stage boundary; rows are samples."""
 
-    adapter: LlavaAdapter
+    adapter: ModelAdapter
     layer: int  # the prune layer (first layer that will see the pruned sequence)
     hidden: torch.Tensor  # (B, L, D) hidden states entering the prune layer
     key_valid: torch.Tensor  # (B, L) real tokens (no padding / holes)

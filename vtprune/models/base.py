@@ -1,0 +1,150 @@
+"""The model-adapter protocol: everything the engine, the signals and the methods may ask of a model.
+
+A model family (LLaVA-1.5, LLaVA-NeXT, ...) is one `ModelAdapter` subclass in one file of `vtprune/models/`,
+registered for the `config.model_type` values it serves (`@register_adapter`), as transformers maps model
+types to classes. The engine and the signals never import a model class: they hold an adapter. Methods see
+`ModelInfo` when they plan and the adapter only through their signals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vtprune import compat
+from vtprune.errors import PruneConfigError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a method may know about the model when it plans its stages."""
+
+    num_layers: int  # LLM decoder layers
+    num_heads: int
+    visual_tokens: int  # per image (the most an image can have when `variable_tokens`)
+    grid: tuple[int, int]  # patch grid of one crop (rows, cols)
+    vision_layers: int
+    vision_heads: int
+    variable_tokens: bool = False  # images have different token counts (LLaVA-NeXT AnyRes)
+    family: str = "llava"  # the adapter's family name, for messages
+
+
+@dataclass
+class ImageLayout:
+    """Where the image-token blocks sit in each sample of a batch: block j of sample b starts at
+    `starts[b, j]` and holds `lengths[b, j]` consecutive image tokens."""
+
+    starts: torch.Tensor  # (B, n) sequence index of each block's first token
+    lengths: torch.Tensor  # (B, n) image tokens of each block
+
+    @property
+    def images_per_sample(self) -> int:
+        return self.starts.shape[1]
+
+    @property
+    def uniform(self) -> bool:
+        return bool((self.lengths == self.lengths.flatten()[0]).all())
+
+
+def find_layers(root: nn.Module, suffix: str) -> nn.ModuleList:
+    """The first ModuleList whose qualified name is or ends with `suffix` (e.g. "encoder.layers")."""
+    for name, module in root.named_modules():
+        if isinstance(module, nn.ModuleList) and (name == suffix or name.endswith("." + suffix)):
+            return module
+    raise PruneConfigError(f"could not find `{suffix}` inside {type(root).__name__}")
+
+
+class ModelAdapter:
+    """Base class of the adapters. Subclasses set the modules in `__init__` and implement the methods below.
+
+    Facts: `config`, `layers` (the LLM's decoder layers), `vision_tower`, `vision_layers` (its encoder
+    layers), `projector`, `image_token_id`, `grid` (patches per crop side), `tokens_per_image`,
+    `feature_layer` (the vision layer whose output the projector receives), `select_strategy`.
+    """
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()  # `config.model_type` values served
+    model_classes: ClassVar[tuple[str, ...]] = ()  # class names accepted (the ones with a generation head)
+
+    model: nn.Module
+    config: object
+    layers: nn.ModuleList
+    vision_tower: nn.Module
+    vision_layers: nn.ModuleList
+    projector: nn.Module
+    image_token_id: int
+    grid: tuple[int, int]
+    tokens_per_image: int
+    feature_layer: int
+    feature_hidden_index: int
+    select_strategy: str
+    variable_tokens: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module):
+        if self.model_classes and type(model).__name__ not in self.model_classes:
+            raise PruneConfigError(
+                f"unsupported model class {type(model).__name__} for the {self.family} family; "
+                f"supported: {', '.join(self.model_classes)}"
+            )
+        self.model = model
+        self.config = model.config
+
+    # --- facts ----------------------------------------------------------------------------------------
+    def info(self) -> ModelInfo:
+        tcfg = self.config.text_config
+        return ModelInfo(
+            num_layers=len(self.layers),
+            num_heads=tcfg.num_attention_heads,
+            visual_tokens=self.tokens_per_image,
+            grid=self.grid,
+            vision_layers=len(self.vision_layers),
+            vision_heads=self.config.vision_config.num_attention_heads,
+            variable_tokens=self.variable_tokens,
+            family=self.family,
+        )
+
+    @property
+    def attn_implementation(self) -> str:
+        return compat.attention_implementation(self.config.text_config)
+
+    def vision_attention_module(self) -> nn.Module:
+        """The attention of the vision layer whose output the projector receives ([CLS] attention)."""
+        return self.vision_layers[self.feature_layer].self_attn
+
+    # --- the language model -----------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """(cos, sin) of the LLM's rotary embedding at `position_ids`."""
+        raise NotImplementedError
+
+    def apply_rotary(self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The language model's own RoPE application (its model file's `apply_rotary_pos_emb`)."""
+        return compat.model_file_function(self.layers[0].self_attn, "apply_rotary_pos_emb")(query, key, cos, sin)
+
+    # --- the vision side ----------------------------------------------------------------------------------
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.projector(features)
+
+    def locate_images(self, input_ids: torch.Tensor, num_images: int, token_counts=None) -> ImageLayout:
+        """Each sample's image-token blocks, checked against the images given (`token_counts[i]`: the
+        tokens image i expands to, when they vary)."""
+        raise NotImplementedError
+
+    def encode_images(self, pixel_values: torch.Tensor, **kwargs):
+        """Run the vision tower once through the model's own `get_image_features` (the features then equal
+        what the unmodified model feeds its LLM); returns that output."""
+        raise NotImplementedError
+
+    def unpack_image_output(self, out) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states of the feature layer incl. [CLS] (N, 1 + P, Dv), projected features (N, P, D))."""
+        raise NotImplementedError
+
+    def recompute_vision_qk(self, out):
+        """q/k of the feature layer from its input hidden state, for tower outputs vtprune did not see
+        computed (e.g. image features expanded by `generate` for beams)."""
+        raise NotImplementedError
