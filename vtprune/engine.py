@@ -23,6 +23,7 @@ padding mask and positions and extends them with what `generate` appends.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class Episode:
     captures: dict[int, Captured] = field(default_factory=dict)
     cache: object = None
     vision: VisionSignals | None = None
+    images_per_sample: int = 1
+    input_rebuilt: bool = False  # the LLM input was re-assembled (fewer or padded image slots)
     prefill_done: bool = False
     decode_len: int = 0
     step: dict = field(default_factory=dict)  # per decode step: (mask, rope) per layout
@@ -80,6 +83,88 @@ class Episode:
             if layout.first_layer <= layer:
                 current = layout
         return current
+
+
+@dataclass
+class _ImageTokens:
+    """The visual tokens of every image as the LLM receives them, padded to the longest image."""
+
+    hidden: torch.Tensor  # (N, 1 + P, Dv) feature-layer output per token, [CLS] first
+    projected: torch.Tensor  # (N, P, D)
+    lengths: torch.Tensor  # (N,) tokens of each image
+    source: torch.Tensor | None = None  # (N, P) crop * p + patch, -1: not from the tower (VisionSignals)
+    image_crop: torch.Tensor | None = None  # (N,) the image's base view among the tower inputs
+
+    @property
+    def count(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def uniform(self) -> bool:
+        return bool((self.lengths == self.lengths[0]).all())
+
+    @property
+    def token_valid(self) -> torch.Tensor:
+        return torch.arange(self.projected.shape[1])[None] < self.lengths[:, None]
+
+    @classmethod
+    def build(cls, adapter, crop_hidden: torch.Tensor, projected, image_sizes) -> _ImageTokens:
+        if isinstance(projected, torch.Tensor):  # each image is one tower input whose patches are its tokens
+            return cls(crop_hidden, projected, torch.full((projected.shape[0],), projected.shape[1]))
+        sources = adapter.token_sources(image_sizes)
+        counts = [t.shape[0] for t in projected]
+        if sources is None or [len(s) for s in sources] != counts:
+            raise PruneConfigError(
+                f"{adapter.family}: the image features ({len(counts)} images) do not match the image sizes "
+                "given; beam search and num_return_sequences > 1 are not supported for this model family yet"
+            )
+        device = crop_hidden.device
+        source = torch.nn.utils.rnn.pad_sequence(sources, batch_first=True, padding_value=-1).to(device)
+        per_crop = crop_hidden.shape[1] - 1
+        image_crop = source[:, 0] // per_crop  # the base view comes first
+        flat = crop_hidden[:, 1:].reshape(-1, crop_hidden.shape[-1])
+        tokens = flat[source.clamp(min=0)].masked_fill((source < 0)[..., None], 0)
+        return cls(
+            hidden=torch.cat([crop_hidden[image_crop, :1], tokens], dim=1),
+            projected=torch.nn.utils.rnn.pad_sequence(projected, batch_first=True),
+            lengths=torch.tensor(counts),
+            source=source,
+            image_crop=image_crop,
+        )
+
+
+def stack_selections(rows: list[Selection]) -> Selection:
+    """One Selection from the one-row selections of rows planned one at a time (padded, unused slots
+    invalid); facts that differ between rows are kept as per-row lists."""
+
+    def pad(tensors, value, dtype=None):
+        if all(t is None for t in tensors):
+            return None
+        like = next(t for t in tensors if t is not None)
+        filled = [t if t is not None else like.new_full((1, 0, *like.shape[2:]), value) for t in tensors]
+        width = max(t.shape[1] for t in filled)
+        out = [F.pad(t, (0, 0) * (t.ndim - 2) + (0, width - t.shape[1]), value=value) for t in filled]
+        return torch.cat(out).to(dtype) if dtype is not None else torch.cat(out)
+
+    ones = [torch.ones_like(r.indices, dtype=torch.bool) if r.valid is None else r.valid for r in rows]
+    extra_valid = [
+        None if r.extra is None else (r.extra_valid if r.extra_valid is not None else r.extra.new_ones(r.extra.shape[:2]))
+        for r in rows
+    ]
+    info: dict = {}
+    for key in dict.fromkeys(k for r in rows for k in r.info):
+        values = [r.info.get(key) for r in rows]
+        info[key] = values[0] if all(v == values[0] for v in values) else values
+    return Selection(
+        indices=pad([r.indices for r in rows], 0),
+        valid=pad(ones, False),
+        values=pad([r.values for r in rows], 0),
+        extra=pad([r.extra for r in rows], 0),
+        extra_valid=pad([v.bool() if v is not None else None for v in extra_valid], False),
+        extra_index=pad([r.extra_index for r in rows], -1),
+        scores=pad([r.scores for r in rows], 0),
+        info=info,
+    )
 
 
 def _index_or_none(tensor: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
@@ -154,6 +239,25 @@ class PruneSession:
         self._handles: list = []
         self._captured_modules: list[torch.nn.Module] = []
         self._signature = inspect.signature(model.forward)
+        self._plans: dict[int, tuple[Method, list[Stage]]] = {}
+
+    def _planned(self, tokens: int) -> tuple[Method, list[Stage]]:
+        """The method and its stages for a row (an image, or a sample's images) of `tokens` visual tokens per
+        image: models whose images differ in token count plan every row with its own count (a fraction keeps
+        that fraction of the row's tokens; a count above them keeps them all)."""
+        if tokens not in self._plans:
+            method = self.method
+            if isinstance(method.keep, int) and not isinstance(method.keep, bool) and method.keep > tokens:
+                method = dataclasses.replace(method, keep=tokens)
+            stages = method.stages(dataclasses.replace(self.info, visual_tokens=tokens))
+            shape = [(s.kind, s.score_layer, s.prune_layer) for s in stages]
+            if shape != [(s.kind, s.score_layer, s.prune_layer) for s in self.stages]:
+                raise PruneConfigError(
+                    f"{self.method.name}: its layers depend on the image's token count ({tokens}); images with "
+                    f"different token counts ({self.info.family}) need the same layers for every image"
+                )
+            self._plans[tokens] = (method, stages)
+        return self._plans[tokens]
 
     def _check_stages(self) -> None:
         kinds = [s.kind for s in self.stages]
@@ -165,6 +269,11 @@ class PruneSession:
                 f"{self.method.name}: at most one vision stage, and it must come first (after a vit stage)"
             )
         if kinds[:1] == ["vit"]:
+            if self.info.variable_tokens:
+                raise PruneConfigError(
+                    f"{self.method.name}: merging inside the vision tower (a vit stage) is not supported on "
+                    f"{self.info.family}, which packs a fixed number of patches per crop"
+                )
             self._check_vit_stage(self.stages[0])
         layers = [s.prune_layer for s in self.stages if s.kind == "llm"]
         if layers != sorted(set(layers)):
@@ -205,6 +314,7 @@ class PruneSession:
     def attach(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._post_forward, with_kwargs=True))
+        self._handles.extend(self.adapter.session_hooks())
         if self.llm_stages:
             first = self.llm_stages[0].prune_layer
             for idx in range(first, self.info.num_layers):
@@ -420,32 +530,45 @@ class PruneSession:
         if mask2d is not None and mask2d.ndim != 2:
             raise PruneConfigError("vtprune needs a 2-D attention_mask (batch, sequence)")
         text_valid_in = mask2d.bool() if mask2d is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        images_given = compat.precomputed_image_output(call) if pixel_values is None else None
-        num_images = pixel_values.shape[0] if pixel_values is not None else len(images_given.pooler_output)
-        image_layout = self.adapter.locate_images(input_ids, num_images)
+        # Vision tower (once; generate() may have run it already): for models whose images differ in token
+        # count, the counts (and so the image blocks of the prompt) are known only from the images.
+        t0 = self._clock()
+        image_out = compat.precomputed_image_output(call)
+        image_sizes = call.pop("image_sizes", None)
+        if image_out is None:
+            extra = {"image_sizes": image_sizes} if image_sizes is not None else {}
+            image_out = self.adapter.encode_images(pixel_values, **extra)
+        elif image_sizes is None:  # generate() encoded the images and dropped their sizes
+            image_sizes = getattr(image_out, "_vtprune_image_sizes", None)
+        vision_ms = (self._clock() - t0) * 1e3
+        call.pop("mm_encoder_outputs", None)
+        hidden_v, projected = self.adapter.unpack_image_output(image_out)
+        images = _ImageTokens.build(self.adapter, hidden_v, projected, image_sizes)
+        image_layout = self.adapter.locate_images(input_ids, images.count, images.lengths)
         n_img = image_layout.images_per_sample
+        sample_tokens = image_layout.lengths.sum(dim=1).tolist()
         record = PruneRecord(
             method=self.method.name,
             params={k: v for k, v in self.method.params().items()},
-            visual_tokens=self.info.visual_tokens * n_img,
+            visual_tokens=max(sample_tokens),
             num_layers=self.info.num_layers,
+            sample_visual_tokens=sample_tokens if len(set(sample_tokens)) > 1 else None,
         )
+        if compat.precomputed_image_output(call) is None and pixel_values is not None:
+            record.timings_ms["vision"] = vision_ms
         self.record = record
-        self.episode = episode = Episode(layouts=[], input_embeds=None, cache=cache)
+        self.episode = episode = Episode(layouts=[], input_embeds=None, cache=cache, images_per_sample=n_img)
+        episode.input_rebuilt = self.shrinks_input or not images.uniform
 
-        # Vision tower (once; generate() may have run it already) and the vision stage.
-        t0 = self._clock()
-        image_out = compat.precomputed_image_output(call)
-        if image_out is None:
-            extra = {k: call.pop(k) for k in ("image_sizes",) if call.get(k) is not None}
-            image_out = self.adapter.encode_images(pixel_values, **extra)
-            record.timings_ms["vision"] = (self._clock() - t0) * 1e3
-        call.pop("mm_encoder_outputs", None)
-        hidden_v, projected = self.adapter.unpack_image_output(image_out)
+        hidden_v, projected = images.hidden, images.projected
         expanded_from = None
         if projected.shape[0] != hidden_v.shape[0]:
             # generate() repeats each sample's image group for beams / num_return_sequences ([A, B] ->
             # [A, B, A, B]) in the projected features only; map every expanded image to its computed one.
+            if images.source is not None:
+                raise PruneConfigError(
+                    f"{self.adapter.family}: beam search and num_return_sequences > 1 are not supported yet"
+                )
             expand = projected.shape[0] // hidden_v.shape[0]
             j = torch.arange(projected.shape[0], device=projected.device)
             expanded_from = (j // (n_img * expand)) * n_img + j % n_img
@@ -454,7 +577,7 @@ class PruneSession:
         if vit_orig is not None:
             projected = projected[:, : vit_orig.shape[1]]  # drop the padding `_vit_pad` added
         t1 = self._clock()
-        per_image = self.info.visual_tokens
+        per_image = projected.shape[1]
         n_total = hidden_v.shape[0]
         image_index = torch.arange(n_total, device=projected.device)
         is_image = input_ids == self.adapter.image_token_id
@@ -468,13 +591,18 @@ class PruneSession:
             captured=self._vision_capture(image_out, expanded_from),
             pixel_values=_index_or_none(getattr(image_out, "_vtprune_pixels", None), expanded_from),
             image_output=image_out,
+            source=images.source,
+            image_crop=images.image_crop,
+            lengths=None if images.uniform else images.lengths.to(projected.device),
         )
         episode.vision = vision_signals
-        image_offset = (image_index % n_img)[:, None] * per_image
+        # Original numbering: a sample's visual tokens, image after image.
+        lengths = image_layout.lengths.to(projected.device)
+        image_offset = (torch.cumsum(lengths, dim=1) - lengths).reshape(-1, 1)
         if vit_orig is not None:
             if self.adapter.select_strategy == "default" and vision_signals.captured is not None:
                 # Per-original lookups (debiasing) expect the full patch width: merged-away patches get 0.
-                full = torch.zeros(n_total, per_image, device=projected.device)
+                full = torch.zeros(n_total, self.info.visual_tokens, device=projected.device)
                 vision_signals.__dict__["cls_attention"] = full.scatter(
                     1, vit_orig, vision_signals.cls_attention.float()
                 )
@@ -492,8 +620,15 @@ class PruneSession:
                 layers=list(self.vit_stage.vit_layers), removed_per_layer=self.vit_stage.vit_remove
             )
         if self.vision_stage is not None:
-            signals = vision_signals
-            selection = self.method.select(0, self.vision_stage, signals)
+            if images.uniform:
+                selection = self.method.select(0, self.vision_stage, vision_signals)
+            else:  # each image with the budget its own token count gives
+                index = self.stages.index(self.vision_stage)
+                rows = []
+                for i, n in enumerate(images.lengths.tolist()):
+                    method, stages = self._planned(n)
+                    rows.append(method.select(index, stages[index], vision_signals.subset(i, 1, n)))
+                selection = stack_selections(rows)
             tokens, valid, orig = self._vision_tokens(selection, projected)
             if vit_orig is not None:  # selection indices count the patches the tower kept
                 orig = torch.where(orig >= 0, torch.gather(vit_orig, 1, orig.clamp(min=0)), orig)
@@ -506,28 +641,34 @@ class PruneSession:
             )
         else:
             tokens = projected
-            valid = torch.ones(projected.shape[:2], dtype=torch.bool, device=projected.device)
+            valid = images.token_valid.to(projected.device)[:, :per_image]
             if vit_orig is not None:
                 orig = vit_orig + image_offset
             else:
                 orig = torch.arange(per_image, device=projected.device).expand(n_total, -1) + image_offset
+            orig = orig.masked_fill(~valid, -1)
 
-        # Assemble the LLM input: text embeddings with each image block replaced by its kept tokens.
+        # Assemble the LLM input: text embeddings with each image block replaced by W slots holding its kept
+        # tokens (unused slots are holes: masked, and skipped by the positions). Samples whose image blocks
+        # were shorter start later (extra left padding), so every sample has the same length.
         embeds = self.adapter.embed(input_ids)
+        device = embeds.device
         width = tokens.shape[1]
-        new_len = length - n_img * per_image + n_img * width
-        slot_offsets = torch.arange(width, device=embeds.device)
-        block = torch.arange(n_img, device=embeds.device)
-        slot_pos = (image_layout.starts - block * per_image + block * width)[
-            :, :, None
-        ] + slot_offsets  # (B, n, W)
-        slot_pos = slot_pos.flatten(1)
+        starts, block_len = image_layout.starts.to(device), image_layout.lengths.to(device)
+        removed = block_len.sum(dim=1)  # (B,)
+        new_lengths = length - removed + n_img * width
+        new_len = int(new_lengths.max())
+        shift = new_len - new_lengths  # (B,)
+        block = torch.arange(n_img, device=device)
+        before = torch.cumsum(block_len, dim=1) - block_len  # image tokens in earlier blocks
+        slot_pos = (starts - before + block * width + shift[:, None])[:, :, None] + torch.arange(width, device=device)
+        slot_pos = slot_pos.flatten(1)  # (B, n * W)
+        positions = torch.arange(length, device=device)
         images_before = torch.cumsum(is_image, dim=1) - is_image.long()
-        text_pos = (
-            torch.arange(length, device=embeds.device) - images_before + (images_before // per_image) * width
-        )
+        blocks_before = ((starts + block_len)[:, None, :] <= positions[None, :, None]).sum(dim=2)
+        text_pos = positions - images_before + blocks_before * width + shift[:, None]
         inputs_embeds = embeds.new_zeros(batch, new_len, embeds.shape[-1])
-        key_valid = torch.zeros(batch, new_len, dtype=torch.bool, device=embeds.device)
+        key_valid = torch.zeros(batch, new_len, dtype=torch.bool, device=device)
         text_rows, text_cols = torch.nonzero(~is_image, as_tuple=True)
         new_text_cols = text_pos[text_rows, text_cols]
         inputs_embeds[text_rows, new_text_cols] = embeds[text_rows, text_cols]
@@ -537,7 +678,7 @@ class PruneSession:
         key_valid.scatter_(1, slot_pos, valid.reshape(batch, -1))
 
         position_ids = call.get("position_ids")
-        if self.shrinks_input or position_ids is None and not bool(key_valid.all()):
+        if episode.input_rebuilt or position_ids is None and not bool(key_valid.all()):
             position_ids = (torch.cumsum(key_valid, dim=1) - 1).clamp(min=0).masked_fill(~key_valid, 0)
         elif position_ids is None:
             position_ids = torch.arange(new_len, device=embeds.device)[None].expand(batch, -1)
@@ -561,7 +702,7 @@ class PruneSession:
         if not self.stages:
             record.stages.append(
                 self._stage_record(
-                    Stage(kind="vision", keep=per_image, name="none"),
+                    Stage(kind="vision", keep=width, name="none"),
                     0,
                     layout0.original_index,
                     layout0.visual_valid,
@@ -670,7 +811,7 @@ class PruneSession:
             visual_valid=prev.visual_valid,
             original_index=prev.original_index,
             position_ids=prev.position_ids,
-            images_per_sample=self.record.visual_tokens // self.info.visual_tokens,
+            images_per_sample=episode.images_per_sample,
             input_embeds=episode.input_embeds,
             input_visual_index=layout0.visual_index,
             input_valid=layout0.key_valid,
@@ -679,7 +820,16 @@ class PruneSession:
             else None,
             vision=episode.vision,
         )
-        selection = self.method.select(stage_index, stage, signals)
+        sample_tokens = self.record.sample_visual_tokens
+        if sample_tokens is None:
+            selection = self.method.select(stage_index, stage, signals)
+        else:  # each sample with the budget its own token count gives
+            rows = []
+            for b, total in enumerate(sample_tokens):
+                per_image = round(total / episode.images_per_sample)
+                method, stages = self._planned(per_image)
+                rows.append(method.select(stage_index, stages[stage_index], signals.row(b, per_image)))
+            selection = stack_selections(rows)
         batch, length, d = hidden.shape
         device = hidden.device
         sel_valid = (
@@ -799,7 +949,7 @@ class PruneSession:
         offsets = torch.arange(done, done + q_len, device=ref.device)
         tail_valid = mask2d is None or bool(tail.all())  # the one host sync of a decode step
         episode.step = {"q_len": q_len, "tail": tail, "offsets": offsets, "tail_valid": tail_valid}
-        if self.shrinks_input:
+        if episode.input_rebuilt:
             layout0 = episode.layouts[0]
             full = torch.cat([layout0.key_valid, tail], dim=1)
             call["attention_mask"] = None if mask2d is None and bool(full.all()) else full.long()

@@ -34,10 +34,16 @@ class PruneRecord:
     num_layers: int
     stages: list[StageRecord] = field(default_factory=list)
     timings_ms: dict = field(default_factory=dict)
+    # per sample, when images differ in token count (LLaVA-NeXT); `visual_tokens` is then the largest
+    sample_visual_tokens: list[int] | None = None
+
+    def sample_tokens(self, sample: int = 0) -> int:
+        """Visual tokens of one sample before pruning."""
+        return self.sample_visual_tokens[sample] if self.sample_visual_tokens else self.visual_tokens
 
     def layer_tokens(self, sample: int = 0) -> list[int]:
         """Visual tokens entering each LLM layer for one sample."""
-        per_layer = [self.visual_tokens] * self.num_layers
+        per_layer = [self.sample_tokens(sample)] * self.num_layers
         for stage in self.stages:
             start = 0 if stage.kind in ("vit", "vision") else stage.prune_layer
             for layer in range(start, self.num_layers):

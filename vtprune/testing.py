@@ -18,6 +18,9 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
@@ -188,6 +191,59 @@ def make_tiny_llava(
         for name, p in model.named_parameters():
             if name.endswith("weight") and p.ndim == 2:
                 p.normal_(0.0, 0.08)
+    model.eval()
+    return model, processor
+
+
+# LLaVA-NeXT in miniature: 56 px crops of 4 x 4 patches; a wide image gets 1 x 2 tiles, a square-ish one 2 x 2.
+TINY_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+
+
+def make_tiny_llava_next(
+    seed: int = 0, attn_implementation: str = "sdpa", crop_size: int = 56, patch_size: int = 14
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """A random tiny LLaVA-NeXT (AnyRes: base view + tiles, unpadded, `image_newline` per row) and its
+    processor; images of different aspect ratios expand to different numbers of image tokens."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tokenizer = build_word_tokenizer(BASIC_WORDS)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": crop_size},
+        crop_size={"height": crop_size, "width": crop_size},
+        image_grid_pinpoints=TINY_NEXT_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    base = tiny_llava_config(
+        len(tokenizer),
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        tokenizer.pad_token_id,
+        image_size=crop_size,
+        patch_size=patch_size,
+    )
+    config = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_id=base.image_token_id,
+        image_grid_pinpoints=TINY_NEXT_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    compat.set_attention_implementation(config, attn_implementation)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.ndim == 2:
+                p.normal_(0.0, 0.08)
+        model.model.image_newline.normal_(0.0, 0.5)
     model.eval()
     return model, processor
 

@@ -140,11 +140,34 @@ class ModelAdapter:
         what the unmodified model feeds its LLM); returns that output."""
         raise NotImplementedError
 
-    def unpack_image_output(self, out) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden states of the feature layer incl. [CLS] (N, 1 + P, Dv), projected features (N, P, D))."""
+    def unpack_image_output(self, out) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
+        """(feature-layer hidden states incl. [CLS] of every tower input (C, 1 + p, Dv), the projected tokens
+        of the images: (N, P, D), or a list of (P_i, D) when their counts differ)."""
         raise NotImplementedError
+
+    def session_hooks(self) -> list:
+        """Hooks a pruning session needs on this model beyond the engine's own (each has `remove()`)."""
+        return []
+
+    def token_sources(self, image_sizes) -> list[torch.Tensor] | None:
+        """Where each image token comes from when an image is several tower inputs (see
+        `VisionSignals.source`); None when each image is one tower input whose patches are its tokens."""
+        return None
 
     def recompute_vision_qk(self, out):
         """q/k of the feature layer from its input hidden state, for tower outputs vtprune did not see
-        computed (e.g. image features expanded by `generate` for beams)."""
-        raise NotImplementedError
+        computed (e.g. image features expanded by `generate` for beams). Costs two projections of one layer
+        of the (CLIP) tower."""
+        layer = self.vision_layers[self.feature_layer]
+        attn = layer.self_attn
+        layer_input = out.hidden_states[self.feature_hidden_index - 1]
+        if layer_input is None:
+            raise PruneConfigError(
+                "the vision tower's [CLS] attention is needed but was not captured and cannot be recomputed "
+                "(the image features were computed before vtprune.prune() was applied)"
+            )
+        h = layer.layer_norm1(layer_input)
+        n, length, _ = h.shape
+        q = attn.q_proj(h).view(n, length, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(n, length, -1, attn.head_dim).transpose(1, 2)
+        return q, k, attn.scale

@@ -98,20 +98,3 @@ class LlavaAdapter(ModelAdapter):
         if out.hidden_states is None:
             raise PruneConfigError("the vision tower output has no hidden states; vtprune needs them")
         return out.hidden_states[self.feature_hidden_index], compat.projected_image_features(out)
-
-    def recompute_vision_qk(self, out):
-        """q/k of the feature layer from its input hidden state, for outputs vtprune did not see computed
-        (e.g. image features expanded by `generate` for beams). Costs two projections of one CLIP layer."""
-        layer = self.vision_layers[self.feature_layer]
-        attn = layer.self_attn
-        layer_input = out.hidden_states[self.feature_hidden_index - 1]
-        if layer_input is None:
-            raise PruneConfigError(
-                "the vision tower's [CLS] attention is needed but was not captured and cannot be recomputed "
-                "(the image features were computed before vtprune.prune() was applied)"
-            )
-        h = layer.layer_norm1(layer_input)
-        n, length, _ = h.shape
-        q = attn.q_proj(h).view(n, length, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(n, length, -1, attn.head_dim).transpose(1, 2)
-        return q, k, attn.scale

@@ -30,18 +30,60 @@ class Captured:
 
 @dataclass(eq=False)
 class VisionSignals:
-    """Signals of the vision stage; rows are images."""
+    """Signals of the vision stage; rows are images.
+
+    When the vision tower sees each image as one input (LLaVA-1.5), its rows are the images. When an image is
+    several tower inputs ("crops": LLaVA-NeXT's base view and high-resolution tiles), `source` says where
+    each of the image's tokens comes from (crop * p + patch, -1 for a token made outside the tower such as
+    `image_newline`); `captured`, `pixel_values` and `image_output` then have one row per crop, and the
+    [CLS] of an image is the one of its base view (`image_crop`).
+    """
 
     adapter: ModelAdapter
-    hidden: torch.Tensor  # (N, 1 + P, Dv) output of the feature layer, [CLS] first
+    hidden: torch.Tensor  # (N, 1 + P, Dv) feature-layer output per image token, [CLS] first
     projected: torch.Tensor  # (N, P, D) what the LLM would receive
     image_sample: torch.Tensor  # (N,) the sample each image belongs to
     input_ids: torch.Tensor  # (B, L) the prompts
     text_valid: torch.Tensor  # (B, L) True for real (non-padding, non-image) prompt tokens
-    captured: Captured | None = None  # the feature layer's attention q/k
-    pixel_values: torch.Tensor | None = None  # (N, 3, H, W) the tower's input, when vtprune saw it
+    captured: Captured | None = None  # the feature layer's attention q/k (per tower input)
+    pixel_values: torch.Tensor | None = None  # (C, 3, H, W) the tower's input, when vtprune saw it
     image_output: object = None  # the tower's output (hidden states of every layer)
+    source: torch.Tensor | None = None  # (N, P) crop * p + patch of each token, -1: not from the tower
+    image_crop: torch.Tensor | None = None  # (N,) the tower input whose [CLS] is the image's
+    lengths: torch.Tensor | None = None  # (N,) tokens of each image when they differ (P is the longest)
     cache: dict = field(default_factory=dict)
+
+    def _from_crops(self, per_crop: torch.Tensor) -> torch.Tensor:
+        """(C, p, ...) per-patch values of the tower inputs -> (N, P, ...) per image token (0 where -1)."""
+        if self.source is None:
+            return per_crop
+        flat = per_crop.reshape(-1, *per_crop.shape[2:])
+        index = self.source.clamp(min=0)
+        values = flat[index]
+        missing = (self.source < 0).reshape(*self.source.shape, *([1] * (values.ndim - 2)))
+        return values.masked_fill(missing, 0)
+
+    def subset(self, first: int, count: int, length: int) -> VisionSignals:
+        """The signals of images first..first+count-1, cut to `length` tokens (images of different lengths
+        are selected one at a time; the crops' tensors are shared)."""
+        cut = slice(first, first + count)
+        out = VisionSignals(
+            adapter=self.adapter,
+            hidden=self.hidden[cut, : 1 + length],
+            projected=self.projected[cut, :length],
+            image_sample=self.image_sample[cut],
+            input_ids=self.input_ids,
+            text_valid=self.text_valid,
+            captured=self.captured,
+            pixel_values=self.pixel_values,
+            image_output=self.image_output,
+            source=self.source[cut, :length] if self.source is not None else None,
+            image_crop=self.image_crop[cut] if self.image_crop is not None else None,
+            lengths=self.lengths[cut] if self.lengths is not None else None,
+        )
+        if "qk" in self.__dict__:
+            out.__dict__["qk"] = self.__dict__["qk"]
+        return out
 
     @cached_property
     def qk(self) -> Captured:
@@ -74,7 +116,10 @@ class VisionSignals:
         qk = self.qk
         row0 = torch.zeros(qk.query.shape[0], 1, dtype=torch.long, device=self.hidden.device)
         probs = attention_rows(qk.query, qk.key, qk.scaling, row0, None, causal=False)
-        return probs[:, :, 0, 1:]
+        per_crop = probs[:, :, 0, 1:]  # each tower input's own [CLS] over its own patches
+        if self.source is None:
+            return per_crop
+        return self._from_crops(per_crop.transpose(1, 2)).transpose(1, 2)
 
     @cached_property
     def cls_attention(self) -> torch.Tensor:
@@ -84,8 +129,10 @@ class VisionSignals:
     @cached_property
     def keys(self) -> torch.Tensor:
         """(N, 1 + P, Hv * dh) key vectors of the feature layer (VisionZip's similarity metric)."""
-        key = self.qk.key.float()
-        return key.transpose(1, 2).flatten(2)
+        key = self.qk.key.float().transpose(1, 2).flatten(2)  # (C, 1 + p, Hv * dh)
+        if self.source is None:
+            return key
+        return torch.cat([key[self.image_crop, :1], self._from_crops(key[:, 1:])], dim=1)
 
     def padding_mask(self, threshold: float = 0.5, tolerance: float = 0.03) -> torch.Tensor | None:
         """(N, P) True for patches that are mostly pad-to-square filler (the CLIP mean colour, which
@@ -96,7 +143,7 @@ class VisionSignals:
         near_mean = (self.pixel_values.float().abs() < tolerance).all(dim=1, keepdim=True).float()
         patch = self.adapter.config.vision_config.patch_size
         fraction = torch.nn.functional.avg_pool2d(near_mean, patch).flatten(1)
-        return fraction > threshold
+        return self._from_crops(fraction > threshold)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Push vision-width vectors through LLaVA's projector (for merged tokens)."""
@@ -126,6 +173,7 @@ class LLMSignals:
     input_valid: torch.Tensor  # (B, L0)
     captured: Captured | None = None  # the score layer's attention q/k (None when score == prune layer)
     vision: VisionSignals | None = None  # the vision tower's signals of the same prefill
+    row_tokens_per_image: int | None = None  # set when images have different token counts (one sample)
     cache: dict = field(default_factory=dict)
 
     @property
@@ -134,10 +182,42 @@ class LLMSignals:
 
     @property
     def tokens_per_image(self) -> int:
-        return self.adapter.tokens_per_image
+        return self.row_tokens_per_image or self.adapter.tokens_per_image
+
+    def row(self, sample: int, tokens_per_image: int) -> LLMSignals:
+        """The signals of one sample (samples whose images have different token counts select one at a
+        time, each with its own budget)."""
+        cut = slice(sample, sample + 1)
+        n = self.images_per_sample
+        captured = None
+        if self.captured is not None:
+            captured = Captured(self.captured.query[cut], self.captured.key[cut], self.captured.scaling)
+        vision = None
+        if self.vision is not None:
+            vision = self.vision.subset(sample * n, n, self.vision.projected.shape[1])
+        return LLMSignals(
+            adapter=self.adapter,
+            layer=self.layer,
+            hidden=self.hidden[cut],
+            key_valid=self.key_valid[cut],
+            visual_index=self.visual_index[cut],
+            visual_valid=self.visual_valid[cut],
+            original_index=self.original_index[cut],
+            position_ids=self.position_ids[cut],
+            images_per_sample=n,
+            input_embeds=self.input_embeds[cut],
+            input_visual_index=self.input_visual_index[cut],
+            input_valid=self.input_valid[cut],
+            captured=captured,
+            vision=vision,
+            row_tokens_per_image=tokens_per_image,
+        )
 
     def is_full_visual_set(self) -> bool:
-        """True while every original visual token is still present, in raster order."""
+        """True while every original visual token is still present, in raster order of one grid per image
+        (never for images of several crops: the raster-calibrated corrections do not apply to them)."""
+        if self.adapter.variable_tokens:
+            return False
         full = self.images_per_sample * self.tokens_per_image
         return self.num_visual == full and bool(
             (self.original_index == torch.arange(full, device=self.original_index.device)).all()
@@ -147,6 +227,12 @@ class LLMSignals:
         """Map (N_images, P, ...) per-image values onto the current visual tokens: (B, V, ...)."""
         b = self.visual_index.shape[0]
         flat = values.reshape(b, self.images_per_sample * values.shape[1], *values.shape[2:])
+        lengths = self.vision.lengths if self.vision is not None else None
+        if lengths is not None:
+            # A sample's original numbering runs over its images' real tokens, image after image.
+            real = torch.arange(values.shape[1], device=values.device)[None] < lengths[:, None]
+            order = torch.sort((~real).reshape(b, -1).to(torch.int8), dim=1, stable=True).indices
+            flat = flat[torch.arange(b, device=order.device)[:, None], order]
         index = self.original_index.clamp(min=0)
         return flat[torch.arange(b, device=index.device)[:, None], index]
 
