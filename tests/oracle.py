@@ -21,25 +21,33 @@ def _mask(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def oracle_logits(model, input_ids, attention_mask, pixel_values, record, position_ids=None) -> tuple:
+def image_features(model, pixel_values, image_sizes=None) -> list[torch.Tensor]:
+    """The projected tokens the unmodified model feeds its LLM, one (P_i, D) tensor per image."""
+    cfg = model.config
+    extra = {"image_sizes": image_sizes} if image_sizes is not None else {}
+    out = model.model.get_image_features(
+        pixel_values=pixel_values,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        **extra,
+    )
+    return list(compat.projected_image_features(out)) if image_sizes is None else list(out.pooler_output)
+
+
+def oracle_logits(
+    model, input_ids, attention_mask, pixel_values, record, position_ids=None, image_sizes=None
+) -> tuple:
     """Logits of the unmodified model fed only the kept tokens, as the record says.
 
-    Returns (logits (B, L', V), valid (B, L')) for the final sequence layout.
+    Returns (logits (B, L', V), valid (B, L')) for the final sequence layout (samples of different lengths
+    are left-padded).
     """
     cfg = model.config
-    base = model.model
-    lm = base.language_model
-    per_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-    feats = compat.projected_image_features(
-        base.get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        )
-    )
+    lm = model.model.language_model
+    feats = image_features(model, pixel_values, image_sizes)
     embeds = model.get_input_embeddings()(input_ids)
     batch = input_ids.shape[0]
-    n_img = feats.shape[0] // batch
+    n_img = len(feats) // batch
     stages = [s for s in record.stages if s.name != "none"]
     vision = stages[0] if stages and stages[0].kind == "vision" else None
     llm_stages = [s for s in stages if s.kind == "llm"]
@@ -47,24 +55,23 @@ def oracle_logits(model, input_ids, attention_mask, pixel_values, record, positi
     for b in range(batch):
         tokens, valid, orig = [], [], []
         image_seen = 0
+        offset = 0  # original number of the image's first token
         p = 0
         ids = input_ids[b].tolist()
         while p < len(ids):
             if ids[p] == cfg.image_token_id:
-                img = b * n_img + image_seen
+                img = feats[b * n_img + image_seen]
+                count = img.shape[0]
                 if vision is None:
-                    kept = [image_seen * per_image + j for j in range(per_image)]
+                    kept = [offset + j for j in range(count)]
                 else:
-                    kept = [
-                        k
-                        for k in vision.kept[b]
-                        if image_seen * per_image <= k < (image_seen + 1) * per_image
-                    ]
+                    kept = [k for k in vision.kept[b] if offset <= k < offset + count]
                 for k in kept:
-                    tokens.append(feats[img, k - image_seen * per_image])
+                    tokens.append(img[k - offset])
                     valid.append(True)
                     orig.append(k)
-                p += per_image
+                p += count
+                offset += count
                 image_seen += 1
             else:
                 tokens.append(embeds[b, p])
@@ -74,8 +81,20 @@ def oracle_logits(model, input_ids, attention_mask, pixel_values, record, positi
         rows.append(torch.stack(tokens))
         valids.append(valid)
         visual_orig.append(orig)
+    width = max(len(v) for v in valids)
+    if any(len(v) != width for v in valids):  # left-pad to a common length
+        lengths_differ = True
+        for b in range(batch):
+            missing = width - len(valids[b])
+            rows[b] = torch.cat([rows[b].new_zeros(missing, rows[b].shape[-1]), rows[b]])
+            valids[b] = [False] * missing + valids[b]
+            visual_orig[b] = [None] * missing + visual_orig[b]
+    else:
+        lengths_differ = False
     hidden = torch.stack(rows).to(embeds.dtype)
     valid = torch.tensor(valids)
+    if lengths_differ:
+        position_ids = None
     if vision is not None or position_ids is None:
         positions = (torch.cumsum(valid, 1) - 1).clamp(min=0).masked_fill(~valid, 0)
     else:
@@ -86,13 +105,16 @@ def oracle_logits(model, input_ids, attention_mask, pixel_values, record, positi
                 keep_cols = []
                 for b in range(batch):
                     kept = set(stage.kept[b])
-                    keep_cols.append([i for i, o in enumerate(visual_orig[b]) if o is None or o in kept])
-                index = torch.tensor(keep_cols)
+                    keep_cols.append([i + 1 for i, o in enumerate(visual_orig[b]) if o is None or o in kept])
+                # Samples keeping different counts are left-padded with a column of padding (column 0).
+                width = max(len(cols) for cols in keep_cols)
+                index = torch.tensor([[0] * (width - len(cols)) + cols for cols in keep_cols])
+                hidden = torch.cat([hidden[:, :1] * 0, hidden], dim=1)
                 hidden = torch.gather(hidden, 1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
-                valid = torch.gather(valid, 1, index)
-                visual_orig = [[visual_orig[b][i] for i in keep_cols[b]] for b in range(batch)]
+                valid = torch.gather(torch.cat([valid[:, :1] & False, valid], dim=1), 1, index)
+                visual_orig = [[([None] + visual_orig[b])[i] for i in index[b].tolist()] for b in range(batch)]
                 if stage.positions == "original":
-                    positions = torch.gather(positions, 1, index)
+                    positions = torch.gather(torch.cat([positions[:, :1] * 0, positions], dim=1), 1, index)
                 else:
                     positions = (torch.cumsum(valid, 1) - 1).clamp(min=0).masked_fill(~valid, 0)
         rope = lm.rotary_emb(hidden, position_ids=positions)
@@ -106,7 +128,9 @@ def oracle_logits(model, input_ids, attention_mask, pixel_values, record, positi
     return model.lm_head(hidden), valid
 
 
-def oracle_greedy(model, input_ids, attention_mask, pixel_values, record, steps: int) -> torch.Tensor:
+def oracle_greedy(
+    model, input_ids, attention_mask, pixel_values, record, steps: int, image_sizes=None
+) -> torch.Tensor:
     """Greedy decoding that recomputes the whole prefix every step with the prefill's kept set."""
     ids, mask = input_ids, attention_mask
     eos = model.generation_config.eos_token_id
@@ -115,7 +139,7 @@ def oracle_greedy(model, input_ids, attention_mask, pixel_values, record, steps:
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     out = []
     for _ in range(steps):
-        logits, _ = oracle_logits(model, ids, mask, pixel_values, record)
+        logits, _ = oracle_logits(model, ids, mask, pixel_values, record, image_sizes=image_sizes)
         last = logits[:, -1].clone()
         last[:, model.config.image_token_id] = float("-inf")  # as generate(suppress_tokens=[image token])
         nxt = last.argmax(-1).masked_fill(finished, pad)  # generate pads finished rows

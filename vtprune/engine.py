@@ -167,6 +167,18 @@ def stack_selections(rows: list[Selection]) -> Selection:
     )
 
 
+def _to_current(selection: Selection, among: torch.Tensor, layout: Layout) -> Selection:
+    """A one-sample selection made over a subset of the current visual tokens (`among`), in their numbering."""
+    scores = selection.scores
+    if scores is not None:
+        full = scores.new_zeros(1, layout.visual_index.shape[1])
+        scores = full.index_copy(1, among, scores)
+    extra_index = selection.extra_index
+    if extra_index is not None:
+        extra_index = torch.where(extra_index >= 0, among[extra_index.clamp(min=0)], extra_index)
+    return dataclasses.replace(selection, indices=among[selection.indices], scores=scores, extra_index=extra_index)
+
+
 def _index_or_none(tensor: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
     if tensor is None or index is None:
         return tensor
@@ -828,7 +840,8 @@ class PruneSession:
             for b, total in enumerate(sample_tokens):
                 per_image = round(total / episode.images_per_sample)
                 method, stages = self._planned(per_image)
-                rows.append(method.select(stage_index, stages[stage_index], signals.row(b, per_image)))
+                row, among = signals.row(b, per_image)
+                rows.append(_to_current(method.select(stage_index, stages[stage_index], row), among, prev))
             selection = stack_selections(rows)
         batch, length, d = hidden.shape
         device = hidden.device

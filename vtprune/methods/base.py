@@ -103,6 +103,8 @@ class Method:
     stage_kind: ClassVar[str] = ""  # "vision" | "llm" | "vision+llm" | "-"
     paper: ClassVar[str] = ""
     attention_based: ClassVar[bool] = False  # scores with LLM text->image attention (debias/heads apply)
+    # model families (ModelInfo.family) the method cannot run on, with the reason given to the user
+    unsupported_families: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
         if self.keep is not None:
@@ -111,6 +113,10 @@ class Method:
     # --- planning -------------------------------------------------------------------------------------
     def validate_for(self, info: ModelInfo) -> None:
         """Check the configuration against the model (layers, token count); raise PruneConfigError."""
+        if info.family in self.unsupported_families:
+            raise PruneConfigError(
+                f"{self.name} does not run on {info.family}: {self.unsupported_families[info.family]}"
+            )
         if self.keep is not None:
             resolve_keep(self.keep, info.visual_tokens)
         for stage in self.stages(info):

@@ -119,6 +119,10 @@ class PruMerge(Method):
     name = "prumerge"
     stage_kind = "vision"
     paper = "arXiv 2403.15388"
+    unsupported_families = {
+        "llava_next": "its outlier detection and merging read the last CLIP layer of one tower input per image "
+        "(an AnyRes image is several crops; the official code has no LLaVA-NeXT path)"
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -184,25 +184,28 @@ class LLMSignals:
     def tokens_per_image(self) -> int:
         return self.row_tokens_per_image or self.adapter.tokens_per_image
 
-    def row(self, sample: int, tokens_per_image: int) -> LLMSignals:
-        """The signals of one sample (samples whose images have different token counts select one at a
-        time, each with its own budget)."""
+    def row(self, sample: int, tokens_per_image: int) -> tuple[LLMSignals, torch.Tensor]:
+        """The signals of one sample holding only its real visual tokens, and (V',) the index of each among
+        the current visual tokens (samples whose images have different token counts select one at a time,
+        each with its own budget; the image slots a shorter image left empty are not offered)."""
         cut = slice(sample, sample + 1)
         n = self.images_per_sample
+        real = self.visual_valid[sample]
+        order = torch.sort((~real).to(torch.int8), stable=True).indices[: int(real.sum())]
         captured = None
         if self.captured is not None:
             captured = Captured(self.captured.query[cut], self.captured.key[cut], self.captured.scaling)
         vision = None
         if self.vision is not None:
             vision = self.vision.subset(sample * n, n, self.vision.projected.shape[1])
-        return LLMSignals(
+        row = LLMSignals(
             adapter=self.adapter,
             layer=self.layer,
             hidden=self.hidden[cut],
             key_valid=self.key_valid[cut],
-            visual_index=self.visual_index[cut],
-            visual_valid=self.visual_valid[cut],
-            original_index=self.original_index[cut],
+            visual_index=self.visual_index[cut, order],
+            visual_valid=self.visual_valid[cut, order],
+            original_index=self.original_index[cut, order],
             position_ids=self.position_ids[cut],
             images_per_sample=n,
             input_embeds=self.input_embeds[cut],
@@ -212,6 +215,7 @@ class LLMSignals:
             vision=vision,
             row_tokens_per_image=tokens_per_image,
         )
+        return row, order
 
     def is_full_visual_set(self) -> bool:
         """True while every original visual token is still present, in raster order of one grid per image
