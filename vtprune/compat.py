@@ -53,6 +53,17 @@ def static_key_length(cache, layer_idx: int) -> int | None:
     return int(layer.max_cache_len) if type(layer) is StaticLayer else None
 
 
+def grow_static_cache(cache, extra: int) -> bool:
+    """Give every preallocated layer of `cache` `extra` more slots, before it allocates them (a static
+    layer allocates `max_cache_len` slots at its first update, 5.17 through 5.24). False if one already did."""
+    layers = [layer for layer in getattr(cache, "layers", []) if type(layer) is StaticLayer]
+    if any(layer.is_initialized for layer in layers):
+        return False
+    for layer in layers:
+        layer.max_cache_len += extra
+    return True
+
+
 def cache_holds_any_length(cache) -> bool:
     """Whether every layer of `cache` stores whatever number of tokens its layer was given.
 

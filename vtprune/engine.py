@@ -72,6 +72,7 @@ class Episode:
     cache: object = None
     vision: VisionSignals | None = None
     images_per_sample: int = 1
+    sample_tokens: list[int] = field(default_factory=list)  # visual tokens of each sample before pruning
     input_rebuilt: bool = False  # the LLM input was re-assembled (fewer or padded image slots)
     prefill_done: bool = False
     decode_len: int = 0
@@ -569,7 +570,9 @@ class PruneSession:
         if compat.precomputed_image_output(call) is None and pixel_values is not None:
             record.timings_ms["vision"] = vision_ms
         self.record = record
-        self.episode = episode = Episode(layouts=[], input_embeds=None, cache=cache, images_per_sample=n_img)
+        self.episode = episode = Episode(
+            layouts=[], input_embeds=None, cache=cache, images_per_sample=n_img, sample_tokens=sample_tokens
+        )
         episode.input_rebuilt = self.shrinks_input or not images.uniform
 
         hidden_v, projected = images.hidden, images.projected
@@ -632,10 +635,13 @@ class PruneSession:
                 layers=list(self.vit_stage.vit_layers), removed_per_layer=self.vit_stage.vit_remove
             )
         if self.vision_stage is not None:
-            if images.uniform:
-                selection = self.method.select(0, self.vision_stage, vision_signals)
+            index = self.stages.index(self.vision_stage)
+            if not self.info.variable_tokens:
+                selection = self.method.select(index, self.vision_stage, vision_signals)
+            elif images.uniform:  # the budget the images' token count gives
+                method, stages = self._planned(int(images.lengths[0]))
+                selection = method.select(index, stages[index], vision_signals)
             else:  # each image with the budget its own token count gives
-                index = self.stages.index(self.vision_stage)
                 rows = []
                 for i, n in enumerate(images.lengths.tolist()):
                     method, stages = self._planned(n)
@@ -670,6 +676,13 @@ class PruneSession:
         removed = block_len.sum(dim=1)  # (B,)
         new_lengths = length - removed + n_img * width
         new_len = int(new_lengths.max())
+        if new_len > length and compat.static_key_length(cache, 0) is not None:
+            # Images of different token counts in one batch: the padded image slots lengthen the prompt.
+            if not compat.grow_static_cache(cache, new_len - length):
+                raise PruneConfigError(
+                    f"the images of this batch differ in token count, so the pruned prompt is {new_len - length} "
+                    "tokens longer than the one the static cache was sized for; pass a fresh cache"
+                )
         shift = new_len - new_lengths  # (B,)
         block = torch.arange(n_img, device=device)
         before = torch.cumsum(block_len, dim=1) - block_len  # image tokens in earlier blocks
@@ -832,9 +845,12 @@ class PruneSession:
             else None,
             vision=episode.vision,
         )
-        sample_tokens = self.record.sample_visual_tokens
-        if sample_tokens is None:
+        sample_tokens = episode.sample_tokens
+        if not self.info.variable_tokens:
             selection = self.method.select(stage_index, stage, signals)
+        elif len(set(sample_tokens)) == 1:  # the budget the samples' token count gives
+            method, stages = self._planned(round(sample_tokens[0] / episode.images_per_sample))
+            selection = method.select(stage_index, stages[stage_index], signals)
         else:  # each sample with the budget its own token count gives
             rows = []
             for b, total in enumerate(sample_tokens):

@@ -1,0 +1,237 @@
+"""The engine invariants on LLaVA-NeXT (AnyRes), for every registered method (tiny random model, CPU).
+
+The tiny NeXT tiles 56 px crops of 4 x 4 patches: the wide test image gets a base view and 1 x 2 tiles
+(16 + 4 x 8 + 4 newlines = 52 tokens), the tall one 2 x 2 tiles unpadded to 8 x 6 (16 + 48 + 8 = 72 tokens),
+so one left-padded batch holds two images of different token counts.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from oracle import image_features, oracle_greedy, oracle_logits
+from test_engine import CASES, method_of
+
+import vtprune
+from vtprune.models import adapter_for
+from vtprune.models.llava_next import LlavaNextAdapter
+from vtprune.testing import make_tiny_llava_next, random_image
+
+UNSUPPORTED = {"prumerge": "does not run on llava_next", "illava[vit]": "vit stage"}
+QUESTIONS = ["what colour is the shape ?", "is there a red circle in the image ?"]
+SIZES = [(120, 60), (80, 100)]  # (width, height): 52 and 72 image tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_next():
+    model, processor = make_tiny_llava_next(seed=0)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    return model, eager, processor
+
+
+def next_inputs(processor, which=(0, 1)):
+    prompts, images = [], []
+    for i in which:
+        content = [{"type": "image"}, {"type": "text", "text": QUESTIONS[i]}]
+        prompts.append(
+            processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        )
+        images.append(random_image(i + 1, 60).resize(SIZES[i]))
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_next):
+    return next_inputs(tiny_next[2])
+
+
+def last_logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1]
+
+
+def run_case(name):
+    params, exact, keeps_all = CASES[name]
+    if name in UNSUPPORTED or method_of(name) in UNSUPPORTED:
+        pytest.skip(f"{name} is refused on LLaVA-NeXT (test_unsupported_methods_refuse)")
+    return params, exact, keeps_all
+
+
+def test_adapter_is_found_by_model_type(tiny_next):
+    model, _, _ = tiny_next
+    adapter = adapter_for(model)
+    assert isinstance(adapter, LlavaNextAdapter)
+    info = adapter.info()
+    assert info.family == "llava_next" and info.variable_tokens
+    assert info.visual_tokens == 16 + 8 * 8 + 8  # base view + the largest tile grid + a newline per row
+
+
+def test_token_sources_rebuild_the_models_packing(tiny_next, batch):
+    """Each image token's (crop, patch) source, or image_newline, reproduces HF's pack_image_features."""
+    model, _, _ = tiny_next
+    adapter = adapter_for(model)
+    cfg = model.config
+    with torch.no_grad():
+        out = model.model.get_image_features(
+            pixel_values=batch["pixel_values"],
+            image_sizes=batch["image_sizes"],
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy="default",
+            output_hidden_states=True,
+        )
+        crops = model.model.multi_modal_projector(out.hidden_states[cfg.vision_feature_layer][:, 1:])
+    flat = crops.reshape(-1, crops.shape[-1])
+    sources = adapter.token_sources(batch["image_sizes"])
+    assert [len(s) for s in sources] == [52, 72] == (batch["input_ids"] == cfg.image_token_id).sum(1).tolist()
+    for src, packed in zip(sources, out.pooler_output, strict=True):
+        rebuilt = torch.where(
+            (src >= 0)[:, None], flat[src.clamp(min=0)], model.model.image_newline.expand(len(src), -1)
+        )
+        torch.testing.assert_close(rebuilt, packed)
+    assert int((sources[0] < 0).sum()) == 4 and int((sources[1] < 0).sum()) == 8  # a newline per row
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_keep_all_equals_unmodified(tiny_next, batch, name):
+    params, _, keeps_all = run_case(name)
+    if not keeps_all:
+        pytest.skip(f"{name} excludes tokens by definition")
+    model, _, _ = tiny_next
+    reference = last_logits(model, batch)
+    with vtprune.pruned(model, method_of(name), keep=1.0 if name != "none" else None, **params):
+        logits = last_logits(model, batch)
+        assert vtprune.last_record(model).tokens_after_pruning == [52, 72]
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pruned_equals_oracle(tiny_next, batch, name, impl):
+    params, exact, _ = run_case(name)
+    if not exact:
+        pytest.skip(f"{name} creates tokens; covered by its own tests")
+    model = tiny_next[0] if impl == "sdpa" else tiny_next[1]
+    with vtprune.pruned(model, method_of(name), keep=12 if name != "none" else None, **params):
+        logits = last_logits(model, batch)
+        record = vtprune.last_record(model)
+    expected, _ = oracle_logits(
+        model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], record,
+        image_sizes=batch["image_sizes"],
+    )
+    torch.testing.assert_close(logits, expected[:, -1], rtol=1e-4, atol=1e-4)
+    if name != "none":
+        assert max(record.tokens_after_pruning) <= 12
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_batched_equals_single(tiny_next, batch, name):
+    """Two images of different aspect ratios (52 and 72 tokens) in one left-padded batch == each alone."""
+    params, _, _ = run_case(name)
+    model, _, processor = tiny_next
+    suppress = [model.config.image_token_id]
+    with vtprune.pruned(model, method_of(name), keep=0.25 if name != "none" else None, **params):
+        with torch.no_grad():
+            batched = model.generate(**batch, max_new_tokens=3, do_sample=False, suppress_tokens=suppress)
+        batched_last = last_logits(model, batch)
+        batched_kept = [s.kept for s in vtprune.last_record(model).stages]
+        for i in range(2):
+            single = next_inputs(processor, which=(i,))
+            with torch.no_grad():
+                out = model.generate(**single, max_new_tokens=3, do_sample=False, suppress_tokens=suppress)
+            generated = out[0, single["input_ids"].shape[1] :].tolist()
+            assert generated == batched[i, batch["input_ids"].shape[1] :].tolist()[: len(generated)]
+            torch.testing.assert_close(last_logits(model, single)[0], batched_last[i], rtol=1e-4, atol=1e-4)
+            assert [s.kept[0] for s in vtprune.last_record(model).stages] == [k[i] for k in batched_kept]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_generate_cache_equals_recompute(tiny_next, batch, name):
+    params, exact, _ = run_case(name)
+    if not exact:
+        pytest.skip(f"{name} creates tokens; covered by its own tests")
+    model, _, _ = tiny_next
+    with vtprune.pruned(model, method_of(name), keep=12 if name != "none" else None, **params):
+        with torch.no_grad():
+            out = model.generate(
+                **batch, max_new_tokens=4, do_sample=False, suppress_tokens=[model.config.image_token_id]
+            )
+        record = vtprune.last_record(model)
+    expected = oracle_greedy(
+        model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], record, 4,
+        image_sizes=batch["image_sizes"],
+    )
+    assert out[:, -4:].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sdpa_and_eager_select_same(tiny_next, batch, name):
+    params, _, _ = run_case(name)
+    kept, tokens = [], []
+    for model in tiny_next[:2]:
+        with vtprune.pruned(model, method_of(name), keep=12 if name != "none" else None, **params):
+            with torch.no_grad():
+                tokens.append(model.generate(**batch, max_new_tokens=3, do_sample=False).tolist())
+            kept.append([s.kept for s in vtprune.last_record(model).stages])
+    assert kept[0] == kept[1]
+    assert tokens[0] == tokens[1]
+
+
+def test_fraction_budget_is_per_image(tiny_next, batch):
+    model, _, _ = tiny_next
+    with vtprune.pruned(model, "random", keep=0.25):
+        last_logits(model, batch)
+        record = vtprune.last_record(model)
+    assert record.tokens_after_pruning == [13, 18]
+    assert record.sample_visual_tokens == [52, 72]
+    assert record.layer_avg_tokens == [13.0, 18.0]
+    with vtprune.pruned(model, "fastv", keep=60, K=2):  # a count above an image's tokens keeps them all
+        last_logits(model, batch)
+        assert vtprune.last_record(model).tokens_after_pruning == [52, 60]
+
+
+@pytest.mark.parametrize("name", ["prumerge", "illava[vit]"])
+def test_unsupported_methods_refuse(tiny_next, name):
+    model, _, _ = tiny_next
+    params = CASES[name][0]
+    with pytest.raises(vtprune.PruneConfigError, match="llava_next"):
+        vtprune.prune(model, method_of(name), keep=12, **params)
+    assert not vtprune.is_pruned(model)
+
+
+def test_unprune_restores(tiny_next, batch):
+    from conftest import hook_snapshot
+
+    model, _, _ = tiny_next
+    before = last_logits(model, batch)
+    hooks = hook_snapshot(model)
+    with vtprune.pruned(model, "vispruner", keep=8):
+        assert "get_image_features" in model.model.__dict__  # the image-size tag, for generate()
+        last_logits(model, batch)
+    assert "get_image_features" not in model.model.__dict__
+    assert hook_snapshot(model) == hooks
+    assert torch.equal(last_logits(model, batch), before)
+
+
+def test_image_features_helper_matches_processor_counts(tiny_next, batch):
+    model, _, _ = tiny_next
+    feats = image_features(model, batch["pixel_values"], batch["image_sizes"])
+    assert [f.shape[0] for f in feats] == [52, 72]
+
+
+@pytest.mark.parametrize("name", ["none", "vispruner", "fastv", "pdrop", "sparsevlm"])
+def test_static_cache_equals_dynamic(tiny_next, batch, name):
+    params = CASES[name][0]
+    model, _, _ = tiny_next
+    runs = []
+    with vtprune.pruned(model, name, keep=0.25 if name != "none" else None, **params):
+        for cache in ("dynamic", "static"):
+            with torch.no_grad():
+                out = model.generate(
+                    **batch, max_new_tokens=4, do_sample=False, cache_implementation=cache,
+                    suppress_tokens=[model.config.image_token_id],
+                )
+            runs.append((out.tolist(), [s.kept for s in vtprune.last_record(model).stages]))
+    assert runs[0] == runs[1]
