@@ -72,15 +72,27 @@ def load_model(
     attn_implementation: str = "sdpa",
     revision: str | None = None,
 ):
-    """(LlavaForConditionalGeneration in eval mode on `device`, its processor with left padding)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """(the vision-language model in eval mode on `device`, its processor with left padding).
+
+    The class comes from the checkpoint's `model_type` (transformers' image-text-to-text mapping); only the
+    families vtprune has an adapter for are loaded (`vtprune.models.supported_models()`)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from vtprune.errors import PruneConfigError
+    from vtprune.models import supported_models
 
     path = resolve_model_path(model)
     if not Path(path).exists() and "/" not in path:
         raise FileNotFoundError(
             f"model {model!r} is neither a local folder nor a Hugging Face id (owner/name)"
         )
-    llava = LlavaForConditionalGeneration.from_pretrained(
+    model_type = AutoConfig.from_pretrained(path, revision=revision).model_type
+    supported = supported_models()
+    if model_type not in supported:
+        raise PruneConfigError(
+            f"model {model!r} is a {model_type!r} model; vtprune supports {', '.join(supported)}"
+        )
+    llava = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation, revision=revision
     )
     llava.to(device).eval()

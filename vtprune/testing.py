@@ -257,6 +257,15 @@ def save_tiny_llava(directory: str | Path, seed: int = 0, **config_kwargs) -> Pa
     return directory
 
 
+def save_tiny_llava_next(directory: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random LLaVA-NeXT checkpoint (model + processor) that `from_pretrained` can load."""
+    directory = Path(directory)
+    model, processor = make_tiny_llava_next(seed=seed)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
 def random_image(seed: int, size: int = 112):
     """A deterministic RGB PIL image with some structure (blocks + noise)."""
     import numpy as np

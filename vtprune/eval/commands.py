@@ -29,7 +29,9 @@ ParserOpt = Annotated[str | None, typer.Option("--parser", help="Answer parser (
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="Method parameter name=value (repeatable).")]
 TemplateOpt = Annotated[str | None, typer.Option("--template", help="Prompt template: hf | vicuna_v1.")]
 PreprocOpt = Annotated[str | None, typer.Option("--preprocessing", help="Image preprocessing: crop | pad.")]
-PaperOpt = Annotated[bool, typer.Option("--paper-setting", help="LLaVA paper reproduction: vicuna_v1 + pad.")]
+PaperOpt = Annotated[
+    bool, typer.Option("--paper-setting", help="Paper reproduction: vicuna_v1 + pad (LLaVA-NeXT: + AnyRes).")
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per generate() call.")]
 MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Generation length (task default if unset).")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="First N samples (per split for POPE all).")]
@@ -49,7 +51,7 @@ def _config(
     max_new_tokens: int | None, limit: int | None, output: Path, dtype: str, device: str,
     attn_implementation: str, model_revision: str | None, retry_errors: bool, progress: bool,
 ) -> EvalConfig:
-    template, preprocessing = resolve_setting(template, preprocessing, paper_setting)
+    template, preprocessing = resolve_setting(template, preprocessing, paper_setting, model_type_of(model))
     return EvalConfig(
         model=model, task=task, split=split, dataset_id=dataset_id, dataset_config=dataset_config,
         revision=revision, parser=parser, method=method, keep=keep, params=parse_params(param),
@@ -59,13 +61,37 @@ def _config(
     )
 
 
-def resolve_setting(template: str | None, preprocessing: str | None, paper_setting: bool) -> tuple[str, str]:
-    """`--paper-setting` = vicuna_v1 + pad; an explicit contradicting flag is an error, not a silent override."""
+# The papers' reproduction setting per model family: LLaVA-1.5 pads images to squares (expand2square);
+# LLaVA-NeXT's reference code (image_aspect_ratio="anyres") pads nothing, its processor tiles the image.
+PAPER_PREPROCESSING = {"llava": "pad", "llava_next": "crop"}
+
+
+def model_type_of(model: str) -> str:
+    """The checkpoint's `model_type` ("llava" when its config cannot be read here, e.g. offline)."""
+    from transformers import AutoConfig
+
+    from vtprune.loading import resolve_model_path
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(model)).model_type
+    except (OSError, ValueError):
+        return "llava"
+
+
+def resolve_setting(
+    template: str | None, preprocessing: str | None, paper_setting: bool, model_type: str = "llava"
+) -> tuple[str, str]:
+    """`--paper-setting` = vicuna_v1 + the family's paper preprocessing (LLaVA-1.5: pad; LLaVA-NeXT: its
+    processor's AnyRes tiling, "crop"); an explicit contradicting flag is an error, not a silent override."""
     if not paper_setting:
         return template or "hf", preprocessing or "crop"
-    if template not in (None, "vicuna_v1") or preprocessing not in (None, "pad"):
-        raise EvalInputError("--paper-setting means --template vicuna_v1 --preprocessing pad; drop the other flag")
-    return "vicuna_v1", "pad"
+    paper = PAPER_PREPROCESSING.get(model_type, "pad")
+    if template not in (None, "vicuna_v1") or preprocessing not in (None, paper):
+        raise EvalInputError(
+            f"--paper-setting means --template vicuna_v1 --preprocessing {paper} for a {model_type} model; "
+            "drop the other flag"
+        )
+    return "vicuna_v1", paper
 
 
 @contextmanager

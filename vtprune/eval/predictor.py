@@ -222,7 +222,7 @@ class Predictor:
         after = record.tokens_after_pruning
         layer_avg = record.layer_avg_tokens
         for i, result in enumerate(results):
-            result.visual_tokens = int(record.visual_tokens)
+            result.visual_tokens = int(record.sample_tokens(i))
             result.kept_tokens = {
                 (stage.name or f"stage{j}"): int(stage.counts[i]) for j, stage in enumerate(record.stages)
             }
@@ -288,6 +288,10 @@ class Predictor:
                 "processor do_pad" if self._pad_in_processor else "expand_to_square (PIL)"
             )
             if self.preprocessing == "pad"
-            else "processor default (resize + centre crop)",
+            else (
+                "processor default (AnyRes: base view + tiles)"
+                if getattr(self.processor.image_processor, "image_grid_pinpoints", None)
+                else "processor default (resize + centre crop)"
+            ),
             "image_processor": type(self.processor.image_processor).__name__,
         }
