@@ -235,3 +235,68 @@ def test_static_cache_equals_dynamic(tiny_next, batch, name):
                 )
             runs.append((out.tolist(), [s.kept for s in vtprune.last_record(model).stages]))
     assert runs[0] == runs[1]
+
+
+# --- everything above the engine ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def next_folder(tmp_path_factory):
+    from vtprune.testing import save_tiny_llava_next
+
+    return save_tiny_llava_next(tmp_path_factory.mktemp("tiny-next") / "model")
+
+
+def test_eval_runs_on_a_next_checkpoint(next_folder, tmp_path):
+    """`vtprune eval` on a local LLaVA-NeXT folder: POPE-shaped data, per-sample token counts recorded."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vtprune.eval.commands import build_app
+    from vtprune.eval.tiny_data import write_pope_hub_folder
+
+    pope = write_pope_hub_folder(tmp_path / "pope", n_per_split=2)
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(next_folder), "--task", "pope", "--dataset-id", str(pope), "--split", "random",
+            "--method", "vispruner", "--keep", "0.25", "--max-new-tokens", "3", "--batch-size", "2",
+            "--output", str(out), "--no-progress", "--paper-setting"]
+    result = CliRunner().invoke(build_app(), args)
+    assert result.exit_code == 0, result.output
+    (summary_path,) = out.glob("*/*/*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["counts"]["evaluated"] == 2 and summary["counts"]["errors"] == 0
+    assert summary["config"]["preprocessing"] == "crop"  # NeXT's paper setting: AnyRes, no square padding
+    assert summary["environment"]["preprocessing_impl"].startswith("processor default (AnyRes")
+    lines = [json.loads(line) for line in (summary_path.parent / "samples.jsonl").read_text().splitlines()]
+    for line in lines:
+        assert line["tokens_after_pruning"] == round(0.25 * line["visual_tokens"])
+
+
+def test_paper_setting_per_family():
+    from vtprune.eval.commands import resolve_setting
+    from vtprune.eval.errors import EvalInputError
+
+    assert resolve_setting(None, None, True, "llava") == ("vicuna_v1", "pad")
+    assert resolve_setting(None, None, True, "llava_next") == ("vicuna_v1", "crop")
+    with pytest.raises(EvalInputError, match="--preprocessing crop for a llava_next model"):
+        resolve_setting(None, "pad", True, "llava_next")
+
+
+def test_unsupported_checkpoint_is_refused_before_its_weights(tmp_path):
+    from transformers import LlamaConfig
+
+    from vtprune.loading import load_model
+
+    LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(vtprune.PruneConfigError, match="'llama' model; vtprune supports llava, llava_next"):
+        load_model(str(tmp_path))
+
+
+def test_analysis_commands_refuse_next_clearly(next_folder):
+    from vtprune.analysis.common import load_analysis_model
+    from vtprune.eval.errors import EvalInputError
+
+    with pytest.raises(EvalInputError, match="llava_next model, not supported by these commands yet"):
+        load_analysis_model(str(next_folder), device="cpu", dtype="float32")

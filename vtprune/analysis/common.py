@@ -133,8 +133,16 @@ def load_analysis_model(
         raise EvalInputError(f"unknown preprocessing {preprocessing!r}; valid: crop, pad")
     dev, dt = resolve_device_dtype(device, dtype)
     llava, processor = load_model(model, device=dev, dtype=dt, attn_implementation=attn_implementation)
+    adapter = adapter_for(llava)
+    if adapter.variable_tokens:
+        # The drawings and per-token analyses lay one patch grid over each image; an AnyRes image is a base
+        # view plus tiles with newline tokens (vtprune eval, bench and the Python API support it).
+        raise EvalInputError(
+            f"vtprune show / analyze support one patch grid per image (llava); {model!r} is a "
+            f"{adapter.family} model, not supported by these commands yet"
+        )
     predictor = Predictor(llava, processor, template=template, preprocessing=preprocessing, model_id=model)
-    return AnalysisModel(llava, processor, predictor, adapter_for(llava), model_id=model)
+    return AnalysisModel(llava, processor, predictor, adapter, model_id=model)
 
 
 # ------------------------------------------------------------------------------------------ samples
