@@ -294,9 +294,32 @@ def test_unsupported_checkpoint_is_refused_before_its_weights(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_analysis_commands_refuse_next_clearly(next_folder):
+def test_analyze_refuses_next_clearly(next_folder):
     from vtprune.analysis.common import load_analysis_model
     from vtprune.eval.errors import EvalInputError
 
-    with pytest.raises(EvalInputError, match="llava_next model, not supported by these commands yet"):
+    with pytest.raises(EvalInputError, match="llava_next model, not supported by this command yet"):
         load_analysis_model(str(next_folder), device="cpu", dtype="float32")
+
+
+def test_show_draws_tiles_and_base_view(next_folder, tmp_path):
+    """`vtprune show` on a tall image (2 x 2 tiles unpadded to 8 x 6 patches + base view + 8 newlines): every
+    kept token is drawn in exactly one view, newlines in none."""
+    from PIL import Image
+
+    from vtprune.analysis.common import load_analysis_model
+    from vtprune.analysis.show import run_show
+
+    am = load_analysis_model(str(next_folder), device="cpu", dtype="float32", crops=True)
+    image = random_image(7, 60).resize((80, 100))
+    data = run_show(am, [image], QUESTIONS[1], ["vispruner", "fastv"], 12, {}, tmp_path / "kept.png",
+                    max_new_tokens=2)
+    assert data["visual_tokens_per_image"] == 72
+    assert Image.open(data["figure"]).size[0] == 3 * 320
+    for result in data["methods"].values():
+        views = result["kept_views"]
+        assert set(views) == {"tiles", "base view"}
+        assert all(0 <= c < 8 * 8 for c in views["tiles"]) and all(0 <= c < 16 for c in views["base view"])
+        sources = adapter_for(am.model).token_sources(torch.tensor([[100, 80]]))[0]
+        newlines = sum(1 for k in result["kept"] if sources[k] < 0)
+        assert len(views["tiles"]) + len(views["base view"]) + newlines == len(result["kept"]) == 12

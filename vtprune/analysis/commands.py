@@ -54,11 +54,12 @@ def _log(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _load(model: str, device: str, dtype: str, attn: str, template: str, preprocessing: str):
+def _load(model: str, device: str, dtype: str, attn: str, template: str, preprocessing: str, crops: bool = False):
     from vtprune.analysis.common import load_analysis_model
 
     return load_analysis_model(
-        model, device=device, dtype=dtype, attn_implementation=attn, template=template, preprocessing=preprocessing
+        model, device=device, dtype=dtype, attn_implementation=attn, template=template,
+        preprocessing=preprocessing, crops=crops,
     )
 
 
@@ -116,7 +117,7 @@ def show_command(
         budget = _keep(keep)
         names, params = _methods_and_params(methods, param, budget)
         images = [Image.open(path).convert("RGB") for path in image]
-        am = _load(model, device, dtype, attn, template, preprocessing)
+        am = _load(model, device, dtype, attn, template, preprocessing, crops=True)
         data = run_show(am, images, prompt, names, budget, params, output, max_new_tokens=max_new_tokens, log=_log)
         typer.echo(f"unpruned: {data['unpruned_answer']}")
         for name, result in data["methods"].items():

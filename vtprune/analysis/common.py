@@ -122,7 +122,9 @@ def load_analysis_model(
     attn_implementation: str = "sdpa",
     template: str = "hf",
     preprocessing: str = "crop",
+    crops: bool = False,
 ) -> AnalysisModel:
+    """The model of an analysis command; `crops`: the command handles images of several crops (LLaVA-NeXT)."""
     from vtprune.eval.predictor import Predictor
     from vtprune.loading import load_model, resolve_device_dtype
     from vtprune.models import adapter_for
@@ -134,12 +136,12 @@ def load_analysis_model(
     dev, dt = resolve_device_dtype(device, dtype)
     llava, processor = load_model(model, device=dev, dtype=dt, attn_implementation=attn_implementation)
     adapter = adapter_for(llava)
-    if adapter.variable_tokens:
+    if adapter.variable_tokens and not crops:
         # The drawings and per-token analyses lay one patch grid over each image; an AnyRes image is a base
         # view plus tiles with newline tokens (vtprune eval, bench and the Python API support it).
         raise EvalInputError(
-            f"vtprune show / analyze support one patch grid per image (llava); {model!r} is a "
-            f"{adapter.family} model, not supported by these commands yet"
+            f"vtprune analyze supports one patch grid per image (llava); {model!r} is a "
+            f"{adapter.family} model, not supported by this command yet (vtprune show is)"
         )
     predictor = Predictor(llava, processor, template=template, preprocessing=preprocessing, model_id=model)
     return AnalysisModel(llava, processor, predictor, adapter, model_id=model)
@@ -270,19 +272,27 @@ def cls_attention(am: AnalysisModel, inputs: Any) -> torch.Tensor:
     """
     from vtprune.signals.context import VisionSignals
 
-    out = am.adapter.encode_images(inputs["pixel_values"])
+    sizes = inputs.get("image_sizes")
+    out = am.adapter.encode_images(inputs["pixel_values"], **({"image_sizes": sizes} if sizes is not None else {}))
     hidden, projected = am.adapter.unpack_image_output(out)
     ids = inputs["input_ids"]
-    n_img = hidden.shape[0] // ids.shape[0]
+    sources = am.adapter.token_sources(sizes)
+    source = image_crop = None
+    if sources is not None:  # images of several crops: every token's crop and patch
+        source = torch.nn.utils.rnn.pad_sequence(sources, batch_first=True, padding_value=-1).to(hidden.device)
+        image_crop = source[:, 0] // (hidden.shape[1] - 1)
+        projected = torch.nn.utils.rnn.pad_sequence(list(projected), batch_first=True)
+    n_img = projected.shape[0] // ids.shape[0]
     signals = VisionSignals(
         adapter=am.adapter,
         hidden=hidden,
         projected=projected,
-        image_sample=torch.arange(hidden.shape[0], device=hidden.device) // n_img,
+        image_sample=torch.arange(projected.shape[0], device=hidden.device) // n_img,
         input_ids=ids,
         text_valid=ids != am.image_token_id,
         image_output=out,
-        pixel_values=inputs["pixel_values"],
+        source=source,
+        image_crop=image_crop,
     )
     return signals.cls_attention.float().cpu()
 
@@ -364,6 +374,60 @@ def image_as_seen(pixel_values: torch.Tensor, image_processor: Any) -> np.ndarra
     if not getattr(image_processor, "do_rescale", True) or x.max() > 1.5:
         x = x / 255.0
     return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+
+
+@dataclass
+class ImageView:
+    """One picture of an image's tokens: `token_cell` maps the original index of every token drawn here to
+    its raster cell in `grid` (tokens not drawn, such as `image_newline`, are absent)."""
+
+    name: str
+    image: np.ndarray  # (H, W, 3) uint8
+    grid: tuple[int, int]
+    token_cell: dict[int, int]
+
+    def cells(self, kept: list[int]) -> list[int]:
+        return [self.token_cell[k] for k in kept if k in self.token_cell]
+
+    def heatmap(self, values: torch.Tensor) -> np.ndarray:
+        """Per-token `values` laid on the grid (cells without a token: 0)."""
+        out = np.zeros(self.grid[0] * self.grid[1])
+        for token, cell in self.token_cell.items():
+            out[cell] = float(values[token])
+        return out
+
+
+def image_views(am: AnalysisModel, inputs: Any) -> list[ImageView]:
+    """The first image of `inputs` as `vtprune show` draws it: one patch grid (LLaVA-1.5), or, for an image
+    of several crops (LLaVA-NeXT), its tiles put back together and its base view."""
+    processor = am.processor.image_processor
+    pixels = inputs["pixel_values"][0]
+    rows, cols = am.grid
+    sizes = inputs.get("image_sizes")
+    sources = am.adapter.token_sources(sizes) if sizes is not None else None
+    if sources is None:
+        offset = am.tokens_per_image - rows * cols  # a [CLS] token of `full` features comes first
+        return [ImageView("", image_as_seen(pixels, processor), am.grid, {offset + j: j for j in range(rows * cols)})]
+    per_crop = rows * cols
+    base_cells: dict[int, int] = {}
+    tile_cells: dict[int, int] = {}
+    nh, nw = am.adapter.tile_grid(sizes[0].tolist())
+    for token, source in enumerate(sources[0].tolist()):
+        if source < 0:
+            continue  # image_newline: no patch
+        crop, patch = divmod(source, per_crop)
+        if crop == 0:
+            base_cells[token] = patch
+        else:
+            (tile_row, tile_col), (r, c) = divmod(crop - 1, nw), divmod(patch, cols)
+            tile_cells[token] = (tile_row * rows + r) * (nw * cols) + tile_col * cols + c
+    base = ImageView("base view", image_as_seen(pixels[0], processor), am.grid, base_cells)
+    if not tile_cells:
+        return [base]
+    size = pixels.shape[-1]
+    tiles = pixels[1 : 1 + nh * nw].reshape(nh, nw, 3, size, size).permute(2, 0, 3, 1, 4)
+    mosaic = image_as_seen(tiles.reshape(3, nh * size, nw * size), processor)
+    return [ImageView("tiles", mosaic, (nh * rows, nw * cols), tile_cells), base]
 
 
 # ------------------------------------------------------------------------------------------ small things

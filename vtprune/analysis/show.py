@@ -5,6 +5,8 @@ normalisation undone) with the dropped patches darkened and the kept ones outlin
 answer. A last panel overlays the vision tower's head-mean [CLS] attention (the score VisPruner and
 VisionZip rank with) and shows the unpruned model's answer. With several images in the prompt the first
 image is drawn. The kept set of a method is what the last LLM layer sees (the final stage of its record).
+A LLaVA-NeXT image is drawn in two rows: its tiles put back together (the unpadded high-resolution grid;
+rows or columns that only covered the letterbox are no tokens and stay dark) and its base view.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ from vtprune.analysis.common import (
     AnalysisModel,
     cls_attention,
     final_kept,
-    image_as_seen,
-    patch_indices,
+    image_views,
     settings,
     write_json,
 )
 from vtprune.analysis.plots import attention_heatmap_overlay, overlay_kept_patches, save_figure
 
 PANEL_INCHES = (3.2, 4.2)  # width, height of one panel; the PNG is (320·panels) × 420 px at dpi 100
+ROW_INCHES = 3.4  # each further row (LLaVA-NeXT: the base view under the tiles)
 COLORS = ("red", "lime", "cyan", "magenta", "yellow", "orange", "deepskyblue", "white")
 
 
@@ -63,8 +65,8 @@ def run_show(
     output = Path(output)
     stem = output.with_name(output.stem) if output.suffix.lower() == ".png" else output
     inputs = am.encode(prompt, images)
-    seen = image_as_seen(inputs["pixel_values"][0], am.processor.image_processor)
-    p, grid = am.tokens_per_image, am.grid
+    views = image_views(am, inputs)
+    p = int((inputs["input_ids"][0] == am.image_token_id).sum()) // len(images)
     cls = cls_attention(am, inputs)[0]  # first image
     unpruned = am.generate(inputs, max_new_tokens)
     results: dict[str, Any] = {}
@@ -79,10 +81,11 @@ def run_show(
         results[method] = {
             "answer": answer,
             "params": record.params,
-            "kept_first_image": patch_indices(kept, 0, p, grid),
+            "kept_first_image": views[0].cells(kept),
             "kept": kept,
             "tokens_after_pruning": record.tokens_after_pruning[0],
             "layer_avg_tokens": record.layer_avg_tokens[0],
+            **({"kept_views": {view.name: view.cells(kept) for view in views}} if len(views) > 1 else {}),
             "stages": [
                 {"name": s.name, "kind": s.kind, "prune_layer": s.prune_layer, "count": s.counts[0], "extra": s.extra}
                 for s in record.stages
@@ -92,22 +95,32 @@ def run_show(
             log(f"{method}: kept {len(kept)} of {record.visual_tokens} visual tokens; answer: {answer!r}")
 
     panels = len(methods) + 1
-    fig = Figure(figsize=(PANEL_INCHES[0] * panels, PANEL_INCHES[1]), dpi=dpi)
+    fig = Figure(figsize=(PANEL_INCHES[0] * panels, PANEL_INCHES[1] + ROW_INCHES * (len(views) - 1)), dpi=dpi)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.80, bottom=0.17, wspace=0.06)
-    for i, method in enumerate(methods):
-        ax = axes[i]
-        kept_patches = results[method]["kept_first_image"]
-        overlay_kept_patches(seen, grid, kept_patches, ax, color=COLORS[i % len(COLORS)])
-        ax.set_title(f"{method}\n{len(kept_patches)} / {grid[0] * grid[1]} patches kept", fontsize=10)
-        ax.text(0.5, -0.03, _caption(results[method]["answer"]), transform=ax.transAxes, ha="center", va="top", fontsize=8)
-    ax = axes[-1]
-    attention_heatmap_overlay(seen, cls.numpy(), ax, grid=grid)
-    ax.set_title(f"[CLS] attention\n(max {float(cls.max()):.3g})", fontsize=10)
-    ax.text(0.5, -0.03, _caption(f"unpruned: {unpruned}"), transform=ax.transAxes, ha="center", va="top", fontsize=8)
+    axes = fig.subplots(len(views), panels, squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.80 if len(views) == 1 else 0.88, bottom=0.12, wspace=0.06)
+    for row, view in enumerate(views):
+        label = f"{view.name}: " if len(views) > 1 else ""
+        for i, method in enumerate(methods):
+            ax = axes[row, i]
+            cells = view.cells(results[method]["kept"])
+            overlay_kept_patches(view.image, view.grid, cells, ax, color=COLORS[i % len(COLORS)])
+            title = f"{label}{len(cells)} / {len(view.token_cell)} patches kept"
+            ax.set_title(f"{method}\n{title}" if row == 0 else title, fontsize=9)
+            if row == len(views) - 1:
+                ax.text(0.5, -0.03, _caption(results[method]["answer"]), transform=ax.transAxes, ha="center",
+                        va="top", fontsize=8)
+        ax = axes[row, -1]
+        heat = view.heatmap(cls)
+        attention_heatmap_overlay(view.image, heat, ax, grid=view.grid)
+        ax.set_title(f"{label}[CLS] attention" + (f"\n(max {float(heat.max()):.3g})" if row == 0 else ""), fontsize=9)
+        if row == len(views) - 1:
+            ax.text(0.5, -0.03, _caption(f"unpruned: {unpruned}"), transform=ax.transAxes, ha="center", va="top",
+                    fontsize=8)
     fig.suptitle(_caption(f"prompt: {prompt}", width=40 * panels, lines=1), y=0.985, fontsize=9)
     (png,) = save_figure(fig, stem, formats=("png",))
+    seen = views[0].image
+    grid = views[0].grid
     data = {
         "settings": settings(am, prompt=prompt, keep=keep, methods=methods, max_new_tokens=max_new_tokens),
         "image_size_seen": [int(seen.shape[1]), int(seen.shape[0])],

@@ -79,6 +79,13 @@ class LlavaNextAdapter(ModelAdapter):
             image_size=image_size, grid_pinpoints=self.config.image_grid_pinpoints, patch_size=self.crop_size
         )
 
+    def tile_grid(self, image_size) -> tuple[int, int]:
+        """(rows, cols) of the tiles an image of size (height, width) is cut into."""
+        nh, nw = self._model_file("get_anyres_image_grid_shape")(
+            tuple(int(v) for v in image_size), self.config.image_grid_pinpoints, self.crop_size
+        )
+        return int(nh), int(nw)
+
     def token_sources(self, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """For each image, (P_i,) long: crop * p + patch of each of its tokens in the order the LLM receives
         them, -1 for `image_newline`; crops are numbered over the whole batch, in the tower's order.
@@ -95,9 +102,7 @@ class LlavaNextAdapter(ModelAdapter):
                 sources.append(torch.cat([base, torch.tensor([-1])]))
                 first_crop += 1
                 continue
-            nh, nw = self._model_file("get_anyres_image_grid_shape")(
-                size, self.config.image_grid_pinpoints, self.crop_size
-            )
+            nh, nw = self.tile_grid(size)
             rows = torch.arange(nh * side)[:, None]
             cols = torch.arange(nw * side)[None, :]
             tile = 1 + (rows // side) * nw + cols // side
