@@ -298,8 +298,22 @@ def test_analyze_refuses_next_clearly(next_folder):
     from vtprune.analysis.common import load_analysis_model
     from vtprune.eval.errors import EvalInputError
 
-    with pytest.raises(EvalInputError, match="llava_next model, not supported by this command yet"):
+    with pytest.raises(EvalInputError, match="llava_next model, not supported by it yet"):
         load_analysis_model(str(next_folder), device="cpu", dtype="float32")
+
+
+def test_analyze_overlap_on_next(next_folder, tmp_path):
+    from vtprune.analysis.common import Sample, load_analysis_model
+    from vtprune.analysis.overlap import run_overlap
+
+    am = load_analysis_model(str(next_folder), device="cpu", dtype="float32", crops=True)
+    samples = [
+        Sample(type("Example", (), {"question": q, "uid": f"s{i}"})(), [random_image(i, 60).resize(SIZES[i])])
+        for i, q in enumerate(QUESTIONS)
+    ]
+    data = run_overlap(am, samples, tmp_path, methods=["vispruner", "fastv"], keep=0.25, params={})
+    assert data["num_samples"] == 2
+    assert data["mean_kept"] == {"vispruner": 15.5, "fastv": 15.5}  # 0.25 of 52 and of 72 tokens
 
 
 def test_show_draws_tiles_and_base_view(next_folder, tmp_path):

@@ -280,7 +280,7 @@ def overlap_command(
         budget = _keep(keep)
         names, params = _methods_and_params(methods, param, budget)
         _, samples = _samples(task, dataset_path, split, num_samples)
-        am = _load(model, device, dtype, attn, template, preprocessing)
+        am = _load(model, device, dtype, attn, template, preprocessing, crops=True)
         data = run_overlap(am, samples, output, methods=names, keep=budget, params=params, log=_log)
         width = max(len(n) for n in names)
         typer.echo(" " * width + "  " + "  ".join(f"{n:>{max(6, len(n))}}" for n in names))

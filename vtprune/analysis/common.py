@@ -140,8 +140,8 @@ def load_analysis_model(
         # The drawings and per-token analyses lay one patch grid over each image; an AnyRes image is a base
         # view plus tiles with newline tokens (vtprune eval, bench and the Python API support it).
         raise EvalInputError(
-            f"vtprune analyze supports one patch grid per image (llava); {model!r} is a "
-            f"{adapter.family} model, not supported by this command yet (vtprune show is)"
+            f"this analysis lays one patch grid over each image (llava); {model!r} is a {adapter.family} "
+            "model, not supported by it yet (vtprune show and analyze overlap are)"
         )
     predictor = Predictor(llava, processor, template=template, preprocessing=preprocessing, model_id=model)
     return AnalysisModel(llava, processor, predictor, adapter, model_id=model)
