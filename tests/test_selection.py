@@ -34,6 +34,7 @@ from vtprune.selection import (
     minmax_normalize,
     numerical_rank,
     tokencarve_fuse_and_merge,
+    tokencarve_information,
     topk_indices,
     visionzip_merge,
     vispruner_rounds,
@@ -675,6 +676,63 @@ def test_tokencarve_sv_score_is_l1_of_us_and_l2_is_the_norm():
     # the M = 2 merged B tokens are B's first two (3 and 1)
     assert out.indices[0].tolist() == [0, 2, 4, 5]
     torch.testing.assert_close(out.hidden[0, 1], (hid[0, 2] + hid[0, 3] + hid[0, 1]) / 3)
+
+
+def _massive_hidden(b: int, n: int, d: int, seed: int) -> torch.Tensor:
+    """Random hidden states with what real layer-1 outputs have: a high-norm row and a massive activation."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(b, n, d, generator=gen)
+    h[:, 5] *= 100.0
+    h[:, 17, 7] = 1000.0
+    return h
+
+
+def _sv_float64(h: torch.Tensor) -> torch.Tensor:
+    u, s, _ = torch.linalg.svd(h.double(), full_matrices=False)
+    return (u * s.unsqueeze(-2)).abs().sum(-1)
+
+
+def test_tokencarve_information_hand_example():
+    """The official score, ShawnTan86/TokenCarve `TokenCarve/modeling_llama.py` @ a57bd59: `U, S, Vt =
+    torch.linalg.svd(H)`, score = row sums of |U·diag(S)|.
+
+    H = M·Wᵀ with W (8×2) orthonormal columns and M's columns orthogonal ((2, 1.5, 1)·(0, 1.2, −1.8) = 0),
+    so U·S = M up to column signs: scores = L1 norms of M's rows = 2, 2.7, 2.8. The L2 norms (2, 1.92,
+    2.06) would rank token 0 above token 1: the score is not the row norm.
+    """
+    m = torch.tensor([[2.0, 0.0], [1.5, 1.2], [1.0, -1.8]], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.linalg.qr(torch.randn(8, 2, generator=gen, dtype=torch.float64)).Q
+    h = (m @ w.T).float()[None]
+    expected = torch.tensor([[2.0, 2.7, 2.8]])
+    torch.testing.assert_close(tokencarve_information(h), expected, rtol=1e-5, atol=1e-5)
+    assert torch.argsort(h[0].norm(dim=-1), descending=True).tolist() == [2, 0, 1]
+    # SV only (w = 0), keep 1 of 3: N1 = 1, so the kept token is the top of the SV ranking
+    out = tokencarve_fuse_and_merge(torch.zeros(1, 3), h, keep=1, weight=0.0)
+    assert out.indices.tolist() == [[2]]
+    # a tall H (more tokens than width) takes the direct SVD: the same definition
+    tall = torch.cat([h, torch.zeros(1, 7, 8)], dim=1)
+    torch.testing.assert_close(tokencarve_information(tall)[:, :3], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tokencarve_information_accuracy_against_float64_svd():
+    """Issue 20 point 1: the score to the accuracy of the official fp32 SVD of H (ShawnTan86/TokenCarve
+    `TokenCarve/modeling_llama.py` @ a57bd59), checked against a float64 SVD, on hidden states with a
+    high-norm row and a massive activation (what LLaVA's layer-1 outputs have). The fp32 eigendecomposition
+    of H·Hᵀ that vtprune used before squares the condition number and is off by several per cent here."""
+    h = _massive_hidden(2, 144, 512, seed=0)
+    reference = _sv_float64(h)
+    got = tokencarve_information(h)
+    assert float(((got.double() - reference).abs() / reference).max()) < 1e-3
+    evals, evecs = torch.linalg.eigh(h @ h.mT)  # the former fp32 Gram route, kept here as the contrast
+    gram = (evecs * evals.clamp_min(0).sqrt().unsqueeze(1)).abs().sum(dim=-1)
+    assert float(((gram.double() - reference).abs() / reference).max()) > 1e-2
+    # the kept set is the one the float64 definition gives
+    attn = torch.rand(2, 144, generator=torch.Generator().manual_seed(1))
+    out = tokencarve_fuse_and_merge(attn, h, keep=32, weight=0.5)
+    for i in range(2):
+        kept, _ = ref_tokencarve(attn[i].tolist(), h[i], 32, 0.5)
+        assert out.indices[i].tolist() == kept
 
 
 @HSET
