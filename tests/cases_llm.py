@@ -17,10 +17,11 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "sparsevlm[v1]": ({"version": "1", "layers": (0, 1, 2), "scale": 0.5, "recycle": False}, False, True),
     "sparsevlm[v1-recycle]": ({"version": "1", "layers": (0, 1, 2), "scale": 3.0}, False, True),
     "sparsevlm[v2]": ({"version": "2.0", "layers": (0, 1, 2), "priority_heads": 2}, True, True),
+    # "sink" masks pad-to-square padding only (the released patches); the square test images have none
     "sparsevlm[debias]": (
         {"layers": (0, 1, 2), "recycle": False, "debias": ["recency", "sink"]},
         True,
-        False,
+        True,
     ),
     "pdrop": ({"layer_list": (1, 2, 3)}, True, True),
     "pdrop[ratios]": ({"layer_list": (1, 2, 3), "ratios": (0.5, 0.25, 0.0625)}, True, False),

@@ -59,8 +59,13 @@ class FastV(AttentionMethod):
 
     def select(self, stage_index, stage, signals) -> Selection:
         keep = min(stage.keep * signals.images_per_sample, signals.num_visual)
-        scores, info = self.attention_scores(signals, stage.queries, budget=stage.keep)
-        return Selection(*topk_indices(scores, keep, valid=signals.visual_valid), scores=scores, info=info)
+        scores, info, suppressed = self.attention_scores_and_sinks(signals, stage.queries, budget=stage.keep)
+        valid = signals.visual_valid
+        if suppressed is not None:
+            # FastV's debiasing patch (intcomp/attention-bias patches/FastV.patch @ e75ebe7) lowers the keep
+            # count to the number of valid patches: masked padding never fills the budget
+            valid = valid & ~suppressed
+        return Selection(*topk_indices(scores, keep, valid=valid), scores=scores, info=info)
 
 
 @register
