@@ -30,5 +30,7 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "tokencarve": ({"K": 2}, False, True),
     "illava": ({"llm_layer": 2}, False, True),  # the tiny 3-layer tower gets no ViT stage by default
     # ViT stage at CLIP layer 0 (the only one before the tiny tower's feature layer 1): 64 -> 56 patches.
+    # Explicit vit_layers fix that count whatever keep says, hence not keep-all (the default ViT stage is
+    # skipped at keep=all, test_methods_vision.py).
     "illava[vit]": ({"llm_layer": 2, "vit_layers": (0,), "vit_remove": 8}, False, False),
 }

@@ -378,6 +378,44 @@ def test_visionzip_contextual_only_budget(tiny, batch_inputs):
     assert out.shape[1] == batch_inputs["input_ids"].shape[1] + 2
 
 
+def test_visionzip_full_budget_is_the_unmodified_model(tiny, batch_inputs):
+    """Issue 20 point 4. dvlab-research/VisionZip `visionzip/clip_encoder.py` @ 3151f6d has no special
+    case: with D + C = every token it still feeds [CLS] instead of the least-attended patch and merges the
+    last C remaining tokens into contextual ones. vtprune feeds the unmodified image; one token less is
+    the real method again."""
+    model, _, _ = tiny
+    with torch.no_grad():
+        reference = model(**batch_inputs).logits
+    valid = batch_inputs["attention_mask"].bool()
+    for params in ({"keep": 64}, {"keep": 1.0}, {"dominant": 60, "contextual": 4}, {"keep": 64, "contextual": 3}):
+        with vtprune.pruned(model, "visionzip", **params):
+            with torch.no_grad():
+                logits = model(**batch_inputs).logits
+            stage = vtprune.last_record(model).stages[0]
+        torch.testing.assert_close(logits[valid], reference[valid], rtol=1e-5, atol=1e-5)
+        assert stage.kept == [list(range(64))] * 3 and stage.extra["unchanged"] is True, params
+    with vtprune.pruned(model, "visionzip", keep=63):
+        with torch.no_grad():
+            logits = model(**batch_inputs).logits
+        assert vtprune.last_record(model).stages[0].kept[0][0] == -1  # [CLS] first, then merges
+    assert not torch.allclose(logits[:, -1], reference[:, -1], atol=1e-3)
+
+
+def test_illava_full_budget_skips_the_default_vit_stage():
+    """Issue 20 point 4: iLLaVA's default ViT stage (hulianyuyy/iLLaVA @ 4068149: layers 5-8, 92 patches
+    each) would merge 368 of LLaVA-1.5's 576 patches even at keep = 576; a full budget is the unmodified
+    model. Explicit vit_layers fix their own count and still run."""
+    full = vtprune.get_method("illava", keep=576).stages(INFO_576)
+    assert [(s.kind, s.keep) for s in full] == [("llm", 576)]
+    assert [s.kind for s in vtprune.get_method("illava", keep=1.0).stages(INFO_576)] == ["llm"]
+    assert [(s.kind, s.keep) for s in vtprune.get_method("illava", keep=300).stages(INFO_576)] == [
+        ("vit", 208),
+        ("llm", 208),
+    ]
+    explicit = vtprune.get_method("illava", keep=576, vit_layers=(5, 6)).stages(INFO_576)
+    assert [(s.kind, s.keep) for s in explicit] == [("vit", 392), ("llm", 392)]
+
+
 # --- VisPruner: sink exclusion and the seed's parameter names ---------------------------------------------
 
 
