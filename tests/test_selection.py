@@ -381,6 +381,43 @@ def test_vispruner_matches_reference(device, case, ratio, cap, tied_attn):
         check_picked(got, i, expected, keep)
 
 
+def test_vispruner_exact_ties_are_broken_by_index():
+    """Issue 20 point 5. Theia-4869/VisPruner `llava/model/llava_arch.py` @ aefa01a ranks with
+    `image_attentions.argsort(descending=True)` and `scores.argsort(descending=True)`, unstable sorts that
+    leave exactly tied scores to the backend. vtprune's rule: a stable sort on (−score, index) — equal
+    [CLS] attention ranks the lower index first; equal best-match cosines keep their order in A (the
+    residual order), so the earlier member is deleted first.
+
+    8 tokens, all with the same attention; unit features at 270°, 0°, 0°, 90°, 90°, 180°, 180°, 45°;
+    keep 4 = 1 important + 3 diverse, at most 2 deletions per round.
+    * important: all tied → token 0; R = [1, 2, 3, 4, 5, 6, 7].
+    * round 1 (|R| = 7, r = 2): A = [1, 3, 5, 7], B = [2, 4, 6]; m = 1, 1, 1, cos 45°; the three tied
+      duplicates keep A's order → delete 1 and 3; R = [5, 7, 2, 4, 6].
+    * round 2 (|R| = 5, r = 2): A = [5, 2, 6], B = [7, 4]; m = 0, cos 45°, 0 → order 2, 5, 6 (5 before 6
+      by A's order) → delete 2 and 5; R = [6, 7, 4] = 3 tokens.
+    Kept: {0, 4, 6, 7}. A backend that ordered the ties otherwise could keep 5 for 6, 1 for 2, ...
+    (5 and 6 are the same vector: their m are bit-identical, a true tie.)
+    """
+    angles = [270, 0, 0, 90, 90, 180, 180, 45]
+    feats = torch.tensor([[math.cos(math.radians(a)), math.sin(math.radians(a))] for a in angles])[None]
+    attn = torch.full((1, 8), 0.125)
+    got = vispruner_select(attn, feats, 4, important_ratio=0.25, removal_per_round=2)
+    assert got.indices.tolist() == [[0, 4, 6, 7]]
+    assert got.indices.tolist() == [ref_vispruner(attn[0].tolist(), as_lists(feats[0]), None, 4, 0.25, 2)]
+    # the tie follows the residual order, not the vector: token 6 ranked first by attention (token 0 still
+    # the important one) leads A, so 6 is the 180° duplicate deleted and 5 the one kept.
+    # R = [6, 1, 2, 3, 4, 5, 7]; round 1 deletes 6, 2 (A = [6, 2, 4, 7], m = 1, 1, 1, cos 45°);
+    # R = [4, 7, 1, 3, 5]; round 2 (A = [4, 1, 5], m = 1, cos 45°, 0) deletes 4, 1 → R = [5, 7, 3]
+    attn_6_first = attn.clone()
+    attn_6_first[0, 0] = 0.2
+    attn_6_first[0, 6] = 0.13
+    picked = vispruner_select(attn_6_first, feats, 4, important_ratio=0.25, removal_per_round=2)
+    assert picked.indices.tolist() == [[0, 3, 5, 7]]
+    # tied attention at the important boundary: the lower indices are important
+    attn2 = torch.tensor([[0.3, 0.2, 0.2, 0.2, 0.05, 0.05]])
+    assert vispruner_select(attn2, torch.eye(6)[None], 2, important_ratio=1.0).indices.tolist() == [[0, 1]]
+
+
 def test_vispruner_odd_residual_length():
     # |R| = 7 is odd: |A| = 4, |B| = 3 (the official code would mis-size the deletion)
     gen = torch.Generator().manual_seed(3)

@@ -292,9 +292,14 @@ def vispruner_select(
     3. If ``T_div > 0``, repeat while ``|R| > T_div``: ``r_step = min(removal_per_round, |R| - T_div,
        |A|)``; split ``R`` by position parity into ``A = R[0::2]``, ``B = R[1::2]``; ``m(a) =
        max_{b in B} cos(x_a, x_b)``; sort ``A`` by ``m`` descending (stable: ties keep their order in
-       ``A``); delete the first ``r_step`` of ``A``; new ``R`` = surviving ``A`` in that sorted order, then
-       ``B`` in its previous order. The official code sizes the deletion with ``|R| // 2``, which breaks
-       when ``|R|`` is odd; here the actual ``|A| = ceil(|R| / 2)`` is used.
+       ``A``, so of two tied members the earlier one — higher attention, or lower index on equal
+       attention — is deleted first); delete the first ``r_step`` of ``A``; new ``R`` = surviving ``A`` in
+       that sorted order, then ``B`` in its previous order. The official code sizes the deletion with
+       ``|R| // 2``, which breaks when ``|R|`` is odd; here the actual ``|A| = ceil(|R| / 2)`` is used.
+
+    Ties: the official loop (Theia-4869/VisPruner ``llava/model/llava_arch.py`` @ aefa01a) sorts with
+    ``argsort(descending=True)``, which leaves the order of exactly tied scores to the backend; the stable
+    rule above makes the selection the same on every device and batch size.
     4. Keep ``important ∪ R`` (``keep`` tokens), returned in raster order.
 
     ``removal_per_round`` is the cap on tokens deleted per round (§4 uses 8; it is the seed's
