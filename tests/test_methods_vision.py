@@ -380,9 +380,9 @@ def test_visionzip_contextual_only_budget(tiny, batch_inputs):
 
 def test_visionzip_full_budget_is_the_unmodified_model(tiny, batch_inputs):
     """Issue 20 point 4. dvlab-research/VisionZip `visionzip/clip_encoder.py` @ 3151f6d has no special
-    case: with D + C = every token it still feeds [CLS] instead of the least-attended patch and merges the
-    last C remaining tokens into contextual ones. vtprune feeds the unmodified image; one token less is
-    the real method again."""
+    case: with D + C = every token it still feeds [CLS] in place of a patch, puts the C non-dominant
+    patches after the dominant ones as contextual targets and adds the leftover patch to its most similar
+    target. vtprune feeds the unmodified image; one token less is the real method again."""
     model, _, _ = tiny
     with torch.no_grad():
         reference = model(**batch_inputs).logits

@@ -30,8 +30,15 @@ image setting (8) targets LLaVA-OneVision, its LLaVA-1.5 setting is not released
 compares it with FastV-style pruners at K=2 — a vtprune choice. The record has one stage per part ("vit":
 patches per sample after the ViT merges; "llm": after the LLM merge).
 
-Deviation: the official code targets SigLIP/Qwen2-VL towers without [CLS]; on CLIP the [CLS] is never merged
-(it stays first) but its query row counts in the received attention.
+Deviations from the official code (hulianyuyy/iLLaVA @ 4068149):
+* the official code targets SigLIP/Qwen2-VL towers without [CLS]; on CLIP the [CLS] is never merged (it
+  stays first) but its query row counts in the received attention;
+* its LLaVA-1.5 configuration is not released: `llm_layer` = 2 and the default ViT layers 5-8 are
+  vtprune's choices (see above); keep = every token skips the default ViT stage;
+* attention from SDPA-captured q/k in float32 (the official code needs eager attention); ties go to the
+  lower index; batches are pruned per sample;
+* there is no released debiasing patch: vtprune applies FastV's rule (cubic recency weights, padding
+  above half a patch) to the LLM-stage score.
 
 Parameters: keep, llm_layer (2), llm_r (0.70, used only when keep is None), vit_layers (None = 5-8),
 vit_remove (92); attention options heads, num_heads, debias (no released patch; vtprune applies it to the

@@ -164,7 +164,8 @@ def prumerge_select(
 @register
 @dataclass
 class PruMerge(Method):
-    """Adaptive [CLS]-attention outliers of the last CLIP layer, merged with their similar tokens."""
+    """Adaptive [CLS]-attention outliers of the last CLIP layer, merged with their similar tokens. PruMerge
+    chooses its own count per image: keep only caps it, so keep = all tokens is not the unmodified model."""
 
     plus: bool = False
     neighbours: int = 32

@@ -31,8 +31,9 @@ Deviations from the official code (dvlab-research/VisionZip `visionzip/clip_enco
 @ 3151f6d):
 * ties in the [CLS] attention go to the lower index (stable sort; torch.topk has no guaranteed tie order)
   and ties between targets go to the earlier target (`vtprune.selection.visionzip_merge`);
-* at a full budget the official code still feeds [CLS] in place of the least-attended patch and merges the
-  last sixth of the image into contextual tokens; vtprune feeds the unmodified image (issue 20);
+* at a full budget the official code still feeds [CLS] in place of a patch, moves the non-dominant
+  patches after the dominant ones (contextual targets) and adds the one left over to its most similar
+  target; vtprune feeds the unmodified image (issue 20);
 * the [CLS] attention and keys of the feature layer are computed from its q/k projections (SDPA tower), not
   by a monkey-patched eager CLIP attention; several images per sample and batches are supported.
 """
@@ -128,7 +129,7 @@ class VisionZip(Method):
         p = signals.projected.shape[1]
         if stage.keep >= p:
             # A full budget has nothing to compress: every patch, unchanged, as the unmodified model feeds
-            # them (the official code would still swap a patch for [CLS] and merge ~1/6 of the image).
+            # them (the official code would still swap a patch for [CLS], reorder and merge one patch).
             every = torch.arange(p, device=hidden.device).expand(n, p)
             return Selection(indices=every, info={"dominant": 0, "contextual": 0, "unchanged": True})
         heads_attn = signals.cls_attention_heads  # (N, Hv, P), columns = tower tokens 1..P
