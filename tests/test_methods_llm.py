@@ -538,6 +538,47 @@ def test_debias_only_at_the_first_stage(tiny, batch_inputs, monkeypatch, name):
     assert debiased == [64]  # once, on the full set of 64 tokens
 
 
+class PaddedSignals(FakeSignals):
+    """FakeSignals with a measured padding fraction per visual token (what `LLMSignals.debias_context`
+    reads from the pixels)."""
+
+    def __init__(self, attention, padding_fraction):
+        super().__init__(attention)
+        self._fraction = padding_fraction
+
+    def debias_context(self):
+        from vtprune.signals.debias import DebiasContext
+
+        return DebiasContext(padding_fraction=self._fraction, grid=(2, 3))
+
+
+def test_padding_sink_hand_example_fastv_cap_and_pdrop_threshold():
+    """Issue 20 point 3 on hand-made scores; intcomp/attention-bias @ e75ebe7. patches/FastV.patch (against
+    pkunlp-icler/FastV d165972): `score *= generate_pad_mask(w, h, threshold=0.5)`, then `ATTENTION_RANK =
+    (mask == 1).sum()` when that is smaller. patches/PyramidDrop.patch (against Cooperx521/PyramidDrop
+    6444f30): the same with threshold=0.01 and no cap.
+
+    Last-token scores s = [0.30, 0.05, 0.20, 0.10, 0.25, 0.15], padding fractions [0.75, 0, 0, 0, 0.6, 0.3]:
+    FastV's padding is {0, 4}: keep 5 → capped at the 4 valid {1, 2, 3, 5}; keep 2 → {2, 5} (raw: {0, 4}).
+    PDrop's padding is {0, 4, 5}: keep 2 → {2, 3}.
+    """
+    scores = torch.tensor([[0.30, 0.05, 0.20, 0.10, 0.25, 0.15]])
+    attention = {"last": (scores[:, None, None, :], torch.ones(1, 1, dtype=torch.bool))}
+    fraction = torch.tensor([[0.75, 0.0, 0.0, 0.0, 0.6, 0.3]])
+
+    def kept(name, keep, **params):
+        method = vtprune.get_method(name, keep=keep, **params)
+        sel = method.select(0, llm_stage(keep, "last", layer=2), PaddedSignals(attention, fraction))
+        valid = sel.valid if sel.valid is not None else torch.ones_like(sel.indices, dtype=torch.bool)
+        return sel.indices[valid].tolist()
+
+    assert kept("fastv", 5, debias=["sink"]) == [1, 2, 3, 5]
+    assert kept("fastv", 2, debias=["sink"]) == [2, 5]
+    assert kept("fastv", 2) == [0, 4]
+    assert kept("fastv", 5) == [0, 2, 3, 4, 5]  # without the option nothing is capped
+    assert kept("pdrop", 2, debias=["sink"], layer_list=(2,), ratios=(0.5,)) == [2, 3]
+
+
 def _padded_inputs(processor):
     """One 7:5 picture padded to a square with LLaVA's `expand2square` (CLIP mean colour), on the tiny
     model's 112-px, 8×8-patch grid: the valid band covers pixel rows 16..95, so patch rows 0 and 7 are all
