@@ -17,10 +17,11 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "sparsevlm[v1]": ({"version": "1", "layers": (0, 1, 2), "scale": 0.5, "recycle": False}, False, True),
     "sparsevlm[v1-recycle]": ({"version": "1", "layers": (0, 1, 2), "scale": 3.0}, False, True),
     "sparsevlm[v2]": ({"version": "2.0", "layers": (0, 1, 2), "priority_heads": 2}, True, True),
+    # "sink" masks pad-to-square padding only (the released patches); the square test images have none
     "sparsevlm[debias]": (
         {"layers": (0, 1, 2), "recycle": False, "debias": ["recency", "sink"]},
         True,
-        False,
+        True,
     ),
     "pdrop": ({"layer_list": (1, 2, 3)}, True, True),
     "pdrop[ratios]": ({"layer_list": (1, 2, 3), "ratios": (0.5, 0.25, 0.0625)}, True, False),
@@ -29,5 +30,7 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "tokencarve": ({"K": 2}, False, True),
     "illava": ({"llm_layer": 2}, False, True),  # the tiny 3-layer tower gets no ViT stage by default
     # ViT stage at CLIP layer 0 (the only one before the tiny tower's feature layer 1): 64 -> 56 patches.
+    # Explicit vit_layers fix that count whatever keep says, hence not keep-all (the default ViT stage is
+    # skipped at keep=all, test_methods_vision.py).
     "illava[vit]": ({"llm_layer": 2, "vit_layers": (0,), "vit_remove": 8}, False, False),
 }

@@ -5,15 +5,16 @@ exact oracle possible (no created/merged tokens), keeps everything at keep=all).
 
 CDPruner runs here without a CLIP text tower (relevance="none": plain DPP on the projected tokens); its CLIP
 relevance path is tested end to end with a tiny saved CLIP checkpoint in tests/test_methods_vision.py.
-VisionZip and PruMerge create or merge tokens: no oracle, and keep=all is not the identity.
+VisionZip and PruMerge create or merge tokens: no oracle. VisionZip at keep=all leaves the model unmodified
+(issue 20); PruMerge chooses its own count (keep is only a cap), so keep=all is not the identity.
 """
 
 CASES: dict[str, tuple[dict, bool, bool]] = {
     "cdpruner": ({"relevance": "none"}, True, True),
     "divprune": ({}, True, True),
     "divprune[vision]": ({"feature": "vision"}, True, True),
-    "visionzip": ({}, False, False),
-    "visionzip[split]": ({"contextual": 3}, False, False),
+    "visionzip": ({}, False, True),
+    "visionzip[split]": ({"contextual": 3}, False, True),
     "prumerge": ({}, False, False),
     "prumerge[plus]": ({"plus": True}, False, False),
     "vispruner[seed-aliases]": ({"vispruner_ratio": 0.75, "removal_number": 4}, True, True),

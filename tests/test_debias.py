@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from vtprune.signals.debias import (
     EXCLUDED_SCORE,
+    PADDING_THRESHOLDS,
     RECENCY_LAMBDA,
     RECENCY_LAMBDA_DEFAULT,
     Debias,
@@ -22,6 +23,7 @@ from vtprune.signals.debias import (
     massive_activation_sinks,
     norm_outlier_sinks,
     padding_patch_mask,
+    padding_threshold,
     recency_debias,
     recency_lambda,
     recency_weights,
@@ -255,11 +257,8 @@ def test_debias_composes_recency_then_padding():
 
 def test_debias_from_spec_and_auto_kind():
     fastv = Debias.from_spec(["recency", "sink"], method="fastv")
-    assert (
-        fastv.strength == 1.0
-        and fastv.sink
-        and fastv.sink_sources == ("padding", "massive", "attention", "norm")
-    )
+    # "sink" is the released patches' padding step only (issue 20; it used to enable all four sources)
+    assert fastv.strength == 1.0 and fastv.sink and fastv.sink_sources == ("padding",)
     assert fastv.resolved_recency() == ("cubic", {})
     pdrop = Debias.from_spec("recency", method="pdrop", benchmark="pope")
     assert pdrop.resolved_recency() == ("exp", {"lam": pytest.approx(4.051e-3)})
@@ -323,3 +322,64 @@ def test_debias_batched_equals_per_sample():
         one = opt.apply(scores[i : i + 1], {"image_sizes": sizes[i : i + 1], "hidden": hidden[i : i + 1]})
         assert torch.equal(out[i], one[0])
     json.dumps(repr(opt))  # the option prints (records store its repr)
+
+
+# ---------------------------------------------------------------- what the released patches do (issue 20)
+
+
+def test_sink_means_the_released_padding_step_only():
+    """`debias=["recency", "sink"]` = the released patches of intcomp/attention-bias @ e75ebe7
+    (patches/FastV.patch, PyramidDrop.patch, SparseVLMs.patch, HiMAP.patch, TokenCarve.patch): the sink
+    step multiplies the score by the 0/1 padding mask and does nothing else. The other detectors stay
+    reachable by name."""
+    n = 16
+    scores = torch.full((1, n), 0.5)
+    hidden = torch.ones(1, n, 1024)
+    hidden[0, 6, 3] = 1000.0  # a massive activation (§12.1): φ ≈ 32 > 20
+    cls = torch.zeros(1, n)
+    cls[0, 9] = 0.5  # a [CLS]-attention sink (seed 000)
+    feats = torch.ones(1, n, 4)
+    feats[0, 12] *= 10.0  # a high-norm vision feature (§12.3)
+    ctx = DebiasContext(
+        image_sizes=[[80, 40]], hidden=hidden, cls_attention=cls, vision_features=feats, grid=4, image_size=56
+    )
+    padding = torch.tensor([r in (0, 3) for r in range(4) for _ in range(4)])  # 2:1 image: rows 0 and 3
+    _, mask = Debias.from_spec(["recency", "sink"], method="fastv").apply(scores, ctx, return_mask=True)
+    assert torch.equal(mask[0], padding)
+    assert torch.equal(Debias.from_spec("padding").apply(scores, ctx, return_mask=True)[1][0], padding)
+    for name, token in (("massive", 6), ("attention", 9), ("norm", 12)):
+        _, mask = Debias.from_spec(["sink", name]).apply(scores, ctx, return_mask=True)
+        expected = padding.clone()
+        expected[token] = True
+        assert torch.equal(mask[0], expected), name
+        assert Debias.from_spec([name]).sink_sources == (name,)
+    assert Debias(sink=True).sink_sources == ("padding",)
+
+
+def test_padding_threshold_of_each_released_patch():
+    """intcomp/attention-bias @ e75ebe7: `generate_pad_mask(..., threshold=0.01)` in patches/PyramidDrop.patch,
+    `threshold=0.5` in patches/FastV.patch, HiMAP.patch and TokenCarve.patch; SparseVLMs.patch keeps the
+    bilinear-resized validity mask >= 0.5 (the 0.5 rule). A method without a patch takes 0.5."""
+    assert PADDING_THRESHOLDS == {"fastv": 0.5, "himap": 0.5, "tokencarve": 0.5, "sparsevlm": 0.5, "pdrop": 0.01}
+    assert padding_threshold("PyramidDrop") == 0.01 and padding_threshold("illava") == 0.5
+    assert padding_threshold(None) == 0.5
+    # 16:9 on 24x24 patches: the valid band is 189 px, its edges at 73.5 and 262.5 px, so patch rows 5 and
+    # 18 are 25% padding: padding for PDrop's patch, not for FastV's
+    sizes = [[1600, 900]]
+    scores = torch.ones(1, 576)
+    # the same geometry as a measured padding fraction: 1 on rows 0-4 and 19-23, 0.25 on rows 5 and 18
+    fraction = padding_patch_mask(sizes, threshold=0.0).float()
+    fraction[0, 5 * 24 : 6 * 24] = 0.25
+    fraction[0, 18 * 24 : 19 * 24] = 0.25
+    rows = {}
+    for method in ("fastv", "pdrop", "himap", "tokencarve", "sparsevlm", "illava"):
+        option = Debias.from_spec(["sink"], method=method)
+        _, mask = option.apply(scores, {"image_sizes": sizes}, return_mask=True)
+        rows[method] = mask[0].view(24, 24)[:, 0].nonzero().flatten().tolist()
+        _, measured = option.apply(scores, {"padding_fraction": fraction}, return_mask=True)
+        assert torch.equal(measured, mask), method
+    assert rows["pdrop"] == [0, 1, 2, 3, 4, 5, 18, 19, 20, 21, 22, 23]
+    for method in ("fastv", "himap", "tokencarve", "sparsevlm", "illava"):
+        assert rows[method] == [0, 1, 2, 3, 4, 19, 20, 21, 22, 23], method
+    # an explicit threshold wins over the method's
+    assert Debias.from_spec({"sink": True, "padding_threshold": 0.3}, method="pdrop").padding_threshold == 0.3

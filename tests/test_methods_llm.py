@@ -538,6 +538,117 @@ def test_debias_only_at_the_first_stage(tiny, batch_inputs, monkeypatch, name):
     assert debiased == [64]  # once, on the full set of 64 tokens
 
 
+class PaddedSignals(FakeSignals):
+    """FakeSignals with a measured padding fraction per visual token (what `LLMSignals.debias_context`
+    reads from the pixels)."""
+
+    def __init__(self, attention, padding_fraction):
+        super().__init__(attention)
+        self._fraction = padding_fraction
+
+    def debias_context(self):
+        from vtprune.signals.debias import DebiasContext
+
+        return DebiasContext(padding_fraction=self._fraction, grid=(2, 3))
+
+
+def test_padding_sink_hand_example_fastv_cap_and_pdrop_threshold():
+    """Issue 20 point 3 on hand-made scores; intcomp/attention-bias @ e75ebe7. patches/FastV.patch (against
+    pkunlp-icler/FastV d165972): `score *= generate_pad_mask(w, h, threshold=0.5)`, then `ATTENTION_RANK =
+    (mask == 1).sum()` when that is smaller. patches/PyramidDrop.patch (against Cooperx521/PyramidDrop
+    6444f30): the same with threshold=0.01 and no cap.
+
+    Last-token scores s = [0.30, 0.05, 0.20, 0.10, 0.25, 0.15], padding fractions [0.75, 0, 0, 0, 0.6, 0.3]:
+    FastV's padding is {0, 4}: keep 5 → capped at the 4 valid {1, 2, 3, 5}; keep 2 → {2, 5} (raw: {0, 4}).
+    PDrop's padding is {0, 4, 5}: keep 2 → {2, 3}.
+    """
+    scores = torch.tensor([[0.30, 0.05, 0.20, 0.10, 0.25, 0.15]])
+    attention = {"last": (scores[:, None, None, :], torch.ones(1, 1, dtype=torch.bool))}
+    fraction = torch.tensor([[0.75, 0.0, 0.0, 0.0, 0.6, 0.3]])
+
+    def kept(name, keep, **params):
+        method = vtprune.get_method(name, keep=keep, **params)
+        sel = method.select(0, llm_stage(keep, "last", layer=2), PaddedSignals(attention, fraction))
+        valid = sel.valid if sel.valid is not None else torch.ones_like(sel.indices, dtype=torch.bool)
+        return sel.indices[valid].tolist()
+
+    assert kept("fastv", 5, debias=["sink"]) == [1, 2, 3, 5]
+    assert kept("fastv", 2, debias=["sink"]) == [2, 5]
+    assert kept("fastv", 2) == [0, 4]
+    assert kept("fastv", 5) == [0, 2, 3, 4, 5]  # without the option nothing is capped
+    assert kept("pdrop", 2, debias=["sink"], layer_list=(2,), ratios=(0.5,)) == [2, 3]
+
+
+def _padded_inputs(processor):
+    """One 7:5 picture padded to a square with LLaVA's `expand2square` (CLIP mean colour), on the tiny
+    model's 112-px, 8×8-patch grid: the valid band covers pixel rows 16..95, so patch rows 0 and 7 are all
+    padding and rows 1 and 6 are 1/14 to 2/14 padding."""
+    from vtprune.eval.images import expand_to_square, mean_colour
+    from vtprune.testing import random_image
+
+    picture = random_image(1).resize((140, 100))
+    square = expand_to_square(picture, mean_colour(processor.image_processor.image_mean))
+    content = [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return processor(images=[square], text=[prompt], return_tensors="pt")
+
+
+def test_padding_sink_per_released_patch(tiny):
+    """Issue 20 point 3, intcomp/attention-bias @ e75ebe7. `debias=["sink"]` masks the padding patches with
+    each patch's threshold: 0.5 in patches/FastV.patch (rows 0 and 7 are padding), 0.01 in
+    patches/PyramidDrop.patch (rows 1 and 6 too). FastV's patch caps the kept count at the valid patches
+    (`ATTENTION_RANK = (attention_score_pad_mask == 1).sum()` when smaller): keep=60 keeps the 48 valid ones.
+    PDrop's patch does not cap; its first stage keeps 32 = exactly the 32 patches of rows 2..5."""
+    model, _, processor = tiny
+    inputs = _padded_inputs(processor)
+    rows_1_to_6 = list(range(8, 56))
+    rows_2_to_5 = list(range(16, 48))
+
+    with vtprune.pruned(model, "fastv", keep=60, K=2, debias=["sink"]):
+        with torch.no_grad():
+            model(**inputs)
+        stage = vtprune.last_record(model).stages[0]
+    assert stage.kept[0] == rows_1_to_6 and stage.counts == [48]
+    assert stage.extra["suppressed"] == [16]
+    with vtprune.pruned(model, "fastv", keep=60, K=2):  # without the option nothing is capped
+        with torch.no_grad():
+            model(**inputs)
+        assert vtprune.last_record(model).stages[0].counts == [60]
+    with vtprune.pruned(model, "fastv", keep=20, K=2, debias=["sink"]):  # a budget below the valid count
+        with torch.no_grad():
+            model(**inputs)
+        kept = vtprune.last_record(model).stages[0].kept[0]
+    assert len(kept) == 20 and set(kept) <= set(rows_1_to_6)
+
+    ratios = {"layer_list": (1, 2, 3), "ratios": (0.5, 0.25, 0.125)}
+    with vtprune.pruned(model, "pdrop", debias=["sink"], **ratios):
+        with torch.no_grad():
+            model(**inputs)
+        first = vtprune.last_record(model).stages[0]
+    assert first.kept[0] == rows_2_to_5 and first.extra["suppressed"] == [32]
+
+
+def test_sink_detectors_beyond_padding_are_opt_in(tiny, batch_inputs, monkeypatch):
+    """`"sink"` runs the padding detector only (the released patches); the massive-activation, [CLS]
+    attention and norm detectors run only when named."""
+    import vtprune.signals.debias as debias
+
+    model = tiny[0]
+    called = []
+    for name in ("massive_activation_sinks", "attention_mass_sinks"):
+        original = getattr(debias, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            called.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(debias, name, spy)
+    kept_sets(model, batch_inputs, "fastv", 16, K=2, debias=["recency", "sink"])
+    assert called == []
+    kept_sets(model, batch_inputs, "fastv", 16, K=2, debias=["sink", "massive", "attention"])
+    assert sorted(set(called)) == ["attention_mass_sinks", "massive_activation_sinks"]
+
+
 # --- iLLaVA ViT stage ------------------------------------------------------------------------------------
 
 

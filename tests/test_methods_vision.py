@@ -378,6 +378,44 @@ def test_visionzip_contextual_only_budget(tiny, batch_inputs):
     assert out.shape[1] == batch_inputs["input_ids"].shape[1] + 2
 
 
+def test_visionzip_full_budget_is_the_unmodified_model(tiny, batch_inputs):
+    """Issue 20 point 4. dvlab-research/VisionZip `visionzip/clip_encoder.py` @ 3151f6d has no special
+    case: with D + C = every token it still feeds [CLS] in place of a patch, puts the C non-dominant
+    patches after the dominant ones as contextual targets and adds the leftover patch to its most similar
+    target. vtprune feeds the unmodified image; one token less is the real method again."""
+    model, _, _ = tiny
+    with torch.no_grad():
+        reference = model(**batch_inputs).logits
+    valid = batch_inputs["attention_mask"].bool()
+    for params in ({"keep": 64}, {"keep": 1.0}, {"dominant": 60, "contextual": 4}, {"keep": 64, "contextual": 3}):
+        with vtprune.pruned(model, "visionzip", **params):
+            with torch.no_grad():
+                logits = model(**batch_inputs).logits
+            stage = vtprune.last_record(model).stages[0]
+        torch.testing.assert_close(logits[valid], reference[valid], rtol=1e-5, atol=1e-5)
+        assert stage.kept == [list(range(64))] * 3 and stage.extra["unchanged"] is True, params
+    with vtprune.pruned(model, "visionzip", keep=63):
+        with torch.no_grad():
+            logits = model(**batch_inputs).logits
+        assert vtprune.last_record(model).stages[0].kept[0][0] == -1  # [CLS] first, then merges
+    assert not torch.allclose(logits[:, -1], reference[:, -1], atol=1e-3)
+
+
+def test_illava_full_budget_skips_the_default_vit_stage():
+    """Issue 20 point 4: iLLaVA's default ViT stage (hulianyuyy/iLLaVA @ 4068149: layers 5-8, 92 patches
+    each) would merge 368 of LLaVA-1.5's 576 patches even at keep = 576; a full budget is the unmodified
+    model. Explicit vit_layers fix their own count and still run."""
+    full = vtprune.get_method("illava", keep=576).stages(INFO_576)
+    assert [(s.kind, s.keep) for s in full] == [("llm", 576)]
+    assert [s.kind for s in vtprune.get_method("illava", keep=1.0).stages(INFO_576)] == ["llm"]
+    assert [(s.kind, s.keep) for s in vtprune.get_method("illava", keep=300).stages(INFO_576)] == [
+        ("vit", 208),
+        ("llm", 208),
+    ]
+    explicit = vtprune.get_method("illava", keep=576, vit_layers=(5, 6)).stages(INFO_576)
+    assert [(s.kind, s.keep) for s in explicit] == [("vit", 392), ("llm", 392)]
+
+
 # --- VisPruner: sink exclusion and the seed's parameter names ---------------------------------------------
 
 
@@ -467,8 +505,12 @@ def test_vision_budgets_are_exact(keep):
 # --- PruMerge / PruMerge+ (algorithms.md §8) ---------------------------------------------------------------
 
 
-def _prumerge_reference(attn, x, keys, plus, neighbours=32):
-    """The official per-image loops (one image): IQR outliers, spatial samples, top-k key-cosine merge."""
+def _prumerge_reference(attn, x, keys, plus, neighbours=32, start_div=None):
+    """The official per-image loops (one image): IQR outliers, spatial samples, top-k key-cosine merge.
+
+    Spatial samples: `arange(0, 575, int(s/3))` in 42Shawn/LLaVA-PruMerge `clip_encoder.py` @ 097c041
+    (start_div=None), `arange(int(s/6), 575, int(s/3))` @ 9d6586e (start_div=6).
+    """
     import numpy as np
 
     p = attn.shape[0]
@@ -477,7 +519,8 @@ def _prumerge_reference(attn, x, keys, plus, neighbours=32):
     idx = sorted(range(p), key=lambda j: (-float(attn[j]), j))[:n_out]
     if plus:
         step = p // n_out
-        idx += [j for j in range(step // 6, p - 1, max(1, step // 3)) if j not in idx]
+        start = 0 if start_div is None else step // start_div
+        idx += [j for j in range(start, p - 1, max(1, step // 3)) if j not in idx]
     kn = F.normalize(keys, dim=-1)
     merged = []
     for i in idx:
@@ -500,37 +543,58 @@ def _prumerge_inputs(seed, p=64, d=6, outliers=(2, 5, 1)):
     return attn, torch.randn(len(outliers), p, d, generator=g), torch.randn(len(outliers), p, 5, generator=g)
 
 
-@pytest.mark.parametrize("plus", [False, True])
-def test_prumerge_matches_official_loops(plus):
+@pytest.mark.parametrize(("plus", "rule"), [(False, "main"), (True, "main"), (True, "9d6586e")])
+def test_prumerge_matches_official_loops(plus, rule):
     from vtprune.methods.prumerge import outlier_count, prumerge_select
 
     attn, x, keys = _prumerge_inputs(0)
     assert outlier_count(attn).tolist() == [2, 5, 1]
-    indices, valid, merged, extra = prumerge_select(attn, x, keys, plus=plus)
+    indices, valid, merged, extra = prumerge_select(attn, x, keys, plus=plus, spatial_rule=rule)
     counts = valid.sum(dim=1).tolist()
+    start_div = 6 if rule == "9d6586e" else None
     for row in range(3):
-        idx, ref_merged, ref_extra = _prumerge_reference(attn[row], x[row], keys[row], plus)
+        idx, ref_merged, ref_extra = _prumerge_reference(attn[row], x[row], keys[row], plus, start_div=start_div)
         assert indices[row, : counts[row]].tolist() == idx  # attention rank order, then spatial samples
         torch.testing.assert_close(merged[row, : counts[row]], ref_merged, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(extra[row, 0], ref_extra, rtol=1e-5, atol=1e-6)
     assert len(set(counts)) == 3 and not bool(valid.all())  # adaptive counts, padded
     # each image alone selects the same
     for row in range(3):
-        alone = prumerge_select(attn[row : row + 1], x[row : row + 1], keys[row : row + 1], plus=plus)
+        alone = prumerge_select(
+            attn[row : row + 1], x[row : row + 1], keys[row : row + 1], plus=plus, spatial_rule=rule
+        )
         assert alone[0][0].tolist() == indices[row, : counts[row]].tolist()
 
 
 def test_prumerge_plus_spatial_sequence_576():
-    """PruMerge+ on 576 tokens: the official arange(int(s/6), 575, int(s/3)), s = int(576 / count)."""
+    """PruMerge+ on 576 tokens, s = int(1 / ratio) = int(576 / count). The current official rule,
+    42Shawn/LLaVA-PruMerge `llava/model/multimodal_encoder/clip_encoder.py` @ 097c041 (main, unchanged since
+    1ca8b2b): `arange(0, 575, int(s/3))` minus the attention-kept tokens. The first PruMerge+ commit 9d6586e
+    started at int(s/6) (`spatial_rule="9d6586e"`; vtprune's default before issue 20)."""
     from vtprune.methods.prumerge import prumerge_select
 
     attn = torch.full((1, 576), 1e-3)
-    attn[0, [7, 300, 301]] = 0.5  # 3 outliers → s = 192, samples 32, 96, 160, ...
-    indices, valid, _, _ = prumerge_select(attn, torch.randn(1, 576, 4), torch.randn(1, 576, 4), plus=True)
-    spatial = [j for j in range(32, 575, 64)]
-    assert indices[0].tolist() == [7, 300, 301, *spatial] and bool(valid.all())
-    capped = prumerge_select(attn, torch.randn(1, 576, 4), torch.randn(1, 576, 4), plus=True, cap=5)
-    assert capped[0][0].tolist() == [7, 300, 301, 32, 96]
+    attn[0, [64, 300, 301]] = torch.tensor([0.7, 0.5, 0.6])  # 3 outliers → s = 192, stride 64; 64 is also a sample
+    x, keys = torch.randn(1, 576, 4), torch.randn(1, 576, 4)
+    indices, valid, _, _ = prumerge_select(attn, x, keys, plus=True)
+    assert indices[0].tolist() == [64, 301, 300, 0, 128, 192, 256, 320, 384, 448, 512] and bool(valid.all())
+    capped = prumerge_select(attn, x, keys, plus=True, cap=5)
+    assert capped[0][0].tolist() == [64, 301, 300, 0, 128]
+    old = prumerge_select(attn, x, keys, plus=True, spatial_rule="9d6586e")[0]
+    assert old[0].tolist() == [64, 301, 300, *range(32, 575, 64)]  # 32, 96, ..., 544: nothing coincides
+
+
+def test_prumerge_spatial_rule_option(tiny, batch_inputs):
+    from vtprune.methods.prumerge import SPATIAL_RULES
+
+    assert vtprune.get_method("prumerge", plus=True).spatial_rule == "main"
+    assert SPATIAL_RULES["main"].commit == "097c041" and SPATIAL_RULES["9d6586e"].start_div == 6
+    with pytest.raises(PruneConfigError, match="spatial_rule"):
+        vtprune.get_method("prumerge", plus=True, spatial_rule="old")
+    model, _, _ = tiny
+    with vtprune.pruned(model, "prumerge", plus=True, spatial_rule="9d6586e"):
+        with torch.no_grad():
+            model(**batch_inputs)
 
 
 def test_prumerge_in_model(tiny, batch_inputs, monkeypatch):

@@ -34,6 +34,7 @@ from vtprune.selection import (
     minmax_normalize,
     numerical_rank,
     tokencarve_fuse_and_merge,
+    tokencarve_information,
     topk_indices,
     visionzip_merge,
     vispruner_rounds,
@@ -380,6 +381,43 @@ def test_vispruner_matches_reference(device, case, ratio, cap, tied_attn):
         check_picked(got, i, expected, keep)
 
 
+def test_vispruner_exact_ties_are_broken_by_index():
+    """Issue 20 point 5. Theia-4869/VisPruner `llava/model/llava_arch.py` @ aefa01a ranks with
+    `image_attentions.argsort(descending=True)` and `scores.argsort(descending=True)`, unstable sorts that
+    leave exactly tied scores to the backend. vtprune's rule: a stable sort on (−score, index) — equal
+    [CLS] attention ranks the lower index first; equal best-match cosines keep their order in A (the
+    residual order), so the earlier member is deleted first.
+
+    8 tokens, all with the same attention; unit features at 270°, 0°, 0°, 90°, 90°, 180°, 180°, 45°;
+    keep 4 = 1 important + 3 diverse, at most 2 deletions per round.
+    * important: all tied → token 0; R = [1, 2, 3, 4, 5, 6, 7].
+    * round 1 (|R| = 7, r = 2): A = [1, 3, 5, 7], B = [2, 4, 6]; m = 1, 1, 1, cos 45°; the three tied
+      duplicates keep A's order → delete 1 and 3; R = [5, 7, 2, 4, 6].
+    * round 2 (|R| = 5, r = 2): A = [5, 2, 6], B = [7, 4]; m = 0, cos 45°, 0 → order 2, 5, 6 (5 before 6
+      by A's order) → delete 2 and 5; R = [6, 7, 4] = 3 tokens.
+    Kept: {0, 4, 6, 7}. A backend that ordered the ties otherwise could keep 5 for 6, 1 for 2, ...
+    (5 and 6 are the same vector: their m are bit-identical, a true tie.)
+    """
+    angles = [270, 0, 0, 90, 90, 180, 180, 45]
+    feats = torch.tensor([[math.cos(math.radians(a)), math.sin(math.radians(a))] for a in angles])[None]
+    attn = torch.full((1, 8), 0.125)
+    got = vispruner_select(attn, feats, 4, important_ratio=0.25, removal_per_round=2)
+    assert got.indices.tolist() == [[0, 4, 6, 7]]
+    assert got.indices.tolist() == [ref_vispruner(attn[0].tolist(), as_lists(feats[0]), None, 4, 0.25, 2)]
+    # the tie follows the residual order, not the vector: token 6 ranked first by attention (token 0 still
+    # the important one) leads A, so 6 is the 180° duplicate deleted and 5 the one kept.
+    # R = [6, 1, 2, 3, 4, 5, 7]; round 1 deletes 6, 2 (A = [6, 2, 4, 7], m = 1, 1, 1, cos 45°);
+    # R = [4, 7, 1, 3, 5]; round 2 (A = [4, 1, 5], m = 1, cos 45°, 0) deletes 4, 1 → R = [5, 7, 3]
+    attn_6_first = attn.clone()
+    attn_6_first[0, 0] = 0.2
+    attn_6_first[0, 6] = 0.13
+    picked = vispruner_select(attn_6_first, feats, 4, important_ratio=0.25, removal_per_round=2)
+    assert picked.indices.tolist() == [[0, 3, 5, 7]]
+    # tied attention at the important boundary: the lower indices are important
+    attn2 = torch.tensor([[0.3, 0.2, 0.2, 0.2, 0.05, 0.05]])
+    assert vispruner_select(attn2, torch.eye(6)[None], 2, important_ratio=1.0).indices.tolist() == [[0, 1]]
+
+
 def test_vispruner_odd_residual_length():
     # |R| = 7 is odd: |A| = 4, |B| = 3 (the official code would mis-size the deletion)
     gen = torch.Generator().manual_seed(3)
@@ -675,6 +713,63 @@ def test_tokencarve_sv_score_is_l1_of_us_and_l2_is_the_norm():
     # the M = 2 merged B tokens are B's first two (3 and 1)
     assert out.indices[0].tolist() == [0, 2, 4, 5]
     torch.testing.assert_close(out.hidden[0, 1], (hid[0, 2] + hid[0, 3] + hid[0, 1]) / 3)
+
+
+def _massive_hidden(b: int, n: int, d: int, seed: int) -> torch.Tensor:
+    """Random hidden states with what real layer-1 outputs have: a high-norm row and a massive activation."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(b, n, d, generator=gen)
+    h[:, 5] *= 100.0
+    h[:, 17, 7] = 1000.0
+    return h
+
+
+def _sv_float64(h: torch.Tensor) -> torch.Tensor:
+    u, s, _ = torch.linalg.svd(h.double(), full_matrices=False)
+    return (u * s.unsqueeze(-2)).abs().sum(-1)
+
+
+def test_tokencarve_information_hand_example():
+    """The official score, ShawnTan86/TokenCarve `TokenCarve/modeling_llama.py` @ a57bd59: `U, S, Vt =
+    torch.linalg.svd(H)`, score = row sums of |U·diag(S)|.
+
+    H = M·Wᵀ with W (8×2) orthonormal columns and M's columns orthogonal ((2, 1.5, 1)·(0, 1.2, −1.8) = 0),
+    so U·S = M up to column signs: scores = L1 norms of M's rows = 2, 2.7, 2.8. The L2 norms (2, 1.92,
+    2.06) would rank token 0 above token 1: the score is not the row norm.
+    """
+    m = torch.tensor([[2.0, 0.0], [1.5, 1.2], [1.0, -1.8]], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.linalg.qr(torch.randn(8, 2, generator=gen, dtype=torch.float64)).Q
+    h = (m @ w.T).float()[None]
+    expected = torch.tensor([[2.0, 2.7, 2.8]])
+    torch.testing.assert_close(tokencarve_information(h), expected, rtol=1e-5, atol=1e-5)
+    assert torch.argsort(h[0].norm(dim=-1), descending=True).tolist() == [2, 0, 1]
+    # SV only (w = 0), keep 1 of 3: N1 = 1, so the kept token is the top of the SV ranking
+    out = tokencarve_fuse_and_merge(torch.zeros(1, 3), h, keep=1, weight=0.0)
+    assert out.indices.tolist() == [[2]]
+    # a tall H (more tokens than width) takes the direct SVD: the same definition
+    tall = torch.cat([h, torch.zeros(1, 7, 8)], dim=1)
+    torch.testing.assert_close(tokencarve_information(tall)[:, :3], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tokencarve_information_accuracy_against_float64_svd():
+    """Issue 20 point 1: the score to the accuracy of the official fp32 SVD of H (ShawnTan86/TokenCarve
+    `TokenCarve/modeling_llama.py` @ a57bd59), checked against a float64 SVD, on hidden states with a
+    high-norm row and a massive activation (what LLaVA's layer-1 outputs have). The fp32 eigendecomposition
+    of H·Hᵀ that vtprune used before squares the condition number and is off by several per cent here."""
+    h = _massive_hidden(2, 144, 512, seed=0)
+    reference = _sv_float64(h)
+    got = tokencarve_information(h)
+    assert float(((got.double() - reference).abs() / reference).max()) < 1e-3
+    evals, evecs = torch.linalg.eigh(h @ h.mT)  # the former fp32 Gram route, kept here as the contrast
+    gram = (evecs * evals.clamp_min(0).sqrt().unsqueeze(1)).abs().sum(dim=-1)
+    assert float(((gram.double() - reference).abs() / reference).max()) > 1e-2
+    # the kept set is the one the float64 definition gives
+    attn = torch.rand(2, 144, generator=torch.Generator().manual_seed(1))
+    out = tokencarve_fuse_and_merge(attn, h, keep=32, weight=0.5)
+    for i in range(2):
+        kept, _ = ref_tokencarve(attn[i].tolist(), h[i], 32, 0.5)
+        assert out.indices[i].tolist() == kept
 
 
 @HSET

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,6 +93,25 @@ class MethodInfo:
     paper: str
     summary: str
     params: dict  # name -> (type, default)
+    deviations: str = ""  # the "Deviations from the official code" paragraph of the method file
+    doc: str = ""  # the method file's whole docstring
+
+
+DEVIATIONS_HEADING = "Deviations from the official code"
+
+
+def _paragraphs(doc: str) -> list[str]:
+    blocks = [block.strip() for block in inspect.cleandoc(doc).split("\n\n")]
+    return [block for block in blocks if block]
+
+
+def deviations_paragraph(doc: str) -> str:
+    """The paragraph of a method file's docstring that starts with "Deviations from the official code"
+    (every method file has one; docs/ADDING_A_METHOD.md), or "" when there is none."""
+    for block in _paragraphs(doc or ""):
+        if block.startswith(DEVIATIONS_HEADING):
+            return block
+    return ""
 
 
 def _type_name(tp) -> str:
@@ -111,8 +131,21 @@ def list_methods() -> list[MethodInfo]:
             )
             for f in dataclasses.fields(cls)
         }
-        doc = (cls.__doc__ or "").strip()
-        infos.append(MethodInfo(name, cls.stage_kind, cls.paper, doc.splitlines()[0] if doc else "", params))
+        # the summary is the class docstring's first paragraph; the deviations come from the file's docstring
+        blocks = _paragraphs(cls.__doc__ or "")
+        summary = " ".join(blocks[0].split()) if blocks else ""
+        module_doc = inspect.getdoc(inspect.getmodule(cls)) or ""
+        infos.append(
+            MethodInfo(
+                name,
+                cls.stage_kind,
+                cls.paper,
+                summary,
+                params,
+                deviations=deviations_paragraph(module_doc),
+                doc=module_doc,
+            )
+        )
     return infos
 
 

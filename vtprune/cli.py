@@ -42,12 +42,36 @@ def parse_keep(raw: str | None) -> int | float | None:
     return int(value) if value.is_integer() and value > 1 else value
 
 
+def _reflow(text: str) -> str:
+    """Docstring prose for a table cell: wrapped lines joined, one line per "* " bullet."""
+    items: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not items or line.startswith("* "):
+            items.append(line)
+        elif line:
+            items[-1] += " " + line
+    return "\n".join(items)
+
+
 @app.command("methods")
-def methods_command(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """List every pruning method: name, stage, paper, parameters with defaults."""
+def methods_command(
+    name: str = typer.Argument(None, help="Print this method's full documentation instead of the table."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List every pruning method: name, stage, paper, parameters with defaults, deviations from the
+    official code. With a NAME, print that method's whole documentation."""
     from vtprune.api import list_methods
 
     infos = list_methods()
+    if name is not None:
+        known = {info.name: info for info in infos}
+        if name not in known:
+            raise typer.BadParameter(f"unknown method {name!r}; valid: {', '.join(sorted(known))}")
+        infos = [known[name]]
+        if not as_json:
+            print(infos[0].doc)
+            return
     if as_json:
         print(
             json.dumps(
@@ -64,12 +88,14 @@ def methods_command(as_json: bool = typer.Option(False, "--json", help="Machine-
         )
         return
     table = Table(title="vtprune methods", show_lines=True)
-    for col in ("method", "stage", "idea", "paper", "parameters (default)"):
+    for col in ("method", "stage", "idea", "paper", "parameters (default)", "deviations from the official code"):
         table.add_column(col, overflow="fold")
     for info in infos:
         params = ", ".join(f"{k}={d!r}" for k, (_, d) in info.params.items())
-        table.add_row(info.name, info.stage, info.summary, info.paper, params)
+        deviations = _reflow(info.deviations.removeprefix("Deviations from the official code").lstrip(" :"))
+        table.add_row(info.name, info.stage, info.summary, info.paper, params, deviations)
     console.print(table)
+    console.print("`vtprune methods NAME` prints a method's whole documentation.")
 
 
 @app.command("generate")

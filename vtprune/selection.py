@@ -50,6 +50,7 @@ __all__ = [
     "maxmin_diversity",
     "dpc_knn_cluster",
     "visionzip_merge",
+    "tokencarve_information",
     "tokencarve_fuse_and_merge",
     "illava_weighted_merge",
     "numerical_rank",
@@ -291,9 +292,14 @@ def vispruner_select(
     3. If ``T_div > 0``, repeat while ``|R| > T_div``: ``r_step = min(removal_per_round, |R| - T_div,
        |A|)``; split ``R`` by position parity into ``A = R[0::2]``, ``B = R[1::2]``; ``m(a) =
        max_{b in B} cos(x_a, x_b)``; sort ``A`` by ``m`` descending (stable: ties keep their order in
-       ``A``); delete the first ``r_step`` of ``A``; new ``R`` = surviving ``A`` in that sorted order, then
-       ``B`` in its previous order. The official code sizes the deletion with ``|R| // 2``, which breaks
-       when ``|R|`` is odd; here the actual ``|A| = ceil(|R| / 2)`` is used.
+       ``A``, so of two tied members the earlier one — higher attention, or lower index on equal
+       attention — is deleted first); delete the first ``r_step`` of ``A``; new ``R`` = surviving ``A`` in
+       that sorted order, then ``B`` in its previous order. The official code sizes the deletion with
+       ``|R| // 2``, which breaks when ``|R|`` is odd; here the actual ``|A| = ceil(|R| / 2)`` is used.
+
+    Ties: the official loop (Theia-4869/VisPruner ``llava/model/llava_arch.py`` @ aefa01a) sorts with
+    ``argsort(descending=True)``, which leaves the order of exactly tied scores to the backend; the stable
+    rule above makes the selection the same on every device and batch size.
     4. Keep ``important ∪ R`` (``keep`` tokens), returned in raster order.
 
     ``removal_per_round`` is the cap on tokens deleted per round (§4 uses 8; it is the seed's
@@ -703,6 +709,30 @@ def _borda_points(scores: Tensor) -> Tensor:
     return torch.empty(b, n, device=scores.device).scatter_(1, order, pts)
 
 
+def tokencarve_information(hidden: Tensor) -> Tensor:
+    """TokenCarve's information-contribution score (algorithms.md §10 step 2), ``(B, N, D) -> (B, N)``.
+
+    ``sv_i = Σ_k |(U·S)_ik|`` for the thin SVD ``H = U S Vᵀ`` of each sample's rows, computed in float32
+    to the accuracy of an fp32 SVD of ``H`` (the official code runs ``torch.linalg.svd`` on the fp32 layer
+    outputs: ShawnTan86/TokenCarve ``TokenCarve/modeling_llama.py`` @ a57bd59).
+
+    Not through the Gram matrix: an eigendecomposition of ``H·Hᵀ`` squares the condition number, and LLM
+    hidden states have massive-activation rows whose norm dwarfs the others, so in fp32 the small singular
+    directions drown (≈5–13 % error on the score and a different kept set). When ``N < D`` the rows are
+    first reduced by a QR factorisation ``Hᵀ = Q R``: ``H = Rᵀ Qᵀ`` with orthonormal ``Q``, so ``Rᵀ``
+    (``N × N``) has the same ``U`` and ``S`` as ``H``, and both Householder QR and the SVD are backward
+    stable — the accuracy of a direct SVD at the cost of a QR plus an ``N × N`` SVD. Signs of singular
+    vectors do not matter (absolute values).
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape (B, N, D); got {tuple(hidden.shape)}")
+    h = hidden.float()
+    if h.shape[-2] < h.shape[-1]:
+        h = torch.linalg.qr(h.mT, mode="r").R.mT
+    u, s, _ = torch.linalg.svd(h, full_matrices=False)
+    return (u * s.unsqueeze(-2)).abs().sum(dim=-1)
+
+
 def tokencarve_fuse_and_merge(
     attn_scores: Tensor,
     hidden: Tensor,
@@ -712,8 +742,8 @@ def tokencarve_fuse_and_merge(
     """TokenCarve: Borda fusion of attention and SVD information scores, then similarity merge (§10).
 
     1. AV = ``attn_scores`` (last-token head-mean attention of layer 1).
-    2. SV = row-wise L1 norm of ``U·S`` of the thin SVD ``H = U S Vᵀ`` of the image
-       rows ``H`` (float32). (Its L2 version would be ``||h_i||₂`` exactly, §15.)
+    2. SV = :func:`tokencarve_information` of the image rows ``H``: row-wise L1 norm of ``U·S`` of the
+       thin SVD ``H = U S Vᵀ`` (float32). (Its L2 version would be ``||h_i||₂`` exactly, §15.)
     3. Borda: rank ρ by AV and ρ' by SV (0-based, descending, ties lower index) give
        ``(N - ρ)·w + (N - ρ')·(1 - w)``; keep the top ``N1 = min(N, floor(1.5·keep))`` by that fused score.
     4. GSM merge: order the ``N1`` tokens by fused score; ``A`` = first ``floor(N1/2)``, ``B`` = the rest;
@@ -725,8 +755,8 @@ def tokencarve_fuse_and_merge(
     5. Output in raster order with the merged hidden states (mean computed in float32 by a one-hot bmm,
        so it is deterministic on CUDA too).
 
-    This is the one primitive here with a host sync on CUDA: ``torch.linalg.eigh`` checks convergence.
-    It happens once per call, not per token.
+    This is the one primitive here with a host sync on CUDA: the SVD checks convergence. It happens once
+    per call, not per token.
 
     Args:
         attn_scores: ``(B, N)`` AV score.
@@ -744,14 +774,7 @@ def tokencarve_fuse_and_merge(
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1]; got {weight}")
     h = hidden.float()
-    # Row i of U·S equals h_i·V: take V from the eigenvectors of the smaller Gram matrix instead of a full
-    # SVD (an SVD of a 16x576x4096 batch took ~420 ms on an H200; the 576x576 eigh is far cheaper).
-    if n <= h.shape[-1]:
-        evals, evecs = torch.linalg.eigh(h @ h.mT)  # h hᵀ = U S² Uᵀ
-        sv = (evecs * evals.clamp_min(0).sqrt().unsqueeze(1)).abs().sum(dim=-1)
-    else:
-        _, evecs = torch.linalg.eigh(h.mT @ h)  # hᵀ h = V S² Vᵀ
-        sv = (h @ evecs).abs().sum(dim=-1)
+    sv = tokencarve_information(h)
     fused = _borda_points(attn_scores) * weight + _borda_points(sv) * (1.0 - weight)
     n1 = min(n, (3 * keep) // 2)
     forder, _ = _rank(fused)

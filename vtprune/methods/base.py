@@ -199,9 +199,14 @@ class AttentionMethod(Method):
     Adds the composable signal modifiers of algorithms.md §12-§14 (they change scores only, never the
     engine): `heads` picks which heads' attention to trust ("mean" = all heads, as every official pruner;
     a FinePruner strategy name; or "auto" for the resource-aware choice), `num_heads` fixes their count
-    (None = dynamic), `debias` lists score corrections ("recency", "sink", or one sink source "padding",
-    "massive", "attention", "norm"), `debias_strength` scales the recency correction (0 = off) and
-    `benchmark` picks the released per-benchmark recency constant where one exists.
+    (None = dynamic), `debias` lists score corrections, `debias_strength` scales the recency correction
+    (0 = off) and `benchmark` picks the released per-benchmark recency constant where one exists.
+
+    `debias` names, as the released patches of intcomp/attention-bias (@ e75ebe7) use them: "recency" (the
+    positional weights) and "sink" (padding patches masked out of the score, with the method's own patch
+    threshold: PDrop 0.01, the others 0.5; `signals/debias.py` PADDING_THRESHOLDS). "padding" is the same
+    as "sink"; "massive", "attention" and "norm" add vtprune's other sink detectors and are only used when
+    named.
     """
 
     debias: tuple[str, ...] | list[str] | str | None = None
@@ -246,6 +251,14 @@ class AttentionMethod(Method):
 
         reduce="mean" averages the valid query rows (FastV, SparseVLM, PDrop); "sum" adds them (HiMAP).
         """
+        scores, info, _ = self.attention_scores_and_sinks(signals, queries, budget, reduce, debias)
+        return scores, info
+
+    def attention_scores_and_sinks(
+        self, signals: LLMSignals, queries: str, budget: int, reduce: str = "mean", debias: bool = True
+    ) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        """`attention_scores` plus the (B, V) bool mask of the tokens the sink step suppressed (None when
+        no sink step ran), for a method that caps its budget at the unsuppressed tokens (FastV's patch)."""
         attn, row_valid = signals.attention(queries)  # (B, H, Q, V)
         info: dict = {}
         if self._head_policy.is_mean:
@@ -259,12 +272,14 @@ class AttentionMethod(Method):
         scores = (per_row * weights).sum(dim=1)
         if reduce == "mean":
             scores = scores / weights.sum(dim=1).clamp(min=1)
+        suppressed = None
         if debias and self._debias is not None:
             option = self._debias
             if not signals.is_full_visual_set():
                 # The recency curve is calibrated on raster positions of a full image (§13).
                 option = dataclasses.replace(option, recency=False)
             if option.enabled:
-                scores, suppressed = option.apply(scores, signals.debias_context(), return_mask=True)
-                info["suppressed"] = suppressed.sum(dim=1).tolist()
-        return scores, info
+                scores, mask = option.apply(scores, signals.debias_context(), return_mask=True)
+                info["suppressed"] = mask.sum(dim=1).tolist()
+                suppressed = mask if option.sink else None
+        return scores, info, suppressed

@@ -30,7 +30,8 @@ Relevance: E_v = visual_projection(post_layernorm(X)) for the feature-layer patc
 post-layernorm, as the official code; the CLIP checkpoint's when the tower has none), E_t = CLIP text
 embeddings of the question, ρ_i = −mean over text segments of cos(E_v,i, E_t), computed in float32.
 
-Deviations from the official code (each keeps batch invariance or fixes an edge case):
+Deviations from the official code (Theia-4869/CDPruner @ 9541616; each keeps batch invariance or fixes an
+edge case):
 * min–max normalisation per image row, i.e. per sample for one image per prompt (the official code
   normalises over the whole batch tensor; both agree at batch size 1, the only size the official code
   runs); a constant ρ gives ρ̃ = 1.

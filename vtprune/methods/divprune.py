@@ -9,10 +9,14 @@ Parameters: keep (T, default 64; the repo's default ratio 0.098 of 576 is 56 —
 feature ("projected" = what the LLM receives, the official choice; "vision" = the CLIP feature-layer patches,
 an ablation).
 
-Deviations (both in `vtprune.selection.maxmin_diversity`): selected tokens are excluded explicitly (the
-official code relies on their ~0 self-distance and can re-pick a token once only duplicates are left), and
-distances within 1e-6 of 0 are snapped to 0 so duplicates tie exactly and the lower index wins.
 Budgets 64 / 128 / 192 are plain counts (DivPrune has no other hyper-parameter).
+
+Deviations from the official code (vbdi/divprune @ 799e2d9; both in `vtprune.selection.maxmin_diversity`):
+* selected tokens are excluded explicitly (the official code relies on their ~0 self-distance and can
+  re-pick a token once only duplicates are left);
+* distances within 1e-6 of 0 are snapped to 0 so duplicates tie exactly, and every tie goes to the lower
+  index (the official `argmax`/`topk` leave ties to the backend);
+* batches are pruned per image (the official code runs one sample).
 """
 
 from __future__ import annotations

@@ -9,6 +9,20 @@ under SDPA; the drop happens before layer K and kept tokens keep their original 
 Parameters: keep (visual tokens kept after layer K; default: round(576·(1-R))), K=2, R=0.5 (fraction
 dropped, used only when keep is not given), query="last" | "all"; and the attention options of every
 attention-based method: heads ("mean"), num_heads, debias, debias_strength, benchmark.
+
+Debiasing as the released patch (intcomp/attention-bias `patches/FastV.patch` @ e75ebe7): "recency"
+multiplies the score by the released cubic weights, "sink" zeroes the padding patches (more than half
+padding) and caps the kept count at the number of valid patches.
+
+Deviations from the official code (pkunlp-icler/FastV @ d165972, its llava-hf fork):
+* the score comes from layer K−1's own post-RoPE q/k under SDPA, in float32 (the official code switches
+  the model to eager attention and reads fp16 `output_attentions`); ties go to the lower index;
+* batches with left padding are pruned per sample (the official code reads batch element 0) and image
+  tokens are located by their id (the official scripts hard-code the offset and 576 tokens);
+* pruning happens once per generate(), at prefill; without a cache every step is a new prefill, as in the
+  original (cache-less) FastV;
+* the debiasing patch reads the padding geometry from the image size, vtprune from the pixels (border
+  bands of the CLIP mean colour; `VisionSignals.padding_fraction`).
 """
 
 from __future__ import annotations
@@ -59,8 +73,13 @@ class FastV(AttentionMethod):
 
     def select(self, stage_index, stage, signals) -> Selection:
         keep = min(stage.keep * signals.images_per_sample, signals.num_visual)
-        scores, info = self.attention_scores(signals, stage.queries, budget=stage.keep)
-        return Selection(*topk_indices(scores, keep, valid=signals.visual_valid), scores=scores, info=info)
+        scores, info, suppressed = self.attention_scores_and_sinks(signals, stage.queries, budget=stage.keep)
+        valid = signals.visual_valid
+        if suppressed is not None:
+            # FastV's debiasing patch (intcomp/attention-bias patches/FastV.patch @ e75ebe7) lowers the keep
+            # count to the number of valid patches: masked padding never fills the budget
+            valid = valid & ~suppressed
+        return Selection(*topk_indices(scores, keep, valid=valid), scores=scores, info=info)
 
 
 @register

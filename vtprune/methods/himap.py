@@ -23,8 +23,16 @@ Parameters: keep, K_t (2), K_i (8), R_t, R_i — layers are validated against th
 last layer), so a small model takes e.g. K_t=1, K_i=2; attention options heads, num_heads, debias (stage 1
 only, §13), debias_strength, benchmark.
 
-Deviations: the official code runs eager attention and only handles batch size 1; here the rows come from
-SDPA-captured q/k (§0.2), per sample, scores in float32 with lower-index ties, and pruning is prefill-only.
+Debiasing as the released patch (intcomp/attention-bias `patches/HiMAP.patch` @ e75ebe7): stage 1 only;
+"sink" zeroes the patches with more than half padding; the keep count is not capped.
+
+Deviations from the official code (ustc-hyin/HiMAP @ 6c279e7):
+* the official code runs eager attention and only handles batch size 1; here the rows come from
+  SDPA-captured q/k (§0.2), per sample, scores in float32 with lower-index ties;
+* pruning is prefill-only (the official code keys pruning on the layer index only, not on prefill vs
+  decode);
+* image tokens are located by their id (the official code hard-codes the offset 35 and 576 tokens);
+* the debiasing patch reads the padding geometry from the image size, vtprune from the pixels.
 """
 
 from __future__ import annotations

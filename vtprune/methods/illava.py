@@ -22,14 +22,23 @@ disables the ViT stage; explicit layers must lie before LLaVA's feature layer (c
 ViT stage. The configuration the debiasing paper used on LLaVA-1.5 is not released.
 
 Budget: `keep` applies to the LLM stage: the visual tokens per image left after it; a fraction is of the
-P' patches that leave the ViT stage, a count larger than P' keeps all of them. Default round(llm_r · P')
+P' patches that leave the ViT stage, a count larger than P' keeps all of them. keep = every token of the
+image (576 on LLaVA-1.5, or 1.0) is the unmodified model: the default ViT stage is skipped too (explicit
+`vit_layers` still run, as they fix their own count). Default round(llm_r · P')
 (``llm_r`` = 0.70, the README's keep fraction; 146 on LLaVA-1.5). `llm_layer` defaults to 2: the repo's
 image setting (8) targets LLaVA-OneVision, its LLaVA-1.5 setting is not released, and the debiasing paper
 compares it with FastV-style pruners at K=2 — a vtprune choice. The record has one stage per part ("vit":
 patches per sample after the ViT merges; "llm": after the LLM merge).
 
-Deviation: the official code targets SigLIP/Qwen2-VL towers without [CLS]; on CLIP the [CLS] is never merged
-(it stays first) but its query row counts in the received attention.
+Deviations from the official code (hulianyuyy/iLLaVA @ 4068149):
+* the official code targets SigLIP/Qwen2-VL towers without [CLS]; on CLIP the [CLS] is never merged (it
+  stays first) but its query row counts in the received attention;
+* its LLaVA-1.5 configuration is not released: `llm_layer` = 2 and the default ViT layers 5-8 are
+  vtprune's choices (see above); keep = every token skips the default ViT stage;
+* attention from SDPA-captured q/k in float32 (the official code needs eager attention); ties go to the
+  lower index; batches are pruned per sample;
+* there is no released debiasing patch: vtprune applies FastV's rule (cubic recency weights, padding
+  above half a patch) to the LLM-stage score.
 
 Parameters: keep, llm_layer (2), llm_r (0.70, used only when keep is None), vit_layers (None = 5-8),
 vit_remove (92); attention options heads, num_heads, debias (no released patch; vtprune applies it to the
@@ -96,8 +105,13 @@ class ILLaVA(AttentionMethod):
         return OFFICIAL_VIT_LAYERS if info.vision_layers >= 10 else ()
 
     def stages(self, info: ModelInfo) -> list[Stage]:
-        layers = self.resolved_vit_layers(info)
         n = info.visual_tokens
+        layers = self.resolved_vit_layers(info)
+        full = self.keep is not None and resolve_keep(self.keep, n) >= n  # a count of n, or 1.0
+        if full and self.vit_layers is None:
+            # keep = every token of the image is the unmodified model: the default ViT stage would still
+            # merge 4 × 92 patches away; explicit vit_layers fix that count, as explicit counts do elsewhere
+            layers = ()
         left = n - len(layers) * self.vit_remove  # patches per image entering the LLM
         if left < 1:
             raise PruneConfigError(

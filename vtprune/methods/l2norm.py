@@ -5,6 +5,9 @@ Idea: the importance of an image token is the L2 norm of its feature; keep the t
 the LLM sees the token (`feature="projected"`); `feature="vision"` uses the CLIP feature-layer output.
 
 Parameters: keep (default 64), feature ("projected" | "vision").
+
+Deviations from the official code: none known. The seed (seeds/001, a README without released code) is
+the only definition; ties go to the lower index.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""No pruning: the unmodified model, run through the same engine path (the reference of every comparison)."""
+"""No pruning: the unmodified model, run through the same engine path (the reference of every comparison).
+
+Deviations from the official code: none known (no official code: this is the unpruned LLaVA).
+"""
 
 from __future__ import annotations
 

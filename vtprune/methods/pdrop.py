@@ -25,8 +25,16 @@ Budget:
 Parameters: keep, layer_list, ratios, lam (0.5); attention options heads, num_heads, debias (first stage
 only, §13), debias_strength, benchmark.
 
-Deviations: scores in float32 with lower-index ties; batches are supported (per sample, left padding:
-the last prompt position is the same for every row).
+Debiasing as the released patch (intcomp/attention-bias `patches/PyramidDrop.patch` @ e75ebe7): first
+stage only; "recency" multiplies by the per-benchmark exponential weights; "sink" zeroes every patch with
+more than 1 % padding (`generate_pad_mask(threshold=0.01)`, stricter than the other patches' 0.5); the
+keep count is not capped.
+
+Deviations from the official code (Cooperx521/PyramidDrop @ 6444f30):
+* scores in float32 with lower-index ties (the official code ranks fp16 scores with `topk`);
+* batches are supported (per sample, left padding: the last prompt position is the same for every row);
+  the official inference code handles one sample;
+* the debiasing patch reads the padding geometry from the image size, vtprune from the pixels.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ same random subset for a given seed; with `per_image=True` image i of a batch ge
 with (seed, i-th image of its sample), so it is still independent of the other samples.
 
 Parameters: keep (default 64), seed (0), per_image (False).
+
+Deviations from the official code: none known. There is no released implementation to follow (FastV's
+K=0 setting is described in its paper, arXiv 2403.06764, not in pkunlp-icler/FastV's code); vtprune
+prunes before the LLM, as the paper's K=0 drops tokens before layer 0.
 """
 
 from __future__ import annotations

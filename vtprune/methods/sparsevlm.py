@@ -46,7 +46,13 @@ models), version ("1.5" | "1" | "2.0"), layers,
 schedule, recycle (None = on for v1/v1.5, off for v2.0), scale, bias, priority_heads (14), and the
 attention options heads, num_heads, debias, debias_strength, benchmark.
 
-Deviations from the official code (batch size 1, fp16):
+Debiasing as the released patch (intcomp/attention-bias `patches/SparseVLMs.patch` @ e75ebe7, against
+SparseVLMs 734d900): the first sparse layer's rater score only; "sink" drops the patches whose validity,
+bilinearly resized to the patch grid, is below 0.5 — read here as "more than half padding"; the keep
+count is not capped; recycling ranks with the plain score.
+
+Deviations from the official code (Gumpest/SparseVLMs: v1.5 @ b9619e6, v1 @ b72c5d6, v2.0 @ 26a5f48; the
+official code runs batch size 1 in fp16):
 * keep ≥ tokens per image keeps everything (no stage drops or recycles); a schedule count ≥ the current
   visual count keeps all of them (the official ``min(count, n − 1)`` would still drop one token). Neither
   happens with the paper budgets on LLaVA-1.5.

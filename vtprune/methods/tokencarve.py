@@ -16,10 +16,20 @@ Parameters: keep, K (2), weight (0.5; 1.0 = AV-only, 0.0 = SV-only, the repo's m
 options heads, num_heads, debias (AV score only, §13: the SVD score and the merge are untouched),
 debias_strength, benchmark.
 
-Deviations: the official code also gathers the KV caches of layers 0…K−1 to the kept tokens; here layers
-before K keep the full-length cache they computed (vtprune's engine; the prefill outputs are identical, a
-decoded token's attention in layers < K still sees every image token). The SVD uses
-``full_matrices=False``; several images of a sample are ranked together (N per image × images).
+The SV score is `selection.tokencarve_information`: the thin SVD of the fp32 image rows (after a QR
+reduction to N × N, which keeps the accuracy of a direct SVD), to the official definition's accuracy —
+never through an eigendecomposition of H·Hᵀ, which squares the condition number (issue 20).
+
+Deviations from the official code (ShawnTan86/TokenCarve `TokenCarve/modeling_llama.py` @ a57bd59):
+* the official code also gathers the KV caches of layers 0…K−1 to the kept tokens; here layers before K
+  keep the full-length cache they computed (vtprune's engine; the prefill outputs are identical, a decoded
+  token's attention in layers < K still sees every image token);
+* the SVD is thin (the official `torch.linalg.svd` computes the full 4096 × 4096 V it never uses) and is
+  taken through a QR reduction; the score equals the official one to fp32 accuracy;
+* ties in either ranking, in the fused Borda points and in the merge similarities go to the lower index
+  (stable sorts; the official `topk`/`sort` leave them to the backend);
+* several images of a sample are ranked together (N per image × images); batches are supported (the
+  official code reads sample 0 only).
 """
 
 from __future__ import annotations

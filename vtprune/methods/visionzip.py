@@ -23,8 +23,19 @@ bit-identical to what the unpruned model feeds its LLM.
 With `vision_feature_select_strategy="full"` (the [CLS] token is visual token 0) the [CLS] token is an
 ordinary kept token and is recorded with index 0.
 
-Deviations: ties in the [CLS] attention go to the lower index (stable sort; torch.topk has no guaranteed
-tie order) and ties between targets go to the earlier target (`vtprune.selection.visionzip_merge`).
+A full budget (keep, or dominant + contextual, = every visual token of the image) leaves the model
+unmodified: every patch is kept as it is, no [CLS] token and no merge (the record's stage info says
+"unchanged").
+
+Deviations from the official code (dvlab-research/VisionZip `visionzip/clip_encoder.py`, `utils.py`
+@ 3151f6d):
+* ties in the [CLS] attention go to the lower index (stable sort; torch.topk has no guaranteed tie order)
+  and ties between targets go to the earlier target (`vtprune.selection.visionzip_merge`);
+* at a full budget the official code still feeds [CLS] in place of a patch, moves the non-dominant
+  patches after the dominant ones (contextual targets) and adds the one left over to its most similar
+  target; vtprune feeds the unmodified image (issue 20);
+* the [CLS] attention and keys of the feature layer are computed from its q/k projections (SDPA tower), not
+  by a monkey-patched eager CLIP attention; several images per sample and batches are supported.
 """
 
 from __future__ import annotations
@@ -115,6 +126,12 @@ class VisionZip(Method):
     def select(self, stage_index, stage, signals) -> Selection:
         hidden = signals.hidden  # (N, 1 + P, Dv): [CLS] first
         n, length, _ = hidden.shape
+        p = signals.projected.shape[1]
+        if stage.keep >= p:
+            # A full budget has nothing to compress: every patch, unchanged, as the unmodified model feeds
+            # them (the official code would still swap a patch for [CLS], reorder and merge one patch).
+            every = torch.arange(p, device=hidden.device).expand(n, p)
+            return Selection(indices=every, info={"dominant": 0, "contextual": 0, "unchanged": True})
         heads_attn = signals.cls_attention_heads  # (N, Hv, P), columns = tower tokens 1..P
         # Visual token j is tower token j + 1 ("default": [CLS] dropped) or j ("full": [CLS] is token 0).
         offset = length - signals.projected.shape[1]

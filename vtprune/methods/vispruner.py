@@ -16,6 +16,21 @@ Seed-script names are accepted as aliases: `retain_img_tokens` for keep and `vis
 important_ratio. They are folded into keep / important_ratio when the method is built (and then read
 None), so records and `dataclasses.replace` see one value; giving both names with different values is an
 error.
+
+Ties (deterministic, `vtprune.selection.vispruner_select`): equal [CLS] attention ranks the lower index
+first; in a duplicate-removal round, members of A with equal best-match similarity keep their order in A
+(the residual's attention order), so the earlier one is deleted first. Cosines within 1e-6 of 1 count as
+exactly 1, so near-identical patches tie instead of being told apart by float noise.
+
+Deviations from the official code (Theia-4869/VisPruner `llava/model/llava_arch.py` @ aefa01a):
+* exact ties: the official `argsort(descending=True)` leaves their order to the backend; vtprune breaks
+  them as above (issue 20);
+* an odd residual list: the official code sizes a round's deletion with |R| // 2 columns, which fails when
+  |R| is odd; vtprune uses the actual |A| = ⌈|R| / 2⌉ (unreachable with 576 tokens and the usual budgets);
+* the [CLS] attention comes from the feature layer's q/k (SDPA tower, float32), not from an eager tower's
+  `output_attentions`; batches with different valid masks per image are supported;
+* `attention_sink_threshold` (`vispruner_nosink`, seeds/000) is not in the official code: the sinks are
+  excluded from both selections, so keep = all tokens is not the unmodified model for that variant.
 """
 
 from __future__ import annotations

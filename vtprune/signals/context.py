@@ -134,16 +134,38 @@ class VisionSignals:
             return key
         return torch.cat([key[self.image_crop, :1], self._from_crops(key[:, 1:])], dim=1)
 
-    def padding_mask(self, threshold: float = 0.5, tolerance: float = 0.03) -> torch.Tensor | None:
-        """(N, P) True for patches that are mostly pad-to-square filler (the CLIP mean colour, which
-        normalises to ~0 in every channel), or None when the pixels are not at hand. Used by the padding
-        attention-sink debiasing (algorithms.md §13); with centre-crop preprocessing nothing is padding."""
+    def padding_fraction(self, tolerance: float = 0.03) -> torch.Tensor | None:
+        """(N, P) the part of each patch that is pad-to-square filler, or None when the pixels are not at
+        hand. The padding attention-sink debiasing (algorithms.md §13) thresholds it with its method's patch
+        threshold (0.5; PDrop 0.01); with centre-crop preprocessing nothing is padding.
+
+        The released patches (intcomp/attention-bias `generate_pad_mask` @ e75ebe7) compute this fraction
+        from the original image size: LLaVA's `expand2square` pads the short side symmetrically, so padding
+        is a band of whole pixel rows (or columns) at the border. The model does not see the image size, so
+        the band is read from the pixels: the rows (columns) that are entirely the CLIP mean colour (~0 in
+        every normalised channel) and touch the border. Filler-coloured pixels inside the picture are never
+        padding, which matters for PDrop's 0.01 threshold (two such pixels would flag a patch)."""
         if self.pixel_values is None:
             return None
-        near_mean = (self.pixel_values.float().abs() < tolerance).all(dim=1, keepdim=True).float()
+        near_mean = (self.pixel_values.float().abs() < tolerance).all(dim=1)  # (C, H, W) per tower input
+
+        def border_band(lines: torch.Tensor) -> torch.Tensor:  # (C, L) filler lines -> those touching a border
+            lines = lines.to(torch.uint8)
+            from_start = lines.cumprod(dim=1)
+            from_end = lines.flip(1).cumprod(dim=1).flip(1)
+            return (from_start | from_end).bool()
+
+        rows = border_band(near_mean.all(dim=2))
+        cols = border_band(near_mean.all(dim=1))
+        band = (rows[:, :, None] | cols[:, None, :]).float()[:, None]
         patch = self.adapter.config.vision_config.patch_size
-        fraction = torch.nn.functional.avg_pool2d(near_mean, patch).flatten(1)
-        return self._from_crops(fraction > threshold)
+        # per tower input (C, p), then per image token (N, P): LLaVA-NeXT's crops map through `source`
+        return self._from_crops(torch.nn.functional.avg_pool2d(band, patch).flatten(1))
+
+    def padding_mask(self, threshold: float = 0.5, tolerance: float = 0.03) -> torch.Tensor | None:
+        """(N, P) True for patches whose padding fraction is above `threshold` (None without pixels)."""
+        fraction = self.padding_fraction(tolerance)
+        return None if fraction is None else fraction > threshold
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Push vision-width vectors through LLaVA's projector (for merged tokens)."""
@@ -247,14 +269,14 @@ class LLMSignals:
         padding = cls_attention = None
         created = self.original_index < 0
         if self.vision is not None:
-            pad = self.vision.padding_mask()
+            pad = self.vision.padding_fraction()
             if pad is not None:
-                padding = self.per_original(pad) & ~created
+                padding = self.per_original(pad).masked_fill(created, 0.0)
             if self.vision.captured is not None or self.vision.image_output is not None:
                 cls_attention = self.per_original(self.vision.cls_attention).masked_fill(created, 0.0)
         cfg = self.adapter.config.vision_config
         return DebiasContext(
-            padding_mask=padding,
+            padding_fraction=padding,
             hidden=self.visual_hidden(),
             cls_attention=cls_attention,
             grid=self.adapter.grid,

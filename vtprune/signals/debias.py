@@ -13,10 +13,13 @@ Two corrections, composed in the order of §13 (positional first, then sinks / p
   score is ``w_i ** strength * a_i`` with ``w`` from the released per-method λ (``w_i = exp(-λ i)``),
   FastV's cubic (``1 / w_i = 1 + 3.0152e-3 i - 1.4598e-5 i² + 2.5691e-8 i³``) or a fit
   ``f(x) = μ e^{σx}`` of calibration scores (``w_i = e^{-σ x_i}``, ``x_i = i / N``).
-* **sinks** — tokens whose score is inflated independently of content: padding patches of pad-to-square
-  images (§13), visual attention sinks with massive activations (§12.1), [CLS]-attention outliers (seed 000)
-  and high-norm vision features (§12.3). Each detector returns a ``(B, N)`` bool mask (True = sink);
-  :func:`apply_sink_mask` excludes, zeroes or down-weights them.
+* **sinks** — tokens whose score is inflated independently of content. ``"sink"`` means what the released
+  patches of ``intcomp/attention-bias`` (@ e75ebe7, ``patches/*.patch``) do: the padding patches of
+  pad-to-square images are masked out of the score (§13 (2)), with the patch's own padding threshold
+  (:data:`PADDING_THRESHOLDS`). Other sources are vtprune additions, opt-in by name: visual attention sinks
+  with massive activations (``"massive"``, §12.1), [CLS]-attention outliers (``"attention"``, seed 000) and
+  high-norm vision features (``"norm"``, §12.3). Each detector returns a ``(B, N)`` bool mask
+  (True = sink); :func:`apply_sink_mask` excludes, zeroes or down-weights them.
 
 :class:`Debias` bundles both as one validated option that any attention-based method can apply.
 """
@@ -35,6 +38,7 @@ __all__ = [
     "EXCLUDED_SCORE",
     "FASTV_CUBIC",
     "LLAMA2_SINK_DIMS",
+    "PADDING_THRESHOLDS",
     "RECENCY_LAMBDA",
     "RECENCY_LAMBDA_DEFAULT",
     "Debias",
@@ -45,6 +49,7 @@ __all__ = [
     "massive_activation_sinks",
     "norm_outlier_sinks",
     "padding_patch_mask",
+    "padding_threshold",
     "recency_debias",
     "recency_lambda",
     "recency_weights",
@@ -295,6 +300,32 @@ def _grid_shape(grid: int | Sequence[int]) -> tuple[int, int]:
     return rows, cols
 
 
+#: Padding threshold of each released patch (intcomp/attention-bias @ e75ebe7): a patch whose padding
+#: fraction is strictly above it is padding. ``generate_pad_mask(..., threshold=0.5)`` in
+#: ``patches/FastV.patch``, ``patches/HiMAP.patch`` and ``patches/TokenCarve.patch``;
+#: ``generate_pad_mask(..., threshold=0.01)`` in ``patches/PyramidDrop.patch`` (a patch touched by padding
+#: at all is padding); ``patches/SparseVLMs.patch`` resizes the 0/1 validity mask of the padded image to
+#: 24×24 with PIL's bilinear filter and keeps values >= 0.5, i.e. about the 0.5 rule.
+#: Methods without a released patch (iLLaVA, FinePruner heads, any new method) use 0.5.
+PADDING_THRESHOLDS: dict[str, float] = {
+    "fastv": 0.5,
+    "himap": 0.5,
+    "tokencarve": 0.5,
+    "sparsevlm": 0.5,
+    "pdrop": 0.01,
+}
+
+#: Threshold for a method without a released patch.
+DEFAULT_PADDING_THRESHOLD = 0.5
+
+
+def padding_threshold(method: str | None) -> float:
+    """The padding threshold of ``method``'s released patch (:data:`PADDING_THRESHOLDS`); 0.5 otherwise."""
+    if method is None:
+        return DEFAULT_PADDING_THRESHOLD
+    return PADDING_THRESHOLDS.get(_canonical_method(method), DEFAULT_PADDING_THRESHOLD)
+
+
 def padding_patch_mask(
     image_sizes: torch.Tensor | Sequence[Sequence[int]],
     grid: int | Sequence[int] = 24,
@@ -310,9 +341,11 @@ def padding_patch_mask(
     the centred band ``[(S - b)/2, (S + b)/2)`` with ``b = S·min(w,h)/max(w,h)`` along the padded axis
     (rows if ``w > h``, columns if ``h > w``). Patch (r, c) covers pixels ``[c·p, (c+1)·p) × [r·p, (r+1)·p)``
     with ``p = S / grid``; it is padding when its padding fraction (the part of it outside the band) is
-    strictly greater than ``threshold``: 0.5 in the FastV, HiMAP and TokenCarve patches, 0.01 in PDrop's.
-    The band is the continuous centred band of the spec; ``expand2square``'s integer paste offset moves the
-    edge by less than one 336-px pixel. Square images have no padding.
+    strictly greater than ``threshold`` (:data:`PADDING_THRESHOLDS`: 0.5 in the FastV, HiMAP and TokenCarve
+    patches, 0.01 in PDrop's). This is ``generate_pad_mask`` of ``intcomp/attention-bias``
+    ``patches/FastV.patch`` (and the identical copies in the HiMAP, PyramidDrop and TokenCarve patches)
+    @ e75ebe7. The band is the continuous centred band of the patch; ``expand2square``'s integer paste
+    offset moves the edge by less than one 336-px pixel. Square images have no padding.
     """
     sizes = torch.as_tensor(image_sizes, dtype=torch.float64)
     if sizes.dim() == 2:
@@ -478,7 +511,9 @@ class DebiasContext:
     """What the caller can offer :meth:`Debias.apply`; every field is optional.
 
     * ``image_sizes``: original ``(w, h)`` per image, ``(B, 2)`` or ``(B, I, 2)`` → padding mask (§13 (2)).
-    * ``padding_mask``: ``(B, N)`` bool, precomputed padding patches (wins over ``image_sizes``).
+    * ``padding_mask``: ``(B, N)`` bool, precomputed padding patches (wins over the two others).
+    * ``padding_fraction``: ``(B, N)`` float, the part of each patch that is padding (e.g. measured on the
+      pixels); thresholded with the option's ``padding_threshold`` (wins over ``image_sizes``).
     * ``hidden``: ``(B, N, D)`` LLM hidden states of the visual tokens at the scoring layer → φ sinks (§12.1).
     * ``cls_attention``: ``(B, N)`` (or ``(B, H, N)``) [CLS] attention of the vision tower → mass sinks.
     * ``vision_features``: ``(B, N, D)`` vision-tower patch features → high-norm outliers (§12.3).
@@ -487,6 +522,7 @@ class DebiasContext:
 
     image_sizes: torch.Tensor | Sequence[Sequence[int]] | None = None
     padding_mask: torch.Tensor | None = None
+    padding_fraction: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     cls_attention: torch.Tensor | None = None
     vision_features: torch.Tensor | None = None
@@ -509,8 +545,12 @@ class DebiasContext:
 
 
 SINK_SOURCES: tuple[str, ...] = ("padding", "massive", "attention", "norm")
+#: What ``"sink"`` means: the released patches mask padding tokens only (intcomp/attention-bias @ e75ebe7,
+#: ``patches/FastV.patch``, ``PyramidDrop.patch``, ``SparseVLMs.patch``, ``HiMAP.patch``,
+#: ``TokenCarve.patch``). The other sources are vtprune additions and are enabled by their own names.
+DEFAULT_SINK_SOURCES: tuple[str, ...] = ("padding",)
 _SOURCE_NEEDS = {
-    "padding": ("padding_mask", "image_sizes"),
+    "padding": ("padding_mask", "padding_fraction", "image_sizes"),
     "massive": ("hidden",),
     "attention": ("cls_attention",),
     "norm": ("vision_features",),
@@ -530,12 +570,17 @@ class Debias:
       ``"fit"`` (needs ``recency_fit = (mu, sigma)``).
     * ``recency_ref_n``: calibration length per image (576); with another number of tokens per image the
       index is rescaled, see :func:`recency_weights`. ``None`` = raw indices.
-    * ``sink``: enable sink suppression from the detectors in ``sink_sources`` — ``"padding"`` (§13),
-      ``"massive"`` (§12.1 φ rule), ``"attention"`` ([CLS]-attention threshold, seed 000), ``"norm"``
-      (§12.3) — each used when its input is in the context (at least one must be).
-    * thresholds: ``padding_threshold`` (0.5), ``massive_tau`` (20) and ``massive_dims`` (None = detect),
+    * ``sink``: enable sink suppression from the detectors in ``sink_sources`` — ``"padding"`` (§13, the
+      only one the released patches have, and the default), ``"massive"`` (§12.1 φ rule), ``"attention"``
+      ([CLS]-attention threshold, seed 000), ``"norm"`` (§12.3) — each used when its input is in the
+      context (at least one must be).
+    * thresholds: ``padding_threshold`` (None = the released patch's of ``method``, 0.5 for a method without
+      one, see :data:`PADDING_THRESHOLDS`), ``massive_tau`` (20) and ``massive_dims`` (None = detect),
       ``attention_threshold`` (0.02), ``norm_ratio`` (0.01).
-    * ``sink_mode`` / ``sink_factor``: see :func:`apply_sink_mask` (default ``"exclude"``).
+    * ``sink_mode`` / ``sink_factor``: see :func:`apply_sink_mask` (default ``"exclude"``). The patches
+      multiply the score by the 0/1 validity mask; softmax attention is positive, so a zeroed token ranks
+      below every real token exactly as an excluded one does — "exclude" only differs for a real score that
+      underflows to 0, which it keeps above padding.
 
     Order (§13): positional first, then sinks. Sink detection never reads the debiased scores.
     """
@@ -548,8 +593,8 @@ class Debias:
     method: str | None = None
     benchmark: str | None = None
     sink: bool = False
-    sink_sources: tuple[str, ...] = SINK_SOURCES
-    padding_threshold: float = 0.5
+    sink_sources: tuple[str, ...] = DEFAULT_SINK_SOURCES
+    padding_threshold: float | None = None
     massive_tau: float = 20.0
     massive_dims: tuple[int, ...] | None = None
     attention_threshold: float = 0.02
@@ -592,6 +637,8 @@ class Debias:
             raise ValueError(
                 f"sink_sources must be a non-empty subset of {SINK_SOURCES}, got {self.sink_sources}"
             )
+        if self.padding_threshold is None:
+            self.padding_threshold = padding_threshold(self.method)
         if not 0 <= self.padding_threshold < 1:
             raise ValueError("padding_threshold must be in [0, 1)")
         if self.massive_tau <= 0:
@@ -616,9 +663,12 @@ class Debias:
     ) -> Debias:
         """Build from ``prune(..., debias=...)``: ``None``, a name, a list of names, a dict or a :class:`Debias`.
 
-        Names: ``"recency"``, ``"sink"`` (all sink sources), or one source (``"padding"``, ``"massive"``,
-        ``"attention"``, ``"norm"``). ``defaults`` (e.g. ``method="fastv"``, ``benchmark="pope"``) fill fields
-        the spec does not set. ``["recency", "sink"]`` with image sizes in the context reproduces §13.
+        Names: ``"recency"``, ``"sink"`` (the released patches' sink step: padding tokens only,
+        intcomp/attention-bias ``patches/*.patch`` @ e75ebe7), or one source (``"padding"`` — the same as
+        ``"sink"`` —, ``"massive"``, ``"attention"``, ``"norm"``: vtprune additions, opt-in). ``defaults``
+        (e.g. ``method="fastv"``, ``benchmark="pope"``) fill fields the spec does not set; ``method`` also
+        picks the patch's padding threshold. ``["recency", "sink"]`` with the padding of the images in the
+        context reproduces the released patches (§13).
         """
         if isinstance(spec, Debias):
             return spec
@@ -633,7 +683,7 @@ class Debias:
             if name == "recency":
                 kwargs["recency"] = True
             elif name == "sink":
-                sources.extend(SINK_SOURCES)
+                sources.extend(DEFAULT_SINK_SOURCES)
             elif name in SINK_SOURCES:
                 sources.append(name)
             else:
@@ -702,6 +752,8 @@ class Debias:
             if source == "padding":
                 if ctx.padding_mask is not None:
                     masks.append(ctx.padding_mask.to(torch.bool))
+                elif ctx.padding_fraction is not None:
+                    masks.append(ctx.padding_fraction > self.padding_threshold)
                 elif ctx.image_sizes is not None:
                     masks.append(
                         padding_patch_mask(ctx.image_sizes, ctx.grid, ctx.image_size, self.padding_threshold)
