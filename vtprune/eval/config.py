@@ -97,13 +97,23 @@ class EvalConfig:
 
 
 def parse_keep(value: int | float | str) -> int | float:
-    """`64` -> 64 tokens, `0.25` -> a quarter of the tokens, `1` -> one token, `1.0` -> all tokens."""
-    message = f"keep must be a whole token count >= 1 or a fraction in (0, 1]; got {value!r}"
+    """`64` -> 64 tokens, `0.25` -> a quarter of the tokens, `1` -> one token, `1.0` -> all tokens,
+    `320/2880` -> the fraction a paper's budget is of its token count (LLaVA-NeXT tables: 320 of 2,880),
+    applied to each image's own tokens."""
+    message = (
+        f"keep must be a whole token count >= 1, a fraction in (0, 1] or a paper budget like 320/2880; got {value!r}"
+    )
     if isinstance(value, bool):
         raise EvalInputError(message)
     if isinstance(value, str):
         text = value.strip()
-        if re.fullmatch(r"\d+", text):
+        ratio = re.fullmatch(r"(\d+)\s*/\s*(\d+)", text)
+        if ratio:
+            part, whole = int(ratio.group(1)), int(ratio.group(2))
+            if not 0 < part <= whole:
+                raise EvalInputError(message)
+            value = part / whole
+        elif re.fullmatch(r"\d+", text):
             value = int(text)
         else:
             try:
