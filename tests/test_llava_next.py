@@ -348,3 +348,9 @@ def test_paper_budget_by_name():
     assert parse_keep(" 160 / 2880 ") == pytest.approx(160 / 2880)
     with pytest.raises(EvalInputError, match="paper budget like 320/2880"):
         parse_keep("3000/2880")
+
+
+def test_beam_search_is_refused_clearly(tiny_next, batch):
+    model, _, _ = tiny_next
+    with vtprune.pruned(model, "vispruner", keep=8), pytest.raises(vtprune.PruneConfigError, match="beam search"):
+        model.generate(**batch, max_new_tokens=2, num_beams=2)

@@ -567,7 +567,7 @@ class PruneSession:
             num_layers=self.info.num_layers,
             sample_visual_tokens=sample_tokens if len(set(sample_tokens)) > 1 else None,
         )
-        if compat.precomputed_image_output(call) is None and pixel_values is not None:
+        if pixel_values is not None:  # the tower ran here, not in generate()
             record.timings_ms["vision"] = vision_ms
         self.record = record
         self.episode = episode = Episode(
@@ -580,10 +580,6 @@ class PruneSession:
         if projected.shape[0] != hidden_v.shape[0]:
             # generate() repeats each sample's image group for beams / num_return_sequences ([A, B] ->
             # [A, B, A, B]) in the projected features only; map every expanded image to its computed one.
-            if images.source is not None:
-                raise PruneConfigError(
-                    f"{self.adapter.family}: beam search and num_return_sequences > 1 are not supported yet"
-                )
             expand = projected.shape[0] // hidden_v.shape[0]
             j = torch.arange(projected.shape[0], device=projected.device)
             expanded_from = (j // (n_img * expand)) * n_img + j % n_img
