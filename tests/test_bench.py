@@ -671,3 +671,51 @@ def test_cli_bench_on_tiny_next(tmp_path):
     assert all(e["status"] == "ok" for e in data["results"])
     bad = CliRunner().invoke(app, ["bench", "--arch", "tiny-next", "--image-size", "wide", "--output", str(out)])
     assert bad.exit_code != 0 and "HEIGHTxWIDTH" in bad.output
+
+
+def test_the_next_table_methods_run_with_their_defaults_on_a_32_layer_next():
+    """The README's NeXT-7B command, in miniature: its methods with their default layers (PDrop 2/10/20,
+    SparseVLM 2/6/15, FastV K=2) on random weights built like --arch llava-1.6-vicuna-7b --random-weights."""
+    from vtprune.bench.workload import BenchModel, _random_model, image_of
+
+    spec = F.ArchSpec(
+        name="mini-next-32",
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=32,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=16,
+        vocab_size=300,
+        vision_hidden_size=32,
+        vision_intermediate_size=64,
+        vision_layers=3,
+        vision_heads=2,
+        image_size=56,
+        patch_size=14,
+        image_token_index=260,
+        pad_token_id=261,
+        image_grid_pinpoints=((56, 112), (112, 56), (112, 112)),
+    )
+    model = _random_model(F.llava_config(spec), torch.device("cpu"), torch.float32, "sdpa", seed=0)
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    loaded = BenchModel(model, spec, spec.name, True, torch.device("cpu"), torch.float32, image_of(model, spec, None))
+    methods = "none,random,vispruner,visionzip,divprune,cdpruner,fastv,pdrop,sparsevlm".split(",")
+    cfg = BenchConfig(
+        methods=methods,
+        params={"cdpruner": {"relevance": "none"}},  # no CLIP text tower offline
+        keeps=[20, 5],
+        batches=[2],
+        new_tokens=2,
+        repeats=1,
+        warmup=0,
+        oracle_generate=False,
+        device="cpu",
+        dtype="float32",
+        progress=False,
+    )
+    results = run_bench(cfg, loaded=loaded)
+    assert all(e["status"] == "ok" for e in results["results"]), [e.get("error") for e in results["results"]]
+    assert all(e["oracle_exact"] for e in results["results"] if e["name"] != "none")
+    avg = {(e["name"], e["keep"]): e["tokens"]["layer_avg_tokens"][0] for e in results["results"]}
+    assert avg[("fastv", 5)] == (2 * 88 + 30 * 5) / 32  # FastV keeps all 88 tokens in layers 0 and 1
