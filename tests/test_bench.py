@@ -642,6 +642,12 @@ def test_image_size_is_for_anyres_models_only(tiny_model):
     cfg = BenchConfig(arch="tiny", keeps=[16], image_size=(672, 672), device="cpu", progress=False)
     with pytest.raises(PruneConfigError, match="AnyRes"):
         run_bench(cfg, loaded=tiny_model)
+    # refused before the 7 B parameters are built (building them here would not finish)
+    with pytest.raises(PruneConfigError, match="resizes every image to 336x336"):
+        build_model(
+            model=None, arch="llava-1.5-7b", random_weights=True, device="cpu", dtype=torch.float32,
+            image_size=(672, 672),
+        )
 
 
 def test_build_model_from_a_local_next_checkpoint(tmp_path):

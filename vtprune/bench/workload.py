@@ -101,16 +101,20 @@ def _tiny_model(arch: str, seed: int, attn: str) -> torch.nn.Module:
     return make(seed=seed, attn_implementation=attn)[0]
 
 
+def _image_work(spec: ArchSpec, image_size: tuple[int, int] | None) -> ImageWork:
+    try:
+        return image_work(spec, image_size)
+    except ValueError as err:
+        raise PruneConfigError(f"--image-size: {err}") from None
+
+
 def image_of(model: torch.nn.Module, spec: ArchSpec, image_size: tuple[int, int] | None) -> ImageWork:
     """What one synthetic image costs on `model`, counted by the model's adapter (the model file's own tiling
     and unpadding) and checked against `bench/flops.py`'s arithmetic, so the FLOPs reported are those of the
     tokens timed. `image_size` (height, width) is for AnyRes models only."""
     from vtprune.models import adapter_for
 
-    try:
-        expected = image_work(spec, image_size)
-    except ValueError as err:
-        raise PruneConfigError(f"--image-size: {err}") from None
+    expected = _image_work(spec, image_size)
     adapter = adapter_for(model)
     if expected.size is None:
         return expected
@@ -151,25 +155,27 @@ def build_model(
         raise PruneConfigError(
             f"--arch {arch} has no weights: add --random-weights to time the architecture, or pass --model"
         )
+    if arch in ARCH_PRESETS:
+        _image_work(ARCH_PRESETS[arch], image_size)  # a wrong image size is refused before 7 B parameters are built
     if arch in TINY_ARCHS:
         llava = _tiny_model(arch, seed, attn).to(device=device, dtype=dtype).eval()
-        spec, name, random = ArchSpec.from_config(llava.config, name=arch), arch, True
+        spec, name, is_random = ArchSpec.from_config(llava.config, name=arch), arch, True
     elif arch is not None:
         llava = _random_model(llava_config(arch, attn_implementation=attn), device, dtype, attn, seed)
-        spec, name, random = ARCH_PRESETS[arch], arch, True
+        spec, name, is_random = ARCH_PRESETS[arch], arch, True
     elif random_weights:
         from transformers import AutoConfig
 
         from vtprune.loading import resolve_model_path
 
         llava = _random_model(AutoConfig.from_pretrained(resolve_model_path(model)), device, dtype, attn, seed)
-        spec, name, random = ArchSpec.from_config(llava.config, name=model), model, True
+        spec, name, is_random = ArchSpec.from_config(llava.config, name=model), model, True
     else:
         from vtprune.loading import load_model
 
         llava, _ = load_model(model, device=str(device), dtype=dtype, attn_implementation=attn)
-        spec, name, random = ArchSpec.from_config(llava.config, name=model), model, False
-    return BenchModel(llava, spec, name, random, device, dtype, image_of(llava, spec, image_size))
+        spec, name, is_random = ArchSpec.from_config(llava.config, name=model), model, False
+    return BenchModel(llava, spec, name, is_random, device, dtype, image_of(llava, spec, image_size))
 
 
 @dataclass
