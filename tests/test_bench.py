@@ -506,3 +506,222 @@ def test_oracle_of_a_vit_merging_method_feeds_the_same_tokens(tiny_model):
     assert [s.kind for s in record.stages] == ["vit", "llm"]
     assert [s.kind for s in replay.stages] == ["vision", "llm"]
     assert [(s.prune_layer, s.kept) for s in replay.stages] == [(s.prune_layer, s.kept) for s in record.stages]
+
+
+# --- LLaVA-NeXT (AnyRes): the tiny NeXT, 112 x 112 image = 5 tower inputs, 88 tokens --------------------------
+
+NEXT_METHODS = ["none", "random", "vispruner", "fastv", "pdrop"]
+NEXT_PARAMS = {"pdrop": {"layer_list": (1, 2, 3)}}  # the paper's layers [2, 10, 20] need 21+ LLM layers
+NEXT_KEEPS = [40, 12]
+NEXT_TOKENS = 88  # 16 base + 8 x 8 tiles + 8 newlines
+
+
+@pytest.fixture(scope="module")
+def tiny_next_model():
+    return build_model(model=None, arch="tiny-next", random_weights=False, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def next_run(tiny_next_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-next")
+    cfg = BenchConfig(
+        arch="tiny-next",
+        methods=NEXT_METHODS,
+        keeps=NEXT_KEEPS,
+        batches=BATCHES,
+        params=NEXT_PARAMS,
+        new_tokens=NEW_TOKENS,
+        repeats=1,
+        warmup=0,
+        device="cpu",
+        dtype="float32",
+        output=out,
+        progress=False,
+    )
+    return run_bench(cfg, loaded=tiny_next_model), out
+
+
+def test_next_every_method_runs_beside_its_oracle(next_run):
+    results, out = next_run
+    entries = results["results"]
+    assert all(e["status"] == "ok" for e in entries), [e.get("error") for e in entries]
+    expected = {(m, k, b) for m in NEXT_METHODS if m != "none" for k in NEXT_KEEPS for b in BATCHES}
+    assert {(e["name"], e["keep"], e["batch"]) for e in entries} == expected | {("none", None, b) for b in BATCHES}
+    for e in entries:
+        assert e["method_timing"]["prefill_ms"]["median"] > 0 and e["oracle_timing"]["prefill_ms"]["median"] > 0
+        assert e["tokens"]["visual_before"] == NEXT_TOKENS
+        if e["name"] != "none":
+            assert e["oracle_exact"] is True and isinstance(e["overhead_ms"], float)
+            assert max(e["tokens"]["tokens_after_pruning"]) <= e["keep"] or e["name"] == "pdrop"
+        # the KV cache generate() returns holds what the record says each layer saw
+        assert e["method_timing"]["kv_cache_bytes"] == sum(e["kv_cache_bytes_theory_per_sample"])
+    for ref in results["references"]:
+        assert ref["status"] == "ok" and set(ref["short_prompt"]) == {"40", "12"}
+        assert ref["tokens"]["visual_before"] == NEXT_TOKENS
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["visual_tokens_per_image"] == NEXT_TOKENS
+    assert meta["image"] == {"crops": 5, "tokens": 88, "size": [112, 112], "tiles": [2, 2], "tile_tokens": [8, 8]}
+    md = (out / "results.md").read_text()
+    assert "- image: 112x112 image: 5 tower inputs (base view + 2x2 tiles), 88 tokens" in md
+    assert "| none | all |" in md and "oracle prefill ms" in md
+
+
+def test_next_flops_count_every_crop(next_run, tiny_next_model):
+    """The tower and projector run on the 5 crops, the LLM on the image's 88 tokens (bench/flops.py)."""
+    results, _ = next_run
+    spec = tiny_next_model.spec
+    for e in [*ok_entries(results), *results["references"]]:
+        expected = F.prefill_flops(spec, e["layer_tokens"], crops=5)
+        assert e["flops"]["true_total"] == expected["total"]
+        assert e["flops"]["true_vision"] == 5 * F.vision_flops(spec)
+        assert e["flops"]["true_projector"] == F.projector_flops(spec, 5 * 16)
+    (none,) = [e for e in ok_entries(results) if e["name"] == "none" and e["batch"] == 1]
+    assert none["layer_tokens"] == [60 + NEXT_TOKENS] * 4
+
+
+def test_next_synthetic_inputs_are_what_the_processor_gives(tiny_next_model):
+    model = tiny_next_model.model
+    image_id = model.config.image_token_id
+    inputs = synthetic_inputs(model, 2, 20, device="cpu", dtype=torch.float32)
+    assert inputs.pixel_values.shape == (2, 5, 3, 56, 56) and inputs.image_sizes.tolist() == [[112, 112]] * 2
+    assert inputs.visual_tokens == NEXT_TOKENS and inputs.input_ids.shape == (2, 20 + NEXT_TOKENS)
+    block = inputs.input_ids[:, inputs.image_start : inputs.image_start + NEXT_TOKENS]
+    assert bool((block == image_id).all()) and int((inputs.input_ids == image_id).sum()) == 2 * NEXT_TOKENS
+    with torch.no_grad():  # the unmodified model's placeholder check accepts them
+        assert model(**inputs.model_kwargs(), logits_to_keep=1).logits.shape[:2] == (2, 1)
+    wide = synthetic_inputs(model, 1, 20, device="cpu", dtype=torch.float32, image_size=(60, 120))
+    assert wide.pixel_values.shape == (1, 3, 3, 56, 56) and wide.visual_tokens == 52  # 16 + 4 x 8 + 4
+    with pytest.raises(PruneConfigError, match="need the model"):
+        synthetic_inputs(model.config, 1, 20, device="cpu", dtype=torch.float32)
+
+
+def test_next_keep_all_and_another_image_size(tiny_next_model, tmp_path):
+    cfg = BenchConfig(
+        arch="tiny-next",
+        methods=["random"],
+        keeps=["all", 8],
+        batches=[1],
+        image_size=(60, 120),
+        new_tokens=2,
+        repeats=1,
+        warmup=0,
+        oracle_generate=False,
+        device="cpu",
+        dtype="float32",
+        output=tmp_path,
+        progress=False,
+    )
+    results = run_bench(cfg, loaded=tiny_next_model)
+    assert results["config"]["keeps"] == [52, 8]
+    assert [e["tokens"]["tokens_after_pruning"] for e in results["results"]] == [[52], [8]]
+    assert results["meta"]["image"]["crops"] == 3 and results["meta"]["visual_tokens_per_image"] == 52
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"image_size": (0, 112)}, "--image-size must be two positive integers"),
+        ({"image_size": (112,)}, "--image-size must be two positive integers"),
+        ({"keeps": ["most"]}, "--keep"),
+    ],
+)
+def test_next_bad_inputs_are_refused_before_anything_runs(kwargs, match):
+    cfg = BenchConfig(arch="tiny-next", device="cpu", progress=False, **kwargs)
+    with pytest.raises(PruneConfigError, match=match):
+        run_bench(cfg)
+
+
+def test_next_budget_above_the_image_is_refused(tiny_next_model):
+    """A budget above the image's tokens is refused, not clamped: the row would name a budget never run."""
+    cfg = BenchConfig(arch="tiny-next", keeps=[40, 89], device="cpu", dtype="float32", progress=False)
+    with pytest.raises(PruneConfigError, match=r"\[89\] larger than the 88 visual tokens .*112x112 image"):
+        run_bench(cfg, loaded=tiny_next_model)
+
+
+def test_image_size_is_for_anyres_models_only(tiny_model):
+    cfg = BenchConfig(arch="tiny", keeps=[16], image_size=(672, 672), device="cpu", progress=False)
+    with pytest.raises(PruneConfigError, match="AnyRes"):
+        run_bench(cfg, loaded=tiny_model)
+    # refused before the 7 B parameters are built (building them here would not finish)
+    with pytest.raises(PruneConfigError, match="resizes every image to 336x336"):
+        build_model(
+            model=None, arch="llava-1.5-7b", random_weights=True, device="cpu", dtype=torch.float32,
+            image_size=(672, 672),
+        )
+
+
+def test_build_model_from_a_local_next_checkpoint(tmp_path):
+    from vtprune.testing import save_tiny_llava_next
+
+    path = save_tiny_llava_next(tmp_path / "next")
+    real = build_model(model=str(path), arch=None, random_weights=False, device="cpu", dtype=torch.float32)
+    rand = build_model(
+        model=str(path), arch=None, random_weights=True, device="cpu", dtype=torch.float32, image_size=(100, 80)
+    )
+    assert type(real.model).__name__ == type(rand.model).__name__ == "LlavaNextForConditionalGeneration"
+    assert (real.visual_tokens, real.image.crops) == (NEXT_TOKENS, 5)
+    assert (rand.visual_tokens, rand.image.tile_tokens) == (72, (8, 6))  # 16 + 8 x 6 + 8, unpadded
+    assert real.spec.anyres and not real.random_weights and rand.random_weights
+
+
+def test_cli_bench_on_tiny_next(tmp_path):
+    from vtprune.cli import app
+
+    out = tmp_path / "cli-next"
+    args = ["bench", "--arch", "tiny-next", "--methods", "none,vispruner", "--keep", "all,16", "--batch", "1"]
+    args += ["--image-size", "100x80", "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--no-progress", "--no-oracle-generate", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["keeps"] == [72, 16] and data["meta"]["image"]["size"] == [100, 80]
+    assert all(e["status"] == "ok" for e in data["results"])
+    bad = CliRunner().invoke(app, ["bench", "--arch", "tiny-next", "--image-size", "wide", "--output", str(out)])
+    assert bad.exit_code != 0 and "HEIGHTxWIDTH" in bad.output
+
+
+def test_the_next_table_methods_run_with_their_defaults_on_a_32_layer_next():
+    """The README's NeXT-7B command, in miniature: its methods with their default layers (PDrop 2/10/20,
+    SparseVLM 2/6/15, FastV K=2) on random weights built like --arch llava-1.6-vicuna-7b --random-weights."""
+    from vtprune.bench.workload import BenchModel, _random_model, image_of
+
+    spec = F.ArchSpec(
+        name="mini-next-32",
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=32,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=16,
+        vocab_size=300,
+        vision_hidden_size=32,
+        vision_intermediate_size=64,
+        vision_layers=3,
+        vision_heads=2,
+        image_size=56,
+        patch_size=14,
+        image_token_index=260,
+        pad_token_id=261,
+        image_grid_pinpoints=((56, 112), (112, 56), (112, 112)),
+    )
+    model = _random_model(F.llava_config(spec), torch.device("cpu"), torch.float32, "sdpa", seed=0)
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    loaded = BenchModel(model, spec, spec.name, True, torch.device("cpu"), torch.float32, image_of(model, spec, None))
+    methods = "none,random,vispruner,visionzip,divprune,cdpruner,fastv,pdrop,sparsevlm".split(",")
+    cfg = BenchConfig(
+        methods=methods,
+        params={"cdpruner": {"relevance": "none"}},  # no CLIP text tower offline
+        keeps=[20, 5],
+        batches=[2],
+        new_tokens=2,
+        repeats=1,
+        warmup=0,
+        oracle_generate=False,
+        device="cpu",
+        dtype="float32",
+        progress=False,
+    )
+    results = run_bench(cfg, loaded=loaded)
+    assert all(e["status"] == "ok" for e in results["results"]), [e.get("error") for e in results["results"]]
+    assert all(e["oracle_exact"] for e in results["results"] if e["name"] != "none")
+    avg = {(e["name"], e["keep"]): e["tokens"]["layer_avg_tokens"][0] for e in results["results"]}
+    assert avg[("fastv", 5)] == (2 * 88 + 30 * 5) / 32  # FastV keeps all 88 tokens in layers 0 and 1

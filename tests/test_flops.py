@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+from transformers.models.llava_next import modeling_llava_next
 
 from vtprune.bench.flops import (
     ARCH_PRESETS,
     HARDWARE,
     ArchSpec,
+    ImageWork,
     decode_flops,
     decode_step_bytes,
     fastv_convention_flops,
+    image_work,
     kv_bytes_per_token,
     kv_cache_bytes,
     layer_avg_visual_tokens,
@@ -31,10 +34,12 @@ from vtprune.bench.flops import (
     tokens_after_pruning,
     vision_flops,
 )
-from vtprune.testing import tiny_llava_config
+from vtprune.testing import make_tiny_llava_next, tiny_llava_config
 
 LLAVA7B = ARCH_PRESETS["llava-1.5-7b"]
 LLAVA13B = ARCH_PRESETS["llava-1.5-13b"]
+NEXT7B = ARCH_PRESETS["llava-1.6-vicuna-7b"]
+NEXT13B = ARCH_PRESETS["llava-1.6-vicuna-13b"]
 TEXT = 60  # text tokens of the performance.md conversion table
 
 
@@ -52,7 +57,8 @@ def test_preset_config_roundtrip_and_param_counts(name: str) -> None:
     cfg = llava_config(name)
     assert ArchSpec.from_config(cfg, name=name) == ARCH_PRESETS[name]
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(cfg)
+        model = AutoModelForImageTextToText.from_config(cfg)  # LlavaNextForConditionalGeneration for 1.6
+    assert type(model).__name__ == cfg.architectures[0]
     counts = ARCH_PRESETS[name].param_counts()
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["vision_tower"] == sum(p.numel() for p in model.model.vision_tower.parameters())
@@ -80,6 +86,23 @@ def test_llava_7b_facts() -> None:
     assert _rel(s.llm_nonembedding_linear_params, 6.476e9) < 1e-3
     s13 = LLAVA13B
     assert (s13.d, s13.m, s13.num_layers, s13.num_heads) == (5120, 13824, 40, 40)
+
+
+def test_llava_next_presets_follow_the_llava_hf_configs() -> None:
+    """llava-hf/llava-v1.6-vicuna-{7b,13b}-hf: the 1.5 LLM and tower, AnyRes over five pinpoints."""
+    for spec, base in ((NEXT7B, LLAVA7B), (NEXT13B, LLAVA13B)):
+        cfg = llava_config(spec.name)
+        assert cfg.model_type == "llava_next" and spec.anyres and not base.anyres
+        assert cfg.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+        assert (cfg.image_token_id, cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (
+            32000,
+            -2,
+            "default",
+        )
+        assert cfg.text_config.vocab_size == 32064
+        # the same shapes as LLaVA-1.5 plus the image_newline vector
+        assert spec.param_counts()["total"] == base.param_counts()["total"] + spec.hidden_size
+    assert NEXT7B.default_image_size == (672, 672) and LLAVA7B.default_image_size is None
 
 
 def test_unknown_preset_is_a_clear_error() -> None:
@@ -294,3 +317,82 @@ def test_roofline_floors() -> None:
     assert roofline_floor_ms(0, 4.8e9, peak, bw) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         roofline_floor_ms(1.0, 1.0, peak_tflops=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LLaVA-NeXT (AnyRes): tower inputs and LLM tokens of one image
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_next_672_image_is_5_crops_and_2928_tokens() -> None:
+    work = image_work(NEXT7B)  # default 672 x 672: best pinpoint 672 x 672, 2 x 2 tiles, nothing unpadded
+    assert work == ImageWork(crops=5, tokens=2928, size=(672, 672), tiles=(2, 2), tile_tokens=(48, 48))
+    assert work.tokens == 576 + 48 * 48 + 48 and work.base_tokens == 576
+    assert work.describe() == (
+        "672x672 image: 5 tower inputs (base view + 2x2 tiles), 2928 tokens = 576 base + 48x48 tiles + 48 newlines"
+    )
+    # a wide image takes the 336 x 1008 pinpoint (1 x 3 tiles) and is unpadded to 24 rows of 72 patches
+    assert image_work(NEXT7B, (300, 900)) == ImageWork(4, 576 + 24 * 72 + 24, (300, 900), (1, 3), (24, 72))
+    assert image_work(LLAVA7B) == ImageWork(crops=1, tokens=576)
+
+
+@pytest.mark.parametrize(
+    "size", [(672, 672), (600, 300), (400, 500), (336, 336), (1, 1), (20, 3000), (3000, 20), (719, 1283)]
+)
+def test_image_work_matches_the_llava_next_model_file(size: tuple[int, int]) -> None:
+    """The arithmetic equals transformers' own tiling (image_size_to_num_patches) and unpadding (unpad_image)."""
+    pinpoints = [list(p) for p in NEXT7B.image_grid_pinpoints]
+    crops = modeling_llava_next.image_size_to_num_patches(size, pinpoints, 336)
+    rows, cols = modeling_llava_next.get_anyres_image_grid_shape(size, pinpoints, 336)
+    grid = modeling_llava_next.unpad_image(torch.zeros(1, rows * 24, cols * 24), torch.tensor(size))
+    work = image_work(NEXT7B, size)
+    assert (work.crops, work.tokens) == (crops, 576 + grid.shape[1] * grid.shape[2] + grid.shape[1])
+
+
+def test_image_work_refuses_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="AnyRes"):
+        image_work(LLAVA7B, (672, 672))
+    for bad in [(0, 672), (672, -1), (672,), (672.0, 672)]:
+        with pytest.raises(ValueError, match="positive"):
+            image_work(NEXT7B, bad)
+
+
+def test_next_7b_prefill_runs_the_tower_on_every_crop() -> None:
+    layer_tokens = layer_tokens_for_stages(32, TEXT, 2928, [(0, 640)])
+    f = prefill_flops(NEXT7B, layer_tokens, crops=5)
+    one = prefill_flops(LLAVA7B, layer_tokens)  # the same LLM work on the same tokens, one crop
+    assert f["vision"] == 5 * vision_flops(NEXT7B) == 5 * one["vision"]
+    assert f["projector"] == projector_flops(NEXT7B, 5 * 576) == 5 * one["projector"]
+    assert (f["llm"], f["lm_head"]) == (one["llm"], one["lm_head"])
+    assert _rel((f["vision"] + f["projector"]) / 1e12, 5 * 0.405) < 0.01  # ≈2.03 TFLOP whatever the budget
+    unpruned = prefill_flops(NEXT7B, TEXT + 2928, crops=5)
+    # 2 × 6.476e9 × 2988 linear (38.70 T) + causal attention 2 × 4096 × 2988 × 2989 × 32 (2.34 T) + 5 crops
+    # (2.03 T): 43.07 TFLOP per sample, 4.9x the 8.75 T of LLaVA-1.5-7B at 576 tokens
+    assert _rel(unpruned["llm_attention"] / 1e12, 2.34) < 0.005
+    assert _rel(unpruned["total"] / 1e12, 43.07) < 0.001
+    assert kv_cache_bytes(NEXT7B, TEXT + 2928) == (TEXT + 2928) * 512 * 1024  # 1.57 GB per sample
+
+
+def test_tiny_next_by_hand() -> None:
+    """The tiny LLaVA-NeXT (56 px crops of 4 x 4 patches, pinpoints 56x112, 112x56, 112x112), counted by hand."""
+    model, _ = make_tiny_llava_next()
+    spec = ArchSpec.from_config(model.config, name="tiny-next")
+    assert spec.image_grid_pinpoints == ((56, 112), (112, 56), (112, 112)) and spec.default_image_size == (112, 112)
+    assert spec.param_counts()["total"] == sum(p.numel() for p in model.parameters())
+    # 112 x 112: 2 x 2 tiles + the base view = 5 crops; 16 base + 8 x 8 tile patches + 8 newlines = 88 tokens
+    assert image_work(spec) == ImageWork(5, 88, (112, 112), (2, 2), (8, 8))
+    # the test_llava_next images: 60 x 120 (h x w) -> 1 x 2 tiles, 16 + 4 x 8 + 4 = 52; 100 x 80 -> unpadded
+    # from 8 x 8 to 8 x 6 columns, 16 + 48 + 8 = 72
+    assert (image_work(spec, (60, 120)).crops, image_work(spec, (60, 120)).tokens) == (3, 52)
+    assert image_work(spec, (100, 80)).tile_tokens == (8, 6) and image_work(spec, (100, 80)).tokens == 72
+    # one crop: conv 16 patches x (3·14·14) x 32; per layer 17 tokens x (4·32² + 2·32·128) + 2 × 17² × 32 MACs
+    conv = 2 * 16 * 588 * 32
+    layer = 2 * 17 * (4 * 32 * 32 + 2 * 32 * 128) + 2 * 2 * 17 * 17 * 32
+    assert vision_flops(spec) == conv + 3 * layer == 1_966_464
+    f = prefill_flops(spec, 60 + 88, crops=5)
+    assert f["vision"] == 5 * 1_966_464
+    assert f["projector"] == 2 * (5 * 16) * (32 * 64 + 64 * 64)  # every crop's 16 patches, before unpadding
+    # LLM: 4 layers of 148 tokens, 4·64² + 3·64·192 MACs per token; causal attention 148·149/2 keys × 64
+    assert f["llm_linear"] == 4 * 2 * 148 * (4 * 64 * 64 + 3 * 64 * 192)
+    assert f["llm_attention"] == 4 * 2 * 64 * 148 * 149
+    assert kv_cache_bytes(spec, 60 + 88, dtype_bytes=4) == 4 * 2 * 148 * 64 * 4

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-__all__ = ["bench_command", "parse_int_list", "parse_method_params"]
+__all__ = ["bench_command", "parse_image_size", "parse_int_list", "parse_keeps", "parse_method_params"]
 
 
 def parse_int_list(raw: str, what: str) -> list[int]:
@@ -24,6 +24,37 @@ def parse_int_list(raw: str, what: str) -> list[int]:
     if not values:
         raise typer.BadParameter(f"{what} names no value")
     return values
+
+
+def parse_keeps(raw: str) -> list[int | str]:
+    """`640,320,160` or `all,640,160`: counts per image, `all` = every token of the image."""
+    from vtprune.bench.runner import KEEP_ALL
+
+    keeps: list[int | str] = []
+    for item in (raw or "").split(","):
+        item = item.strip()
+        if item.lower() == KEEP_ALL:
+            keeps.append(KEEP_ALL)
+        elif item:
+            keeps += parse_int_list(item, "--keep")
+    if not keeps:
+        raise typer.BadParameter("--keep names no value")
+    return keeps
+
+
+def parse_image_size(raw: str | None) -> tuple[int, int] | None:
+    """`672x672` (height x width) or `672` (square) -> (672, 672); None stays None (the model's default).
+    Whether the numbers are positive is checked with the rest of the configuration."""
+    if raw is None:
+        return None
+    parts = raw.lower().replace("×", "x").split("x")
+    try:
+        values = [int(part.strip()) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise typer.BadParameter(f"--image-size expects HEIGHTxWIDTH (e.g. 672x672) or one side, got {raw!r}")
+    return (values[0], values[-1])
 
 
 def parse_method_params(items: list[str] | None) -> dict[str, dict]:
@@ -43,9 +74,13 @@ def parse_method_params(items: list[str] | None) -> dict[str, dict]:
 
 
 def bench_command(
-    model: str = typer.Option(None, help="Hugging Face id or local folder of a LLaVA checkpoint."),
+    model: str = typer.Option(
+        None, help="Hugging Face id or local folder of a LLaVA-1.5 or LLaVA-NeXT (1.6) checkpoint."
+    ),
     arch: str = typer.Option(
-        None, help="Architecture preset instead of a checkpoint: llava-1.5-7b, llava-1.5-13b, tiny."
+        None,
+        help="Architecture preset instead of a checkpoint: llava-1.5-7b, llava-1.5-13b, llava-1.6-vicuna-7b, "
+        "llava-1.6-vicuna-13b (with --random-weights), tiny, tiny-next (tiny test models, CPU).",
     ),
     random_weights: bool = typer.Option(
         False, "--random-weights", help="Random weights with the real architecture (no checkpoint needed)."
@@ -53,7 +88,11 @@ def bench_command(
     methods: str = typer.Option(
         "none,fastv,vispruner", help="Comma-separated methods (`all` = every registered method)."
     ),
-    keep: str = typer.Option("576,192,128,64", help="Visual-token budgets per image, comma-separated."),
+    keep: str = typer.Option(
+        "576,192,128,64",
+        help="Visual-token budgets per image, comma-separated; `all` = every token of the image. LLaVA-NeXT: "
+        "counts per image of --image-size (e.g. 640,320,160 of 2,928).",
+    ),
     batch: str = typer.Option("1,16", help="Batch sizes, comma-separated."),
     new_tokens: int = typer.Option(8, help="Tokens generated per sample (greedy, EOS disabled)."),
     attn: str = typer.Option("sdpa", help="Attention implementation: sdpa, eager or flash_attention_2."),
@@ -66,6 +105,12 @@ def bench_command(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
     output: Path = typer.Option(..., help="Folder for results.json, results.md and the plots."),
     text_tokens: int = typer.Option(60, help="Text tokens of the synthetic prompt."),
+    image_size: str = typer.Option(
+        None,
+        help="LLaVA-NeXT only: HEIGHTxWIDTH of the synthetic image (default: twice the tower's resolution, "
+        "square; 672x672 on LLaVA-1.6 = base view + 2x2 tiles = 576 + 48x48 + 48 newlines = 2,928 tokens, "
+        "the vision tower on 5 inputs; 112x112 on tiny-next = 88 tokens).",
+    ),
     param: list[str] = typer.Option(None, help="Method hyper-parameter method.name=value (repeatable)."),
     oracle: bool = typer.Option(True, help="Also time each method's oracle (its kept tokens, no scoring)."),
     oracle_generate: bool = typer.Option(
@@ -91,7 +136,7 @@ def bench_command(
         arch=arch,
         random_weights=random_weights,
         methods=[m.strip() for m in methods.split(",") if m.strip()],
-        keeps=parse_int_list(keep, "--keep"),
+        keeps=parse_keeps(keep),
         batches=parse_int_list(batch, "--batch"),
         new_tokens=new_tokens,
         attn=attn,
@@ -102,6 +147,7 @@ def bench_command(
         device=device,
         output=output,
         text_tokens=text_tokens,
+        image_size=parse_image_size(image_size),
         params=parse_method_params(param),
         oracle=oracle,
         oracle_generate=oracle_generate,

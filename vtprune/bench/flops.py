@@ -20,6 +20,13 @@ included), so one code path covers unpruned models, vision-stage methods (every 
 shorter sequence) and multi-stage in-LLM methods (algorithms.md §0.1: record per-layer counts, then both
 "keep after prune" and the layer average follow). `layer_tokens_for_stages` builds that list from a
 method's stages.
+
+LLaVA-NeXT (AnyRes) is the same LLM and tower, but one image is several tower inputs ("crops": the base view
+and the tiles of the best `image_grid_pinpoints` resolution) and its LLM tokens are the base view's patches,
+the tiles' patches unpadded, and one `image_newline` per tile-grid row. `image_work(spec, (h, w))` gives both
+numbers for an image size by the model's own arithmetic (select_best_resolution, unpad_image of
+transformers' llava_next), and `prefill_flops(..., crops=n)` runs the tower and projector on n crops while the
+LLM counts the tokens it is given.
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ __all__ = [
     "ARCH_PRESETS",
     "HARDWARE",
     "ArchSpec",
+    "ImageWork",
     "decode_flops",
     "decode_step_bytes",
     "fastv_convention_flops",
+    "image_work",
     "kv_bytes_per_token",
     "kv_cache_bytes",
     "layer_avg_visual_tokens",
@@ -91,6 +100,9 @@ class ArchSpec:
     vision_feature_layer: int | tuple[int, ...] = -2
     vision_feature_select_strategy: str = "default"
     projector_bias: bool = True
+    # AnyRes tiling (LLaVA-NeXT): the (height, width) resolutions an image may be tiled at; () = LLaVA-1.5,
+    # where every image is resized to one tower input
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     # ids and misc settings, kept so that `llava_config` can rebuild a faithful config
     image_token_index: int = 32000
     pad_token_id: int | None = 32001
@@ -136,11 +148,23 @@ class ArchSpec:
 
     @property
     def visual_tokens(self) -> int:
-        """Visual tokens one image contributes to the LLM prompt before any pruning.
+        """Visual tokens one tower input contributes to the LLM prompt before any pruning: a whole image on
+        LLaVA-1.5, the base view of an AnyRes image (whose tiles add more: `image_work`).
 
         `default` drops [CLS] (576), `full` keeps it (577), as in `LlavaModel.get_image_features`.
         """
         return self.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    @property
+    def anyres(self) -> bool:
+        """Whether an image is tiled (LLaVA-NeXT) rather than resized to one tower input (LLaVA-1.5)."""
+        return bool(self.image_grid_pinpoints)
+
+    @property
+    def default_image_size(self) -> tuple[int, int] | None:
+        """The image size benchmarks assume on AnyRes models: twice the tower's resolution, square (672 x 672
+        for CLIP-336: the base view and 2 x 2 tiles); None on LLaVA-1.5, where the size does not matter."""
+        return (2 * self.image_size, 2 * self.image_size) if self.anyres else None
 
     @property
     def num_feature_layers(self) -> int:
@@ -196,6 +220,7 @@ class ArchSpec:
         counts = {
             "vision_tower": vision,
             "projector": projector,
+            **({"image_newline": self.hidden_size} if self.anyres else {}),  # LlavaNextModel.image_newline
             "llm_embedding": self.vocab_size * d,
             "llm_layers": llm_layers,
             "llm_final_norm": d,
@@ -229,6 +254,8 @@ class ArchSpec:
         pad = getattr(config, "pad_token_id", None)
         if pad is None:
             pad = getattr(text, "pad_token_id", None)
+        anyres = getattr(config, "model_type", None) == "llava_next"
+        pinpoints = getattr(config, "image_grid_pinpoints", None) if anyres else None
         return cls(
             name=name or getattr(config, "_name_or_path", "") or "llava",
             hidden_size=text.hidden_size,
@@ -248,6 +275,7 @@ class ArchSpec:
             vision_feature_layer=feature_layer,
             vision_feature_select_strategy=getattr(config, "vision_feature_select_strategy", "default"),
             projector_bias=getattr(config, "multimodal_projector_bias", True),
+            image_grid_pinpoints=tuple((int(h), int(w)) for h, w in pinpoints or ()),
             image_token_index=image_token,
             pad_token_id=pad,
             max_position_embeddings=getattr(text, "max_position_embeddings", 4096),
@@ -265,30 +293,35 @@ _CLIP_VIT_L_336 = {
     "patch_size": 14,
 }
 
+_VICUNA_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_layers": 32,
+    "num_heads": 32,
+    "num_kv_heads": 32,
+    "head_dim": 128,
+    "vocab_size": 32064,
+}
+_VICUNA_13B = {**_VICUNA_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_layers": 40, "num_heads": 40,
+               "num_kv_heads": 40}
+
+# llava-hf/llava-v1.6-vicuna-{7b,13b}-hf (config.json): the tiles an image may be cut into, (height, width)
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
 # llava-hf/llava-1.5-{7b,13b}-hf: Vicuna v1.5 (LLaMA-2 shapes, MHA) with the vocabulary padded to 32064
 # (image token 32000, pad 32001) and CLIP ViT-L/14-336 (algorithms.md §0, performance.md §3).
+# llava-hf/llava-v1.6-vicuna-{7b,13b}-hf: the same LLM and tower, AnyRes over LLAVA_NEXT_PINPOINTS, layer -2,
+# `default` strategy, image token 32000. Their config.json sets no top-level pad id (text_config.pad_token_id
+# is 0); 32001 is the tokenizer's `<pad>`, kept here like the 1.5 presets (it only names the embedding row
+# that starts at zero, which no timing sees, and the id synthetic prompts avoid).
 ARCH_PRESETS: dict[str, ArchSpec] = {
-    "llava-1.5-7b": ArchSpec(
-        name="llava-1.5-7b",
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        head_dim=128,
-        vocab_size=32064,
-        **_CLIP_VIT_L_336,
+    "llava-1.5-7b": ArchSpec(name="llava-1.5-7b", **_VICUNA_7B, **_CLIP_VIT_L_336),
+    "llava-1.5-13b": ArchSpec(name="llava-1.5-13b", **_VICUNA_13B, **_CLIP_VIT_L_336),
+    "llava-1.6-vicuna-7b": ArchSpec(
+        name="llava-1.6-vicuna-7b", **_VICUNA_7B, **_CLIP_VIT_L_336, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS
     ),
-    "llava-1.5-13b": ArchSpec(
-        name="llava-1.5-13b",
-        hidden_size=5120,
-        intermediate_size=13824,
-        num_layers=40,
-        num_heads=40,
-        num_kv_heads=40,
-        head_dim=128,
-        vocab_size=32064,
-        **_CLIP_VIT_L_336,
+    "llava-1.6-vicuna-13b": ArchSpec(
+        name="llava-1.6-vicuna-13b", **_VICUNA_13B, **_CLIP_VIT_L_336, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS
     ),
 }
 
@@ -301,14 +334,16 @@ def _preset(name: str) -> ArchSpec:
 
 
 def llava_config(name: str | ArchSpec, attn_implementation: str | None = "sdpa") -> LlavaConfig:
-    """A full `LlavaConfig` with the real architecture of a preset (or of any `ArchSpec`).
+    """A full `LlavaConfig` (a `LlavaNextConfig` for AnyRes specs) with the real architecture of a preset (or
+    of any `ArchSpec`).
 
     Meant for benchmarks with random weights where no checkpoint is at hand: `LlavaForConditionalGeneration
     (llava_config("llava-1.5-7b"))` has the same module shapes (7.063 B parameters) as llava-hf's model, so
-    timings and memory are those of the real thing. Build it under `torch.device("meta")` for shape-only
-    work. Token ids follow llava-hf (image 32000, pad 32001).
+    timings and memory are those of the real thing (likewise `LlavaNextForConditionalGeneration` for the
+    llava-1.6 presets). Build it under `torch.device("meta")` for shape-only work. Token ids follow llava-hf
+    (image 32000, pad 32001).
     """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
     from vtprune import compat
 
@@ -346,18 +381,25 @@ def llava_config(name: str | ArchSpec, attn_implementation: str | None = "sdpa")
         if isinstance(spec.vision_feature_layer, tuple)
         else spec.vision_feature_layer
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=spec.image_token_index,
-        image_seq_length=spec.visual_tokens,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy=spec.vision_feature_select_strategy,
-        vision_feature_layer=feature_layer,
-        multimodal_projector_bias=spec.projector_bias,
-        pad_token_id=spec.pad_token_id,
-        architectures=["LlavaForConditionalGeneration"],
-    )
+    common = {
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_index": spec.image_token_index,
+        "image_seq_length": spec.visual_tokens,
+        "projector_hidden_act": "gelu",
+        "vision_feature_select_strategy": spec.vision_feature_select_strategy,
+        "vision_feature_layer": feature_layer,
+        "multimodal_projector_bias": spec.projector_bias,
+        "pad_token_id": spec.pad_token_id,
+    }
+    if spec.anyres:
+        config = LlavaNextConfig(
+            **common,
+            image_grid_pinpoints=[list(p) for p in spec.image_grid_pinpoints],
+            architectures=["LlavaNextForConditionalGeneration"],
+        )
+    else:
+        config = LlavaConfig(**common, architectures=["LlavaForConditionalGeneration"])
     if attn_implementation is not None:
         compat.set_attention_implementation(config, attn_implementation)
     return config
@@ -365,6 +407,97 @@ def llava_config(name: str | ArchSpec, attn_implementation: str | None = "sdpa")
 
 def _as_spec(spec: ArchSpec | str) -> ArchSpec:
     return _preset(spec) if isinstance(spec, str) else spec
+
+
+# --------------------------------------------------------------------------------------------------------
+# What one image costs (AnyRes tiling)
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageWork:
+    """One image before pruning: the tower inputs it costs and the visual tokens the LLM receives."""
+
+    crops: int  # tower inputs: 1 on LLaVA-1.5; the base view + the tiles on AnyRes
+    tokens: int  # visual tokens in the prompt
+    size: tuple[int, int] | None = None  # (height, width) of the image; None where the size does not matter
+    tiles: tuple[int, int] = (0, 0)  # tile grid (rows, cols); (0, 0) = no tiles
+    tile_tokens: tuple[int, int] = (0, 0)  # the tiles' patch grid after unpadding (rows, cols)
+
+    @property
+    def base_tokens(self) -> int:
+        rows, cols = self.tile_tokens
+        return self.tokens - rows * cols - rows if self.crops > 1 else self.tokens
+
+    def describe(self) -> str:
+        """E.g. "672x672 image: 5 tower inputs (base view + 2x2 tiles), 2928 tokens = 576 base + 48x48 tiles
+        + 48 newlines"; the single-input case is just the token count."""
+        if self.size is None:
+            return f"1 tower input, {self.tokens} tokens per image"
+        head = f"{self.size[0]}x{self.size[1]} image"
+        if self.crops == 1:
+            return f"{head}: 1 tower input (no tiles), {self.tokens} tokens = {self.tokens - 1} + 1 newline"
+        (th, tw), (rows, cols) = self.tiles, self.tile_tokens
+        return (
+            f"{head}: {self.crops} tower inputs (base view + {th}x{tw} tiles), {self.tokens} tokens = "
+            f"{self.base_tokens} base + {rows}x{cols} tiles + {rows} newlines"
+        )
+
+
+def _select_best_resolution(size: tuple[int, int], pinpoints) -> tuple[int, int]:
+    """transformers' `select_best_resolution`: the pinpoint keeping the most pixels, then wasting the fewest."""
+    height, width = size
+    best, most, least_wasted = None, 0, float("inf")
+    for ph, pw in pinpoints:
+        scale = min(pw / width, ph / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = ph * pw - effective
+        if effective > most or (effective == most and wasted < least_wasted):
+            best, most, least_wasted = (ph, pw), effective, wasted
+    return best
+
+
+def _unpadded(rows: int, cols: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The (rows, cols) llava_next's `unpad_image` leaves of a rows x cols grid laid over an image of `size`:
+    the rows (or columns) that only cover the letterbox are dropped, the same number on each side."""
+    height, width = size
+    if width / height > cols / rows:
+        kept = int(round(height * (cols / width), 7))
+        return rows - 2 * ((rows - kept) // 2), cols
+    kept = int(round(width * (rows / height), 7))
+    return rows, cols - 2 * ((cols - kept) // 2)
+
+
+def image_work(spec: ArchSpec | str, image_size: tuple[int, int] | None = None) -> ImageWork:
+    """Tower inputs and LLM tokens of one image of `image_size` (height, width), by LlavaNextModel's
+    arithmetic: the best pinpoint is cut into tiles of the tower's resolution, the tower sees the base view and
+    every tile (`image_size_to_num_patches`); the LLM gets the base view's patches, the tiles' patch grid
+    unpadded, and one newline per grid row (`pack_image_features`). On LLaVA-1.5 every image is one tower
+    input of `visual_tokens` tokens, so no size is taken. The default size is `default_image_size`."""
+    s = _as_spec(spec)
+    if not s.anyres:
+        if image_size is not None:
+            raise ValueError(
+                f"an image size applies to AnyRes (LLaVA-NeXT) models only: {s.name} resizes every image to "
+                f"{s.image_size}x{s.image_size} ({s.visual_tokens} tokens)"
+            )
+        return ImageWork(crops=1, tokens=s.visual_tokens)
+    if s.vision_feature_select_strategy != "default":
+        raise ValueError("AnyRes token counts are defined for vision_feature_select_strategy='default'")
+    size = tuple(image_size) if image_size is not None else s.default_image_size
+    if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
+        raise ValueError(f"an image size is two positive integers (height, width), got {image_size!r}")
+    best_h, best_w = _select_best_resolution(size, s.image_grid_pinpoints)
+    tiles = (math.ceil(best_h / s.image_size), math.ceil(best_w / s.image_size))
+    crops = 1 + tiles[0] * tiles[1]
+    if crops == 1:  # a pinpoint of the tower's own size: the base view and one newline
+        return ImageWork(crops=1, tokens=s.num_patches + 1, size=size)
+    # the grid's shape comes from floor division (get_anyres_image_grid_shape), the crop count from ceil
+    grid = ((best_h // s.image_size) * s.grid_size, (best_w // s.image_size) * s.grid_size)
+    rows, cols = _unpadded(*grid, size)
+    return ImageWork(
+        crops=crops, tokens=s.num_patches + rows * cols + rows, size=size, tiles=tiles, tile_tokens=(rows, cols)
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -459,23 +592,27 @@ def _per_layer(spec: ArchSpec, values: int | Sequence[int], what: str) -> list[i
 # --------------------------------------------------------------------------------------------------------
 
 
-def vision_flops(spec: ArchSpec | str) -> int:
-    """FLOPs of one image through the CLIP tower: patch-embedding conv + all encoder layers.
+def vision_flops(spec: ArchSpec | str, crops: int = 1) -> int:
+    """FLOPs of `crops` tower inputs through the CLIP tower: patch-embedding conv + all encoder layers.
 
     HF's `get_image_features` (and the original LLaVA code) run every encoder layer with
     `output_hidden_states=True` even though LLaVA reads layer −2, so all `vision_layers` are counted.
-    Attention is non-causal over `vision_tokens` (577) tokens: QKᵀ and AV cost 2·T²·dv FLOPs each.
+    Attention is non-causal over `vision_tokens` (577) tokens: QKᵀ and AV cost 2·T²·dv FLOPs each. An
+    AnyRes image is `ImageWork.crops` inputs (5 for a 672 x 672 image: the base view and 2 x 2 tiles), each
+    its own 577-token sequence.
     """
     s = _as_spec(spec)
+    if crops < 0:
+        raise ValueError(f"crops must be >= 0, got {crops}")
     dv, mv, t = s.vision_hidden_size, s.vision_intermediate_size, s.vision_tokens
     patch_embed = 2 * s.num_patches * (s.num_channels * s.patch_size**2) * dv
     linear = 2 * t * (4 * dv * dv + 2 * dv * mv)
     attention = 4 * t * t * dv
-    return patch_embed + s.vision_layers * (linear + attention)
+    return crops * (patch_embed + s.vision_layers * (linear + attention))
 
 
 def projector_flops(spec: ArchSpec | str, tokens: int | None = None) -> int:
-    """FLOPs of the 2-layer MLP projector on `tokens` visual tokens (default: all of one image, 576).
+    """FLOPs of the 2-layer MLP projector on `tokens` visual tokens (default: all of one tower input, 576).
 
     Vision-stage methods that select before the projector can pass their kept count instead.
     """
@@ -496,6 +633,7 @@ def prefill_flops(
     lm_head_positions: int = 1,
     include_vision: bool = True,
     projector_tokens: int | None = None,
+    crops: int = 1,
 ) -> dict[str, int]:
     """True FLOPs of one prefill (performance.md §2 recommendation).
 
@@ -503,7 +641,9 @@ def prefill_flops(
     Within a layer of n tokens, attention is causal: query i scores i+1 keys, so QKᵀ and AV together cost
     2·q_dim·n(n+1) FLOPs. The LM head runs on `lm_head_positions` positions per sample (1 = modern
     `generate`; older code computed logits for all n). Vision tower and projector are returned separately
-    and added to `total` unless `include_vision=False`.
+    and added to `total` unless `include_vision=False`; they run on `crops` tower inputs per sample (an AnyRes
+    image's `ImageWork.crops`): the projector maps every crop's patches before LlavaNextModel unpads them, so
+    it sees crops × 576 tokens while the LLM sees the image's `tokens` (`layer_tokens`).
 
     Returns a dict of ints: `llm_linear`, `llm_attention`, `llm` (decoder layers), `lm_head`, `vision`,
     `projector`, `total`; all multiplied by `batch`.
@@ -515,7 +655,9 @@ def prefill_flops(
     linear = sum(_layer_linear_flops(s, n) for n in tokens)
     attention = sum(2 * s.q_dim * n * (n + 1) for n in tokens)
     lm_head = 2 * s.hidden_size * s.vocab_size * lm_head_positions
-    vision = vision_flops(s) if include_vision else 0
+    vision = vision_flops(s, crops) if include_vision else 0
+    if projector_tokens is None:
+        projector_tokens = crops * s.visual_tokens
     projector = projector_flops(s, projector_tokens) if include_vision else 0
     out = {
         "llm_linear": linear,

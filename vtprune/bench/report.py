@@ -151,6 +151,17 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
+def _image_line(meta: dict) -> list[str]:
+    """The synthetic image of an AnyRes model (its tower inputs and token breakdown); nothing for LLaVA-1.5."""
+    image = meta.get("image") or {}
+    if not image.get("size"):
+        return []
+    return [
+        f"- image: {meta['image_note']}; budgets are counts per image, the vision tower always runs on all "
+        f"{image['crops']} inputs"
+    ]
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
@@ -162,6 +173,7 @@ def markdown(results: dict) -> str:
         f"{meta['visual_tokens_per_image']} visual tokens per prompt, {meta['new_tokens']} new tokens, "
         f"{meta['warmup']} warm-up + {meta['repeats']} timed repeats (medians; [min–max])",
         f"- weights: {meta['weights_note']}",
+        *_image_line(meta),
         "",
         "## Unpruned reference (no vtprune hook)",
         "",

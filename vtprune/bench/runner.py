@@ -28,6 +28,9 @@ Measured (CUDA events on a GPU, host clock on a CPU; `warmup` untimed calls firs
 
 FLOPs (bench/flops.py, per sample): true FLOPs (2 per MAC, SwiGLU, causal attention, LM head on one
 position, vision tower and projector) and the FastV-convention count, with the record's per-layer tokens.
+
+LLaVA-NeXT: every sample holds one image of `image_size` (bench/workload.py); budgets are counts per image of
+its tokens (`all` = every one), the vision tower and projector run on all of its crops in every subject.
 """
 
 from __future__ import annotations
@@ -50,12 +53,13 @@ from vtprune import compat
 from vtprune.bench import flops as F
 from vtprune.bench.oracle import FixedSelection
 from vtprune.bench.timing import Clock, summarize
-from vtprune.bench.workload import BenchModel, Inputs, build_model, synthetic_inputs
+from vtprune.bench.workload import BenchModel, Inputs, build_model, image_of, synthetic_inputs
 from vtprune.methods.base import METHODS, Method, PruneConfigError, make_method, method_class
 
 __all__ = ["BenchConfig", "Bench", "run_bench", "SCHEMA"]
 
 SCHEMA = "vtprune.bench/1"
+KEEP_ALL = "all"  # a --keep entry: every visual token of the image (2,928 for a 672 x 672 LLaVA-1.6 image)
 PHASE_REPEATS = 3  # the synchronised per-phase repeats only split the prefill; fewer are enough
 PROFILE_MAX_METHODS = 6
 
@@ -66,7 +70,7 @@ class BenchConfig:
     arch: str | None = None
     random_weights: bool = False
     methods: list[str] = field(default_factory=lambda: ["none", "fastv", "vispruner"])
-    keeps: list[int] = field(default_factory=lambda: [576, 192, 128, 64])
+    keeps: list[int | str] = field(default_factory=lambda: [576, 192, 128, 64])  # KEEP_ALL: the image's tokens
     batches: list[int] = field(default_factory=lambda: [1, 16])
     new_tokens: int = 8
     attn: str = "sdpa"
@@ -76,6 +80,7 @@ class BenchConfig:
     device: str = "auto"
     output: Path | None = None
     text_tokens: int = 60
+    image_size: tuple[int, int] | None = None  # (height, width) of the AnyRes image; None: the model's default
     params: dict[str, dict] = field(default_factory=dict)  # method name -> hyper-parameters
     oracle: bool = True
     oracle_generate: bool = True  # also time the oracle's generate() (e2e overhead); prefill is always timed
@@ -96,8 +101,15 @@ class BenchConfig:
             raise PruneConfigError(f"--param names method(s) not benchmarked: {', '.join(unknown)}")
         for name in self.methods:
             make_method(name, **self.params.get(name, {}))  # parameter names and ranges
-        if not self.keeps or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.keeps):
-            raise PruneConfigError(f"--keep must list visual-token counts >= 1, got {self.keeps}")
+        if not self.keeps or not all(k == KEEP_ALL or _positive_int(k) for k in self.keeps):
+            raise PruneConfigError(f"--keep must list visual-token counts >= 1 or '{KEEP_ALL}', got {self.keeps}")
+        size = self.image_size
+        if size is not None and not (
+            isinstance(size, (tuple, list)) and len(size) == 2 and all(_positive_int(v) for v in size)
+        ):
+            raise PruneConfigError(
+                f"--image-size must be two positive integers, height x width, got {self.image_size}"
+            )
         if not self.batches or any(b < 1 for b in self.batches):
             raise PruneConfigError(f"--batch must list sizes >= 1, got {self.batches}")
         if self.new_tokens < 2:
@@ -112,6 +124,25 @@ class BenchConfig:
             )
         if self.text_tokens < 2:
             raise PruneConfigError(f"--text-tokens must be >= 2, got {self.text_tokens}")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def resolve_keeps(keeps: list[int | str], visual: int, image: str) -> list[int]:
+    """The budgets as counts per image (`all` = the image's `visual` tokens), duplicates dropped, order kept.
+
+    A count above the image's tokens is refused rather than clamped: its row would be labelled with a budget
+    the model never ran (the engine itself keeps every token of an image smaller than a count)."""
+    counts = [visual if k == KEEP_ALL else k for k in keeps]
+    too_big = [k for k in counts if k > visual]
+    if too_big:
+        raise PruneConfigError(
+            f"--keep {too_big} larger than the {visual} visual tokens per image of this model ({image}); "
+            f"use '{KEEP_ALL}' for every token"
+        )
+    return list(dict.fromkeys(counts))
 
 
 def expand_methods(names: list[str]) -> list[str]:
@@ -316,7 +347,7 @@ class Bench:
 
         def encode():
             return base.get_image_features(
-                pixel_values=inputs.pixel_values,
+                **inputs.image_kwargs(),
                 vision_feature_layer=cfg.vision_feature_layer,
                 vision_feature_select_strategy=cfg.vision_feature_select_strategy,
             )
@@ -325,7 +356,8 @@ class Bench:
 
     def short_prompt(self, inputs: Inputs, keep: int) -> dict:
         """The unmodified model on a prompt holding `keep` image tokens: the vision tower and projector run as
-        usual, `keep` projected features (evenly spaced) are written into the prompt embeddings, and the
+        usual, `keep` of the image's own features (evenly spaced over the tokens it expands to: for LLaVA-NeXT
+        the packed base view, unpadded tiles and newlines) are written into the prompt embeddings, and the
         forward takes `inputs_embeds`. Nothing of vtprune runs."""
         base = self.model.model
         cfg = self.model.config
@@ -341,7 +373,7 @@ class Bench:
         def forward():
             feats = compat.projected_image_features(
                 base.get_image_features(
-                    pixel_values=inputs.pixel_values,
+                    **inputs.image_kwargs(),
                     vision_feature_layer=cfg.vision_feature_layer,
                     vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                 )
@@ -412,12 +444,13 @@ def token_facts(record, visual_before: int, num_layers: int, text_tokens: int, b
     }
 
 
-def flops_facts(spec: F.ArchSpec, tokens: dict, new_tokens: int, dtype_bytes: int) -> dict:
-    """FLOPs (per sample, averaged over the batch's samples) and the theoretical KV bytes of the batch."""
+def flops_facts(spec: F.ArchSpec, tokens: dict, new_tokens: int, dtype_bytes: int, crops: int = 1) -> dict:
+    """FLOPs (per sample, averaged over the batch's samples) and the theoretical KV bytes of the batch; the
+    vision tower and projector run on `crops` tower inputs per sample (an AnyRes image's base view + tiles)."""
     text = tokens["text"]
     per_sample = [[text + v for v in layers] for layers in tokens["layer_visual_tokens"]]
     n = len(per_sample)
-    true = [F.prefill_flops(spec, layer_tokens) for layer_tokens in per_sample]
+    true = [F.prefill_flops(spec, layer_tokens, crops=crops) for layer_tokens in per_sample]
     fastv = [F.fastv_convention_flops(spec, layer_tokens) for layer_tokens in per_sample]
     sparse = [F.sparsevlm_convention_flops(spec, layer_tokens) for layer_tokens in per_sample]
     kv = [
@@ -518,6 +551,8 @@ def environment(loaded: BenchModel, cfg: BenchConfig) -> dict:
         ),
         "arch": dataclasses.asdict(loaded.spec),
         "visual_tokens_per_image": loaded.visual_tokens,
+        "image": dataclasses.asdict(loaded.image),
+        "image_note": loaded.image.describe(),
         "text_tokens": cfg.text_tokens,
         "new_tokens": cfg.new_tokens,
         "repeats": cfg.repeats,
@@ -551,14 +586,11 @@ def run_bench(
             dtype=dtype,
             attn=cfg.attn,
             seed=cfg.seed,
+            image_size=cfg.image_size,
         )
-    visual = loaded.visual_tokens
-    too_big = [k for k in cfg.keeps if k > visual]
-    if too_big:
-        raise PruneConfigError(
-            f"--keep {too_big} larger than the {visual} visual tokens per image of this model"
-        )
-    keeps = list(dict.fromkeys(cfg.keeps))
+    elif cfg.image_size is not None:  # a model built by the caller, timed on another image size
+        loaded = dataclasses.replace(loaded, image=image_of(loaded.model, loaded.spec, tuple(cfg.image_size)))
+    keeps = resolve_keeps(cfg.keeps, loaded.visual_tokens, loaded.image.describe())
     out_dir = Path(cfg.output) if cfg.output is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -610,6 +642,7 @@ class _Grid:
         loaded = bench.loaded
         self.loaded = loaded
         self.visual = loaded.visual_tokens
+        self.crops = loaded.image.crops
         self.dtype_bytes = torch.tensor([], dtype=loaded.dtype).element_size()
         self.unpruned: dict[int, dict] = {}
         self.config_errors: dict[str, str] = {}
@@ -644,12 +677,13 @@ class _Grid:
         if batch not in self._inputs:
             self._inputs = {  # one batch's inputs alive at a time
                 batch: synthetic_inputs(
-                    self.loaded.model.config,
+                    self.loaded.model,
                     batch,
                     self.cfg.text_tokens,
                     device=self.device,
                     dtype=self.dtype,
                     seed=self.cfg.seed,
+                    image_size=self.loaded.image.size,
                 )
             }
         return self._inputs[batch]
@@ -675,7 +709,7 @@ class _Grid:
             ref.update(bench.vision_tower(inputs))
             tokens = token_facts(None, self.visual, self.loaded.spec.num_layers, cfg.text_tokens, batch)
             ref["tokens"] = tokens
-            ref.update(flops_facts(self.loaded.spec, tokens, cfg.new_tokens, self.dtype_bytes))
+            ref.update(flops_facts(self.loaded.spec, tokens, cfg.new_tokens, self.dtype_bytes, self.crops))
             ref["short_prompt"] = {str(k): bench.short_prompt(inputs, k) for k in self.keeps}
             self.unpruned[batch] = timing
             self.vision[batch] = ref["vision_tower_ms"]["median"]
@@ -712,7 +746,7 @@ class _Grid:
             pruned = record if name != "none" else None
             tokens = token_facts(pruned, self.visual, self.loaded.spec.num_layers, cfg.text_tokens, batch)
             entry["tokens"] = tokens
-            entry.update(flops_facts(self.loaded.spec, tokens, cfg.new_tokens, self.dtype_bytes))
+            entry.update(flops_facts(self.loaded.spec, tokens, cfg.new_tokens, self.dtype_bytes, self.crops))
             if name == "none":
                 entry["oracle_timing"] = self.unpruned.get(batch)
                 entry["oracle"] = "unpruned model, no hooks"

@@ -1,8 +1,9 @@
 """The model and the inputs `vtprune bench` times.
 
-Models: a checkpoint (`--model`, a Hugging Face id or a local folder), or the real architecture with random
-weights (`--arch llava-1.5-7b --random-weights`, or `--model ID --random-weights` to take a checkpoint's
-config without its weights), or `--arch tiny` (the tiny test model, for CPU runs and CI). Random-weight
+Models: a checkpoint (`--model`, a Hugging Face id or a local folder, LLaVA-1.5 or LLaVA-NeXT), or the real
+architecture with random weights (`--arch llava-1.5-7b --random-weights`, `--arch llava-1.6-vicuna-7b
+--random-weights`, or `--model ID --random-weights` to take a checkpoint's config without its weights), or
+`--arch tiny` / `--arch tiny-next` (the tiny test models, for CPU runs and CI). Random-weight
 models are built directly on the target device in the target dtype and initialised there with
 `normal_(0, 0.02)` (norm weights 1, biases 0): a 7B model costs a second on a GPU instead of minutes of CPU
 initialisation, and its kernels, shapes and memory are those of the real model. Timings do not depend on the
@@ -13,6 +14,12 @@ image block of the model's visual tokens (576 for LLaVA-1.5) placed at 60% of th
 conversation (system prompt and "USER:" before the image, the question and "ASSISTANT:" after), and random
 `pixel_values`. Every sample has the same length, so there is no padding: batch rows are rectangular, the
 way fixed-budget pruning keeps them. No processor is needed.
+
+LLaVA-NeXT (AnyRes): every sample holds one image of `image_size` (height, width; default twice the tower's
+resolution, square: 672 x 672 on LLaVA-1.6, i.e. the base view + 2 x 2 tiles, 576 + 48 x 48 + 48 newlines =
+2,928 tokens). `pixel_values` are (B, crops, 3, 336, 336) with `image_sizes` (B, 2), as the processor returns
+them, and the image block holds exactly the tokens the model's adapter says the image expands to
+(`token_sources`), so the model's own placeholder check passes.
 """
 
 from __future__ import annotations
@@ -21,13 +28,22 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.bench.flops import ARCH_PRESETS, ArchSpec, llava_config
+from vtprune.bench.flops import ARCH_PRESETS, ArchSpec, ImageWork, image_work, llava_config
 from vtprune.methods.base import PruneConfigError
 
-__all__ = ["ATTN_IMPLEMENTATIONS", "BenchModel", "build_model", "init_random_weights", "synthetic_inputs"]
+__all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "BenchModel",
+    "build_model",
+    "image_of",
+    "init_random_weights",
+    "synthetic_inputs",
+]
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 TINY = "tiny"
+TINY_NEXT = "tiny-next"
+TINY_ARCHS = (TINY, TINY_NEXT)
 
 
 @dataclass
@@ -38,10 +54,12 @@ class BenchModel:
     random_weights: bool
     device: torch.device
     dtype: torch.dtype
+    image: ImageWork  # what one image of the synthetic inputs costs (tower inputs, LLM tokens)
 
     @property
     def visual_tokens(self) -> int:
-        return self.spec.visual_tokens
+        """Visual tokens of one image in the prompt, before pruning (2,928 for a 672 x 672 LLaVA-1.6 image)."""
+        return self.image.tokens
 
 
 def init_random_weights(model: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
@@ -60,12 +78,54 @@ def init_random_weights(model: torch.nn.Module, std: float = 0.02, seed: int = 0
 
 
 def _random_model(config, device: torch.device, dtype: torch.dtype, attn: str, seed: int) -> torch.nn.Module:
-    from transformers import LlavaForConditionalGeneration
+    """The model class of the config's `model_type` (LLaVA-1.5 or LLaVA-NeXT), built on `device` and
+    initialised there."""
+    from transformers import AutoModelForImageTextToText
 
+    from vtprune.models import supported_models
+
+    if config.model_type not in supported_models():
+        raise PruneConfigError(
+            f"a {config.model_type!r} config; vtprune supports {', '.join(supported_models())}"
+        )
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn)
     init_random_weights(model, seed=seed)
     return model.eval()
+
+
+def _tiny_model(arch: str, seed: int, attn: str) -> torch.nn.Module:
+    from vtprune.testing import make_tiny_llava, make_tiny_llava_next
+
+    make = make_tiny_llava if arch == TINY else make_tiny_llava_next
+    return make(seed=seed, attn_implementation=attn)[0]
+
+
+def _image_work(spec: ArchSpec, image_size: tuple[int, int] | None) -> ImageWork:
+    try:
+        return image_work(spec, image_size)
+    except ValueError as err:
+        raise PruneConfigError(f"--image-size: {err}") from None
+
+
+def image_of(model: torch.nn.Module, spec: ArchSpec, image_size: tuple[int, int] | None) -> ImageWork:
+    """What one synthetic image costs on `model`, counted by the model's adapter (the model file's own tiling
+    and unpadding) and checked against `bench/flops.py`'s arithmetic, so the FLOPs reported are those of the
+    tokens timed. `image_size` (height, width) is for AnyRes models only."""
+    from vtprune.models import adapter_for
+
+    expected = _image_work(spec, image_size)
+    adapter = adapter_for(model)
+    if expected.size is None:
+        return expected
+    sizes = torch.tensor([expected.size])
+    counted = (adapter.crops_of(expected.size), len(adapter.token_sources(sizes)[0]))
+    if counted != (expected.crops, expected.tokens):
+        raise PruneConfigError(
+            f"the model tiles a {expected.size} image into {counted[0]} tower inputs and {counted[1]} tokens, "
+            f"bench/flops.py into {expected.crops} and {expected.tokens}; its FLOPs would be wrong"
+        )
+    return expected
 
 
 def build_model(
@@ -77,45 +137,45 @@ def build_model(
     dtype: torch.dtype,
     attn: str = "sdpa",
     seed: int = 0,
+    image_size: tuple[int, int] | None = None,
 ) -> BenchModel:
-    """Load or build the model to time (see the module docstring); every bad combination is a clear error."""
+    """Load or build the model to time (see the module docstring); every bad combination is a clear error.
+    `image_size` (height, width) sets the synthetic image of AnyRes models (default: `default_image_size`)."""
     device = torch.device(device)
+    valid_archs = ", ".join([*ARCH_PRESETS, *TINY_ARCHS])
     if attn not in ATTN_IMPLEMENTATIONS:
         raise PruneConfigError(
             f"unknown attention implementation {attn!r}; valid: {', '.join(ATTN_IMPLEMENTATIONS)}"
         )
     if (model is None) == (arch is None):
+        raise PruneConfigError(f"give exactly one of --model (id or path) and --arch ({valid_archs})")
+    if arch is not None and arch not in ARCH_PRESETS and arch not in TINY_ARCHS:
+        raise PruneConfigError(f"unknown --arch {arch!r}; valid: {valid_archs}")
+    if arch in ARCH_PRESETS and not random_weights:
         raise PruneConfigError(
-            "give exactly one of --model (id or path) and --arch (" + ", ".join([*ARCH_PRESETS, TINY]) + ")"
+            f"--arch {arch} has no weights: add --random-weights to time the architecture, or pass --model"
         )
-    if arch is not None:
-        if arch == TINY:
-            from vtprune.testing import make_tiny_llava
-
-            llava, _ = make_tiny_llava(seed=seed, attn_implementation=attn)
-            llava = llava.to(device=device, dtype=dtype).eval()
-            return BenchModel(llava, ArchSpec.from_config(llava.config, name=TINY), TINY, True, device, dtype)
-        if arch not in ARCH_PRESETS:
-            raise PruneConfigError(f"unknown --arch {arch!r}; valid: {', '.join([*ARCH_PRESETS, TINY])}")
-        if not random_weights:
-            raise PruneConfigError(
-                f"--arch {arch} has no weights: add --random-weights to time the architecture, or pass --model"
-            )
-        config = llava_config(arch, attn_implementation=attn)
-        llava = _random_model(config, device, dtype, attn, seed)
-        return BenchModel(llava, ARCH_PRESETS[arch], arch, True, device, dtype)
-    if random_weights:
+    if arch in ARCH_PRESETS:
+        _image_work(ARCH_PRESETS[arch], image_size)  # a wrong image size is refused before 7 B parameters are built
+    if arch in TINY_ARCHS:
+        llava = _tiny_model(arch, seed, attn).to(device=device, dtype=dtype).eval()
+        spec, name, is_random = ArchSpec.from_config(llava.config, name=arch), arch, True
+    elif arch is not None:
+        llava = _random_model(llava_config(arch, attn_implementation=attn), device, dtype, attn, seed)
+        spec, name, is_random = ARCH_PRESETS[arch], arch, True
+    elif random_weights:
         from transformers import AutoConfig
 
         from vtprune.loading import resolve_model_path
 
-        config = AutoConfig.from_pretrained(resolve_model_path(model))
-        llava = _random_model(config, device, dtype, attn, seed)
-        return BenchModel(llava, ArchSpec.from_config(llava.config, name=model), model, True, device, dtype)
-    from vtprune.loading import load_model
+        llava = _random_model(AutoConfig.from_pretrained(resolve_model_path(model)), device, dtype, attn, seed)
+        spec, name, is_random = ArchSpec.from_config(llava.config, name=model), model, True
+    else:
+        from vtprune.loading import load_model
 
-    llava, _ = load_model(model, device=str(device), dtype=dtype, attn_implementation=attn)
-    return BenchModel(llava, ArchSpec.from_config(llava.config, name=model), model, False, device, dtype)
+        llava, _ = load_model(model, device=str(device), dtype=dtype, attn_implementation=attn)
+        spec, name, is_random = ArchSpec.from_config(llava.config, name=model), model, False
+    return BenchModel(llava, spec, name, is_random, device, dtype, image_of(llava, spec, image_size))
 
 
 @dataclass
@@ -124,58 +184,81 @@ class Inputs:
 
     input_ids: torch.Tensor  # (B, L)
     attention_mask: torch.Tensor  # (B, L)
-    pixel_values: torch.Tensor  # (B, 3, H, W)
+    pixel_values: torch.Tensor  # (B, 3, H, W); AnyRes: (B, crops, 3, H, W)
     image_start: int  # first image-token position (the same in every row)
     text_tokens: int
     visual_tokens: int
+    image_sizes: torch.Tensor | None = None  # (B, 2) height, width: AnyRes only
 
     @property
     def batch(self) -> int:
         return self.input_ids.shape[0]
 
+    def image_kwargs(self) -> dict:
+        """What `get_image_features` (and the model's forward) take for the images."""
+        extra = {} if self.image_sizes is None else {"image_sizes": self.image_sizes}
+        return {"pixel_values": self.pixel_values, **extra}
+
     def model_kwargs(self) -> dict:
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "pixel_values": self.pixel_values,
-        }
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.image_kwargs()}
 
 
-def synthetic_inputs(
-    config, batch: int, text_tokens: int, *, device: torch.device | str, dtype: torch.dtype, seed: int = 0
-) -> Inputs:
-    """`batch` prompts of `text_tokens` random text ids around one image block, and random pixels."""
-    if batch < 1:
-        raise PruneConfigError(f"batch must be >= 1, got {batch}")
-    if text_tokens < 2:
-        raise PruneConfigError(f"text tokens must be >= 2 (BOS and the last prompt token), got {text_tokens}")
+def _text_ids(config, text_tokens: int, gen: torch.Generator) -> torch.Tensor:
+    """`text_tokens` random ids of ordinary words (no image, pad, BOS or EOS id; BOS first)."""
     text_cfg = config.text_config
-    vision_cfg = config.vision_config
     image_id = config.image_token_id
-    per_image = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
-    if config.vision_feature_select_strategy == "full":
-        per_image += 1
     special = {image_id, getattr(config, "pad_token_id", None), getattr(text_cfg, "pad_token_id", None)}
     special |= {getattr(text_cfg, "bos_token_id", None), getattr(text_cfg, "eos_token_id", None)}
     vocab = (
         min(text_cfg.vocab_size, image_id) if image_id >= 1000 else text_cfg.vocab_size
     )  # llava-hf: ids < 32000
     candidates = torch.tensor([i for i in range(3, vocab) if i not in special], dtype=torch.long)
-    gen = torch.Generator().manual_seed(seed)
     text = candidates[torch.randint(len(candidates), (text_tokens,), generator=gen)]
     bos = getattr(text_cfg, "bos_token_id", None)
     if bos is not None and bos != image_id:
         text[0] = bos
+    return text
+
+
+def synthetic_inputs(
+    model_or_config,
+    batch: int,
+    text_tokens: int,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    seed: int = 0,
+    image_size: tuple[int, int] | None = None,
+) -> Inputs:
+    """`batch` prompts of `text_tokens` random text ids around one image block, and random pixels.
+
+    Pass the model (any supported family) or, for LLaVA-1.5, its config. AnyRes models need the model: its
+    adapter says how many tokens an image of `image_size` expands to (`image_of`)."""
+    if batch < 1:
+        raise PruneConfigError(f"batch must be >= 1, got {batch}")
+    if text_tokens < 2:
+        raise PruneConfigError(f"text tokens must be >= 2 (BOS and the last prompt token), got {text_tokens}")
+    is_model = isinstance(model_or_config, torch.nn.Module)
+    config = model_or_config.config if is_model else model_or_config
+    spec = ArchSpec.from_config(config)
+    if spec.anyres and not is_model:
+        raise PruneConfigError("synthetic inputs for LLaVA-NeXT need the model (its adapter counts the tokens)")
+    image = image_of(model_or_config, spec, image_size) if is_model else image_work(spec, image_size)
+    gen = torch.Generator().manual_seed(seed)
+    text = _text_ids(config, text_tokens, gen)
     before = max(1, (text_tokens * 6) // 10)
-    ids = torch.cat([text[:before], torch.full((per_image,), image_id, dtype=torch.long), text[before:]])
-    input_ids = ids[None].expand(batch, -1).contiguous()
-    size = vision_cfg.image_size
-    pixels = torch.randn(batch, vision_cfg.num_channels, size, size, generator=gen)
+    block = torch.full((image.tokens,), config.image_token_id, dtype=torch.long)
+    input_ids = torch.cat([text[:before], block, text[before:]])[None].expand(batch, -1).contiguous()
+    side, channels = config.vision_config.image_size, config.vision_config.num_channels
+    crops = (image.crops,) if spec.anyres else ()  # the processor's (B, crops, C, H, W) for AnyRes
+    pixels = torch.randn(batch, *crops, channels, side, side, generator=gen)
+    sizes = None if image.size is None else torch.tensor([image.size] * batch, device=device)
     return Inputs(
         input_ids=input_ids.to(device),
         attention_mask=torch.ones_like(input_ids).to(device),
         pixel_values=pixels.to(device=device, dtype=dtype),
         image_start=before,
         text_tokens=text_tokens,
-        visual_tokens=per_image,
+        visual_tokens=image.tokens,
+        image_sizes=sizes,
     )
