@@ -29,6 +29,11 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "himap[counts]": ({"K_t": 1, "K_i": 3, "R_t": 12, "R_i": 4}, True, False),
     "tokencarve": ({"K": 2}, False, True),
     "illava": ({"llm_layer": 2}, False, True),  # the tiny 3-layer tower gets no ViT stage by default
+    # DART: keys of layer 1 (captured under SDPA), cut before layer 2; 2 + 2 pivots on 64 tokens.
+    "dart": ({"K": 2, "pivot_image_token": 2, "pivot_text_token": 2}, True, True),
+    "dart[defaults]": ({}, True, True),
+    "dart[l2-k1]": ({"K": 1, "norm": "l2"}, True, True),
+    "dart[pre-llm]": ({"K": 0}, True, True),  # the vision-stage variant
     # ViT stage at CLIP layer 0 (the only one before the tiny tower's feature layer 1): 64 -> 56 patches.
     # Explicit vit_layers fix that count whatever keep says, hence not keep-all (the default ViT stage is
     # skipped at keep=all, test_methods_vision.py).

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import QUESTIONS, build_inputs
 from oracle import oracle_logits
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -745,3 +746,170 @@ def test_illava_vit_config_errors(tiny, batch_inputs):
     assert llm.keep == 28
     (_, llm) = vtprune.get_method("illava", keep=60, vit_layers=(0,), vit_remove=8).stages(TINY)
     assert llm.keep == 56
+
+
+# --- DART ------------------------------------------------------------------------------------------------
+
+
+def _unit2(degrees):
+    rad = torch.tensor([math.radians(a) for a in degrees])
+    return torch.stack([rad.cos(), rad.sin()], dim=-1)
+
+
+class DartSignals:
+    """What DART reads from LLMSignals, hand-made: sequence [sys, v0..v5, t0, t1] (one image of 6 tokens).
+
+    Key L1 norms: v0 = 5 (the image pivot), others 1; t1 = 3 > t0 = 2 (the text pivot is t1). Normed hidden
+    states are unit vectors at angles v: 0°, 10°, 90°, 100°, 180°, 45°; t0: 170°, t1: 90°."""
+
+    images_per_sample = 1
+    num_visual = 6
+
+    def __init__(self):
+        norms = torch.tensor([9.0, 5, 1, 1, 1, 1, 1, 2, 3])  # sys has the largest norm: it is not a candidate
+        self._keys = torch.zeros(1, 9, 4)
+        self._keys[0, :, 0] = -norms / 2  # L1 norm = norms (two entries of |norm/2|)
+        self._keys[0, :, 3] = norms / 2
+        self._hidden = _unit2([33, 0, 10, 90, 100, 180, 45, 170, 90])[None]
+        self.visual_index = torch.arange(1, 7)[None]
+        self.visual_valid = torch.ones(1, 6, dtype=torch.bool)
+
+    def keys(self):
+        return self._keys
+
+    def normed_hidden(self):
+        return self._hidden
+
+    def query_index(self, queries):
+        assert queries == "text"
+        return torch.tensor([[7, 8]]), torch.ones(1, 2, dtype=torch.bool)
+
+
+def _dart_stage(keep):
+    return Stage(kind="llm", keep=keep, score_layer=1, prune_layer=2, positions="original", name="dart")
+
+
+def test_dart_hand_example():
+    """Image pivot v0 (norm 5), text pivot t1 (norm 3 > 2). keep 4: 3 slots for 2 pivots → v0 takes 2, t1
+    takes 1. v0 (0°) takes the least similar: v4 (180°, cos −1), v3 (100°, −.17); t1 (90°) then takes v1
+    (10°, cos .17 < v5 .71 < v2 1). Kept {v0, v1, v3, v4}."""
+    method = vtprune.get_method("dart", pivot_image_token=1, pivot_text_token=1)
+    sel = method.select(0, _dart_stage(4), DartSignals())
+    assert sel.indices.tolist() == [[0, 1, 3, 4]]
+    torch.testing.assert_close(sel.scores, torch.tensor([[5.0, 1, 1, 1, 1, 1]]))
+    assert sel.info["pivots"] == [[0, -1]]
+    # the official budget: 4 // 2 = 2 per pivot, so t1 also takes v5 (.71): 1 + 2·2 = 5 tokens
+    official = vtprune.get_method("dart", pivot_image_token=1, pivot_text_token=1, budget="official")
+    assert official.select(0, _dart_stage(4), DartSignals()).indices.tolist() == [[0, 1, 3, 4, 5]]
+    # no text pivot: v0 takes all 3 slots (v4, v3, v2 at cos 0)
+    no_text = vtprune.get_method("dart", pivot_image_token=1, pivot_text_token=0)
+    assert no_text.select(0, _dart_stage(4), DartSignals()).indices.tolist() == [[0, 2, 3, 4]]
+    # L2 norms rank the same here; keep below the pivot count keeps the best pivots only
+    two = vtprune.get_method("dart", pivot_image_token=2)
+    assert two.select(0, _dart_stage(1), DartSignals()).indices.tolist() == [[0]]
+
+
+def _dart_reference(x, scores, k, pivots, text_x, text_scores, text_pivots):
+    """The official loop on one sample, written plainly (visit order: image then text pivots, by norm)."""
+    n = x.shape[0]
+    by_norm = sorted(range(n), key=lambda i: (-float(scores[i]), i))
+    image_pivots = by_norm[: min(pivots, k)]
+    text_order = sorted(range(text_x.shape[0]), key=lambda i: (-float(text_scores[i]), i))[:text_pivots]
+    visit = [x[i] for i in image_pivots] + [text_x[i] for i in text_order]
+    pool, m = k - len(image_pivots), len(visit)
+    quotas = [pool // m + (1 if j < pool % m else 0) for j in range(m)]
+    kept = set(image_pivots)
+    for vec, quota in zip(visit, quotas, strict=True):
+        candidates = [i for i in range(n) if i not in kept]
+        cos = {i: float(F.cosine_similarity(vec, x[i], dim=0)) for i in candidates}
+        kept.update(sorted(candidates, key=lambda i: (cos[i], i))[:quota])
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dart_matches_plain_reference_on_random_inputs(seed):
+    from vtprune.methods.dart import dart_select
+
+    g = torch.Generator().manual_seed(seed)
+    b, n, m, d = 3, 40, 7, 5
+    x, scores = torch.randn(b, n, d, generator=g), torch.rand(b, n, generator=g)
+    tx, ts = torch.randn(b, m, d, generator=g), torch.rand(b, m, generator=g)
+    for k, pivots, text_pivots in [(12, 4, 4), (13, 2, 3), (3, 4, 4), (40, 4, 4)]:
+        picked, _ = dart_select(
+            x, scores, k, pivots, text_features=tx, text_scores=ts, num_text_pivots=text_pivots
+        )
+        for row in range(b):
+            expected = _dart_reference(x[row], scores[row], k, pivots, tx[row], ts[row], text_pivots)
+            assert picked.indices[row].tolist() == expected
+            assert bool(picked.valid[row].all())
+
+
+
+def test_dart_scores_are_key_norms_of_layer_k_minus_1_under_sdpa(tiny, batch_inputs, monkeypatch):
+    """DART's pivot scores are the L1 norms of layer K−1's post-RoPE keys at the image positions, read on the
+    SDPA model (attention probabilities are never formed), and its duplication metric is the output-RMSNorm
+    of the hidden states entering layer K."""
+    from vtprune.methods.dart import DART, dart_select
+    from vtprune.signals.context import LLMSignals
+
+    model = tiny[0]
+    assert model.config.text_config._attn_implementation == "sdpa"
+    lm = model.model.language_model
+    seen = {}
+    original = DART.select
+
+    def spy(self, i, stage, signals):
+        out = original(self, i, stage, signals)
+        seen["scores"], seen["indices"] = out.scores, out.indices
+        return out
+
+    def no_attention(self, queries="last"):
+        raise AssertionError("DART must not ask for attention probabilities")
+
+    monkeypatch.setattr(DART, "select", spy)
+    monkeypatch.setattr(LLMSignals, "attention", no_attention)
+    with torch.no_grad():
+        hidden = model(**batch_inputs, output_hidden_states=True).hidden_states
+        with vtprune.pruned(model, "dart", keep=16, K=2):
+            model(**batch_inputs)
+    layer = lm.layers[1]
+    h = hidden[1]  # entering layer 1 = K - 1
+    b, length, _ = h.shape
+    with torch.no_grad():
+        normed = layer.input_layernorm(h)
+        key = layer.self_attn.k_proj(normed).view(b, length, -1, layer.self_attn.head_dim).transpose(1, 2)
+        q = key.clone()
+        cos, sin = lm.rotary_emb(h, position_ids=batch_inputs["position_ids"])
+        _, key = apply_rotary_pos_emb(q, key, cos, sin)
+        out_norm = lm.norm(hidden[2]).float()
+    keys = key.transpose(1, 2).flatten(2).float()
+    image = batch_inputs["input_ids"] == model.config.image_token_id
+    expected = torch.stack([keys[i][image[i]].abs().sum(-1) for i in range(b)])
+    torch.testing.assert_close(seen["scores"], expected, rtol=1e-4, atol=1e-5)
+    mask = batch_inputs["attention_mask"].bool()
+    for i in range(b):
+        last_image = int(torch.nonzero(image[i]).max())
+        text = [p for p in range(last_image + 1, length) if mask[i, p]]
+        picked, _ = dart_select(
+            out_norm[i][image[i]][None], expected[i][None], 16, 4,
+            text_features=out_norm[i, text][None], text_scores=keys[i, text].abs().sum(-1)[None],
+            num_text_pivots=4,
+        )
+        assert seen["indices"][i].tolist() == picked.indices[0].tolist()
+
+
+def test_dart_config_errors_and_stages():
+    assert vtprune.get_method("dart").stages(LLAVA15)[0].keep == 128
+    stage = vtprune.get_method("dart", keep=64).stages(LLAVA15)[0]
+    assert (stage.kind, stage.score_layer, stage.prune_layer, stage.positions, stage.queries) == (
+        "llm", 1, 2, "original", None
+    )
+    assert vtprune.get_method("dart", K=0, keep=192).stages(LLAVA15)[0].kind == "vision"
+    bad_values = (
+        {"K": -1}, {"pivot_image_token": 0}, {"pivot_text_token": -2}, {"norm": "l3"}, {"budget": "x"}
+    )
+    for bad in bad_values:
+        with pytest.raises(PruneConfigError, match=next(iter(bad))):
+            vtprune.get_method("dart", **bad)
+    with pytest.raises(PruneConfigError, match="K=4"):
+        vtprune.get_method("dart", K=4).validate_for(TINY)

@@ -294,7 +294,14 @@ class PruneSession:
                 f"{self.method.name}: LLM stages must prune at increasing layers, got {layers}"
             )
         for stage in self.stages:
-            if stage.kind == "llm" and stage.score_layer < stage.prune_layer and stage.queries is None:
+            # Attention methods read rows of the score layer's attention; a method that reads only its key
+            # states (DART) names no rows.
+            if (
+                stage.kind == "llm"
+                and stage.score_layer < stage.prune_layer
+                and stage.queries is None
+                and self.method.attention_based
+            ):
                 raise PruneConfigError(
                     f"{self.method.name}: an LLM stage that scores a layer must name its query rows"
                 )
@@ -605,6 +612,7 @@ class PruneSession:
             source=images.source,
             image_crop=images.image_crop,
             lengths=None if images.uniform else images.lengths.to(projected.device),
+            image_index=expanded_from,
         )
         episode.vision = vision_signals
         # Original numbering: a sample's visual tokens, image after image.

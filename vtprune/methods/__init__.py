@@ -3,6 +3,7 @@
 # One module per method; importing it registers the method.
 from vtprune.methods import (  # noqa: F401
     cdpruner,
+    dart,
     divprune,
     fastv,
     himap,

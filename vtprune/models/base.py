@@ -60,7 +60,8 @@ def find_layers(root: nn.Module, suffix: str) -> nn.ModuleList:
 class ModelAdapter:
     """Base class of the adapters. Subclasses set the modules in `__init__` and implement the methods below.
 
-    Facts: `config`, `layers` (the LLM's decoder layers), `vision_tower`, `vision_layers` (its encoder
+    Facts: `config`, `language_model` (the decoder stack: `layers`, `norm`, `rotary_emb`), `layers` (the LLM's
+    decoder layers), `vision_tower`, `vision_layers` (its encoder
     layers), `projector`, `image_token_id`, `grid` (patches per crop side), `tokens_per_image`,
     `feature_layer` (the vision layer whose output the projector receives), `select_strategy`.
     """
@@ -71,6 +72,7 @@ class ModelAdapter:
 
     model: nn.Module
     config: object
+    language_model: nn.Module
     layers: nn.ModuleList
     vision_tower: nn.Module
     vision_layers: nn.ModuleList
@@ -126,6 +128,10 @@ class ModelAdapter:
         """The language model's own RoPE application (its model file's `apply_rotary_pos_emb`)."""
         return compat.model_file_function(self.layers[0].self_attn, "apply_rotary_pos_emb")(query, key, cos, sin)
 
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The language model's output norm (DART compares hidden states after it)."""
+        return self.language_model.norm(hidden)
+
     # --- the vision side ----------------------------------------------------------------------------------
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.projector(features)
@@ -154,16 +160,18 @@ class ModelAdapter:
         `VisionSignals.source`); None when each image is one tower input whose patches are its tokens."""
         return None
 
-    def recompute_vision_qk(self, out):
-        """q/k of the feature layer from its input hidden state, for tower outputs vtprune did not see
-        computed (e.g. image features expanded by `generate` for beams). Costs two projections of one layer
-        of the (CLIP) tower."""
-        layer = self.vision_layers[self.feature_layer]
+    def recompute_vision_qk(self, out, layer_index: int | None = None):
+        """q/k of vision layer `layer_index` (default: the feature layer) from its input hidden state, for
+        tower outputs vtprune did not see computed (e.g. image features expanded by `generate` for beams) and
+        for layers whose attention is not captured. Costs two projections of one layer of the (CLIP) tower."""
+        index = self.feature_layer if layer_index is None else layer_index
+        layer = self.vision_layers[index]
         attn = layer.self_attn
-        layer_input = out.hidden_states[self.feature_hidden_index - 1]
+        hidden_states = getattr(out, "hidden_states", None)
+        layer_input = hidden_states[index] if hidden_states is not None else None
         if layer_input is None:
             raise PruneConfigError(
-                "the vision tower's [CLS] attention is needed but was not captured and cannot be recomputed "
+                "the vision tower's attention is needed but was not captured and cannot be recomputed "
                 "(the image features were computed before vtprune.prune() was applied)"
             )
         h = layer.layer_norm1(layer_input)

@@ -51,6 +51,7 @@ class VisionSignals:
     source: torch.Tensor | None = None  # (N, P) crop * p + patch of each token, -1: not from the tower
     image_crop: torch.Tensor | None = None  # (N,) the tower input whose [CLS] is the image's
     lengths: torch.Tensor | None = None  # (N,) tokens of each image when they differ (P is the longest)
+    image_index: torch.Tensor | None = None  # (N,) row of `image_output` each image comes from (beams repeat)
     cache: dict = field(default_factory=dict)
 
     def _from_crops(self, per_crop: torch.Tensor) -> torch.Tensor:
@@ -133,6 +134,34 @@ class VisionSignals:
         if self.source is None:
             return key
         return torch.cat([key[self.image_crop, :1], self._from_crops(key[:, 1:])], dim=1)
+
+    def layer_qk(self, layer: int) -> Captured:
+        """q/k of CLIP encoder layer `layer` (0-indexed), recomputed once from the layer's input hidden state
+        (the tower keeps every layer's hidden states); the feature layer's come from the capture."""
+        if layer == self.adapter.feature_layer:
+            return self.qk
+        key = ("layer_qk", layer)
+        if key not in self.cache:
+            if self.image_output is None:
+                raise RuntimeError(f"the hidden states of vision layer {layer} are not available")
+            with torch.no_grad():
+                q, k, scaling = self.adapter.recompute_vision_qk(self.image_output, layer)
+            if self.image_index is not None:
+                q, k = q[self.image_index], k[self.image_index]
+            self.cache[key] = Captured(q, k, float(scaling))
+        return self.cache[key]
+
+    def received_attention(self, layer: int) -> torch.Tensor:
+        """(N, T) attention each token of CLIP layer `layer` receives ([CLS] first, T = 1 + P): softmax over
+        all keys per query row, then the mean over heads and over every query row ([CLS] row included) —
+        HiPrune's "global attention". Computed once per layer from q/k (no eager attention), float32."""
+        key = ("received", layer)
+        if key not in self.cache:
+            qk = self.layer_qk(layer)
+            rows = torch.arange(qk.query.shape[2], device=qk.query.device).expand(qk.query.shape[0], -1)
+            probs = attention_rows(qk.query, qk.key, qk.scaling, rows, None, causal=False)  # (N, H, T, T)
+            self.cache[key] = probs.mean(dim=1).mean(dim=1)
+        return self.cache[key]
 
     def padding_fraction(self, tolerance: float = 0.03) -> torch.Tensor | None:
         """(N, P) the part of each patch that is pad-to-square filler, or None when the pixels are not at
@@ -319,6 +348,23 @@ class LLMSignals:
             vis = self.visual_index[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1)
             self.cache[queries] = (torch.gather(probs, 3, vis), q_valid)
         return self.cache[queries]
+
+    def keys(self) -> torch.Tensor:
+        """(B, L, Hkv * dh) post-RoPE key states of the score layer, float32, heads concatenated (DART's pivot
+        norms): the captured ones, or the prune layer's own projections of its input when score == prune
+        layer. No attention probabilities are formed, so nothing here needs eager attention."""
+        if "keys" not in self.cache:
+            cap = self.captured if self.captured is not None else self.recompute_qk()
+            self.cache["keys"] = cap.key.float().transpose(1, 2).flatten(2)
+        return self.cache["keys"]
+
+    def normed_hidden(self) -> torch.Tensor:
+        """(B, L, D) the hidden states entering the prune layer after the language model's output RMSNorm,
+        float32 (DART's duplication metric)."""
+        if "normed_hidden" not in self.cache:
+            with torch.no_grad():
+                self.cache["normed_hidden"] = self.adapter.final_norm(self.hidden).float()
+        return self.cache["normed_hidden"]
 
     def recompute_qk(self) -> Captured:
         """q/k of the prune layer applied to its unpruned input (PyramidDrop's scoring, algorithms.md §3)."""
