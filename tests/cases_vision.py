@@ -17,5 +17,7 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "visionzip[split]": ({"contextual": 3}, False, True),
     "prumerge": ({}, False, False),
     "prumerge[plus]": ({"plus": True}, False, False),
+    "scope": ({}, True, True),
+    "scope[add-alpha]": ({"combine": "add", "alpha": 0.5}, True, True),
     "vispruner[seed-aliases]": ({"vispruner_ratio": 0.75, "removal_number": 4}, True, True),
 }

@@ -623,3 +623,93 @@ def test_prumerge_in_model(tiny, batch_inputs, monkeypatch):
     with pytest.raises(PruneConfigError, match="keep"):
         vtprune.prune(model, "prumerge", keep=1)
     assert not vtprune.is_pruned(model)
+
+
+# --- SCOPE: greedy saliency × coverage ---------------------------------------------------------------------
+
+
+def test_scope_hand_example():
+    """Tokens at 0°, 10°, 90°, 180°; saliency [.1, .2, .4, .3]. Step 1 gains Σ_i max(0, S_ij):
+    [1.985, 2.159, 1.174, 1] → scores [.199, .432, .470, .300] → token 2; coverage c = S[2] floored at 0 =
+    [0, .174, 1, 0]. Step 2 gains: token 0 1 + (.985 − .174) = 1.811, token 1 .985 + (1 − .174) = 1.811,
+    token 3 1 → scores [.181, .362, −, .300] → token 1. Saliency alone would keep {2, 3}; coverage alone
+    (α = 0) keeps 1 (2.159), then 3 (gain 1 > .826 for token 2)."""
+    from vtprune.methods.scope import scope_select
+
+    x = _unit([0, 10, 90, 180])[None]
+    a = torch.tensor([[0.1, 0.2, 0.4, 0.3]])
+    assert scope_select(x, a, 2).indices.tolist() == [[1, 2]]
+    assert scope_select(x, a, 2, alpha=0.0).indices.tolist() == [[1, 3]]
+    # combine="add": step 1 scores [2.085, 2.359, 1.574, 1.3] → 1; step 2 gains [.015, .826, 1] + a → 3
+    assert scope_select(x, a, 2, combine="add").indices.tolist() == [[1, 3]]
+    method = vtprune.get_method("scope", keep=2)
+    sel = method.select(0, _stage(2), _ScopeSignals(x, a))
+    assert sel.indices.tolist() == [[1, 2]]
+
+
+class _ScopeSignals:
+    def __init__(self, features, saliency, heads=2):
+        self.features = features
+        self.cls_attention_heads = saliency[:, None, :].expand(-1, heads, -1) / heads  # sums back to saliency
+
+
+def _scope_reference(x, a, k, alpha=1.0, combine="multi"):
+    """The official greedy loop on one image, written plainly."""
+    n = x.shape[0]
+    sim = F.cosine_similarity(x[:, None, :], x[None, :, :], dim=-1)
+    covered = [0.0] * n
+    selected = []
+    for _ in range(k):
+        best, best_score = None, None
+        for j in range(n):
+            if j in selected:
+                continue
+            gain = sum(max(0.0, float(sim[i, j]) - covered[i]) for i in range(n))
+            w = float(a[j]) ** alpha
+            score = gain * w if combine == "multi" else gain + w
+            if best_score is None or score > best_score:
+                best, best_score = j, score
+        selected.append(best)
+        covered = [max(covered[i], float(sim[i, best])) for i in range(n)]
+    return sorted(selected)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_scope_matches_plain_reference_on_random_inputs(seed):
+    from vtprune.methods.scope import scope_select
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 30, 6, generator=g, dtype=torch.float64).float()
+    a = torch.rand(2, 30, generator=g)
+    for k, alpha, combine in [(8, 1.0, "multi"), (5, 0.5, "add"), (30, 2.0, "multi")]:
+        picked = scope_select(x, a, k, alpha, combine)
+        for row in range(2):
+            assert picked.indices[row].tolist() == _scope_reference(x[row], a[row], k, alpha, combine)
+        alone = scope_select(x[1:], a[1:], k, alpha, combine)
+        assert alone.indices[0].tolist() == picked.indices[1].tolist()
+
+
+def test_scope_in_model_uses_feature_layer_signals(tiny, batch_inputs):
+    """In the model, SCOPE's saliency is the feature layer's [CLS] row summed over heads and its features the
+    feature-layer patches: the kept sets equal scope_select on those signals recomputed from eager CLIP."""
+    from vtprune.methods.scope import scope_select
+
+    model = tiny[0]
+    tower = copy.deepcopy(model.model.vision_tower)
+    tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = tower(batch_inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+        with vtprune.pruned(model, "scope", keep=12):
+            model(**batch_inputs)
+            record = vtprune.last_record(model)
+    saliency = out.attentions[-2][:, :, 0, 1:].sum(dim=1)
+    expected = scope_select(out.hidden_states[-2][:, 1:], saliency, 12)
+    assert record.stages[0].kept == expected.indices.tolist()
+
+
+def test_scope_config_errors():
+    assert vtprune.get_method("scope").stages(INFO_576)[0].keep == 64
+    with pytest.raises(PruneConfigError, match="alpha"):
+        vtprune.get_method("scope", alpha=-1.0)
+    with pytest.raises(PruneConfigError, match="combine"):
+        vtprune.get_method("scope", combine="max")

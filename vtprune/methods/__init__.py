@@ -13,6 +13,7 @@ from vtprune.methods import (  # noqa: F401
     pdrop,
     prumerge,
     random,
+    scope,
     sparsevlm,
     tokencarve,
     visionzip,

@@ -1,0 +1,106 @@
+"""SCOPE — "SCOPE: Saliency-Coverage Oriented Token Pruning for Efficient Multimodel LLMs" (Deng et al.,
+NeurIPS 2025, arXiv 2510.24214; official code github.com/kinredon/SCOPE, `scope/clip_encoder.py`).
+
+Idea: a selected set *covers* every token by its best cosine similarity to the set (a facility-location
+set-coverage function, submodular); SCOPE greedily adds the token whose coverage gain times its saliency
+([CLS] attention) is largest, so the kept tokens are both salient and semantically complete. Before the LLM,
+kept tokens in raster order.
+
+Official rule (LLaVA-1.5): features = the feature layer's patch hidden states (what the projector receives),
+S = their pairwise cosine similarity; saliency a = the feature layer's [CLS]-row attention to each patch,
+summed over heads. Coverage c_i = max(0, max_{s ∈ selected} S_is) (0 for the empty set); the gain of an
+unselected j is Σ_i max(0, S_ij − c_i) over every token i; the SCOPE score is gain_j · a_j^α (`COMBINED=multi`;
+`add`: gain_j + a_j^α). Repeat T times, taking the argmax (ties: lower index).
+
+Parameters and defaults: keep (T, default 64; the LLaVA-1.5 tables use T = 64 / 128 / 192 with the same
+α), alpha = 1.0 (the repo's `ALPHA`), combine = "multi" (the repo's `COMBINED`).
+
+Deviations: none in the rule; the greedy loop is vectorised over a batch of images (each image alone gives the
+same selection) and runs in float32 with explicit lower-index tie-breaking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.selection import Picked, topk_indices
+
+COMBINES = ("multi", "add")
+
+
+def _argmax_lowest(scores: Tensor) -> Tensor:
+    """(B,) argmax of each row with ties resolved to the lowest index on every backend."""
+    n = scores.shape[-1]
+    best = scores.amax(dim=-1, keepdim=True)
+    index = torch.where(scores == best, torch.arange(n, device=scores.device), n).amin(dim=-1)
+    return index.clamp_max(n - 1)
+
+
+def scope_select(
+    features: Tensor,
+    saliency: Tensor,
+    k: int,
+    alpha: float = 1.0,
+    combine: str = "multi",
+    valid: Tensor | None = None,
+) -> Picked:
+    """Greedy saliency × coverage selection of `k` tokens per row (rows independent), in raster order.
+
+    features (B, N, D), saliency (B, N) non-negative. Invalid tokens are neither selected nor covered.
+    """
+    b, n, _ = features.shape
+    dev = features.device
+    valid = torch.ones(b, n, dtype=torch.bool, device=dev) if valid is None else valid
+    x = F.normalize(features.float(), dim=-1)
+    sim = x @ x.transpose(1, 2)  # (B, N, N)
+    weight = saliency.float().clamp(min=0) ** alpha
+    covered = torch.zeros(b, n, device=dev)  # c_i: best similarity to the selected set, floored at 0
+    available = valid.clone()
+    counts = valid.float()[:, :, None]
+    rows = torch.arange(b, device=dev)
+    picks = torch.zeros(b, k, dtype=torch.long, device=dev)
+    picked_ok = torch.zeros(b, k, dtype=torch.bool, device=dev)
+    for step in range(k):
+        gain = (torch.relu(sim - covered[:, :, None]) * counts).sum(dim=1)  # Σ_i max(0, S_ij − c_i)
+        score = gain * weight if combine == "multi" else gain + weight
+        best = _argmax_lowest(score.masked_fill(~available, float("-inf")))
+        picks[:, step] = best
+        picked_ok[:, step] = available[rows, best]
+        available = available.scatter(1, best[:, None], False)
+        covered = torch.maximum(covered, sim[rows, best])
+    kept = torch.zeros(b, n, dtype=torch.bool, device=dev).scatter(1, picks, picked_ok)
+    return topk_indices(kept.float(), k, valid=kept)
+
+
+@register
+@dataclass
+class SCOPE(Method):
+    """Greedy saliency × coverage gain (submodular set cover) on the vision features."""
+
+    alpha: float = 1.0
+    combine: str = "multi"
+
+    name = "scope"
+    stage_kind = "vision"
+    paper = "arXiv 2510.24214 (NeurIPS 2025)"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
+            raise PruneConfigError(f"scope: alpha={self.alpha!r} must be a number >= 0")
+        if self.combine not in COMBINES:
+            raise PruneConfigError(f"scope: combine={self.combine!r}; valid: {', '.join(COMBINES)}")
+
+    def stages(self, info: ModelInfo) -> list[Stage]:
+        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
+
+    def select(self, stage_index, stage, signals) -> Selection:
+        # The official saliency sums the heads (it matters for combine="add" only).
+        saliency = signals.cls_attention_heads.sum(dim=1)
+        picked = scope_select(signals.features, saliency, stage.keep, self.alpha, self.combine)
+        return Selection(*picked, scores=saliency)
