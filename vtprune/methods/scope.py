@@ -9,8 +9,8 @@ kept tokens in raster order.
 Official rule (LLaVA-1.5): features = the feature layer's patch hidden states (what the projector receives),
 S = their pairwise cosine similarity; saliency a = the feature layer's [CLS]-row attention to each patch,
 summed over heads. Coverage c_i = max(0, max_{s ∈ selected} S_is) (0 for the empty set); the gain of an
-unselected j is Σ_i max(0, S_ij − c_i) over every token i; the SCOPE score is gain_j · a_j^α (`COMBINED=multi`;
-`add`: gain_j + a_j^α). Repeat T times, taking the argmax (ties: lower index).
+unselected j is Σ_i max(0, S_ij − c_i) over every token i; the SCOPE score is gain_j · a_j^α
+(`COMBINED=multi`; `add`: gain_j + a_j^α). Repeat T times, taking the argmax (ties: lower index).
 
 Parameters and defaults: keep (T, default 64; the LLaVA-1.5 tables use T = 64 / 128 / 192 with the same
 α), alpha = 1.0 (the repo's `ALPHA`), combine = "multi" (the repo's `COMBINED`).
