@@ -17,6 +17,10 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "visionzip[split]": ({"contextual": 3}, False, True),
     "prumerge": ({}, False, False),
     "prumerge[plus]": ({"plus": True}, False, False),
+    # HiPrune: object layer 1 (CLIP layer 0) by default on the 3-layer tower; α large enough for anchors.
+    "hiprune": ({"alpha": 0.5}, True, True),
+    "hiprune[defaults]": ({}, True, True),
+    "hiprune[grid-layer2]": ({"alpha": 1.0, "buffer": "grid", "object_layer": 2}, True, True),
     "scope": ({}, True, True),
     "scope[add-alpha]": ({"combine": "add", "alpha": 0.5}, True, True),
     "vispruner[seed-aliases]": ({"vispruner_ratio": 0.75, "removal_number": 4}, True, True),

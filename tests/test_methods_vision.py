@@ -713,3 +713,91 @@ def test_scope_config_errors():
         vtprune.get_method("scope", alpha=-1.0)
     with pytest.raises(PruneConfigError, match="combine"):
         vtprune.get_method("scope", combine="max")
+
+
+# --- HiPrune: anchors, buffers, registers ------------------------------------------------------------------
+
+
+def _hiprune_attention(anchor):
+    """4×4 grid: the object layer's global attention peaks at `anchor`; the feature layer's at 15 (.3), then
+    12 (.2), the rest small and increasing with the index (.001·i)."""
+    shallow = torch.full((1, 16), 0.01)
+    shallow[0, anchor] = 0.5
+    deep = torch.arange(16).float()[None] * 0.001
+    deep[0, 15], deep[0, 12] = 0.3, 0.2
+    return shallow, deep
+
+
+def test_hiprune_hand_example():
+    """Anchor 5 (row 1, col 1): buffers 4, 6, 1, 9; the register is 15 → {1, 4, 5, 6, 9, 15}. Anchor 4
+    (row 1, col 0): the official flat ±1 wraps to 3 (end of row 0) → {0, 3, 4, 5, 8} + register 15; the
+    grid neighbourhood has no left neighbour → {0, 4, 5, 8} + registers 15, 12."""
+    from vtprune.methods.hiprune import anchor_count, hiprune_select
+
+    shallow, deep = _hiprune_attention(5)
+    picked, role = hiprune_select(shallow, deep, 6, 1, (4, 4))
+    assert picked.indices.tolist() == [[1, 4, 5, 6, 9, 15]]
+    assert role[0, [5, 1, 4, 6, 9, 15]].tolist() == [1, 2, 2, 2, 2, 3] and int((role > 0).sum()) == 6
+    shallow, deep = _hiprune_attention(4)
+    assert hiprune_select(shallow, deep, 6, 1, (4, 4))[0].indices.tolist() == [[0, 3, 4, 5, 8, 15]]
+    grid = hiprune_select(shallow, deep, 6, 1, (4, 4), buffer="grid")[0]
+    assert grid.indices.tolist() == [[0, 4, 5, 8, 12, 15]]
+    # anchor 0: the clipped flat neighbours -1 and -4 are the anchor itself → {0, 1, 4} + 3 registers
+    shallow, deep = _hiprune_attention(0)
+    assert hiprune_select(shallow, deep, 6, 1, (4, 4))[0].indices.tolist() == [[0, 1, 4, 12, 14, 15]]
+    # more structural tokens than the budget: anchor, then the -1, +1, -width blocks (the +width one is cut)
+    shallow, deep = _hiprune_attention(5)
+    assert hiprune_select(shallow, deep, 4, 1, (4, 4))[0].indices.tolist() == [[1, 4, 5, 6]]
+    # no anchor (round(T·α/5) = 0): registers only, i.e. the top feature-layer attention
+    assert hiprune_select(shallow, deep, 3, 0, (4, 4))[0].indices.tolist() == [[12, 14, 15]]
+    assert [anchor_count(t, 0.1) for t in (64, 128, 192, 125)] == [1, 3, 4, 2]  # round half to even at 2.5
+
+
+def test_hiprune_in_model_uses_global_attention_of_two_layers(tiny, batch_inputs, monkeypatch):
+    """Object layer 1 (CLIP layer 0) and the feature layer (1): head mean, then mean over every query row of
+    eager CLIP's attention probabilities, patch columns; captured q/k and recomputed q/k agree."""
+    from vtprune.methods.hiprune import HiPrune, hiprune_select
+
+    model = tiny[0]
+    tower = copy.deepcopy(model.model.vision_tower)
+    tower.set_attn_implementation("eager")
+    seen = {}
+    original = HiPrune.select
+
+    def spy(self, i, stage, signals):
+        seen["captured"] = sorted(signals.layer_captures)
+        seen["received"] = signals.received_attention(0)
+        again = copy.copy(signals)
+        again.layer_captures, again.cache = {}, {}
+        seen["recomputed"] = again.received_attention(0)
+        return original(self, i, stage, signals)
+
+    monkeypatch.setattr(HiPrune, "select", spy)
+    with torch.no_grad():
+        out = tower(batch_inputs["pixel_values"], output_attentions=True)
+        with vtprune.pruned(model, "hiprune", keep=16, alpha=0.5):
+            model(**batch_inputs)
+            record = vtprune.last_record(model)
+    shallow = out.attentions[0].mean(dim=1).mean(dim=1)
+    deep = out.attentions[1].mean(dim=1).mean(dim=1)
+    assert seen["captured"] == [0]
+    torch.testing.assert_close(seen["received"], shallow, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(seen["recomputed"], shallow, rtol=1e-4, atol=1e-6)
+    expected, _ = hiprune_select(shallow[:, 1:], deep[:, 1:], 16, 2, (8, 8))
+    assert record.stages[0].kept == expected.indices.tolist()
+    assert record.stages[0].extra["anchors"] == [2, 2, 2]
+
+
+def test_hiprune_defaults_and_config_errors():
+    method = vtprune.get_method("hiprune")
+    assert method.stages(INFO_576)[0].keep == 64
+    assert method.resolved_object_layer(INFO_576) == 9 and method.vision_attention_layers(INFO_576) == (8,)
+    tiny_info = ModelInfo(
+        num_layers=4, num_heads=4, visual_tokens=64, grid=(8, 8), vision_layers=3, vision_heads=4
+    )
+    assert method.resolved_object_layer(tiny_info) == 1
+    for bad in ({"alpha": 1.5}, {"object_layer": 0}, {"buffer": "ring"}):
+        with pytest.raises(PruneConfigError, match=next(iter(bad))):
+            vtprune.get_method("hiprune", **bad)
+    with pytest.raises(PruneConfigError, match="object_layer=4"):
+        vtprune.get_method("hiprune", object_layer=4).validate_for(tiny_info)

@@ -251,6 +251,7 @@ class PruneSession:
         self.record: PruneRecord | None = None
         self._handles: list = []
         self._captured_modules: list[torch.nn.Module] = []
+        self._pending_vision_layers: dict[int, Captured] = {}
         self._signature = inspect.signature(model.forward)
         self._plans: dict[int, tuple[Method, list[Stage]]] = {}
 
@@ -347,6 +348,12 @@ class PruneSession:
         if self.vit_stage is not None:
             self._attach_vit()
         self._add_capture(self.adapter.vision_attention_module(), "vision")
+        # Other CLIP layers whose attention the method reads (HiPrune's object layer): generate() encodes the
+        # images without keeping every layer's hidden states, so their q/k are captured while the tower runs.
+        vit_layers = self.vit_stage.vit_layers if self.vit_stage is not None else ()
+        for layer in self.method.vision_attention_layers(self.info):
+            if layer != self.adapter.feature_layer and layer not in vit_layers:
+                self._add_capture(self.adapter.vision_layers[layer].self_attn, ("vision", layer))
         for stage in self.llm_stages:
             if stage.score_layer < stage.prune_layer:
                 self._add_capture(self.adapter.layers[stage.score_layer].self_attn, stage.score_layer)
@@ -363,6 +370,9 @@ class PruneSession:
 
     def _add_capture(self, module: torch.nn.Module, key) -> None:
         def capture(_module, query, key_states, scaling):
+            if isinstance(key, tuple) and key[0] == "vision":  # another CLIP layer, tied to the tower output
+                self._pending_vision_layers[key[1]] = Captured(query, key_states, float(scaling))
+                return
             if isinstance(key, tuple):  # ("vit", layer): read by the merge of that layer, in the same pass
                 self._vit_qk[key[1]] = Captured(query, key_states, float(scaling))
                 return
@@ -383,6 +393,8 @@ class PruneSession:
         # Ties the captured [CLS] q/k (and the vit stage's surviving positions) to the very output object it
         # belongs to.
         output._vtprune_capture = getattr(self, "_pending_vision", None)
+        output._vtprune_layer_captures = self._pending_vision_layers
+        self._pending_vision_layers = {}
         output._vtprune_pixels = args[0] if args else None
         output._vtprune_vit_positions = getattr(self, "_vit_positions", None)
         self._pad_projection = getattr(self, "_vit_positions", None) is not None
@@ -480,6 +492,16 @@ class PruneSession:
         if image_index is not None:
             captured = Captured(captured.query[image_index], captured.key[image_index], captured.scaling)
         return captured
+
+    def _vision_layer_captures(self, image_out, image_index: torch.Tensor | None) -> dict[int, Captured]:
+        """q/k of the other CLIP layers the method reads, captured when the tower produced `image_out`."""
+        captured = getattr(image_out, "_vtprune_layer_captures", None) or {}
+        if image_index is None:
+            return dict(captured)
+        return {
+            layer: Captured(c.query[image_index], c.key[image_index], c.scaling)
+            for layer, c in captured.items()
+        }
 
     # --- timing -----------------------------------------------------------------------------------------
     def _clock(self) -> float:
@@ -613,6 +635,7 @@ class PruneSession:
             image_crop=images.image_crop,
             lengths=None if images.uniform else images.lengths.to(projected.device),
             image_index=expanded_from,
+            layer_captures=self._vision_layer_captures(image_out, expanded_from),
         )
         episode.vision = vision_signals
         # Original numbering: a sample's visual tokens, image after image.

@@ -7,6 +7,7 @@ from vtprune.methods import (  # noqa: F401
     divprune,
     fastv,
     himap,
+    hiprune,
     illava,
     l2norm,
     none,

@@ -139,6 +139,12 @@ class Method:
     def stages(self, info: ModelInfo) -> list[Stage]:
         raise NotImplementedError
 
+    def vision_attention_layers(self, info: ModelInfo) -> tuple[int, ...]:
+        """CLIP encoder layers (0-indexed) besides the feature layer whose attention the method reads
+        through `VisionSignals.layer_qk` / `received_attention`; the engine captures their q/k while the
+        tower runs."""
+        return ()
+
     # --- selection ------------------------------------------------------------------------------------
     def select(self, stage_index: int, stage: Stage, signals: VisionSignals | LLMSignals) -> Selection:
         raise NotImplementedError

@@ -52,6 +52,7 @@ class VisionSignals:
     image_crop: torch.Tensor | None = None  # (N,) the tower input whose [CLS] is the image's
     lengths: torch.Tensor | None = None  # (N,) tokens of each image when they differ (P is the longest)
     image_index: torch.Tensor | None = None  # (N,) row of `image_output` each image comes from (beams repeat)
+    layer_captures: dict = field(default_factory=dict)  # CLIP layer -> Captured (vision_attention_layers)
     cache: dict = field(default_factory=dict)
 
     def _from_crops(self, per_crop: torch.Tensor) -> torch.Tensor:
@@ -136,10 +137,13 @@ class VisionSignals:
         return torch.cat([key[self.image_crop, :1], self._from_crops(key[:, 1:])], dim=1)
 
     def layer_qk(self, layer: int) -> Captured:
-        """q/k of CLIP encoder layer `layer` (0-indexed), recomputed once from the layer's input hidden state
-        (the tower keeps every layer's hidden states); the feature layer's come from the capture."""
+        """q/k of CLIP encoder layer `layer` (0-indexed): captured while the tower ran for the feature layer
+        and for the layers the method names in `vision_attention_layers`, else recomputed once from the
+        layer's input hidden state (available when vtprune ran the tower itself)."""
         if layer == self.adapter.feature_layer:
             return self.qk
+        if layer in self.layer_captures:
+            return self.layer_captures[layer]
         key = ("layer_qk", layer)
         if key not in self.cache:
             if self.image_output is None:
