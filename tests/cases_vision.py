@@ -21,6 +21,10 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "hiprune": ({"alpha": 0.5}, True, True),
     "hiprune[defaults]": ({}, True, True),
     "hiprune[grid-layer2]": ({"alpha": 1.0, "buffer": "grid", "object_layer": 2}, True, True),
+    # HoloV: 4 crops of 16 tokens (2 rows, or 4×4 blocks); the defaults give 16 crops of 4 on 64 tokens.
+    "holov": ({"crops": 4}, True, True),
+    "holov[defaults]": ({}, True, True),
+    "holov[grid]": ({"crops": 4, "partition": "grid"}, True, True),
     "scope": ({}, True, True),
     "scope[add-alpha]": ({"combine": "add", "alpha": 0.5}, True, True),
     "vispruner[seed-aliases]": ({"vispruner_ratio": 0.75, "removal_number": 4}, True, True),

@@ -801,3 +801,141 @@ def test_hiprune_defaults_and_config_errors():
             vtprune.get_method("hiprune", **bad)
     with pytest.raises(PruneConfigError, match="object_layer=4"):
         vtprune.get_method("hiprune", object_layer=4).validate_for(tiny_info)
+
+
+# --- HoloV: per-crop quotas --------------------------------------------------------------------------------
+
+
+def _holov_inputs():
+    """8 tokens, 2 raster crops of 4. Crop 0: mutually orthogonal tokens (every off-diagonal S = 0, so every
+    var_i = 0); crop 1: four copies of one vector (S = 1 off the diagonal, mean_i = 1, var_i = (3·0 + 1)/3).
+    Attention: crop 0 [.2, .1, .05, .05], crop 1 [.12, .08, .1, .1]: both crop means are .1."""
+    x = torch.zeros(1, 8, 4)
+    x[0, :4] = torch.eye(4)
+    x[0, 4:] = torch.tensor([1.0, 2.0, 0.0, 0.0])
+    a = torch.tensor([[0.2, 0.1, 0.05, 0.05, 0.12, 0.08, 0.1, 0.1]])
+    return x, a
+
+
+def test_holov_hand_example():
+    """Crop scores: crop 0 = mean(1000·a) = 100 (no variance); crop 1 = 100 + .09·(1/3)·100/(1/3 + 1e-6)
+    ≈ 109.
+    Weights .478 / .522 of T = 4: ⌊1.91⌋ = 1, ⌊2.09⌋ = 2, the spare token to crop 1 → quotas [1, 3]: crop 0
+    keeps token 0, crop 1 its three most attended (4, then 6 and 7 at .1 before 5) → {0, 4, 6, 7}. With
+    α = 0 the scores tie (100, 100) → quotas [2, 2] → {0, 1, 4, 6}."""
+    from vtprune.methods.holov import crop_ids, holov_select
+
+    x, a = _holov_inputs()
+    crop = crop_ids((2, 4), 2, "raster")
+    assert crop.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    picked, scores, quotas = holov_select(x, a, 4, crop)
+    torch.testing.assert_close(scores, torch.tensor([[100.0, 100 + 9 / (1 + 3e-6)]]))
+    assert quotas.tolist() == [[1, 3]] and picked.indices.tolist() == [[0, 4, 6, 7]]
+    picked, _, quotas = holov_select(x, a, 4, crop, alpha=0.0)
+    assert quotas.tolist() == [[2, 2]] and picked.indices.tolist() == [[0, 1, 4, 6]]
+
+
+def test_holov_quota_spill_and_partitions():
+    """A quota larger than its crop spills to the crops with room (the official code zero-pads instead)."""
+    from vtprune.methods.holov import crop_ids, holov_quotas
+
+    # weights .9 / .1 of T = 7 over two crops of 4: ⌊6.3⌋ = 6, ⌊.7⌋ = 0, spare → crop 0: [7, 0] → [4, 3]
+    assert holov_quotas(torch.tensor([[0.9, 0.1]]), torch.tensor([[4, 4]]), 7).tolist() == [[4, 3]]
+    # three crops, the spill fills the next largest weight first: [6, 1, 1] of sizes 4, 2, 4 → [4, 2, 2]
+    assert holov_quotas(torch.tensor([[0.7, 0.2, 0.1]]), torch.tensor([[4, 2, 4]]), 8).tolist() == [[4, 2, 2]]
+    blocks = [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    assert crop_ids((4, 4), 4, "grid").view(4, 4).tolist() == blocks
+    assert crop_ids((4, 4), 4, "raster").view(4, 4).tolist() == [[0] * 4, [1] * 4, [2] * 4, [3] * 4]
+    assert crop_ids((24, 24), 16, "raster").bincount().tolist() == [36] * 16  # 1.5 image rows per crop
+    assert crop_ids((1, 7), 3, "raster").tolist() == [0, 0, 0, 1, 1, 2, 2]  # the first runs one longer
+
+
+def _holov_reference(x, a, crops, keep, alpha=0.09):
+    """The official per-image loops (one image, contiguous crops), with vtprune's spill rule in place of the
+    zero padding; returns the kept indices sorted."""
+    n = x.shape[0]
+    size, extra = divmod(n, crops)
+    bounds, start = [], 0
+    for p in range(crops):
+        end = start + size + (1 if p < extra else 0)
+        bounds.append((start, end))
+        start = end
+    scores = []
+    for lo, hi in bounds:
+        t, att = x[lo:hi], a[lo:hi]
+        m = hi - lo
+        if m <= 1:
+            scores.append(float(att.mean()))
+            continue
+        f = t / (t.norm(dim=1, keepdim=True) + 1e-6)
+        s = (f @ f.T) * (1 - torch.eye(m))
+        mean = s.sum(dim=1) / (m - 1)
+        var = ((s - mean[:, None]) ** 2).sum(dim=1) / (m - 1)
+        att_s = att * 1e3
+        scale = att_s.abs().mean() / (var.abs().mean() + 1e-6)
+        scores.append(float((att_s + alpha * var * scale).mean()))
+    total = sum(scores)
+    weights = [s / (total + 1e-6) for s in scores]
+    alloc = [math.floor(w * keep) for w in weights]
+    by_weight = sorted(range(crops), key=lambda i: (-weights[i], i))
+    for i in by_weight[: keep - sum(alloc)]:
+        alloc[i] += 1
+    sizes = [hi - lo for lo, hi in bounds]
+    alloc = [min(q, s) for q, s in zip(alloc, sizes, strict=True)]
+    for i in by_weight:
+        alloc[i] += min(sizes[i] - alloc[i], keep - sum(alloc))
+    kept = []
+    for (lo, hi), q in zip(bounds, alloc, strict=True):
+        kept += sorted(range(lo, hi), key=lambda j: (-float(a[j]), j))[:q]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_holov_matches_plain_reference_on_random_inputs(seed):
+    from vtprune.methods.holov import crop_ids, holov_select
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 50, 6, generator=g)
+    a = torch.rand(2, 50, generator=g) ** 4  # skewed, so some quotas overflow at large budgets
+    for crops, keep in [(16, 12), (7, 30), (5, 48), (50, 20)]:
+        crop = crop_ids((1, 50), crops, "raster")
+        picked, _, _ = holov_select(x, a, keep, crop)
+        for row in range(2):
+            assert picked.indices[row].tolist() == _holov_reference(x[row], a[row], crops, keep)
+            assert bool(picked.valid[row].all())
+
+
+def test_holov_in_model_and_config_errors(tiny, batch_inputs):
+    """On the tiny model: projected tokens and the feature layer's [CLS] attention, quotas summing to T."""
+    from vtprune.methods.holov import crop_ids, holov_select
+
+    model = tiny[0]
+    tower = copy.deepcopy(model.model.vision_tower)
+    tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = tower(batch_inputs["pixel_values"], output_attentions=True).attentions
+        attn = attentions[-2][:, :, 0, 1:].mean(1)
+        projected = model.model.get_image_features(pixel_values=batch_inputs["pixel_values"]).pooler_output
+        with vtprune.pruned(model, "holov", keep=10, crops=4, partition="grid"):
+            model(**batch_inputs)
+            record = vtprune.last_record(model)
+    expected, _, quotas = holov_select(torch.stack(list(projected)), attn, 10, crop_ids((8, 8), 4, "grid"))
+    assert record.stages[0].kept == expected.indices.tolist()
+    assert record.stages[0].extra["quotas"] == quotas.tolist() and quotas.sum(dim=1).tolist() == [10] * 3
+    assert vtprune.get_method("holov").stages(INFO_576)[0].keep == 64
+    bad_values = [
+        ({"crops": 0}, "crops"),
+        ({"alpha": -1}, "alpha"),
+        ({"partition": "x"}, "partition"),
+        ({"crops": 8, "partition": "grid"}, "square"),
+    ]
+    for bad, match in bad_values:
+        with pytest.raises(PruneConfigError, match=match):
+            vtprune.get_method("holov", **bad)
+    tiny_info = ModelInfo(
+        num_layers=4, num_heads=4, visual_tokens=64, grid=(8, 8), vision_layers=3, vision_heads=4
+    )
+    with pytest.raises(PruneConfigError, match="patch grid"):
+        vtprune.get_method("holov", crops=81, partition="grid").validate_for(tiny_info)
+    with pytest.raises(PruneConfigError, match="more than"):
+        vtprune.get_method("holov", crops=65).validate_for(tiny_info)

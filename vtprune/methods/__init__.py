@@ -8,6 +8,7 @@ from vtprune.methods import (  # noqa: F401
     fastv,
     himap,
     hiprune,
+    holov,
     illava,
     l2norm,
     none,
