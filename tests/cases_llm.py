@@ -34,6 +34,9 @@ CASES: dict[str, tuple[dict, bool, bool]] = {
     "dart[defaults]": ({}, True, True),
     "dart[l2-k1]": ({"K": 1, "norm": "l2"}, True, True),
     "dart[pre-llm]": ({"K": 0}, True, True),  # the vision-stage variant
+    # FlowCut: the tiny tower has one layer before its feature layer (rpl = 0 there: straight to keep);
+    # the adaptive schedule on a deeper tower is tested in test_methods_llm.py.
+    "flowcut": ({}, False, True),
     # ViT stage at CLIP layer 0 (the only one before the tiny tower's feature layer 1): 64 -> 56 patches.
     # Explicit vit_layers fix that count whatever keep says, hence not keep-all (the default ViT stage is
     # skipped at keep=all, test_methods_vision.py).

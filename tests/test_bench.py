@@ -203,7 +203,21 @@ class _ThreeStages(Method):
         return Selection(*topk_indices(scores, keep))
 
 
-@pytest.mark.parametrize("method", ["fastv", "random", "vispruner", "vispruner_nosink", "visionzip", "three"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "fastv",
+        "random",
+        "vispruner",
+        "vispruner_nosink",
+        "visionzip",
+        "three",
+        "dart",
+        "scope",
+        "hiprune",
+        "holov",
+    ],
+)
 def test_oracle_replays_exactly_the_recorded_kept_sets(tiny_model, method):
     """Fixed, adaptive (invalid slots), created tokens (VisionZip: [CLS] and contextual tokens) and three stages."""
     if method != "three" and method not in {m.name for m in vtprune.list_methods()}:
@@ -725,3 +739,18 @@ def test_the_next_table_methods_run_with_their_defaults_on_a_32_layer_next():
     assert all(e["oracle_exact"] for e in results["results"] if e["name"] != "none")
     avg = {(e["name"], e["keep"]): e["tokens"]["layer_avg_tokens"][0] for e in results["results"]}
     assert avg[("fastv", 5)] == (2 * 88 + 30 * 5) / 32  # FastV keeps all 88 tokens in layers 0 and 1
+
+def test_oracle_of_flowcut_feeds_the_same_tokens(tiny_model):
+    """FlowCut prunes inside the ViT: its oracle keeps the surviving patches (full tower, no scoring)."""
+    model = tiny_model.model
+    inputs = synthetic_inputs(model.config, 2, 20, device="cpu", dtype=torch.float32, seed=3)
+    with torch.no_grad():
+        vtprune.prune(model, "flowcut", keep=12)
+        model(**inputs.model_kwargs())
+        record = vtprune.last_record(model)
+        vtprune.prune(model, FixedSelection.from_record(record))
+        model(**inputs.model_kwargs())
+        replay = vtprune.last_record(model)
+        vtprune.unprune(model)
+    assert [s.kind for s in record.stages] == ["vit"] and [s.kind for s in replay.stages] == ["vision"]
+    assert replay.stages[0].kept == record.stages[0].kept and replay.stages[0].counts == [12, 12]

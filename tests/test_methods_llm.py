@@ -9,6 +9,8 @@ The engine invariants (keep-all, oracle, batched == single, cache, sdpa == eager
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import pytest
@@ -913,3 +915,139 @@ def test_dart_config_errors_and_stages():
             vtprune.get_method("dart", **bad)
     with pytest.raises(PruneConfigError, match="K=4"):
         vtprune.get_method("dart", K=4).validate_for(TINY)
+
+
+# --- FlowCut ---------------------------------------------------------------------------------------------
+
+
+def test_flowcut_scores_and_prune_count_hand_example():
+    """score = (a/Σa + s/Σs)·‖v̄‖₁: a = [.4, .2, .2, .2], s = [.1, .1, .1, .7], ‖v̄‖₁ = [1, 2, 1, 1] →
+    [.5, .6, .3, .9]. Count at rpl = 4, P = 4, T = 1: a = [.85, .05, .05, .05] has entropy .5875 of
+    log 4 = 1.3863 (ratio .4238) → r = 3/√4 · (1 − .4238²) = 1.23 → 1; uniform attention (ratio 1) → 0."""
+    from vtprune.methods.flowcut import flowcut_prune_count, flowcut_scores
+
+    a = torch.tensor([[0.4, 0.2, 0.2, 0.2]])
+    s = torch.tensor([[0.1, 0.1, 0.1, 0.7]])
+    v = torch.tensor([[[1.0, 0.0], [1.0, -1.0], [0.5, 0.5], [0.0, 1.0]]])
+    ok = torch.ones(1, 4, dtype=torch.bool)
+    torch.testing.assert_close(flowcut_scores(a, s, v, ok), torch.tensor([[0.5, 0.6, 0.3, 0.9]]))
+    # an invalid slot takes no part in either normalisation and scores 0
+    part = torch.tensor([[True, True, True, False]])
+    expected = torch.tensor([[0.4 / 0.8 + 1 / 3, 0.5 + 2 / 3, 0.25 + 1 / 3, 0.0]])
+    torch.testing.assert_close(flowcut_scores(a, s, v, part), expected)
+    peaky = torch.tensor([[0.85, 0.05, 0.05, 0.05]])
+    assert flowcut_prune_count(peaky, ok, 1, 4).tolist() == [1]
+    assert flowcut_prune_count(torch.full((1, 4), 0.25), ok, 1, 4).tolist() == [0]
+    assert flowcut_prune_count(peaky, ok, 1, 1).tolist() == [2]  # 3 · .8204 = 2.46
+
+
+@pytest.fixture(scope="module")
+def deep_tower():
+    """A tiny LLaVA with an 8-layer CLIP tower (feature layer 6) whose attention is peaky enough for FlowCut's
+    adaptive counts to differ between images (q/k weights ×5)."""
+    from vtprune.testing import make_tiny_llava
+
+    model, processor = make_tiny_llava(seed=0, vision_layers=8)
+    with torch.no_grad():
+        for layer in LlavaAdapter(model).vision_layers:
+            layer.self_attn.q_proj.weight.mul_(5)
+            layer.self_attn.k_proj.weight.mul_(5)
+    return model, processor
+
+
+def flowcut_reference_tower(model, pixels, keep):
+    """The official FlowCut loop on ONE image: every layer runs whole (eager attention by hand), then, while
+    more than `keep` patches remain, the cumulative score is updated and at even rpl = F − 1 − l the best
+    max(P − r, keep) patches are kept (rpl = 0: keep). Returns the feature layer's output and positions."""
+    vm = model.model.vision_tower
+    vm = getattr(vm, "vision_model", vm)
+    feature = LlavaAdapter(model).feature_layer
+    x = vm.pre_layrnorm(vm.embeddings(pixels))
+    pos = list(range(x.shape[1]))
+    cumulative = None
+    for idx, layer in enumerate(vm.encoder.layers[: feature + 1]):
+        attn = layer.self_attn
+        hn = layer.layer_norm1(x)
+        shape = (1, hn.shape[1], -1, attn.head_dim)
+        q, k, v = (proj(hn).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+        h = x + attn(hidden_states=hn, attention_mask=None)[0]
+        x = h + layer.mlp(layer.layer_norm2(h))
+        if x.shape[1] <= keep + 1:
+            continue
+        cls = probs[0, :, 0, 1:].mean(0)
+        semantic = torch.softmax(v[0, :, :1] @ v[0].transpose(-1, -2), dim=-1).mean(0)[0, 1:]
+        score = (cls / cls.sum() + semantic / semantic.sum()) * v[0].mean(0)[1:].abs().sum(-1)
+        cumulative = score if cumulative is None else 0.5 * cumulative + 0.5 * score
+        rpl = feature - idx - 1
+        if rpl % 2:
+            continue
+        p = x.shape[1] - 1
+        if rpl:
+            prob = cls / cls.sum()
+            ratio = float(-(prob * prob.log()).sum()) / math.log(p)
+            n_keep = max(p - round((p - keep) / math.sqrt(rpl) * (1 - ratio**2)), keep)
+        else:
+            n_keep = keep
+        top = sorted(sorted(range(p), key=lambda j: (-float(cumulative[j]), j))[:n_keep])
+        x = x[:, [0] + [j + 1 for j in top]]
+        pos = [pos[0]] + [pos[j + 1] for j in top]
+        cumulative = cumulative[top]
+    return x, pos
+
+
+def test_flowcut_equals_official_loop_per_image_in_a_batch(deep_tower):
+    """Three images in one batch, each with its own adaptive counts, equal the official loop run on each image
+    alone: same survivors, same feature-layer output; the LLM receives exactly those patches."""
+    model, processor = deep_tower
+    inputs = build_inputs(processor, QUESTIONS, [1, 2, 3])
+    pixels = inputs["pixel_values"]
+    with torch.no_grad():
+        with vtprune.pruned(model, "flowcut", keep=12):
+            out = model.model.get_image_features(
+                pixel_values=pixels,
+                vision_feature_layer=-2,
+                vision_feature_select_strategy="default",
+                output_hidden_states=True,
+                return_dict=True,
+            )
+            model(**inputs)
+            record = vtprune.last_record(model)
+        references = [flowcut_reference_tower(model, pixels[i : i + 1], 12) for i in range(3)]
+    counts = record.stages[0].extra["patches_after_layer"]
+    assert len({tuple(c) for c in counts}) == 3  # each image has its own schedule
+    assert all(c[-1] == 12 for c in counts)
+    for i, (features, positions) in enumerate(references):
+        assert out._vtprune_vit_positions[i].tolist() == positions
+        torch.testing.assert_close(out.hidden_states[7][i], features[0], rtol=1e-4, atol=1e-5)
+        assert record.stages[0].kept[i] == [p - 1 for p in positions[1:]]
+    assert record.stages[0].counts == [12, 12, 12] and record.layer_tokens(0) == [12] * 4
+
+
+def test_flowcut_batched_equals_single_and_sdpa_equals_eager_on_a_deep_tower(deep_tower):
+    model, processor = deep_tower
+    batch = build_inputs(processor, QUESTIONS, [1, 2, 3])
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    suppress = [model.config.image_token_id]
+    runs = []
+    for m in (model, eager):
+        with vtprune.pruned(m, "flowcut", keep=10), torch.no_grad():
+            tokens = m.generate(**batch, max_new_tokens=3, do_sample=False, suppress_tokens=suppress)
+            runs.append((tokens.tolist(), vtprune.last_record(m).stages[0].kept))
+    assert runs[0] == runs[1]
+    for i in range(3):
+        single = build_inputs(processor, [QUESTIONS[i]], [i + 1])
+        with vtprune.pruned(model, "flowcut", keep=10), torch.no_grad():
+            out = model.generate(**single, max_new_tokens=3, do_sample=False, suppress_tokens=suppress)
+            assert vtprune.last_record(model).stages[0].kept[0] == runs[0][1][i]
+        assert out[0, single["input_ids"].shape[1] :].tolist() == runs[0][0][i][batch["input_ids"].shape[1] :]
+
+
+def test_flowcut_stages_and_config_errors():
+    (stage,) = vtprune.get_method("flowcut").stages(dataclasses.replace(LLAVA15, vision_feature_layer=22))
+    assert (stage.kind, stage.keep, stage.vit_layers, stage.vit_remove) == ("vit", 64, tuple(range(22)), 0)
+    assert vtprune.get_method("flowcut", keep=192).stages(LLAVA15)[0].vit_layers == tuple(range(22))
+    for bad in ({"stride": 0}, {"decay": 1.0}, {"decay": -0.1}):
+        with pytest.raises(PruneConfigError, match=next(iter(bad))):
+            vtprune.get_method("flowcut", **bad)

@@ -37,7 +37,7 @@ from vtprune.methods.base import Method, Selection, Stage
 from vtprune.models import adapter_for
 from vtprune.record import PruneRecord, StageRecord
 from vtprune.signals import attention as attention_capture
-from vtprune.signals.context import Captured, LLMSignals, VisionSignals
+from vtprune.signals.context import Captured, LLMSignals, VisionSignals, ViTLayerSignals
 
 
 @dataclass
@@ -325,9 +325,10 @@ class PruneSession:
         if layers != sorted(set(layers)):
             raise PruneConfigError(f"{name}: vit layers must be increasing and distinct, got {layers}")
         patches = self.adapter.grid[0] * self.adapter.grid[1]
-        if stage.vit_remove < 1 or stage.vit_remove * len(layers) > patches - 1:
+        # vit_remove = 0: the method decides at each layer how many patches to remove (FlowCut).
+        if stage.vit_remove < 0 or stage.vit_remove * len(layers) > patches - 1:
             raise PruneConfigError(
-                f"{name}: vit_remove={stage.vit_remove} at {len(layers)} layer(s) must be >= 1 and leave at "
+                f"{name}: vit_remove={stage.vit_remove} at {len(layers)} layer(s) must be >= 0 and leave at "
                 f"least one of the {patches} patches"
             )
 
@@ -368,13 +369,13 @@ class PruneSession:
         attention_capture.release_if_unused(active_sessions)
         self.episode = None
 
-    def _add_capture(self, module: torch.nn.Module, key) -> None:
-        def capture(_module, query, key_states, scaling):
+    def _add_capture(self, module: torch.nn.Module, key, with_value: bool = False) -> None:
+        def capture(_module, query, key_states, scaling, value=None):
             if isinstance(key, tuple) and key[0] == "vision":  # another CLIP layer, tied to the tower output
                 self._pending_vision_layers[key[1]] = Captured(query, key_states, float(scaling))
                 return
             if isinstance(key, tuple):  # ("vit", layer): read by the merge of that layer, in the same pass
-                self._vit_qk[key[1]] = Captured(query, key_states, float(scaling))
+                self._vit_qk[key[1]] = Captured(query, key_states, float(scaling), value)
                 return
             if key == "vision":  # the tower may run before the prefill call (generate pre-encodes images)
                 self._pending_vision = Captured(query, key_states, float(scaling))
@@ -386,7 +387,7 @@ class PruneSession:
                 key_states = key_states[:, :, : query.shape[2]]
                 episode.captures[key] = Captured(query, key_states, float(scaling))
 
-        attention_capture.add_capture(module, capture)
+        attention_capture.add_capture(module, capture, with_value=with_value)
         self._captured_modules.append(module)
 
     def _tag_vision_output(self, module, args, output):
@@ -397,6 +398,12 @@ class PruneSession:
         self._pending_vision_layers = {}
         output._vtprune_pixels = args[0] if args else None
         output._vtprune_vit_positions = getattr(self, "_vit_positions", None)
+        if getattr(self, "_vit_valid", None) is not None and not bool(self._vit_valid.all()):
+            raise PruneConfigError(
+                f"{self.method.name}: the vit stage left the images of a batch with different patch counts"
+            )
+        counts = getattr(self, "_vit_counts", None)
+        output._vtprune_vit_counts = torch.stack(counts, dim=1) if counts else None
         self._pad_projection = getattr(self, "_vit_positions", None) is not None
         self._pending_vision = None
         self._vit_positions = None
@@ -410,25 +417,58 @@ class PruneSession:
         receives h, merges it to h' (fewer tokens, scored with l's captured q/k) and hands ln2 a one-token
         stub (so the layer's own MLP costs nothing; its output is discarded); a forward hook on layer l, run
         before any other (transformers' hidden-state recorder included), returns h' + mlp(ln2(h')). CLIP
-        layers are non-causal, have no cache and get the mask None, so later layers simply see fewer tokens.
+        layers are non-causal, have no cache and get the mask None, so later layers simply see fewer tokens;
+        when an adaptive merge (FlowCut) leaves images with different counts, the rows are padded and the
+        following layers get an additive key mask (`_vit_mask_hook`) until the counts are equal again.
         """
         self._vit_qk: dict[int, Captured] = {}
         self._vit_merged: dict[int, torch.Tensor] = {}
         self._vit_positions = None
+        self._vit_valid: torch.Tensor | None = None  # (N, T) after a merge that kept different counts
+        self._vit_state: dict = {}
+        self._vit_counts: list[torch.Tensor] = []
         self._pad_projection = False
         self._handles.append(self.adapter.vision_tower.register_forward_pre_hook(self._vit_reset))
         self._handles.append(self.adapter.projector.register_forward_hook(self._vit_pad))
         for layer in self.vit_stage.vit_layers:
             module = self.adapter.vision_layers[layer]
-            self._add_capture(module.self_attn, ("vit", layer))
+            self._add_capture(module.self_attn, ("vit", layer), with_value=True)
             self._handles.append(module.layer_norm2.register_forward_pre_hook(self._vit_merge_hook(layer)))
             self._handles.append(module.register_forward_hook(self._vit_finish_hook(layer), prepend=True))
+        # Later layers mask the padding slots of images that kept fewer patches (adaptive merges only).
+        for module in self.adapter.vision_layers[self.vit_stage.vit_layers[0] + 1 :]:
+            self._handles.append(module.register_forward_pre_hook(self._vit_mask_hook, with_kwargs=True))
 
     def _vit_reset(self, module, args):
         self._vit_qk.clear()
         self._vit_merged.clear()
         self._vit_positions = None
+        self._vit_valid = None
+        self._vit_state = {}
+        self._vit_counts = []
         self._pad_projection = False
+
+    def _vit_mask_hook(self, module, args, kwargs):
+        """Hand a CLIP layer an additive key mask that hides the padding slots (rows of equal width whose
+        images kept different numbers of patches), so each image attends exactly as if it were alone."""
+        valid = self._vit_valid
+        if valid is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if compat.attention_implementation(self.adapter.config.vision_config).startswith("flash"):
+            raise PruneConfigError(
+                f"{self.method.name}: per-image patch counts inside the vision tower need an sdpa or eager "
+                "vision tower"
+            )
+        mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(~valid, torch.finfo(hidden.dtype).min)[:, None, None, :]
+        if len(args) > 1:
+            given = args[1]
+            return (args[0], mask if given is None else given + mask, *args[2:]), kwargs
+        kwargs = dict(kwargs)
+        given = kwargs.get("attention_mask")
+        kwargs["attention_mask"] = mask if given is None else given + mask
+        return args, kwargs
 
     def _vit_pad(self, module, args, output):
         """Zero-pad the projection of merged tower features back to the prompt's image-token count.
@@ -447,13 +487,19 @@ class PruneSession:
             hidden = args[0]  # (N, T, Dv): the residual stream after layer `layer`'s attention sub-block
             captured = self._vit_qk.pop(layer)
             n, t, _ = hidden.shape
-            logits = torch.matmul(captured.query.float(), captured.key.float().transpose(-1, -2))
-            probs = torch.softmax(logits * captured.scaling, dim=-1)  # (N, H, T, T), no mask: non-causal
-            received = probs.mean(dim=1).mean(dim=1)  # (N, T) head mean, then mean over every query row
-            merged, kept = self.method.merge_vit(self.vit_stage, layer, hidden, received)
+            signals = ViTLayerSignals(layer, captured, self._vit_valid, self._vit_state)
+            out = self.method.merge_vit(self.vit_stage, layer, hidden, signals)
+            # (merged, kept positions) or, when images keep different counts, (merged, kept, valid)
+            merged, kept = out[0], out[1]
+            valid = out[2] if len(out) > 2 else None
             if self._vit_positions is None:
                 self._vit_positions = torch.arange(t, device=hidden.device).expand(n, t)
             self._vit_positions = torch.gather(self._vit_positions, 1, kept)
+            self._vit_valid = valid
+            if self.vit_stage.vit_remove == 0:  # adaptive: record the patches each image keeps ([CLS] first)
+                width = kept.shape[1] - 1
+                count = valid[:, 1:].sum(dim=1) if valid is not None else kept.new_full((n,), width)
+                self._vit_counts.append(count)
             self._vit_merged[layer] = merged.to(hidden.dtype)
             return (hidden[:, :1],)  # the stub: the layer's own ln2/MLP output is replaced below
 
@@ -661,6 +707,10 @@ class PruneSession:
             record.stages[-1].extra.update(
                 layers=list(self.vit_stage.vit_layers), removed_per_layer=self.vit_stage.vit_remove
             )
+            counts = getattr(image_out, "_vtprune_vit_counts", None)
+            if counts is not None:  # adaptive merges: patches per image after each listed layer
+                counts = _index_or_none(counts, expanded_from)
+                record.stages[-1].extra["patches_after_layer"] = counts.tolist()
         if self.vision_stage is not None:
             index = self.stages.index(self.vision_stage)
             if not self.info.variable_tokens:

@@ -6,6 +6,7 @@ from vtprune.methods import (  # noqa: F401
     dart,
     divprune,
     fastv,
+    flowcut,
     himap,
     hiprune,
     holov,

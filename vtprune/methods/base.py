@@ -35,9 +35,10 @@ class Stage:
     `keep` is the number of visual tokens per image after this stage (multiplied by the number of images
     of a sample for LLM stages). `queries` names the attention rows the stage needs: "last" (the last
     prompt token), "text" (every token after the last visual token), "all", "image" or None.
-    kind="vit": inside the vision encoder (iLLaVA): after the attention sub-block of each CLIP layer in
-    `vit_layers` the method's `merge_vit` removes `vit_remove` patches; the LLM sees only the survivors
-    (`keep` = patches per image left). At most one, before any vision/llm stage.
+    kind="vit": inside the vision encoder (iLLaVA, FlowCut): after the attention sub-block of each CLIP layer
+    in `vit_layers` the method's `merge_vit(stage, layer, hidden, signals)` (signals: `ViTLayerSignals`)
+    removes `vit_remove` patches (0: as many as the method decides at each layer, per image); the LLM sees
+    only the survivors (`keep` = patches per image left). At most one, before any vision/llm stage.
     """
 
     kind: Literal["vit", "vision", "llm"]
@@ -48,7 +49,7 @@ class Stage:
     queries: Literal["last", "text", "all", "image"] | None = None
     name: str = ""
     vit_layers: tuple[int, ...] = ()  # kind="vit": CLIP encoder layers that merge (ascending)
-    vit_remove: int = 0  # kind="vit": patches removed at each of them
+    vit_remove: int = 0  # kind="vit": patches removed at each of them (0: adaptive, decided by the method)
 
 
 @dataclass

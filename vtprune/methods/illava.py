@@ -49,6 +49,7 @@ debias_strength, benchmark.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -62,6 +63,9 @@ from vtprune.methods.base import (
     resolve_keep,
 )
 from vtprune.selection import illava_weighted_merge
+
+if TYPE_CHECKING:
+    from vtprune.signals.context import ViTLayerSignals
 
 OFFICIAL_VIT_LAYERS = (5, 6, 7, 8)
 
@@ -139,11 +143,11 @@ class ILLaVA(AttentionMethod):
         return [vit, llm]
 
     def merge_vit(
-        self, stage: Stage, layer: int, hidden: torch.Tensor, attn_received: torch.Tensor
+        self, stage: Stage, layer: int, hidden: torch.Tensor, signals: ViTLayerSignals
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, T, Dv) hidden states ([CLS] first) and (N, T) received attention of one CLIP layer ->
-        (N, T - r, Dv) merged hidden states and (N, T - r) positions of the survivors in the input."""
-        merged = illava_weighted_merge(attn_received[:, 1:], hidden[:, 1:], stage.vit_remove)
+        """(N, T, Dv) hidden states ([CLS] first) of one CLIP layer, scored with the attention each token
+        receives -> (N, T - r, Dv) merged hidden states and (N, T - r) positions of the survivors."""
+        merged = illava_weighted_merge(signals.received[:, 1:], hidden[:, 1:], stage.vit_remove)
         cls_pos = torch.zeros(hidden.shape[0], 1, dtype=torch.long, device=hidden.device)
         kept = torch.cat([cls_pos, merged.indices + 1], dim=1)
         return torch.cat([hidden[:, :1], merged.hidden.to(hidden.dtype)], dim=1), kept

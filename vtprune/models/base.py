@@ -30,6 +30,7 @@ class ModelInfo:
     vision_heads: int
     variable_tokens: bool = False  # images have different token counts (LLaVA-NeXT AnyRes)
     family: str = "llava"  # the adapter's family name, for messages
+    vision_feature_layer: int | None = None  # vision layer (0-indexed) whose output is projected (22 of 24)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class ModelAdapter:
             vision_heads=self.config.vision_config.num_attention_heads,
             variable_tokens=self.variable_tokens,
             family=self.family,
+            vision_feature_layer=self.feature_layer,
         )
 
     @property

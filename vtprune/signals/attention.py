@@ -23,6 +23,7 @@ CaptureFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, float], None]
 
 # id(attention module) -> callback(module, query, key, scaling). Filled by pruning sessions.
 _CAPTURES: dict[int, CaptureFn] = {}
+_WITH_VALUE: set[int] = set()  # modules whose callback also takes the value states (a 5th argument)
 _SAVED: dict[str, Callable | None] = {}  # implementation name -> previous override (None: there was none)
 _ORIGINAL: dict[str, Callable | None] = {}  # implementation name -> what it dispatched to before the wrapper
 _WRAPPED_NAMES = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -35,7 +36,10 @@ def _make_wrapper(impl_name: str) -> Callable:
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-            capture(module, query, key, scaling)
+            if id(module) in _WITH_VALUE:
+                capture(module, query, key, scaling, value)
+            else:
+                capture(module, query, key, scaling)
         original = _ORIGINAL.get(impl_name) or compat.eager_attention(module)
         return original(module, query, key, value, attention_mask, *args, **kwargs)
 
@@ -43,14 +47,21 @@ def _make_wrapper(impl_name: str) -> Callable:
     return vtprune_attention
 
 
-def add_capture(module: torch.nn.Module, fn: CaptureFn) -> None:
+def add_capture(module: torch.nn.Module, fn: Callable, with_value: bool = False) -> None:
+    """Call `fn(module, query, key, scaling)` (with `value` as a 5th argument when `with_value`) each time the
+    module's attention runs."""
     if not _CAPTURES and not _SAVED:
         _install()
     _CAPTURES[id(module)] = fn
+    if with_value:
+        _WITH_VALUE.add(id(module))
+    else:
+        _WITH_VALUE.discard(id(module))
 
 
 def remove_capture(module: torch.nn.Module) -> None:
     _CAPTURES.pop(id(module), None)
+    _WITH_VALUE.discard(id(module))
 
 
 def _install() -> None:
@@ -72,6 +83,7 @@ def release_if_unused(active_sessions: int) -> None:
     _SAVED.clear()
     _ORIGINAL.clear()
     _CAPTURES.clear()
+    _WITH_VALUE.clear()
 
 
 def is_installed() -> bool:

@@ -26,6 +26,7 @@ class Captured:
     query: torch.Tensor  # (B, H, L, dh)
     key: torch.Tensor  # (B, Hkv, L, dh)
     scaling: float
+    value: torch.Tensor | None = None  # (B, Hkv, L, dh), captured only where a method reads it (vit stages)
 
 
 @dataclass(eq=False)
@@ -208,6 +209,57 @@ class VisionSignals:
         """(N, L, D) LLM input embeddings of each image's prompt and (N, L) mask of its real text tokens."""
         embeds = self.adapter.embed(self.input_ids)
         return embeds[self.image_sample], self.text_valid[self.image_sample]
+
+
+@dataclass(eq=False)
+class ViTLayerSignals:
+    """What a vit stage's `merge_vit` reads at one CLIP layer; rows are images, [CLS] first.
+
+    Everything is computed lazily from the layer's own q/k/v (captured under SDPA), in float32; slots that
+    are not `valid` (images that kept fewer patches than others at an earlier layer) are masked as keys.
+    """
+
+    layer: int
+    captured: Captured  # the layer's attention inputs (CLIP has no RoPE), value included
+    valid: torch.Tensor | None  # (N, T) real tokens; None: all
+    state: dict  # shared by the merges of one tower forward (FlowCut's cumulative scores)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.captured.query.shape[2]
+
+    def _key_mask(self) -> torch.Tensor | None:
+        return None if self.valid is None else (~self.valid)[:, None, None, :]
+
+    def _softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        mask = self._key_mask()
+        if mask is not None:
+            logits = logits.masked_fill(mask, float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+    @cached_property
+    def received(self) -> torch.Tensor:
+        """(N, T) attention each token receives: head mean, then the mean over every (valid) query row."""
+        q, k = self.captured.query.float(), self.captured.key.float()
+        probs = self._softmax(torch.matmul(q, k.transpose(-1, -2)) * self.captured.scaling)  # (N, H, T, T)
+        per_row = probs.mean(dim=1)
+        if self.valid is None:
+            return per_row.mean(dim=1)
+        weights = self.valid.float()[:, :, None]
+        return (per_row * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+    @cached_property
+    def cls_attention_heads(self) -> torch.Tensor:
+        """(N, H, T) the [CLS] query row's attention probabilities (softmax over all valid keys)."""
+        q, k = self.captured.query[:, :, :1].float(), self.captured.key.float()
+        return self._softmax(torch.matmul(q, k.transpose(-1, -2)) * self.captured.scaling)[:, :, 0]
+
+    @cached_property
+    def values(self) -> torch.Tensor:
+        """(N, Hkv, T, dh) the layer's value states, float32."""
+        if self.captured.value is None:
+            raise RuntimeError("the value states of this vision layer were not captured")
+        return self.captured.value.float()
 
 
 @dataclass(eq=False)

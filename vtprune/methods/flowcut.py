@@ -1,0 +1,142 @@
+"""FlowCut — "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models"
+(Tong et al., NeurIPS 2025, arXiv 2505.19536; official code github.com/TungChintao/FlowCut,
+`flowcut/modeling_clip_flowcut.py`, `utils_flowcut.py`).
+
+Idea: redundancy emerges progressively as information flows through the vision encoder, so FlowCut prunes
+inside it, a little every other layer, ranking patches by a score accumulated over the layers: how much the
+[CLS] token attends to a patch, how much the [CLS] *value* aligns with the patch's value, and how large that
+value is. How many patches go at a layer adapts to how spread the [CLS] attention is (its entropy).
+
+Official rule (LLaVA-1.5, T patches kept, feature layer F = 22): at every CLIP layer l < F (while more than T
+patches remain), with a = the head-mean [CLS]-row attention to the patches (softmax over all tokens),
+s = the head mean of softmax_j(v_CLS · v_j) (per head, unscaled value dot products) and ‖v̄_j‖₁ the L1 norm of
+the head-mean value vector: score_j = (a_j / Σa + s_j / Σs) · ‖v̄_j‖₁; cumulative = score at the first layer,
+then 0.5·cumulative + 0.5·score. At the layers whose remaining count rpl = F − 1 − l is even (l = 1, 3, …,
+21) FlowCut keeps the max(P − r, T) patches of highest cumulative score (raster order, [CLS] kept), with
+r = round((P − T)/√rpl · (1 − (H(a)/log P)²)), H the entropy of a/Σa and P the patches present; at rpl = 0
+(layer F − 1) it keeps exactly T. The feature layer then runs on T + 1 tokens and LLaVA projects its T
+patches. vtprune runs it as a "vit" stage (the mechanism iLLaVA uses) at layers 0..F−1: the engine hands
+`merge_vit` the layer's captured q/k/v after its attention sub-block (`ViTLayerSignals`: only the [CLS]
+query row and the values are used, never the full attention map), and the MLP of the layer runs on the
+survivors only (it is token-wise, so the kept tokens equal the official prune-after-the-MLP).
+
+Parameters and defaults: keep (T, default 64: the README's `target_num=64`; the released checkpoints and the
+LLaVA-1.5 tables use T = 64 / 128 / 192 with the same schedule), stride = 2 (prune when rpl is a multiple;
+the official `rpl % 2`), decay = 0.5 (the cumulative score's weight on the past).
+
+Deviations: the official code prunes the same number of patches from every image of a batch (the largest r
+of the batch); vtprune computes r per image, so each image keeps what it would alone: images of one batch
+then hold different counts between two pruning layers, and the engine masks the padding slots in the
+attention of the following CLIP layers (sdpa and eager towers). The entropy uses 0·log 0 = 0. Ties go to
+the lower index. The anyres (LLaVA-NeXT) LLM-side step of the repo is not part of LLaVA-1.5's setting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Stage, register
+
+if TYPE_CHECKING:
+    from vtprune.signals.context import ViTLayerSignals
+
+
+def flowcut_scores(cls_attention: Tensor, semantic: Tensor, values: Tensor, valid: Tensor) -> Tensor:
+    """(N, P) information-flow score of each patch: (a/Σa + s/Σs)·‖v̄‖₁, 0 on invalid slots."""
+    a = cls_attention.float() * valid
+    s = semantic.float() * valid
+    relation = a / a.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    semantic_score = s / s.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    return (relation + semantic_score) * values.float().abs().sum(dim=-1) * valid
+
+
+def flowcut_prune_count(cls_attention: Tensor, valid: Tensor, keep: int, rpl: int) -> Tensor:
+    """(N,) patches to remove with `rpl` pruning layers left: round((P − T)/√rpl · (1 − (H/Hmax)²))."""
+    p = valid.sum(dim=1).float()
+    a = cls_attention.float() * valid
+    prob = a / a.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    entropy = -torch.special.xlogy(prob, prob).sum(dim=1)
+    ratio = entropy / torch.log(p).clamp(min=1e-30)
+    return ((p - keep) / math.sqrt(rpl) * (1 - ratio**2)).round().long()
+
+
+@register
+@dataclass
+class FlowCut(Method):
+    """Progressive pruning inside the vision encoder by cumulative information-flow scores."""
+
+    stride: int = 2
+    decay: float = 0.5
+
+    name = "flowcut"
+    stage_kind = "vit"
+    paper = "arXiv 2505.19536 (NeurIPS 2025)"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
+            raise PruneConfigError(f"flowcut: stride={self.stride!r} must be an int >= 1")
+        decay = self.decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise PruneConfigError(f"flowcut: decay={self.decay!r} must be in [0, 1)")
+
+    def stages(self, info: ModelInfo) -> list[Stage]:
+        keep = self.keep_count(info, 64)
+        feature = info.vision_feature_layer
+        if feature is None:
+            feature = info.vision_layers - 2  # LLaVA's vision_feature_layer = -2
+        if feature < 1:
+            raise PruneConfigError(f"flowcut: no vision layer comes before the feature layer ({feature})")
+        return [Stage(kind="vit", keep=keep, vit_layers=tuple(range(feature)), vit_remove=0, name=self.name)]
+
+    def merge_vit(self, stage: Stage, layer: int, hidden: Tensor, signals: ViTLayerSignals):
+        """Update the cumulative scores; at pruning layers keep the best patches of each image."""
+        n, t, _ = hidden.shape
+        dev = hidden.device
+        identity = torch.arange(t, device=dev).expand(n, t)
+        valid = signals.valid if signals.valid is not None else torch.ones(n, t, dtype=torch.bool, device=dev)
+        patches_valid = valid[:, 1:]
+        present = patches_valid.sum(dim=1)
+        if bool((present <= stage.keep).all()):
+            return hidden, identity, signals.valid  # every image is down to its budget
+        cls_attention = signals.cls_attention_heads.mean(dim=1)[:, 1:]
+        values = signals.values  # (N, H, T, dh)
+        # Per head, softmax over the tokens of v_CLS · v_j (unscaled, as the official code), then head mean.
+        dots = torch.matmul(values[:, :, :1], values.transpose(-1, -2))[:, :, 0]  # (N, H, T)
+        dots = dots.masked_fill(~valid[:, None, :], float("-inf"))
+        semantic = torch.softmax(dots, dim=-1).mean(dim=1)[:, 1:]
+        score = flowcut_scores(cls_attention, semantic, values.mean(dim=1)[:, 1:], patches_valid)
+        past = signals.state.get("cumulative")
+        cumulative = score if past is None else self.decay * past + (1 - self.decay) * score
+        signals.state["cumulative"] = cumulative
+        rpl = stage.vit_layers[-1] - layer  # pruning layers left after this one: F − 1 − l
+        if rpl % self.stride:
+            return hidden, identity, signals.valid
+        if rpl == 0:
+            target = torch.full_like(present, stage.keep)
+        else:
+            removed = flowcut_prune_count(cls_attention, patches_valid, stage.keep, rpl)
+            target = torch.maximum(present - removed, torch.full_like(present, stage.keep))
+        target = torch.minimum(target, present)  # an image already at its budget keeps what it has
+        width = int(target.max())  # one host sync per pruning layer: the padded width
+        ranked = cumulative.masked_fill(~patches_valid, float("-inf"))
+        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :width]
+        slot_ok = torch.arange(width, device=dev) < target[:, None]
+        # Raster order of the kept patches; padding slots (sorted last) point at any patch and are masked.
+        key = torch.where(slot_ok, order, t + torch.arange(width, device=dev))
+        raster = torch.sort(key, dim=1).indices
+        kept_patches = order.gather(1, raster)
+        new_valid = slot_ok.gather(1, raster)
+        kept = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=dev), kept_patches + 1], dim=1)
+        merged = hidden.gather(1, kept[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        signals.state["cumulative"] = cumulative.gather(1, kept_patches)
+        if bool(new_valid.all()):
+            return merged, kept
+        all_valid = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=dev), new_valid], dim=1)
+        return merged, kept, all_valid
+
