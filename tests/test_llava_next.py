@@ -19,7 +19,13 @@ from vtprune.models import adapter_for
 from vtprune.models.llava_next import LlavaNextAdapter
 from vtprune.testing import make_tiny_llava_next, random_image
 
-UNSUPPORTED = {"prumerge": "does not run on llava_next", "illava[vit]": "vit stage"}
+UNSUPPORTED = {
+    "prumerge": "does not run on llava_next",
+    "illava[vit]": "vit stage",
+    "hiprune": "one patch grid per image",
+    "flowcut": "vit stage",
+    "holov[grid]": "one patch grid per image",
+}
 QUESTIONS = ["what colour is the shape ?", "is there a red circle in the image ?"]
 SIZES = [(120, 60), (80, 100)]  # (width, height): 52 and 72 image tokens
 
@@ -192,7 +198,7 @@ def test_fraction_budget_is_per_image(tiny_next, batch):
         assert vtprune.last_record(model).tokens_after_pruning == [52, 60]
 
 
-@pytest.mark.parametrize("name", ["prumerge", "illava[vit]"])
+@pytest.mark.parametrize("name", ["prumerge", "illava[vit]", "hiprune", "flowcut", "holov[grid]"])
 def test_unsupported_methods_refuse(tiny_next, name):
     model, _, _ = tiny_next
     params = CASES[name][0]

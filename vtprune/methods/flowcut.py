@@ -28,7 +28,8 @@ Deviations: the official code prunes the same number of patches from every image
 of the batch); vtprune computes r per image, so each image keeps what it would alone: images of one batch
 then hold different counts between two pruning layers, and the engine masks the padding slots in the
 attention of the following CLIP layers (sdpa and eager towers). The entropy uses 0·log 0 = 0. Ties go to
-the lower index. The anyres (LLaVA-NeXT) LLM-side step of the repo is not part of LLaVA-1.5's setting.
+the lower index. LLaVA-NeXT is refused (the engine's vit stage needs one tower input per image; the repo's
+anyres path prunes in the LLM instead).
 """
 
 from __future__ import annotations
@@ -76,6 +77,10 @@ class FlowCut(Method):
     name = "flowcut"
     stage_kind = "vit"
     paper = "arXiv 2505.19536 (NeurIPS 2025)"
+    unsupported_families = {
+        "llava_next": "it prunes inside the vision tower, where an AnyRes image is several crops (the "
+        "engine's vit stage is LLaVA-1.5 only; the repo's NeXT path prunes in the LLM instead)"
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -24,7 +24,7 @@ no wrap, as the paper describes "spatially adjacent" tokens).
 Deviations: the anchor count uses Python's round() as the official code (round half to even). When anchors
 and buffers alone exceed T (large α, small T; the official code then fails), the anchors are kept first,
 then the buffers in the official concatenation order (all −1, all +1, all −width, all +width neighbours, each
-in anchor order). Ties go to the lower index.
+in anchor order). Ties go to the lower index. LLaVA-NeXT is refused (one patch grid per image is assumed).
 """
 
 from __future__ import annotations
@@ -101,6 +101,10 @@ class HiPrune(Method):
     name = "hiprune"
     stage_kind = "vision"
     paper = "arXiv 2508.00553 (AAAI 2026)"
+    unsupported_families = {
+        "llava_next": "anchors, buffers and registers are placed on one patch grid per image (the official "
+        "LLaVA-NeXT path splits the budget over the crops; not implemented)"
+    }
 
     def __post_init__(self) -> None:
         super().__post_init__()

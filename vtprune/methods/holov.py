@@ -24,6 +24,9 @@ Parameters and defaults: keep (T, default 64: the repo hard-codes 64; its tables
 same 16 crops and α), crops = 16, alpha = 0.09, partition = "raster" (official consecutive runs; "grid":
 square 2-D blocks, √crops × √crops, the paper's picture of spatial crops).
 
+On LLaVA-NeXT (AnyRes) the raster runs split each image's token sequence (base view, then the tiles with
+their newline tokens) as the official code splits the packed features; `partition="grid"` is refused there.
+
 Deviations: a quota larger than its crop spills over: the official code then keeps fewer than T tokens and
 pads the image with zero vectors; vtprune gives the spare slots to the crops of largest weight that still
 have tokens, so exactly T real tokens remain. Kept tokens are in raster order (the official order is crop
@@ -149,6 +152,11 @@ class HoloV(Method):
 
     def validate_for(self, info: ModelInfo) -> None:
         super().validate_for(info)
+        if self.partition == "grid" and info.variable_tokens:
+            raise PruneConfigError(
+                f"holov: partition='grid' needs one patch grid per image; {info.family} images are several "
+                "crops with newline tokens (use partition='raster', the official split)"
+            )
         side = math.isqrt(self.crops)
         if self.partition == "raster" and self.crops > info.visual_tokens:
             raise PruneConfigError(
@@ -164,6 +172,10 @@ class HoloV(Method):
 
     def select(self, stage_index, stage, signals) -> Selection:
         attention = signals.cls_attention
-        crop = crop_ids(signals.grid, self.crops, self.partition, device=attention.device)
+        tokens = attention.shape[1]
+        if self.partition == "raster":  # consecutive runs of the image's tokens, whatever their layout
+            crop = _bands(tokens, min(self.crops, tokens), attention.device)
+        else:
+            crop = crop_ids(signals.grid, self.crops, self.partition, device=attention.device)
         picked, scores, quotas = holov_select(signals.projected, attention, stage.keep, crop, self.alpha)
         return Selection(*picked, scores=attention, info={"quotas": quotas.tolist()})

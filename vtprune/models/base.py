@@ -61,9 +61,9 @@ def find_layers(root: nn.Module, suffix: str) -> nn.ModuleList:
 class ModelAdapter:
     """Base class of the adapters. Subclasses set the modules in `__init__` and implement the methods below.
 
-    Facts: `config`, `language_model` (the decoder stack: `layers`, `norm`, `rotary_emb`), `layers` (the LLM's
-    decoder layers), `vision_tower`, `vision_layers` (its encoder
-    layers), `projector`, `image_token_id`, `grid` (patches per crop side), `tokens_per_image`,
+    Facts: `config`, `language_model` (the decoder stack: `layers`, `norm`), `layers` (the LLM's decoder
+    layers), `vision_tower`, `vision_layers` (its encoder layers), `projector`, `image_token_id`, `grid`
+    (patches per crop side), `tokens_per_image`,
     `feature_layer` (the vision layer whose output the projector receives), `select_strategy`.
     """
 

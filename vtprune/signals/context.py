@@ -83,6 +83,8 @@ class VisionSignals:
             source=self.source[cut, :length] if self.source is not None else None,
             image_crop=self.image_crop[cut] if self.image_crop is not None else None,
             lengths=self.lengths[cut] if self.lengths is not None else None,
+            image_index=self.image_index[cut] if self.image_index is not None else None,
+            layer_captures=self.layer_captures,
         )
         if "qk" in self.__dict__:
             out.__dict__["qk"] = self.__dict__["qk"]
@@ -140,7 +142,8 @@ class VisionSignals:
     def layer_qk(self, layer: int) -> Captured:
         """q/k of CLIP encoder layer `layer` (0-indexed): captured while the tower ran for the feature layer
         and for the layers the method names in `vision_attention_layers`, else recomputed once from the
-        layer's input hidden state (available when vtprune ran the tower itself)."""
+        layer's input hidden state (available when vtprune ran the tower itself). Rows are the tower's inputs
+        (the images on LLaVA-1.5, the crops on LLaVA-NeXT), as for `captured`."""
         if layer == self.adapter.feature_layer:
             return self.qk
         if layer in self.layer_captures:
