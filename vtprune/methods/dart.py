@@ -31,11 +31,18 @@ out as ⌊(T − 4)/8⌋ per pivot, the remainder one each to the first pivots v
 reproduces the official counts. With several images per sample the pool is the sample's visual tokens, with
 `pivot_image_token` pivots per image and `keep` tokens per image.
 
-Deviations: the official code visits the pivots in Python-set order (integer hash order, effectively
-arbitrary); vtprune visits the image pivots, then the text pivots, each by decreasing key norm. Ties go to
-the lower index. Batches > 1 with left padding are supported (text pivots are real tokens after the last
-image token). When fewer text tokens exist than `pivot_text_token`, the slots are shared by the pivots that
-exist.
+Deviations from the official code (ZichenWen1/DART `llava/model/language_model/modeling_llama_self.py`, read
+in its fork xqy1111111/DART @ d6a5af6, and ModelTC/LightCompress `token_reduction/dart.py` @ 9701d03):
+* exactly T tokens by default (`budget="exact"`, above); the official 4 + 8·⌊T/8⌋ with `budget="official"`;
+* the official code visits the pivots in Python-set order (integer hash order, effectively arbitrary);
+  vtprune visits the image pivots, then the text pivots, each by decreasing key norm; ties go to the lower
+  index;
+* the keys are the post-RoPE key states of layer K−1 captured under SDPA (the official code returns them
+  from a patched attention; LightCompress reads the KV cache): the same tensor, no eager attention;
+* batches > 1 with left padding are pruned per sample (the official code reads sample 0 and hard-codes the
+  image offset 35); when a prompt has fewer text tokens than `pivot_text_token`, the slots are shared by the
+  pivots that exist;
+* `K=0` (before the LLM) follows the repo's ViT script, not a LLaVA path of the official code (it has none).
 """
 
 from __future__ import annotations

@@ -24,12 +24,16 @@ Parameters and defaults: keep (T, default 64: the README's `target_num=64`; the 
 LLaVA-1.5 tables use T = 64 / 128 / 192 with the same schedule), stride = 2 (prune when rpl is a multiple;
 the official `rpl % 2`), decay = 0.5 (the cumulative score's weight on the past).
 
-Deviations: the official code prunes the same number of patches from every image of a batch (the largest r
-of the batch); vtprune computes r per image, so each image keeps what it would alone: images of one batch
-then hold different counts between two pruning layers, and the engine masks the padding slots in the
-attention of the following CLIP layers (sdpa and eager towers). The entropy uses 0·log 0 = 0. Ties go to
-the lower index. LLaVA-NeXT is refused (the engine's vit stage needs one tower input per image; the repo's
-anyres path prunes in the LLM instead).
+Deviations from the official code (TungChintao/FlowCut `flowcut/modeling_clip_flowcut.py` @ a2ecd24):
+* the official code prunes the same number of patches from every image of a batch (the largest r of the
+  batch); vtprune computes r per image, so each image keeps what it would alone: images of one batch then
+  hold different counts between two pruning layers, and the engine masks the padding slots in the
+  attention of the following CLIP layers (sdpa and eager towers; a flash-attention tower is refused then);
+* a layer's patches are dropped after its attention sub-block instead of after its MLP (token-wise: the
+  kept tokens are the same), and only the [CLS] query row and the values are computed, never the eager
+  attention map; the entropy uses 0·log 0 = 0; ties go to the lower index;
+* LLaVA-NeXT is refused: the engine's vit stage needs one tower input per image (the repo's anyres path
+  prunes in the LLM instead).
 """
 
 from __future__ import annotations

@@ -21,10 +21,14 @@ anchors), alpha = 0.1, object_layer = 9 (None: 9 on a 24-layer tower, 9/24 of a 
 buffer = "flat" (the official raster ±1 / ±width, clipped; "grid": the 4-neighbourhood inside the image,
 no wrap, as the paper describes "spatially adjacent" tokens).
 
-Deviations: the anchor count uses Python's round() as the official code (round half to even). When anchors
-and buffers alone exceed T (large α, small T; the official code then fails), the anchors are kept first,
-then the buffers in the official concatenation order (all −1, all +1, all −width, all +width neighbours, each
-in anchor order). Ties go to the lower index. LLaVA-NeXT is refused (one patch grid per image is assumed).
+Deviations from the official code (Danielement321/HiPrune `LLaVA/llava/model/llava_arch.py` @ 6e83a12):
+* the two attention maps come from the layers' own q/k (captured under SDPA) instead of an eager tower's
+  `output_attentions` of every layer; ties go to the lower index (the official `topk` leaves them open);
+* when anchors and buffers alone exceed T (large α, small T) the official code fails; vtprune keeps the
+  anchors first, then the buffers in the official concatenation order (all −1, all +1, all −width, all
+  +width neighbours, each in anchor order); the anchor count is Python's round(), as there;
+* `buffer="grid"` (no wrap across rows) is a vtprune option; LLaVA-NeXT is refused (the official NeXT path
+  splits the budget over the crops; vtprune assumes one patch grid per image).
 """
 
 from __future__ import annotations

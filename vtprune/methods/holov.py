@@ -27,10 +27,14 @@ square 2-D blocks, √crops × √crops, the paper's picture of spatial crops).
 On LLaVA-NeXT (AnyRes) the raster runs split each image's token sequence (base view, then the tiles with
 their newline tokens) as the official code splits the packed features; `partition="grid"` is refused there.
 
-Deviations: a quota larger than its crop spills over: the official code then keeps fewer than T tokens and
-pads the image with zero vectors; vtprune gives the spare slots to the crops of largest weight that still
-have tokens, so exactly T real tokens remain. Kept tokens are in raster order (the official order is crop
-by crop, by decreasing attention inside a crop). Ties go to the lower index.
+Deviations from the official code (obananas/HoloV `llava/model/utils.py` @ 1d2e65e):
+* a quota larger than its crop spills over: the official code then keeps fewer than T tokens and pads the
+  image with zero vectors; vtprune gives the spare slots to the crops of largest weight that still have
+  tokens, so exactly T real tokens remain;
+* kept tokens are in raster order (the official order is crop by crop, by decreasing attention inside a
+  crop); ties go to the lower index;
+* the [CLS] attention comes from the feature layer's q/k under SDPA, not an eager tower's
+  `output_attentions`; `partition="grid"` is a vtprune option (refused on LLaVA-NeXT).
 """
 
 from __future__ import annotations

@@ -15,8 +15,12 @@ unselected j is Σ_i max(0, S_ij − c_i) over every token i; the SCOPE score is
 Parameters and defaults: keep (T, default 64; the LLaVA-1.5 tables use T = 64 / 128 / 192 with the same
 α), alpha = 1.0 (the repo's `ALPHA`), combine = "multi" (the repo's `COMBINED`).
 
-Deviations: none in the rule; the greedy loop is vectorised over a batch of images (each image alone gives the
-same selection) and runs in float32 with explicit lower-index tie-breaking.
+Deviations from the official code (kinredon/SCOPE `scope/clip_encoder.py` @ 6bf7306):
+* none in the rule; the greedy loop runs in float32 with explicit lower-index tie-breaking (the official
+  `argmax` leaves ties to the backend), and the [CLS] row comes from the feature layer's q/k under SDPA
+  instead of an eager tower's `output_attentions`;
+* the official batched loop is kept per image (each image alone gives the same selection); on LLaVA-NeXT it
+  runs on each image's tokens (base view, tiles, newlines) with each crop's own [CLS] attention.
 """
 
 from __future__ import annotations
