@@ -23,7 +23,7 @@ sees the kept tokens with contiguous positions.
 
 Parameters and defaults: keep (T, default 128: the repo's `max_num_trunction`; the LLaVA-1.5 tables use
 T = 64 / 128 / 192 with K = 2 and 4 + 4 pivots at every budget), K = 2, pivot_image_token = 4,
-pivot_text_token = 4, norm = "l1" (official; "l2" for the paper's ablation), budget = "exact".
+pivot_text_token = 4, norm = "l1" (official; "l2" a vtprune option), budget = "exact".
 
 Budget: the official code takes `TOKEN_TOPK = T // 8` tokens per pivot, so it keeps 4 + 8·⌊T/8⌋ image tokens
 (68 / 132 / 196 at 64 / 128 / 192). vtprune keeps exactly T by default: the T − 4 non-pivot slots are shared
