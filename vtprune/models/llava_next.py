@@ -22,11 +22,15 @@ from torch import nn
 from vtprune import compat
 from vtprune.errors import PruneConfigError
 from vtprune.models import register_adapter
-from vtprune.models.base import ImageLayout, ModelAdapter, find_layers
+from vtprune.models.base import ImageLayout
+from vtprune.models.llava import LlavaAdapter
 
 
 @register_adapter
-class LlavaNextAdapter(ModelAdapter):
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT has LLaVA-1.5's modules (CLIP tower, projector, Llama/Mistral LLM) plus `image_newline`; what
+    differs is how an image becomes tokens."""
+
     family = "llava_next"
     model_types = ("llava_next",)
     model_classes = ("LlavaNextForConditionalGeneration",)
@@ -34,34 +38,16 @@ class LlavaNextAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.base = model.model  # LlavaNextModel
-        self.language_model = self.base.language_model
-        self.layers = self.language_model.layers
-        self.vision_tower = self.base.vision_tower
-        self.vision_layers = find_layers(self.vision_tower, "encoder.layers")
-        self.projector = self.base.multi_modal_projector
-        self.image_token_id = self.config.image_token_id
-        feature_layer = self.config.vision_feature_layer
-        if not isinstance(feature_layer, int):
-            raise PruneConfigError("vtprune supports a single int `vision_feature_layer` (LLaVA-NeXT uses -2)")
-        self.feature_hidden_index = feature_layer % (len(self.vision_layers) + 1)
-        self.feature_layer = self.feature_hidden_index - 1
-        self.select_strategy = self.config.vision_feature_select_strategy
         if self.select_strategy != "default":
             raise PruneConfigError("vtprune supports LLaVA-NeXT with vision_feature_select_strategy='default'")
-        vcfg = self.config.vision_config
-        self.crop_size = vcfg.image_size
-        side = vcfg.image_size // vcfg.patch_size
-        self.grid = (side, side)
+        self.crop_size = self.config.vision_config.image_size
+        side = self.grid[0]
         self.patches_per_crop = side * side
         self.pinpoints = [tuple(p) for p in self.config.image_grid_pinpoints]
         # The most tokens an image can have: the base view, the largest tile grid, a newline per row.
         largest = max((h // self.crop_size) * (w // self.crop_size) * side * side + (h // self.crop_size) * side
                       for h, w in self.pinpoints)
         self.tokens_per_image = self.patches_per_crop + largest
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
-        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
 
     def session_hooks(self) -> list:
         """`generate()` encodes the images before the first forward and drops `image_sizes`, which say how
@@ -149,16 +135,7 @@ class LlavaNextAdapter(ModelAdapter):
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs):
         if image_sizes is None:
             raise PruneConfigError("LLaVA-NeXT needs `image_sizes` (the processor returns them)")
-        out = self.base.get_image_features(
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            vision_feature_layer=self.config.vision_feature_layer,
-            vision_feature_select_strategy=self.select_strategy,
-            output_hidden_states=True,
-            return_dict=True,
-            **kwargs,
-        )
-        return out
+        return super().encode_images(pixel_values, image_sizes=image_sizes, **kwargs)
 
     def unpack_image_output(self, out) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(feature-layer hidden states of every tower input (C, 1 + p, Dv), the projected tokens of each
