@@ -125,7 +125,7 @@ def test_visual_rows_are_where_the_engine_put_the_kept_tokens(tiny, method, imag
         episode = model._vtprune_session.episode  # the engine's own layouts, read for this check only
         for layer in range(record.num_layers):
             expected = episode.layout_for(layer).visual_index[0]
-            rows = visual_rows(record, layer, inputs["input_ids"], model.config.image_token_id, 64)
+            rows = visual_rows(record, layer, inputs["input_ids"], model.config.image_token_id, [64] * images)
             assert rows.tolist() == expected.tolist(), layer
     finally:
         vtprune.unprune(model)

@@ -360,3 +360,33 @@ def test_beam_search_is_refused_clearly(tiny_next, batch):
     model, _, _ = tiny_next
     with vtprune.pruned(model, "vispruner", keep=8), pytest.raises(vtprune.PruneConfigError, match="beam search"):
         model.generate(**batch, max_new_tokens=2, num_beams=2)
+
+
+@pytest.mark.parametrize("method", ["vispruner", "fastv"])
+def test_analysis_visual_rows_on_next(tiny_next, method):
+    """`analyze rank` reads the visual rows from the record and the image's own token count (72 here)."""
+    from vtprune.analysis.common import visual_rows
+
+    model, _, processor = tiny_next
+    inputs = next_inputs(processor, which=(1,))
+    with vtprune.pruned(model, method, keep=12), torch.no_grad():
+        model(**inputs)
+        record = vtprune.last_record(model)
+        episode = model._vtprune_session.episode  # the engine's own layouts, read for this check only
+        for layer in range(record.num_layers):
+            rows = visual_rows(record, layer, inputs["input_ids"], model.config.image_token_id, [72])
+            assert rows.tolist() == episode.layout_for(layer).visual_index[0].tolist(), layer
+
+
+def test_analyze_heads_map_on_next(next_folder):
+    from vtprune.analysis.common import Sample, load_analysis_model
+    from vtprune.analysis.heads_map import head_map
+
+    am = load_analysis_model(str(next_folder), device="cpu", dtype="float32", crops=True)
+    samples = [
+        Sample(type("Example", (), {"question": q, "uid": f"s{i}"})(), [random_image(i, 60).resize(SIZES[i])])
+        for i, q in enumerate(QUESTIONS)
+    ]
+    result = head_map(am, samples, ["sparsity"])
+    assert result["scores"]["sparsity"].shape == (4, 4) and result["num_samples"] == 2
+    assert ((result["image_mass"] > 0) & (result["image_mass"] <= 1)).all()

@@ -159,7 +159,7 @@ def rank_command(
         vtprune.get_method(method, keep=stop, **params)
         token_counts(start, stop, step, start)  # the sweep itself is valid
         task_obj, samples = _samples(task, dataset_path, split, num_samples)
-        am = _load(model, device, dtype, attn, template, preprocessing)
+        am = _load(model, device, dtype, attn, template, preprocessing, crops=True)
         counts = token_counts(start, stop, step, am.tokens_per_image)
         _log(f"{len(samples)} samples x {len(counts)} kept counts ({counts[0]} .. {counts[-1]})")
         data = run_rank_study(am, task_obj, samples, counts, output, method=method, params=params,
@@ -247,7 +247,7 @@ def heads_command(
         params = parse_params(param)
         check_strategies(names, for_ablation=True)
         task_obj, samples = _samples(task, dataset_path, split, num_samples)
-        am = _load(model, device, dtype, attn, template, preprocessing)
+        am = _load(model, device, dtype, attn, template, preprocessing, crops=True)
         data = run_heads(am, task_obj, samples, output, strategies=names, head_counts=counts, budgets=keeps,
                          params=params, ablation=ablation, max_new_tokens=max_new_tokens, log=_log)
         for result in data.get("ablation", []):

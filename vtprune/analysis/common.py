@@ -104,6 +104,14 @@ class AnalysisModel:
         """One forward over the prompt (what a pruning method acts on); returns the model output."""
         return self.model(**inputs, **kwargs)
 
+    def image_lengths(self, inputs: Any) -> list[int]:
+        """Image tokens of each image of a one-sample prompt."""
+        sizes = inputs.get("image_sizes")
+        sources = self.adapter.token_sources(sizes) if sizes is not None else None
+        if sources is not None:
+            return [len(s) for s in sources]
+        return [self.tokens_per_image] * int(inputs["pixel_values"].shape[0])
+
     def visual_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(V,) sequence positions of the image tokens of a one-sample prompt."""
         return torch.nonzero(input_ids[0] == self.image_token_id).flatten()
@@ -141,7 +149,7 @@ def load_analysis_model(
         # view plus tiles with newline tokens (vtprune eval, bench and the Python API support it).
         raise EvalInputError(
             f"this analysis lays one patch grid over each image (llava); {model!r} is a {adapter.family} "
-            "model, not supported by it yet (vtprune show and analyze overlap are)"
+            "model, not supported by it yet (vtprune show and analyze rank / heads / overlap are)"
         )
     predictor = Predictor(llava, processor, template=template, preprocessing=preprocessing, model_id=model)
     return AnalysisModel(llava, processor, predictor, adapter, model_id=model)
@@ -219,37 +227,38 @@ def final_kept(record: Any, sample: int = 0) -> list[int]:
     return [int(j) for j in record.stages[-1].kept[sample] if j >= 0]
 
 
-def visual_rows(record: Any, layer: int, input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int) -> torch.Tensor:
+def visual_rows(record: Any, layer: int, input_ids: torch.Tensor, image_token_id: int, lengths: list[int]) -> torch.Tensor:
     """(V_l,) rows of the visual tokens in the sequence decoder `layer` sees, for a one-sample prompt.
 
-    vtprune keeps the text and replaces each image's block of `tokens_per_image` tokens with the tokens it
-    kept of that image, in order (created tokens right after them). So image i's block starts where it did
-    in `input_ids`, moved left by the tokens removed from the images before it, and is as long as the
-    number of tokens of image i the stage in force at `layer` kept (the record's `kept` list, original
-    numbering, -1 = a created token counted with the image before it). Exact for one image per prompt and
-    for methods that keep the same count of every image (every built-in method at batch size one).
+    `lengths` are the image tokens of each image of the prompt (576 each for LLaVA-1.5; LLaVA-NeXT's differ).
+    vtprune keeps the text and replaces each image's block of tokens with the tokens it kept of that image, in
+    order (created tokens right after them). So image i's block starts where it did in `input_ids`, moved left
+    by the tokens removed from the images before it, and is as long as the number of tokens of image i the
+    stage in force at `layer` kept (the record's `kept` list, original numbering, -1 = a created token counted
+    with the image before it). Exact for one image per prompt and for methods that keep the same count of
+    every image (every built-in method at batch size one).
     """
     ids = input_ids[0] if input_ids.dim() == 2 else input_ids
     positions = torch.nonzero(ids == image_token_id).flatten().tolist()
-    p = tokens_per_image
-    if not positions or len(positions) % p:
-        raise ValueError(f"the prompt holds {len(positions)} image tokens, not a multiple of {p}")
-    starts = positions[::p]
-    counts = [p] * len(starts)
+    if len(positions) != sum(lengths):
+        raise ValueError(f"the prompt holds {len(positions)} image tokens, its images {sum(lengths)}")
+    offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+    starts = [positions[o] for o in offsets]
+    counts = list(lengths)
     kept = active_kept(record, layer)
     if kept is not None:
         counts = [0] * len(starts)
         image = 0
         for j in kept:
             if j >= 0:
-                image = min(j // p, len(starts) - 1)
+                image = max(i for i, o in enumerate(offsets) if o <= j)
             counts[image] += 1
     rows: list[int] = []
     removed = 0
-    for start, count in zip(starts, counts, strict=True):
+    for start, count, length in zip(starts, counts, lengths, strict=True):
         first = start - removed
         rows.extend(range(first, first + count))
-        removed += p - count
+        removed += length - count
     return torch.tensor(rows, dtype=torch.long)
 
 

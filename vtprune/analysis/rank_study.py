@@ -91,7 +91,7 @@ def run_rank_study(
                     vtprune.unprune(am.model)
                 row: dict[str, Any] = {"id": ex.uid, "keep": k}
                 for name, idx in layers.items():
-                    rows = visual_rows(record, idx, inputs["input_ids"], am.image_token_id, am.tokens_per_image)
+                    rows = visual_rows(record, idx, inputs["input_ids"], am.image_token_id, am.image_lengths(inputs))
                     matrix = found[name][rows.to(found[name].device)]
                     row[f"{name}_layer_rank"] = ranks.add((k, name), matrix)
                     row[f"{name}_layer_rows"] = int(matrix.shape[0])
