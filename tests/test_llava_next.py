@@ -59,11 +59,15 @@ def last_logits(model, inputs):
         return model(**inputs).logits[:, -1]
 
 
+# A fixed `contextual` count is per crop on NeXT; the tiny tall image's crops get shares of 2-3 tokens.
+NEXT_PARAMS = {"visionzip[split]": {"crop_budget": "image"}}
+
+
 def run_case(name):
     params, exact, keeps_all = CASES[name]
     if name in UNSUPPORTED or method_of(name) in UNSUPPORTED:
         pytest.skip(f"{name} is refused on LLaVA-NeXT (test_unsupported_methods_refuse)")
-    return params, exact, keeps_all
+    return {**params, **NEXT_PARAMS.get(name, {})}, exact, keeps_all
 
 
 def test_adapter_is_found_by_model_type(tiny_next):
@@ -390,3 +394,37 @@ def test_analyze_heads_map_on_next(next_folder):
     result = head_map(am, samples, ["sparsity"])
     assert result["scores"]["sparsity"].shape == (4, 4) and result["num_samples"] == 2
     assert ((result["image_mass"] > 0) & (result["image_mass"] <= 1)).all()
+
+
+@pytest.mark.parametrize("name, params", [("vispruner", {}), ("cdpruner", {"relevance": "none"}), ("visionzip", {})])
+def test_official_rule_an_equal_share_per_crop(tiny_next, batch, name, params):
+    """VisPruner / CDPruner / VisionZip on LLaVA-NeXT (official code: an equal budget per view, each view
+    scored with its own [CLS]): 12 tokens over the wide image's 3 inputs are 4 + 4 + 4, over the tall
+    image's 5 inputs 3 + 3 + 2 + 2 + 2; no image_newline is kept. crop_budget="image" selects over all."""
+    from collections import Counter
+
+    model, _, _ = tiny_next
+    sources = adapter_for(model).token_sources(batch["image_sizes"])
+    per_crop = 16
+    with vtprune.pruned(model, name, keep=12, **params), torch.no_grad():
+        model(**batch)
+        stage = vtprune.last_record(model).stages[0]
+    assert stage.extra["crop_shares"] == [[4, 4, 4], [3, 3, 2, 2, 2]]
+    for i, shares in enumerate(stage.extra["crop_shares"]):
+        kept = [k for k in stage.kept[i] if k >= 0]  # VisionZip's merged tokens are -1
+        crops = Counter(int(sources[i][k]) // per_crop for k in kept)
+        assert all(sources[i][k] >= 0 for k in kept)  # no newline
+        if name != "visionzip":  # VisionZip turns part of each share into merged tokens
+            assert sorted(crops.values(), reverse=True) == shares
+    with vtprune.pruned(model, name, keep=12, crop_budget="image", **params), torch.no_grad():
+        model(**batch)
+        assert "crop_shares" not in vtprune.last_record(model).stages[0].extra
+
+
+def test_equal_shares():
+    from vtprune.engine import equal_shares
+
+    assert equal_shares(12, [16, 16, 16]) == [4, 4, 4]
+    assert equal_shares(12, [16, 12, 12, 12, 12]) == [3, 3, 2, 2, 2]
+    assert equal_shares(10, [1, 16, 16]) == [1, 5, 4]  # what a small crop cannot take goes to the others
+    assert equal_shares(40, [4, 4]) == [4, 4]

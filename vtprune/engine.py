@@ -95,6 +95,7 @@ class _ImageTokens:
     lengths: torch.Tensor  # (N,) tokens of each image
     source: torch.Tensor | None = None  # (N, P) crop * p + patch, -1: not from the tower (VisionSignals)
     image_crop: torch.Tensor | None = None  # (N,) the image's base view among the tower inputs
+    crop_hidden: torch.Tensor | None = None  # (C, 1 + p, Dv) the tower's output per input, when images have several
 
     @property
     def count(self) -> int:
@@ -131,7 +132,52 @@ class _ImageTokens:
             lengths=torch.tensor(counts),
             source=source,
             image_crop=image_crop,
+            crop_hidden=crop_hidden,
         )
+
+
+def equal_shares(total: int, sizes: list[int]) -> list[int]:
+    """`total` split as equally as possible over parts of the given sizes, none above its size (what a part
+    cannot take goes to the others; earlier parts get the remainder first)."""
+    shares = [0] * len(sizes)
+    left, open_parts = total, [i for i, size in enumerate(sizes) if size > 0]
+    while left > 0 and open_parts:
+        each, extra = divmod(left, len(open_parts))
+        for rank, i in enumerate(open_parts):
+            give = min(each + (rank < extra), sizes[i] - shares[i])
+            shares[i] += give
+            left -= give
+        open_parts = [i for i in open_parts if shares[i] < sizes[i]]
+    return shares
+
+
+def _concat_selections(parts: list[Selection], projected: torch.Tensor) -> Selection:
+    """One row from one-row selections over disjoint tokens of it (already in the row's numbering): kept tokens
+    in the row's order, created tokens after them; a part without merged values keeps its projected tokens."""
+    indices, values, extra, extra_index = [], [], [], []
+    for part in parts:
+        keep = part.valid[0] if part.valid is not None else torch.ones_like(part.indices[0], dtype=torch.bool)
+        index = part.indices[0][keep]
+        indices.append(index)
+        values.append(part.values[0][keep] if part.values is not None else projected[0, index])
+        if part.extra is not None:
+            made = part.extra_valid[0] if part.extra_valid is not None else torch.ones_like(part.extra[0, :, 0], dtype=torch.bool)
+            extra.append(part.extra[0][made])
+            if part.extra_index is not None:
+                extra_index.append(part.extra_index[0][made])
+            else:
+                extra_index.append(torch.full((int(made.sum()),), -1, device=projected.device))
+    index = torch.cat(indices)
+    order = torch.argsort(index)
+    scores = [p.scores for p in parts if p.scores is not None]
+    return Selection(
+        indices=index[order][None],
+        values=torch.cat(values)[order][None].to(projected.dtype),
+        extra=torch.cat(extra)[None] if extra else None,
+        extra_index=torch.cat(extra_index)[None] if extra else None,
+        scores=torch.stack(scores).sum(dim=0) if scores else None,
+        info={},
+    )
 
 
 def stack_selections(rows: list[Selection]) -> Selection:
@@ -168,11 +214,11 @@ def stack_selections(rows: list[Selection]) -> Selection:
     )
 
 
-def _to_current(selection: Selection, among: torch.Tensor, layout: Layout) -> Selection:
-    """A one-sample selection made over a subset of the current visual tokens (`among`), in their numbering."""
+def _to_current(selection: Selection, among: torch.Tensor, width: int) -> Selection:
+    """A one-row selection made over a subset (`among`) of a row's `width` tokens, in the row's numbering."""
     scores = selection.scores
     if scores is not None:
-        full = scores.new_zeros(1, layout.visual_index.shape[1])
+        full = scores.new_zeros(1, width)
         scores = full.index_copy(1, among, scores)
     extra_index = selection.extra_index
     if extra_index is not None:
@@ -253,15 +299,18 @@ class PruneSession:
         self._captured_modules: list[torch.nn.Module] = []
         self._pending_vision_layers: dict[int, Captured] = {}
         self._signature = inspect.signature(model.forward)
-        self._plans: dict[int, tuple[Method, list[Stage]]] = {}
+        self._plans: dict[tuple[int, int | None], tuple[Method, list[Stage]]] = {}
 
-    def _planned(self, tokens: int) -> tuple[Method, list[Stage]]:
+    def _planned(self, tokens: int, keep: int | None = None) -> tuple[Method, list[Stage]]:
         """The method and its stages for a row (an image, or a sample's images) of `tokens` visual tokens per
         image: models whose images differ in token count plan every row with its own count (a fraction keeps
-        that fraction of the row's tokens; a count above them keeps them all)."""
-        if tokens not in self._plans:
+        that fraction of the row's tokens; a count above them keeps them all). `keep` overrides the budget (a
+        crop's share)."""
+        if (tokens, keep) not in self._plans:
             method = self.method
-            if isinstance(method.keep, int) and not isinstance(method.keep, bool) and method.keep > tokens:
+            if keep is not None:
+                method = dataclasses.replace(method, keep=keep)
+            elif isinstance(method.keep, int) and not isinstance(method.keep, bool) and method.keep > tokens:
                 method = dataclasses.replace(method, keep=tokens)
             stages = method.stages(dataclasses.replace(self.info, visual_tokens=tokens))
             shape = [(s.kind, s.score_layer, s.prune_layer) for s in stages]
@@ -270,8 +319,34 @@ class PruneSession:
                     f"{self.method.name}: its layers depend on the image's token count ({tokens}); images with "
                     f"different token counts ({self.info.family}) need the same layers for every image"
                 )
-            self._plans[tokens] = (method, stages)
-        return self._plans[tokens]
+            self._plans[tokens, keep] = (method, stages)
+        return self._plans[tokens, keep]
+
+    def _select_image(self, index: int, signals: VisionSignals, images: _ImageTokens, image: int) -> Selection:
+        """The vision-stage selection of one image of a model whose images differ in token count."""
+        length = int(images.lengths[image])
+        method, stages = self._planned(length)
+        keep = stages[index].keep
+        if getattr(self.method, "crop_budget", "image") == "image" or keep >= length:
+            return method.select(index, stages[index], signals.subset(image, 1, length))
+        # The official LLaVA-NeXT rule of VisPruner / VisionZip / CDPruner: every tower input gets an equal
+        # share of the budget and is selected with its own [CLS]; `image_newline` tokens are not kept.
+        per_crop = images.crop_hidden.shape[1] - 1
+        source = images.source[image, :length]
+        crop_of = torch.where(source >= 0, source // per_crop, -1)
+        crops = torch.unique(crop_of[crop_of >= 0]).tolist()
+        members = [torch.nonzero(crop_of == c).flatten() for c in crops]
+        shares = equal_shares(keep, [len(m) for m in members])
+        picks = []
+        for crop, tokens, share in zip(crops, members, shares, strict=True):
+            if share == 0:
+                continue
+            method, stages = self._planned(len(tokens), keep=share)
+            crop_signals = signals.crop_tokens(image, crop, tokens, images.crop_hidden[crop, 0])
+            picks.append(_to_current(method.select(index, stages[index], crop_signals), tokens, length))
+        selection = _concat_selections(picks, signals.projected[image : image + 1])
+        selection.info["crop_shares"] = [share for share in shares if share]
+        return selection
 
     def _check_stages(self) -> None:
         kinds = [s.kind for s in self.stages]
@@ -715,14 +790,11 @@ class PruneSession:
             index = self.stages.index(self.vision_stage)
             if not self.info.variable_tokens:
                 selection = self.method.select(index, self.vision_stage, vision_signals)
-            elif images.uniform:  # the budget the images' token count gives
-                method, stages = self._planned(int(images.lengths[0]))
+            elif images.uniform and getattr(self.method, "crop_budget", "image") == "image":
+                method, stages = self._planned(int(images.lengths[0]))  # the images' token count's budget
                 selection = method.select(index, stages[index], vision_signals)
             else:  # each image with the budget its own token count gives
-                rows = []
-                for i, n in enumerate(images.lengths.tolist()):
-                    method, stages = self._planned(n)
-                    rows.append(method.select(index, stages[index], vision_signals.subset(i, 1, n)))
+                rows = [self._select_image(index, vision_signals, images, i) for i in range(images.count)]
                 selection = stack_selections(rows)
             tokens, valid, orig = self._vision_tokens(selection, projected)
             if vit_orig is not None:  # selection indices count the patches the tower kept
@@ -775,9 +847,9 @@ class PruneSession:
         new_text_cols = text_pos[text_rows, text_cols]
         inputs_embeds[text_rows, new_text_cols] = embeds[text_rows, text_cols]
         key_valid[text_rows, new_text_cols] = text_valid_in[text_rows, text_cols]
-        flat_tokens = tokens.reshape(batch, n_img * width, -1).to(embeds.dtype)
+        flat_tokens = tokens.reshape(batch, n_img * width, tokens.shape[-1]).to(embeds.dtype)
         inputs_embeds.scatter_(1, slot_pos[:, :, None].expand(-1, -1, embeds.shape[-1]), flat_tokens)
-        key_valid.scatter_(1, slot_pos, valid.reshape(batch, -1))
+        key_valid.scatter_(1, slot_pos, valid.reshape(batch, n_img * width))
 
         position_ids = call.get("position_ids")
         if episode.input_rebuilt or position_ids is None and not bool(key_valid.all()):
@@ -791,8 +863,8 @@ class PruneSession:
             key_valid=key_valid,
             position_ids=position_ids,
             visual_index=slot_pos,
-            visual_valid=valid.reshape(batch, -1),
-            original_index=orig.reshape(batch, -1),
+            visual_valid=valid.reshape(batch, n_img * width),
+            original_index=orig.reshape(batch, n_img * width),
         )
         episode.layouts.append(layout0)
         episode.input_embeds = inputs_embeds
@@ -934,7 +1006,8 @@ class PruneSession:
                 per_image = round(total / episode.images_per_sample)
                 method, stages = self._planned(per_image)
                 row, among = signals.row(b, per_image)
-                rows.append(_to_current(method.select(stage_index, stages[stage_index], row), among, prev))
+                selected = method.select(stage_index, stages[stage_index], row)
+                rows.append(_to_current(selected, among, prev.visual_index.shape[1]))
             selection = stack_selections(rows)
         batch, length, d = hidden.shape
         device = hidden.device

@@ -74,6 +74,20 @@ class Selection:
     info: dict = field(default_factory=dict)  # JSON-friendly facts recorded with the stage
 
 
+CROP_BUDGETS = ("crop", "image")
+
+
+def check_crop_budget(method) -> None:
+    """`crop_budget` of a vision method on models whose images are several tower inputs (LLaVA-NeXT): "crop"
+    gives every input an equal share of the image's budget and selects inside each with its own [CLS] (the
+    official LLaVA-NeXT rule of VisPruner, VisionZip and CDPruner); "image" selects over all the image's tokens
+    at once (DivPrune's rule). No effect on LLaVA-1.5."""
+    if method.crop_budget not in CROP_BUDGETS:
+        raise PruneConfigError(
+            f"{method.name}: crop_budget={method.crop_budget!r}; valid: {', '.join(CROP_BUDGETS)}"
+        )
+
+
 def resolve_keep(keep: int | float, total: int, what: str = "keep") -> int:
     """A count of visual tokens, or a fraction in (0, 1] of `total`, as a count in [1, total]."""
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):

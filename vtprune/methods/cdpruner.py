@@ -44,6 +44,12 @@ edge case):
 * the DPP guard of `vtprune.selection.dpp_greedy` (exhausted candidates add no update instead of a NaN).
 * a repeated question in a batch is encoded once (no effect on the result).
 * the optional θ re-weighting (commented out in the official code) is not offered.
+* LLaVA-NeXT (`crop_budget="crop"`, the default): the official NeXT code pins every image to a 672 x 672 grid
+  (4 tiles), never unpads and sends no `image_newline`; vtprune feeds the HF model's own input (unpadded
+  tiles, newlines) and gives each tower input an equal share of the image's budget (capped at its tokens,
+  the rest to the others), scored with that input's own [CLS]; newlines are not kept.
+  `crop_budget="image"` selects over all of the image's tokens at once.
+  On NeXT the relevance is min-max normalised per tower input (the official code: over all views).
 """
 
 from __future__ import annotations
@@ -56,7 +62,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import (
+    Method,
+    ModelInfo,
+    PruneConfigError,
+    Selection,
+    Stage,
+    check_crop_budget,
+    register,
+)
 from vtprune.selection import cdpruner_kernel, dpp_greedy
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
@@ -235,6 +249,7 @@ class CDPruner(Method):
     relevance: str = "clip"
     clip_model: str = DEFAULT_CLIP
     prompt_tokenizer: Any = None
+    crop_budget: str = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
 
     name = "cdpruner"
     stage_kind = "vision"
@@ -242,6 +257,7 @@ class CDPruner(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_crop_budget(self)
         if self.relevance not in ("clip", "none"):
             raise PruneConfigError(f"{self.name}: relevance={self.relevance!r}; valid: clip, none")
         if not isinstance(self.clip_model, str) or not self.clip_model:

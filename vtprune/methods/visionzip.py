@@ -36,6 +36,11 @@ Deviations from the official code (dvlab-research/VisionZip `visionzip/clip_enco
   target; vtprune feeds the unmodified image (issue 20);
 * the [CLS] attention and keys of the feature layer are computed from its q/k projections (SDPA tower), not
   by a monkey-patched eager CLIP attention; several images per sample and batches are supported.
+* LLaVA-NeXT (`crop_budget="crop"`, the default): the official NeXT code pins every image to a 672 x 672 grid
+  (4 tiles), never unpads and sends no `image_newline`; vtprune feeds the HF model's own input (unpadded
+  tiles, newlines) and gives each tower input an equal share of the image's budget (capped at its tokens,
+  the rest to the others), scored with that input's own [CLS]; newlines are not kept.
+  `crop_budget="image"` selects over all of the image's tokens at once.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from vtprune.methods.base import (
     PruneConfigError,
     Selection,
     Stage,
+    check_crop_budget,
     register,
     resolve_keep,
 )
@@ -70,6 +76,7 @@ class VisionZip(Method):
 
     dominant: int | None = None
     contextual: int | None = None
+    crop_budget: str = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
 
     name = "visionzip"
     stage_kind = "vision"
@@ -77,6 +84,7 @@ class VisionZip(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_crop_budget(self)
         for field_name, low in (("dominant", 1), ("contextual", 0)):
             value = getattr(self, field_name)
             if value is None:

@@ -31,6 +31,11 @@ Deviations from the official code (Theia-4869/VisPruner `llava/model/llava_arch.
   `output_attentions`; batches with different valid masks per image are supported;
 * `attention_sink_threshold` (`vispruner_nosink`, seeds/000) is not in the official code: the sinks are
   excluded from both selections, so keep = all tokens is not the unmodified model for that variant.
+* LLaVA-NeXT (`crop_budget="crop"`, the default): the official NeXT code pins every image to a 672 x 672 grid
+  (4 tiles), never unpads and sends no `image_newline`; vtprune feeds the HF model's own input (unpadded
+  tiles, newlines) and gives each tower input an equal share of the image's budget (capped at its tokens,
+  the rest to the others), scored with that input's own [CLS]; newlines are not kept.
+  `crop_budget="image"` selects over all of the image's tokens at once.
 """
 
 from __future__ import annotations
@@ -39,7 +44,15 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import (
+    Method,
+    ModelInfo,
+    PruneConfigError,
+    Selection,
+    Stage,
+    check_crop_budget,
+    register,
+)
 from vtprune.selection import vispruner_select
 
 
@@ -53,12 +66,14 @@ class VisPruner(Method):
     attention_sink_threshold: float | None = None
     retain_img_tokens: int | None = None  # alias of keep (seed 000)
     vispruner_ratio: float | None = None  # alias of important_ratio (seed 000)
+    crop_budget: str = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
 
     name = "vispruner"
     stage_kind = "vision"
     paper = "arXiv 2412.01818"
 
     def __post_init__(self) -> None:
+        check_crop_budget(self)
         if self.retain_img_tokens is not None:
             if self.keep is not None and self.keep != self.retain_img_tokens:
                 raise PruneConfigError(

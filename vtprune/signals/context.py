@@ -90,6 +90,29 @@ class VisionSignals:
             out.__dict__["qk"] = self.__dict__["qk"]
         return out
 
+    def crop_tokens(self, image: int, crop: int, tokens: torch.Tensor, cls_hidden: torch.Tensor) -> VisionSignals:
+        """The signals of the `tokens` of one image that come from tower input `crop`, with that input's own
+        [CLS] (`cls_hidden`, (Dv,)): LLaVA-NeXT methods that select inside each crop see one crop as an image."""
+        cut = slice(image, image + 1)
+        out = VisionSignals(
+            adapter=self.adapter,
+            hidden=torch.cat([cls_hidden[None, None], self.hidden[cut, 1 + tokens]], dim=1),
+            projected=self.projected[cut, tokens],
+            image_sample=self.image_sample[cut],
+            input_ids=self.input_ids,
+            text_valid=self.text_valid,
+            captured=self.captured,
+            pixel_values=self.pixel_values,
+            image_output=self.image_output,
+            source=self.source[cut, tokens],
+            image_crop=torch.tensor([crop], device=self.hidden.device),
+            image_index=self.image_index[cut] if self.image_index is not None else None,
+            layer_captures=self.layer_captures,
+        )
+        if "qk" in self.__dict__:
+            out.__dict__["qk"] = self.__dict__["qk"]
+        return out
+
     @cached_property
     def qk(self) -> Captured:
         """The feature layer's q/k: captured while the tower ran, else recomputed from its input."""
