@@ -360,10 +360,22 @@ def test_paper_budget_by_name():
         parse_keep("3000/2880")
 
 
-def test_beam_search_is_refused_clearly(tiny_next, batch):
+@pytest.mark.parametrize("name", ["vispruner", "fastv"])
+def test_beam_search_and_multiple_returns(tiny_next, batch, name):
+    """generate() repeats each sample's images for beams / num_return_sequences (after encoding them once, from
+    transformers 5.24 on): every copy keeps the tokens its sample keeps."""
     model, _, _ = tiny_next
-    with vtprune.pruned(model, "vispruner", keep=8), pytest.raises(vtprune.PruneConfigError, match="beam search"):
-        model.generate(**batch, max_new_tokens=2, num_beams=2)
+    with vtprune.pruned(model, name, keep=8), torch.no_grad():
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+        kept = vtprune.last_record(model).stages[0].kept
+        beams = model.generate(**batch, max_new_tokens=2, num_beams=2, do_sample=False)
+        beam_kept = vtprune.last_record(model).stages[0].kept
+        torch.manual_seed(0)
+        sampled = model.generate(**batch, max_new_tokens=2, do_sample=True, num_return_sequences=2)
+        copies = vtprune.last_record(model).stages[0].kept
+    assert beams.shape[0] == 2 and sampled.shape[0] == 4
+    assert beam_kept == [k for k in kept for _ in range(2)]
+    assert copies == [k for k in kept for _ in range(2)]
 
 
 @pytest.mark.parametrize("method", ["vispruner", "fastv"])

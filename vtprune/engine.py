@@ -110,15 +110,18 @@ class _ImageTokens:
         return torch.arange(self.projected.shape[1])[None] < self.lengths[:, None]
 
     @classmethod
-    def build(cls, adapter, crop_hidden: torch.Tensor, projected, image_sizes) -> _ImageTokens:
+    def build(cls, adapter, crop_hidden: torch.Tensor, projected, image_sizes, batch: int) -> _ImageTokens:
         if isinstance(projected, torch.Tensor):  # each image is one tower input whose patches are its tokens
             return cls(crop_hidden, projected, torch.full((projected.shape[0],), projected.shape[1]))
         sources = adapter.token_sources(image_sizes)
+        if sources is not None and len(projected) > len(sources):
+            # generate() repeated each sample's images for beams / num_return_sequences after encoding them
+            # once: the copies come from the same tower inputs.
+            sources = [sources[int(j)] for j in expanded_images(len(projected), len(sources), batch)]
         counts = [t.shape[0] for t in projected]
         if sources is None or [len(s) for s in sources] != counts:
             raise PruneConfigError(
-                f"{adapter.family}: the image features ({len(counts)} images) do not match the image sizes "
-                "given; beam search and num_return_sequences > 1 are not supported for this model family yet"
+                f"{adapter.family}: the image features ({len(counts)} images) do not match the image sizes given"
             )
         device = crop_hidden.device
         source = torch.nn.utils.rnn.pad_sequence(sources, batch_first=True, padding_value=-1).to(device)
@@ -134,6 +137,15 @@ class _ImageTokens:
             image_crop=image_crop,
             crop_hidden=crop_hidden,
         )
+
+
+def expanded_images(expanded: int, computed: int, batch: int) -> torch.Tensor:
+    """(expanded,) the computed image each image of an expanded batch is a copy of: generate() repeats each
+    sample's group of images for beams / num_return_sequences ([A1 A2, B1 B2] -> [A1 A2, A1 A2, B1 B2, B1 B2])."""
+    per_sample = expanded // batch
+    repeat = expanded // computed
+    j = torch.arange(expanded)
+    return (j // (per_sample * repeat)) * per_sample + j % per_sample
 
 
 def equal_shares(total: int, sizes: list[int]) -> list[int]:
@@ -706,7 +718,7 @@ class PruneSession:
         vision_ms = (self._clock() - t0) * 1e3
         call.pop("mm_encoder_outputs", None)
         hidden_v, projected = self.adapter.unpack_image_output(image_out)
-        images = _ImageTokens.build(self.adapter, hidden_v, projected, image_sizes)
+        images = _ImageTokens.build(self.adapter, hidden_v, projected, image_sizes, batch)
         image_layout = self.adapter.locate_images(input_ids, images.count, images.lengths)
         n_img = image_layout.images_per_sample
         sample_tokens = image_layout.lengths.sum(dim=1).tolist()
@@ -728,11 +740,9 @@ class PruneSession:
         hidden_v, projected = images.hidden, images.projected
         expanded_from = None
         if projected.shape[0] != hidden_v.shape[0]:
-            # generate() repeats each sample's image group for beams / num_return_sequences ([A, B] ->
-            # [A, B, A, B]) in the projected features only; map every expanded image to its computed one.
-            expand = projected.shape[0] // hidden_v.shape[0]
-            j = torch.arange(projected.shape[0], device=projected.device)
-            expanded_from = (j // (n_img * expand)) * n_img + j % n_img
+            # generate() repeats each sample's image group for beams / num_return_sequences in the projected
+            # features only; map every expanded image to its computed one.
+            expanded_from = expanded_images(projected.shape[0], hidden_v.shape[0], batch).to(projected.device)
             hidden_v = hidden_v[expanded_from]
         vit_orig = self._vit_original_index(image_out, expanded_from)
         if vit_orig is not None:
