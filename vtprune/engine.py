@@ -163,6 +163,16 @@ def equal_shares(total: int, sizes: list[int]) -> list[int]:
     return shares
 
 
+def _row(selection: Selection, row: int) -> Selection:
+    """Row `row` of a selection, as a one-row selection."""
+    cut = slice(row, row + 1)
+    fields = ("indices", "valid", "values", "extra", "extra_valid", "extra_index", "scores")
+    return Selection(
+        **{f: getattr(selection, f)[cut] if getattr(selection, f) is not None else None for f in fields},
+        info=dict(selection.info),
+    )
+
+
 def _concat_selections(parts: list[Selection], projected: torch.Tensor) -> Selection:
     """One row from one-row selections over disjoint tokens of it (already in the row's numbering): kept tokens
     in the row's order, created tokens after them; a part without merged values keeps its projected tokens."""
@@ -334,31 +344,46 @@ class PruneSession:
             self._plans[tokens, keep] = (method, stages)
         return self._plans[tokens, keep]
 
-    def _select_image(self, index: int, signals: VisionSignals, images: _ImageTokens, image: int) -> Selection:
-        """The vision-stage selection of one image of a model whose images differ in token count."""
-        length = int(images.lengths[image])
-        method, stages = self._planned(length)
-        keep = stages[index].keep
-        if getattr(self.method, "crop_budget", "image") == "image" or keep >= length:
-            return method.select(index, stages[index], signals.subset(image, 1, length))
-        # The official LLaVA-NeXT rule of VisPruner / VisionZip / CDPruner: every tower input gets an equal
-        # share of the budget and is selected with its own [CLS]; `image_newline` tokens are not kept.
-        per_crop = images.crop_hidden.shape[1] - 1
-        source = images.source[image, :length]
-        crop_of = torch.where(source >= 0, source // per_crop, -1)
-        crops = torch.unique(crop_of[crop_of >= 0]).tolist()
-        members = [torch.nonzero(crop_of == c).flatten() for c in crops]
-        shares = equal_shares(keep, [len(m) for m in members])
-        picks = []
-        for crop, tokens, share in zip(crops, members, shares, strict=True):
-            if share == 0:
+    def _select_images(self, index: int, signals: VisionSignals, images: _ImageTokens) -> Selection:
+        """The vision-stage selection of a model whose images differ in token count: each image with the budget
+        its own count gives. With `crop_budget="crop"` (the official LLaVA-NeXT rule of VisPruner, VisionZip and
+        CDPruner) every tower input of an image gets an equal share of its budget and is selected with its own
+        [CLS]; `image_newline` tokens are not kept. Parts of equal size and share are selected in one call."""
+        per_crop_rule = getattr(self.method, "crop_budget", "image") == "crop"
+        per_crop = images.crop_hidden.shape[1] - 1 if images.crop_hidden is not None else 0
+        whole: dict[int, Selection] = {}
+        groups: dict[tuple[int, int], list[tuple[int, int, torch.Tensor]]] = {}
+        shares_of: dict[int, list[int]] = {}
+        for image, length in enumerate(images.lengths.tolist()):
+            method, stages = self._planned(length)
+            keep = stages[index].keep
+            if not per_crop_rule or keep >= length:
+                whole[image] = method.select(index, stages[index], signals.subset(image, 1, length))
                 continue
-            method, stages = self._planned(len(tokens), keep=share)
-            crop_signals = signals.crop_tokens(image, crop, tokens, images.crop_hidden[crop, 0])
-            picks.append(_to_current(method.select(index, stages[index], crop_signals), tokens, length))
-        selection = _concat_selections(picks, signals.projected[image : image + 1])
-        selection.info["crop_shares"] = [share for share in shares if share]
-        return selection
+            source = images.source[image, :length]
+            crop_of = torch.where(source >= 0, source // per_crop, -1)
+            crops = torch.unique(crop_of[crop_of >= 0]).tolist()
+            members = [torch.nonzero(crop_of == c).flatten() for c in crops]
+            shares = equal_shares(keep, [len(m) for m in members])
+            shares_of[image] = [share for share in shares if share]
+            for crop, tokens, share in zip(crops, members, shares, strict=True):
+                if share:
+                    groups.setdefault((len(tokens), share), []).append((image, crop, tokens))
+        parts: dict[int, list[Selection]] = {image: [] for image in shares_of}
+        for (size, share), group in groups.items():
+            method, stages = self._planned(size, keep=share)
+            selection = method.select(index, stages[index], signals.crop_rows(group, images.crop_hidden))
+            for row, (image, _, tokens) in enumerate(group):
+                parts[image].append(_to_current(_row(selection, row), tokens, int(images.lengths[image])))
+        rows = []
+        for image in range(images.count):
+            if image in whole:
+                rows.append(whole[image])
+                continue
+            selection = _concat_selections(parts[image], signals.projected[image : image + 1])
+            selection.info["crop_shares"] = shares_of[image]
+            rows.append(selection)
+        return stack_selections(rows)
 
     def _check_stages(self) -> None:
         kinds = [s.kind for s in self.stages]
@@ -803,9 +828,8 @@ class PruneSession:
             elif images.uniform and getattr(self.method, "crop_budget", "image") == "image":
                 method, stages = self._planned(int(images.lengths[0]))  # the images' token count's budget
                 selection = method.select(index, stages[index], vision_signals)
-            else:  # each image with the budget its own token count gives
-                rows = [self._select_image(index, vision_signals, images, i) for i in range(images.count)]
-                selection = stack_selections(rows)
+            else:
+                selection = self._select_images(index, vision_signals, images)
             tokens, valid, orig = self._vision_tokens(selection, projected)
             if vit_orig is not None:  # selection indices count the patches the tower kept
                 orig = torch.where(orig >= 0, torch.gather(vit_orig, 1, orig.clamp(min=0)), orig)

@@ -90,23 +90,26 @@ class VisionSignals:
             out.__dict__["qk"] = self.__dict__["qk"]
         return out
 
-    def crop_tokens(self, image: int, crop: int, tokens: torch.Tensor, cls_hidden: torch.Tensor) -> VisionSignals:
-        """The signals of the `tokens` of one image that come from tower input `crop`, with that input's own
-        [CLS] (`cls_hidden`, (Dv,)): LLaVA-NeXT methods that select inside each crop see one crop as an image."""
-        cut = slice(image, image + 1)
+    def crop_rows(self, parts: list[tuple[int, int, torch.Tensor]], crop_hidden: torch.Tensor) -> VisionSignals:
+        """Signals whose rows are parts of images: (image, tower input, its tokens in that image), all parts of
+        one token count, each with its tower input's own [CLS] (`crop_hidden[crop, 0]`). LLaVA-NeXT methods that
+        select inside each crop see every crop as an image."""
+        images = torch.tensor([image for image, _, _ in parts], device=self.hidden.device)
+        crops = torch.tensor([crop for _, crop, _ in parts], device=self.hidden.device)
+        tokens = torch.stack([t for _, _, t in parts]).to(self.hidden.device)  # (R, n)
         out = VisionSignals(
             adapter=self.adapter,
-            hidden=torch.cat([cls_hidden[None, None], self.hidden[cut, 1 + tokens]], dim=1),
-            projected=self.projected[cut, tokens],
-            image_sample=self.image_sample[cut],
+            hidden=torch.cat([crop_hidden[crops, :1], self.hidden[images[:, None], 1 + tokens]], dim=1),
+            projected=self.projected[images[:, None], tokens],
+            image_sample=self.image_sample[images],
             input_ids=self.input_ids,
             text_valid=self.text_valid,
             captured=self.captured,
             pixel_values=self.pixel_values,
             image_output=self.image_output,
-            source=self.source[cut, tokens],
-            image_crop=torch.tensor([crop], device=self.hidden.device),
-            image_index=self.image_index[cut] if self.image_index is not None else None,
+            source=self.source[images[:, None], tokens],
+            image_crop=crops,
+            image_index=self.image_index[images] if self.image_index is not None else None,
             layer_captures=self.layer_captures,
         )
         if "qk" in self.__dict__:
