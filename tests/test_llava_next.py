@@ -8,7 +8,9 @@ so one left-padded batch holds two images of different token counts.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from oracle import image_features, oracle_greedy, oracle_logits
@@ -304,26 +306,22 @@ def test_unsupported_checkpoint_is_refused_before_its_weights(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_analyze_refuses_next_clearly(next_folder):
-    from vtprune.analysis.common import load_analysis_model
-    from vtprune.eval.errors import EvalInputError
-
-    with pytest.raises(EvalInputError, match="llava_next model, not supported by it yet"):
-        load_analysis_model(str(next_folder), device="cpu", dtype="float32")
-
-
-def test_analyze_overlap_on_next(next_folder, tmp_path):
+def test_analyze_sinks_on_next(next_folder, tmp_path):
+    """Sink statistics over every token of an AnyRes image; the maps on its base view."""
     from vtprune.analysis.common import Sample, load_analysis_model
-    from vtprune.analysis.overlap import run_overlap
+    from vtprune.analysis.sinks import run_sinks
 
-    am = load_analysis_model(str(next_folder), device="cpu", dtype="float32", crops=True)
+    am = load_analysis_model(str(next_folder), device="cpu", dtype="float32")
     samples = [
         Sample(type("Example", (), {"question": q, "uid": f"s{i}"})(), [random_image(i, 60).resize(SIZES[i])])
         for i, q in enumerate(QUESTIONS)
     ]
-    data = run_overlap(am, samples, tmp_path, methods=["vispruner", "fastv"], keep=0.25, params={})
-    assert data["num_samples"] == 2
-    assert data["mean_kept"] == {"vispruner": 15.5, "fastv": 15.5}  # 0.25 of 52 and of 72 tokens
+    data = run_sinks(am, samples, tmp_path, methods=["vispruner", "fastv"], keep=12, params={},
+                     vision_threshold=0.07, layer=1, sink_dims="detect")
+    assert data["grid"] == [4, 4] and np.asarray(data["vision"]["frequency_map"]).shape == (4, 4)
+    for stats in data["methods"].values():
+        assert stats["overall_keep_rate"] == pytest.approx(24 / (52 + 72))  # 12 of each image's tokens
+    assert all(Path(f).exists() for f in data["figures"])
 
 
 def test_show_draws_tiles_and_base_view(next_folder, tmp_path):
@@ -334,7 +332,7 @@ def test_show_draws_tiles_and_base_view(next_folder, tmp_path):
     from vtprune.analysis.common import load_analysis_model
     from vtprune.analysis.show import run_show
 
-    am = load_analysis_model(str(next_folder), device="cpu", dtype="float32", crops=True)
+    am = load_analysis_model(str(next_folder), device="cpu", dtype="float32")
     image = random_image(7, 60).resize((80, 100))
     data = run_show(am, [image], QUESTIONS[1], ["vispruner", "fastv"], 12, {}, tmp_path / "kept.png",
                     max_new_tokens=2)
@@ -398,7 +396,7 @@ def test_analyze_heads_map_on_next(next_folder):
     from vtprune.analysis.common import Sample, load_analysis_model
     from vtprune.analysis.heads_map import head_map
 
-    am = load_analysis_model(str(next_folder), device="cpu", dtype="float32", crops=True)
+    am = load_analysis_model(str(next_folder), device="cpu", dtype="float32")
     samples = [
         Sample(type("Example", (), {"question": q, "uid": f"s{i}"})(), [random_image(i, 60).resize(SIZES[i])])
         for i, q in enumerate(QUESTIONS)

@@ -54,12 +54,11 @@ def _log(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _load(model: str, device: str, dtype: str, attn: str, template: str, preprocessing: str, crops: bool = False):
+def _load(model: str, device: str, dtype: str, attn: str, template: str, preprocessing: str):
     from vtprune.analysis.common import load_analysis_model
 
     return load_analysis_model(
-        model, device=device, dtype=dtype, attn_implementation=attn, template=template,
-        preprocessing=preprocessing, crops=crops,
+        model, device=device, dtype=dtype, attn_implementation=attn, template=template, preprocessing=preprocessing
     )
 
 
@@ -117,7 +116,7 @@ def show_command(
         budget = _keep(keep)
         names, params = _methods_and_params(methods, param, budget)
         images = [Image.open(path).convert("RGB") for path in image]
-        am = _load(model, device, dtype, attn, template, preprocessing, crops=True)
+        am = _load(model, device, dtype, attn, template, preprocessing)
         data = run_show(am, images, prompt, names, budget, params, output, max_new_tokens=max_new_tokens, log=_log)
         typer.echo(f"unpruned: {data['unpruned_answer']}")
         for name, result in data["methods"].items():
@@ -159,7 +158,7 @@ def rank_command(
         vtprune.get_method(method, keep=stop, **params)
         token_counts(start, stop, step, start)  # the sweep itself is valid
         task_obj, samples = _samples(task, dataset_path, split, num_samples)
-        am = _load(model, device, dtype, attn, template, preprocessing, crops=True)
+        am = _load(model, device, dtype, attn, template, preprocessing)
         counts = token_counts(start, stop, step, am.tokens_per_image)
         _log(f"{len(samples)} samples x {len(counts)} kept counts ({counts[0]} .. {counts[-1]})")
         data = run_rank_study(am, task_obj, samples, counts, output, method=method, params=params,
@@ -247,7 +246,7 @@ def heads_command(
         params = parse_params(param)
         check_strategies(names, for_ablation=True)
         task_obj, samples = _samples(task, dataset_path, split, num_samples)
-        am = _load(model, device, dtype, attn, template, preprocessing, crops=True)
+        am = _load(model, device, dtype, attn, template, preprocessing)
         data = run_heads(am, task_obj, samples, output, strategies=names, head_counts=counts, budgets=keeps,
                          params=params, ablation=ablation, max_new_tokens=max_new_tokens, log=_log)
         for result in data.get("ablation", []):
@@ -280,7 +279,7 @@ def overlap_command(
         budget = _keep(keep)
         names, params = _methods_and_params(methods, param, budget)
         _, samples = _samples(task, dataset_path, split, num_samples)
-        am = _load(model, device, dtype, attn, template, preprocessing, crops=True)
+        am = _load(model, device, dtype, attn, template, preprocessing)
         data = run_overlap(am, samples, output, methods=names, keep=budget, params=params, log=_log)
         width = max(len(n) for n in names)
         typer.echo(" " * width + "  " + "  ".join(f"{n:>{max(6, len(n))}}" for n in names))

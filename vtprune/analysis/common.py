@@ -130,9 +130,7 @@ def load_analysis_model(
     attn_implementation: str = "sdpa",
     template: str = "hf",
     preprocessing: str = "crop",
-    crops: bool = False,
 ) -> AnalysisModel:
-    """The model of an analysis command; `crops`: the command handles images of several crops (LLaVA-NeXT)."""
     from vtprune.eval.predictor import Predictor
     from vtprune.loading import load_model, resolve_device_dtype
     from vtprune.models import adapter_for
@@ -144,13 +142,6 @@ def load_analysis_model(
     dev, dt = resolve_device_dtype(device, dtype)
     llava, processor = load_model(model, device=dev, dtype=dt, attn_implementation=attn_implementation)
     adapter = adapter_for(llava)
-    if adapter.variable_tokens and not crops:
-        # The drawings and per-token analyses lay one patch grid over each image; an AnyRes image is a base
-        # view plus tiles with newline tokens (vtprune eval, bench and the Python API support it).
-        raise EvalInputError(
-            f"this analysis lays one patch grid over each image (llava); {model!r} is a {adapter.family} "
-            "model, not supported by it yet (vtprune show and analyze rank / heads / overlap are)"
-        )
     predictor = Predictor(llava, processor, template=template, preprocessing=preprocessing, model_id=model)
     return AnalysisModel(llava, processor, predictor, adapter, model_id=model)
 
@@ -260,14 +251,6 @@ def visual_rows(record: Any, layer: int, input_ids: torch.Tensor, image_token_id
         rows.extend(range(first, first + count))
         removed += length - count
     return torch.tensor(rows, dtype=torch.long)
-
-
-def patch_indices(kept: list[int], image: int, tokens_per_image: int, grid: tuple[int, int]) -> list[int]:
-    """Raster patch indices of image `image` among kept original indices (a [CLS] token of `full` dropped)."""
-    offset = tokens_per_image - grid[0] * grid[1]
-    lo = image * tokens_per_image
-    out = [j - lo - offset for j in kept if lo <= j < lo + tokens_per_image]
-    return [j for j in out if j >= 0]
 
 
 # ------------------------------------------------------------------------------------------ signals

@@ -39,8 +39,7 @@ from vtprune.analysis.common import (
     cls_attention,
     final_kept,
     histogram,
-    image_as_seen,
-    patch_indices,
+    image_views,
     settings,
     write_json,
 )
@@ -112,10 +111,11 @@ def run_sinks(
     hidden_size = int(am.adapter.config.text_config.hidden_size)
     dims = resolve_sink_dims(sink_dims, hidden_size)
     out_dir = Path(output)
+    # Maps are drawn on one patch grid per image: LLaVA-1.5's, or LLaVA-NeXT's base view (its tiles and
+    # newlines count in every statistic but are not mapped).
     rows, cols = am.grid
     n_patch = rows * cols
-    p = am.tokens_per_image
-    offset = p - n_patch  # 1 with the `full` feature strategy ([CLS] first), else 0
+    offset = 0 if am.adapter.variable_tokens else am.tokens_per_image - n_patch  # `full` features: [CLS] first
     vision_freq = np.zeros(n_patch)
     llm_freq = np.zeros(n_patch)
     attention_map = np.zeros(n_patch)
@@ -129,7 +129,10 @@ def run_sinks(
     example_figure = None
     for n, sample in enumerate(samples, start=1):
         inputs = am.encode(sample.example.question, sample.images[:1])
-        cls = cls_attention(am, inputs)[0]  # (P,)
+        p = am.image_lengths(inputs)[0]  # image tokens (LLaVA-1.5: `offset` + patches)
+        map_view = image_views(am, inputs)[-1]
+        cells = [map_view.token_cell.get(offset + j) for j in range(p - offset)]  # token -> cell or None
+        cls = cls_attention(am, inputs)[0][: p - offset]  # (tokens,)
         vision_sinks = attention_mass_sinks(cls[None], vision_threshold)[0]
         visual = am.visual_positions(inputs["input_ids"])[:p]
         with capture_last_token_attention(am, [layer], visual) as found:
@@ -139,9 +142,11 @@ def run_sinks(
         llm_sinks = massive_activation_sinks(hidden_patches[None], dims, tau)[0]
         phis = phi(hidden_patches, dims)
         attn = found[layer].mean(0)[offset:]  # (P,) head-mean last-token attention on each patch
-        vision_freq += vision_sinks.numpy()
-        llm_freq += llm_sinks.numpy()
-        attention_map += attn.numpy()
+        for j, cell in enumerate(cells):
+            if cell is not None:
+                vision_freq[cell] += float(vision_sinks[j])
+                llm_freq[cell] += float(llm_sinks[j])
+                attention_map[cell] += float(attn[j])
         cls_values.append(cls.numpy())
         phi_values.append(phis.numpy())
         vision_counts.append(int(vision_sinks.sum()))
@@ -161,20 +166,20 @@ def run_sinks(
                 record = vtprune.last_record(am.model)
             finally:
                 vtprune.unprune(am.model)
-            kept = torch.zeros(n_patch, dtype=torch.bool)
-            kept[patch_indices(final_kept(record), 0, p, am.grid)] = True
+            kept = torch.zeros(p - offset, dtype=torch.bool)
+            kept[[k - offset for k in final_kept(record) if offset <= k < p]] = True
             stats = kept_stats[method]
             stats["vision_kept"] += int((kept & vision_sinks).sum())
             stats["vision_total"] += int(vision_sinks.sum())
             stats["llm_kept"] += int((kept & llm_sinks).sum())
             stats["llm_total"] += int(llm_sinks.sum())
             stats["kept"] += int(kept.sum())
-            stats["total"] += n_patch
+            stats["total"] += p - offset
         if example_figure is None:
             example_figure = {
-                "image": image_as_seen(inputs["pixel_values"][0], am.processor.image_processor),
-                "vision_sinks": torch.nonzero(vision_sinks).flatten().tolist(),
-                "llm_sinks": torch.nonzero(llm_sinks).flatten().tolist(),
+                "image": map_view.image,
+                "vision_sinks": [cells[j] for j in torch.nonzero(vision_sinks).flatten().tolist() if cells[j] is not None],
+                "llm_sinks": [cells[j] for j in torch.nonzero(llm_sinks).flatten().tolist() if cells[j] is not None],
                 "id": sample.example.uid,
             }
         if log:
