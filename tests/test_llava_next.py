@@ -285,6 +285,27 @@ def test_eval_runs_on_a_next_checkpoint(next_folder, tmp_path):
         assert line["tokens_after_pruning"] == round(0.25 * line["visual_tokens"])
 
 
+def test_eval_scienceqa_on_a_next_checkpoint(next_folder, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vtprune.eval.commands import build_app
+    from vtprune.eval.tiny_data import write_scienceqa_hub_folder
+
+    data = write_scienceqa_hub_folder(tmp_path / "sqa", n=3)
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(next_folder), "--task", "scienceqa_img", "--dataset-id", str(data),
+            "--method", "fastv", "--keep", "320/2880", "--max-new-tokens", "2", "--batch-size", "3",
+            "--output", str(out), "--no-progress"]
+    result = CliRunner().invoke(build_app(), args)
+    assert result.exit_code == 0, result.output
+    (summary_path,) = out.glob("*/*/*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["counts"]["evaluated"] == summary["counts"]["expected"] > 0
+    assert summary["counts"]["errors"] == 0
+
+
 def test_paper_setting_per_family():
     from vtprune.eval.commands import resolve_setting
     from vtprune.eval.errors import EvalInputError
