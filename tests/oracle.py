@@ -82,20 +82,15 @@ def oracle_logits(
         valids.append(valid)
         visual_orig.append(orig)
     width = max(len(v) for v in valids)
-    if any(len(v) != width for v in valids):  # left-pad to a common length
-        lengths_differ = True
-        for b in range(batch):
-            missing = width - len(valids[b])
-            rows[b] = torch.cat([rows[b].new_zeros(missing, rows[b].shape[-1]), rows[b]])
-            valids[b] = [False] * missing + valids[b]
-            visual_orig[b] = [None] * missing + visual_orig[b]
-    else:
-        lengths_differ = False
+    lengths_differ = any(len(v) != width for v in valids)  # images of different token counts
+    for b in range(batch):  # left-pad to a common length
+        missing = width - len(valids[b])
+        rows[b] = torch.cat([rows[b].new_zeros(missing, rows[b].shape[-1]), rows[b]])
+        valids[b] = [False] * missing + valids[b]
+        visual_orig[b] = [None] * missing + visual_orig[b]
     hidden = torch.stack(rows).to(embeds.dtype)
     valid = torch.tensor(valids)
-    if lengths_differ:
-        position_ids = None
-    if vision is not None or position_ids is None:
+    if vision is not None or position_ids is None or lengths_differ:
         positions = (torch.cumsum(valid, 1) - 1).clamp(min=0).masked_fill(~valid, 0)
     else:
         positions = position_ids
