@@ -44,11 +44,9 @@ edge case):
 * the DPP guard of `vtprune.selection.dpp_greedy` (exhausted candidates add no update instead of a NaN).
 * a repeated question in a batch is encoded once (no effect on the result).
 * the optional θ re-weighting (commented out in the official code) is not offered.
-* LLaVA-NeXT (`crop_budget="crop"`, the default): the official NeXT code pins every image to a 672 x 672 grid
-  (4 tiles), never unpads and sends no `image_newline`; vtprune feeds the HF model's own input (unpadded
-  tiles, newlines) and gives each tower input an equal share of the image's budget (capped at its tokens,
-  the rest to the others), scored with that input's own [CLS]; newlines are not kept.
-  `crop_budget="image"` selects over all of the image's tokens at once.
+* LLaVA-NeXT: the official rule (an equal budget per view, each with its own [CLS]) is `crop_budget="crop"`,
+  the default (`vtprune.methods.base.check_crop_budget`); the official code's 672 x 672 pin with no
+  unpadding and no `image_newline` is not the HF model's input and is not reproduced.
   On NeXT the relevance is min-max normalised per tower input (the official code: over all views).
 """
 

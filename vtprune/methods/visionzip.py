@@ -36,11 +36,9 @@ Deviations from the official code (dvlab-research/VisionZip `visionzip/clip_enco
   target; vtprune feeds the unmodified image (issue 20);
 * the [CLS] attention and keys of the feature layer are computed from its q/k projections (SDPA tower), not
   by a monkey-patched eager CLIP attention; several images per sample and batches are supported.
-* LLaVA-NeXT (`crop_budget="crop"`, the default): the official NeXT code pins every image to a 672 x 672 grid
-  (4 tiles), never unpads and sends no `image_newline`; vtprune feeds the HF model's own input (unpadded
-  tiles, newlines) and gives each tower input an equal share of the image's budget (capped at its tokens,
-  the rest to the others), scored with that input's own [CLS]; newlines are not kept.
-  `crop_budget="image"` selects over all of the image's tokens at once.
+* LLaVA-NeXT: the official rule (an equal budget per view, each with its own [CLS]) is `crop_budget="crop"`,
+  the default (`vtprune.methods.base.check_crop_budget`); the official code's 672 x 672 pin with no
+  unpadding and no `image_newline` is not the HF model's input and is not reproduced.
 """
 
 from __future__ import annotations

@@ -31,11 +31,9 @@ Deviations from the official code (Theia-4869/VisPruner `llava/model/llava_arch.
   `output_attentions`; batches with different valid masks per image are supported;
 * `attention_sink_threshold` (`vispruner_nosink`, seeds/000) is not in the official code: the sinks are
   excluded from both selections, so keep = all tokens is not the unmodified model for that variant.
-* LLaVA-NeXT (`crop_budget="crop"`, the default): the official NeXT code pins every image to a 672 x 672 grid
-  (4 tiles), never unpads and sends no `image_newline`; vtprune feeds the HF model's own input (unpadded
-  tiles, newlines) and gives each tower input an equal share of the image's budget (capped at its tokens,
-  the rest to the others), scored with that input's own [CLS]; newlines are not kept.
-  `crop_budget="image"` selects over all of the image's tokens at once.
+* LLaVA-NeXT: the official rule (an equal budget per view, each with its own [CLS]) is `crop_budget="crop"`,
+  the default (`vtprune.methods.base.check_crop_budget`); the official code's 672 x 672 pin with no
+  unpadding and no `image_newline` is not the HF model's input and is not reproduced.
 """
 
 from __future__ import annotations

@@ -138,6 +138,18 @@ class ModelAdapter:
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.projector(features)
 
+    def image_tokens(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) image-token mask and (B,) image tokens per sample; every sample must hold some."""
+        is_image = input_ids == self.image_token_id
+        per_sample = is_image.sum(dim=1)
+        if bool((per_sample == 0).any()):
+            missing = torch.nonzero(per_sample == 0).flatten().tolist()
+            raise PruneConfigError(
+                f"sample(s) {missing} contain no image token (id {self.image_token_id}); the prompt must hold "
+                "the processor-expanded `<image>` placeholder"
+            )
+        return is_image, per_sample
+
     def locate_images(self, input_ids: torch.Tensor, num_images: int, token_counts=None) -> ImageLayout:
         """Each sample's image-token blocks, checked against the images given (`token_counts[i]`: the
         tokens image i expands to, when they vary)."""

@@ -49,15 +49,8 @@ class LlavaAdapter(ModelAdapter):
     # --- image tokens ---------------------------------------------------------------------------------
     def locate_images(self, input_ids: torch.Tensor, num_images: int, token_counts=None) -> ImageLayout:
         """Find each sample's image-token blocks and check them against the number of images given."""
-        is_image = input_ids == self.image_token_id
+        is_image, per_sample = self.image_tokens(input_ids)
         batch = input_ids.shape[0]
-        per_sample = is_image.sum(dim=1)
-        if bool((per_sample == 0).any()):
-            missing = torch.nonzero(per_sample == 0).flatten().tolist()
-            raise PruneConfigError(
-                f"sample(s) {missing} contain no image token (id {self.image_token_id}); the prompt must hold "
-                "the processor-expanded `<image>` placeholder"
-            )
         # Adjacent images form one run of image tokens: cut runs into blocks of tokens_per_image.
         p = self.tokens_per_image
         rank = torch.cumsum(is_image, dim=1) - 1

@@ -103,15 +103,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def locate_images(self, input_ids: torch.Tensor, num_images: int, token_counts=None) -> ImageLayout:
         """Each sample's image-token blocks; image i (in the processor's order, sample by sample) expands to
         `token_counts[i]` consecutive tokens."""
-        is_image = input_ids == self.image_token_id
+        is_image, per_sample = self.image_tokens(input_ids)
         batch = input_ids.shape[0]
-        per_sample = is_image.sum(dim=1)
-        if bool((per_sample == 0).any()):
-            missing = torch.nonzero(per_sample == 0).flatten().tolist()
-            raise PruneConfigError(
-                f"sample(s) {missing} contain no image token (id {self.image_token_id}); the prompt must hold "
-                "the processor-expanded `<image>` placeholder"
-            )
         counts = torch.as_tensor(token_counts, device=input_ids.device).long()
         if num_images % batch:
             raise PruneConfigError(
