@@ -40,24 +40,17 @@ def tiny_model():
     return build_model(model=None, arch="tiny", random_weights=False, device="cpu", dtype=torch.float32)
 
 
+def _cpu_run(loaded, out, **config):
+    """One CPU bench run of a tiny model; `config` holds what differs between the runs below."""
+    cfg = BenchConfig(batches=BATCHES, new_tokens=NEW_TOKENS, device="cpu", dtype="float32", output=out,
+                      progress=False, **config)
+    return run_bench(cfg, loaded=loaded), out
+
+
 @pytest.fixture(scope="module")
 def bench_run(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    cfg = BenchConfig(
-        arch="tiny",
-        methods=METHODS_UNDER_TEST,
-        keeps=KEEPS,
-        batches=BATCHES,
-        new_tokens=NEW_TOKENS,
-        repeats=2,
-        warmup=1,
-        device="cpu",
-        dtype="float32",
-        output=out,
-        progress=False,
-    )
-    results = run_bench(cfg, loaded=tiny_model)
-    return results, out
+    return _cpu_run(tiny_model, tmp_path_factory.mktemp("bench"), arch="tiny", methods=METHODS_UNDER_TEST,
+                    keeps=KEEPS, repeats=2, warmup=1)
 
 
 def ok_entries(results):
@@ -537,22 +530,8 @@ def tiny_next_model():
 
 @pytest.fixture(scope="module")
 def next_run(tiny_next_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench-next")
-    cfg = BenchConfig(
-        arch="tiny-next",
-        methods=NEXT_METHODS,
-        keeps=NEXT_KEEPS,
-        batches=BATCHES,
-        params=NEXT_PARAMS,
-        new_tokens=NEW_TOKENS,
-        repeats=1,
-        warmup=0,
-        device="cpu",
-        dtype="float32",
-        output=out,
-        progress=False,
-    )
-    return run_bench(cfg, loaded=tiny_next_model), out
+    return _cpu_run(tiny_next_model, tmp_path_factory.mktemp("bench-next"), arch="tiny-next",
+                    methods=NEXT_METHODS, keeps=NEXT_KEEPS, params=NEXT_PARAMS, repeats=1, warmup=0)
 
 
 def test_next_every_method_runs_beside_its_oracle(next_run):
