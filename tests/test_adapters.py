@@ -33,12 +33,14 @@ def test_imports_run_one_way():
         "models": ("vtprune.signals", "vtprune.methods", "vtprune.engine", "vtprune.api"),
         "signals": ("vtprune.methods", "vtprune.engine", "vtprune.api", "vtprune.models.llava"),
         "methods": ("vtprune.engine", "vtprune.api"),
+        "engine": ("vtprune.api", "vtprune.eval", "vtprune.bench", "vtprune.analysis", "vtprune.cli"),
     }
     for folder, forbidden in layers.items():
         for path in (PACKAGE / folder).glob("*.py"):
             bad = [m for m in _runtime_imports(path) if m.startswith(forbidden)]
             assert not bad, f"{path.relative_to(PACKAGE)} imports {bad}"
-    engine = _runtime_imports(PACKAGE / "engine.py")
+    engine = set().union(*(_runtime_imports(path) for path in (PACKAGE / "engine").glob("*.py")))
+    assert "vtprune.engine.session" in engine  # the package was read
     assert not [m for m in engine if m.startswith("vtprune.models.") and m != "vtprune.models.base"]
 
 

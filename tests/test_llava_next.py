@@ -370,12 +370,12 @@ def test_show_draws_tiles_and_base_view(next_folder, tmp_path):
 
 def test_paper_budget_by_name():
     """`--keep 320/2880` is the share a paper's NeXT budget is of its 2,880 tokens, per image."""
-    from vtprune.eval.config import parse_keep
-    from vtprune.eval.errors import EvalInputError
+    from vtprune.errors import UserInputError
+    from vtprune.userinput import parse_keep
 
     assert parse_keep("320/2880") == pytest.approx(320 / 2880)
     assert parse_keep(" 160 / 2880 ") == pytest.approx(160 / 2880)
-    with pytest.raises(EvalInputError, match="paper budget like 320/2880"):
+    with pytest.raises(UserInputError, match="paper budget like 320/2880"):
         parse_keep("3000/2880")
 
 

@@ -23,7 +23,6 @@ from vtprune.cli_common import (
     MethodOpt,
     MethodsOpt,
     ModelOpt,
-    OutputOpt,
     ParamOpt,
     PreprocOpt,
     TemplateOpt,

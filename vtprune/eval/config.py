@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vtprune.eval.errors import EvalInputError
 from vtprune.errors import UserInputError
+from vtprune.eval.errors import EvalInputError
 from vtprune.userinput import parse_keep
 
 TEMPLATES = ("hf", "vicuna_v1")
