@@ -131,6 +131,24 @@ def test_page_names_the_official_commits_of_the_docstring(name):
         assert commit in text, f"{name}: the docstring's official commit {commit} is not on its page"
 
 
+@pytest.mark.parametrize("path", sorted(PAGES_DIR.glob("*.md")), ids=lambda p: p.name)
+def test_code_the_pages_name_exists(path):
+    """Every `vtprune.module.name` a page names can be imported (a moved function fails here, not silently)."""
+    import importlib
+
+    for dotted in re.findall(r"`(vtprune(?:\.\w+)+)`", path.read_text(encoding="utf-8")):
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for attr in parts[cut:]:
+                assert hasattr(obj, attr), f"{path.name}: {dotted} does not exist"
+                obj = getattr(obj, attr)
+            break
+
+
 def test_parameter_table_parsing():
     page = (
         "# X\n\n**Registered as:** `a`, `b`\n\n## Parameters\n\n| parameter | default | meaning |\n|---|---|---|\n"
