@@ -1,11 +1,11 @@
 """Time the selection primitives of vtprune.selection for LLaVA-1.5's 576 -> 64 visual tokens.
 
 Measures, at batch 1 and 16, the wall time of
-* ``dpp_greedy`` (CDPruner, §5) on a kernel built by ``cdpruner_kernel`` from random 4096-d features
+* ``dpp_greedy`` (CDPruner, docs/methods/cdpruner.md) on a kernel built by ``cdpruner_kernel`` from random 4096-d features
   (the projected width of LLaVA-1.5-7B) and random relevance; kernel construction is timed separately
   because it is a 576x576x4096 matrix product, while the greedy loop itself is O(N·k²);
-* ``maxmin_diversity`` (DivPrune, §6) on random 4096-d features (Gram matrix + greedy loop);
-* ``vispruner_select`` (VisPruner, §4) on random 1024-d CLIP features and a softmax [CLS] attention row
+* ``maxmin_diversity`` (DivPrune, docs/methods/divprune.md) on random 4096-d features (Gram matrix + greedy loop);
+* ``vispruner_select`` (VisPruner, docs/methods/vispruner.md) on random 1024-d CLIP features and a softmax [CLS] attention row
   (important_ratio 0.5 -> 64 deduplication rounds);
 * ``topk_indices`` as a floor.
 

@@ -1,4 +1,4 @@
-"""Recency debiasing and sink masking (algorithms.md §12, §13, §17 example 2)."""
+"""Recency debiasing and sink masking (docs/methods/attention_options.md)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from vtprune.signals.debias import (
 
 
 def topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
-    """Stable top-k (ties: lower index), returned in raster order (§0.3)."""
+    """Stable top-k (ties: lower index), returned in raster order."""
     order = torch.sort(scores, descending=True, stable=True).indices[:k]
     return sorted(order.tolist())
 
@@ -41,7 +41,7 @@ def topk_sorted(scores: torch.Tensor, k: int) -> list[int]:
 
 
 def test_spec_example_2_positional_debiasing():
-    """§17 example 2: s = [0.10, 0.12, 0.30, 0.48], w_i = 2^-i."""
+    """Hand-computed: s = [0.10, 0.12, 0.30, 0.48], w_i = 2^-i."""
     s = torch.tensor([0.10, 0.12, 0.30, 0.48])
     w = recency_weights(4, "exp", lam=math.log(2.0))
     torch.testing.assert_close(w, torch.tensor([1.0, 0.5, 0.25, 0.125]))
@@ -60,7 +60,7 @@ def test_fastv_cubic_weights():
     assert w[0] == 1.0
     # 1/w_100 = 1 + 0.30152 - 0.14598 + 0.025691
     assert float(1 / w[100]) == pytest.approx(1.181231, rel=1e-5)
-    assert float(w[575]) == pytest.approx(0.358, abs=1e-3)  # value quoted in §13
+    assert float(w[575]) == pytest.approx(0.358, abs=1e-3)  # FastV's released weights
     assert bool((w[1:] < w[:-1]).all())  # monotone decreasing
 
 
@@ -69,7 +69,7 @@ def test_exp_weights_from_table():
     assert lam == pytest.approx(3.989e-3)
     w = recency_weights(576, "exp", method="PyramidDrop", benchmark="GQA")
     torch.testing.assert_close(w, torch.exp(-lam * torch.arange(576, dtype=torch.float64)).float())
-    # σ ≈ 575 λ: the last token of PDrop-GQA is divided by ≈ 10 (§13)
+    # σ ≈ 575 λ: the last token of PDrop-GQA is divided by ≈ 10
     assert float(1 / w[575]) == pytest.approx(math.exp(575 * 3.989e-3), rel=1e-5)
 
 
@@ -335,11 +335,11 @@ def test_sink_means_the_released_padding_step_only():
     n = 16
     scores = torch.full((1, n), 0.5)
     hidden = torch.ones(1, n, 1024)
-    hidden[0, 6, 3] = 1000.0  # a massive activation (§12.1): φ ≈ 32 > 20
+    hidden[0, 6, 3] = 1000.0  # a massive activation (Kang et al.'s φ rule): φ ≈ 32 > 20
     cls = torch.zeros(1, n)
-    cls[0, 9] = 0.5  # a [CLS]-attention sink (seed 000)
+    cls[0, 9] = 0.5  # a [CLS]-attention sink (vispruner_nosink's threshold)
     feats = torch.ones(1, n, 4)
-    feats[0, 12] *= 10.0  # a high-norm vision feature (§12.3)
+    feats[0, 12] *= 10.0  # a high-norm vision feature
     ctx = DebiasContext(
         image_sizes=[[80, 40]], hidden=hidden, cls_attention=cls, vision_features=feats, grid=4, image_size=56
     )

@@ -396,7 +396,7 @@ class _FakeLLMSignals:
 
 
 def test_fastv_hand_computed_example():
-    """algorithms.md §17 ex. 1: s = [.10,.30,.05,.25,.20,.05], keep 3 -> {1,3,4} in raster order."""
+    """Hand-computed: s = [.10,.30,.05,.25,.20,.05], keep 3 -> {1,3,4} in raster order."""
     s = torch.tensor([0.10, 0.30, 0.05, 0.25, 0.20, 0.05])
     attn = torch.stack([s + 0.02, s - 0.02])[None, :, None, :]  # two heads whose mean is s
     method = vtprune.get_method("fastv", keep=3)

@@ -1,7 +1,8 @@
 """FLOPs, token accounting, KV bytes and roofline arithmetic against hand-computed values.
 
-Reference numbers come from research/performance.md §0, §2 (conversion table) and §3, and from
-algorithms.md §0.1 / §17 ex. 6 (layer averages).
+Reference numbers are computed by hand from the LLaVA-1.5 / LLaVA-NeXT architectures (parameter counts, the
+FastV paper's FLOPs convention 4nd² + 2n²d + 2ndm per layer) and from the layer averages of the method pages
+(docs/methods/pdrop.md, sparsevlm.md).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ LLAVA7B = ARCH_PRESETS["llava-1.5-7b"]
 LLAVA13B = ARCH_PRESETS["llava-1.5-13b"]
 NEXT7B = ARCH_PRESETS["llava-1.6-vicuna-7b"]
 NEXT13B = ARCH_PRESETS["llava-1.6-vicuna-13b"]
-TEXT = 60  # text tokens of the performance.md conversion table
+TEXT = 60  # text tokens of the conversion table below
 
 
 def _rel(a: float, b: float) -> float:
@@ -81,7 +82,7 @@ def test_llava_7b_facts() -> None:
     )
     assert (s.grid_size, s.num_patches, s.vision_tokens, s.visual_tokens) == (24, 576, 577, 576)
     assert (s.projector_in, s.projector_hidden, s.projector_out) == (1024, 4096, 4096)
-    # performance.md §3: 7.063 B total, 6.476 B non-embedding
+    # LLaVA-1.5-7B: 7.063 B total, 6.476 B non-embedding
     assert s.param_counts()["total"] == 7_063_427_072
     assert _rel(s.llm_nonembedding_linear_params, 6.476e9) < 1e-3
     s13 = LLAVA13B
@@ -113,7 +114,7 @@ def test_unknown_preset_is_a_clear_error() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# performance.md §2 conversion table (LLaVA-1.5-7B, 60 text tokens)
+# FLOPs conversion table (LLaVA-1.5-7B, 60 text tokens)
 # ---------------------------------------------------------------------------------------------------------
 
 TABLE = [
@@ -139,7 +140,7 @@ def test_conversion_table(visual: int, true_t: float, fastv_t: float, sparsevlm_
 
 
 def test_prefill_breakdown_at_636_tokens() -> None:
-    # performance.md §3: linear 2 × 6.476e9 × 636 = 8.24 T; causal attention 2 × 636² × 4096 × 32 = 0.106 T
+    # linear 2 × 6.476e9 × 636 = 8.24 T; causal attention 2 × 636² × 4096 × 32 = 0.106 T
     f = prefill_flops(LLAVA7B, 636)
     assert _rel(f["llm_linear"], 8.24e12) < 0.005
     assert _rel(f["llm_attention"], 0.106e12) < 0.005
@@ -148,7 +149,7 @@ def test_prefill_breakdown_at_636_tokens() -> None:
 
 
 def test_fastv_ratio_sanity_checks() -> None:
-    # performance.md §2: FastV K=2, R=50%, 60 text tokens → 56.8%; K=3 → 58.2%; 13B K=2 → 56.4%
+    # FastV K=2, R=50%, 60 text tokens → 56.8%; K=3 → 58.2%; 13B K=2 → 56.4%
     def ratio(spec: ArchSpec, k: int) -> float:
         full = fastv_convention_flops(spec, TEXT + 576)
         pruned = layer_tokens_for_stages(spec.num_layers, TEXT, 576, [(k, 288)])
@@ -160,7 +161,7 @@ def test_fastv_ratio_sanity_checks() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Token accounting (algorithms.md §0.1, §17 ex. 6)
+# Token accounting (layer averages: docs/methods/README.md)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -278,7 +279,7 @@ def test_tiny_fastv_convention_by_hand() -> None:
 
 
 def test_decode_matches_performance_md_formula() -> None:
-    # per step: 2·P + 4·c·d·layers (+ LM head), performance.md §3 "Decode arithmetic"
+    # per step: 2·P + 4·c·d·layers (+ LM head)
     c = 636
     d = decode_flops(LLAVA7B, c, new_tokens=1)
     p = LLAVA7B.llm_nonembedding_linear_params
@@ -286,7 +287,7 @@ def test_decode_matches_performance_md_formula() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# KV cache, bytes and roofline (performance.md §0, §3)
+# KV cache, bytes and roofline
 # ---------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Head-scoring strategies, dynamic head count and resource-aware selection (algorithms.md §14, §20)."""
+"""Head-scoring strategies, dynamic head count and resource-aware selection (docs/methods/attention_options.md)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """LLM-stage methods of the methods issue: SparseVLM, PyramidDrop, HiMAP, TokenCarve, iLLaVA.
 
 Hand-computed scores on hand-made inputs (a fake LLMSignals), the budget/schedule arithmetic of
-algorithms.md §2/§3/§9/§17, and checks on the tiny model: scores equal their definition recomputed by hand,
+the method pages (docs/methods/sparsevlm.md, pdrop.md, himap.md), and checks on the tiny model: scores equal their definition recomputed by hand,
 merged/created tokens reach the LLM, SparseVLM v1's per-sample counts are exact per sample, and the
 debias/head options change selections (debias only at the first stage; strength 0 changes nothing).
 The engine invariants (keep-all, oracle, batched == single, cache, sdpa == eager) are in cases_llm.py.
@@ -193,7 +193,7 @@ def test_sparsevlm_schedules_and_budget_arithmetic():
     assert sparsevlm_schedule("1.5", 100, 576) == (156, 104, 57)  # other budgets: 192 schedule × keep/192
     assert sparsevlm_schedule("1.5", 16, 64) == (25, 17, 9)
     assert sparsevlm_schedule("1.5", 576, 576) == (576, 576, 576)
-    # §17 ex. 6: 192 → 309 / 204 / 113 incl. 9 / 4 / 3 recycled; repo accounting (tokens after each layer's
+    # docs/methods/sparsevlm.md: 192 → 309 / 204 / 113 incl. 9 / 4 / 3 recycled; repo accounting (tokens after each layer's
     # pruning, 32 layers) averages 192.0
     assert [recycle_counts(n)[1] for n in (276, 109, 94)] == [9, 4, 3]
     after = stage_counts(576, [300, 200, 110])
@@ -238,7 +238,7 @@ def test_sparsevlm_config_errors(tiny):
 
 
 def test_pdrop_budget_arithmetic():
-    """§17 ex. 6: layers [2, 10, 20], ratios [0.32, 0.16, 0.08] → 184 / 92 / 46, layer average 128.0."""
+    """docs/methods/pdrop.md: layers [2, 10, 20], ratios [0.32, 0.16, 0.08] → 184 / 92 / 46, layer average 128.0."""
     layers, counts = vtprune.get_method("pdrop", keep=128).plan(LLAVA15)
     assert layers == (2, 10, 20) and counts == (184, 92, 46)
     assert pdrop_layer_average(list(counts), layers, 32, 576) == 128.0
@@ -522,7 +522,7 @@ def test_debias_and_head_options_change_selection(tiny, batch_inputs, name):
 
 @pytest.mark.parametrize("name", ["sparsevlm", "pdrop", "himap"])
 def test_debias_only_at_the_first_stage(tiny, batch_inputs, monkeypatch, name):
-    """§13: the multi-stage pruners debias their first pruning stage only (SparseVLM also computes the
+    """The released debiasing patches: the multi-stage pruners debias their first pruning stage only (SparseVLM also computes the
     plain score, which ranks the recycled tokens)."""
     model = tiny[0]
     method = vtprune.get_method(name, keep=16, debias=["recency"], **OPTION_CASES[name])
@@ -657,7 +657,7 @@ def test_sink_detectors_beyond_padding_are_opt_in(tiny, batch_inputs, monkeypatc
 
 def reference_vit_tower(model, pixel_values, layers, remove):
     """The CLIP tower run by hand up to LLaVA's feature layer, merging after the attention sub-block of each
-    layer in `layers` (§11): importance = head-mean attention received, mean over all query rows; the r + 1
+    layer in `layers` (docs/methods/illava.md): importance = head-mean attention received, mean over all query rows; the r + 1
     least important patches ([CLS] excluded) are averaged with weights r+1, r, ..., 1 (least important
     first) into the most important of them, the other r dropped, raster order kept.
     Returns the feature layer's output (N, 1 + P', Dv) and the original patch index of each survivor."""

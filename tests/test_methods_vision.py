@@ -39,7 +39,7 @@ def _unit(degrees):
     return torch.stack([rad.cos(), rad.sin()], dim=-1)
 
 
-# --- CDPruner: hand-computed DPP (algorithms.md §17 ex. 4) -------------------------------------------------
+# --- CDPruner: hand-computed DPP --------------------------------------------------------------------------
 
 
 def _ex4_signals():
@@ -256,7 +256,7 @@ def test_cdpruner_needs_a_prompt_tokenizer(tiny, batch_inputs, tiny_clip_dir):
         vtprune.get_method("cdpruner", relevance="text")
 
 
-# --- DivPrune (algorithms.md §17 ex. 5) --------------------------------------------------------------------
+# --- DivPrune: hand-computed max–min diversity ------------------------------------------------------------
 
 
 def test_divprune_hand_computed_example():
@@ -502,7 +502,7 @@ def test_vision_budgets_are_exact(keep):
     assert vtprune.get_method("cdpruner").stages(INFO_576)[0].keep == 64
 
 
-# --- PruMerge / PruMerge+ (algorithms.md §8) ---------------------------------------------------------------
+# --- PruMerge / PruMerge+ (docs/methods/prumerge.md) --------------------------------------------------------
 
 
 def _prumerge_reference(attn, x, keys, plus, neighbours=32, start_div=None):

@@ -1,6 +1,6 @@
-"""Tests of vtprune.selection against the hand-computed examples of algorithms.md §17 and against plain,
-slow, one-sample reference implementations written here straight from the spec text (pure Python loops,
-float64).
+"""Tests of vtprune.selection against examples computed by hand from each method's definition and against
+plain, slow, one-sample reference implementations written here straight from each method's definition (pure
+Python loops, float64).
 
 Test data comes in three flavours so that ties are exercised without depending on float rounding:
 * ``gauss``: continuous random features (ties have probability ~0);
@@ -233,7 +233,7 @@ def as_lists(t: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# §17 hand-computed examples
+# hand-computed examples
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -264,7 +264,7 @@ def test_example3_vispruner_duplicate_removal():
     got = vispruner_select(attn, feats, keep=6, important_ratio=0.0)
     expected = sorted(i for i, a in enumerate(EX3_ANGLES) if a in EX3_KEPT)
     check_picked(got, 0, expected, 6)
-    # the round's best-match cosines are the ones printed in §17
+    # the round's best-match cosines, computed by hand
     cos = ref_cos(unit2(EX3_ANGLES).double().tolist(), 0.0)
     a_list, b_list = list(range(10))[0::2], list(range(10))[1::2]
     best = [max(cos[a][b] for b in b_list) for a in a_list]

@@ -51,11 +51,11 @@ def _reflow(text: str) -> str:
 @app.command("methods")
 @reports_user_errors
 def methods_command(
-    name: str = typer.Argument(None, help="Print this method's full documentation instead of the table."),
+    name: str = typer.Argument(None, help="Print this method's page (docs/methods/) instead of the table."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """List every pruning method: name, stage, paper, parameters with defaults, deviations from the
-    official code. With a NAME, print that method's whole documentation."""
+    official code. With a NAME, print that method's page: paper, idea, parameters, official code, deviations."""
     from vtprune.api import list_methods
 
     infos = list_methods()
@@ -65,7 +65,15 @@ def methods_command(
             raise UserInputError(f"unknown method {name!r}; valid methods: {', '.join(sorted(known))}")
         infos = [known[name]]
         if not as_json:
-            print(infos[0].doc)
+            from rich.markdown import Markdown
+
+            from vtprune.method_docs import method_page
+
+            page = method_page(name)
+            if page is None:  # a method registered outside vtprune, or an install without docs/methods/
+                print(infos[0].doc)
+            else:
+                console.print(Markdown(page))
             return
     if as_json:
         print(
@@ -90,7 +98,7 @@ def methods_command(
         deviations = _reflow(info.deviations.removeprefix("Deviations from the official code").lstrip(" :"))
         table.add_row(info.name, info.stage, info.summary, info.paper, params, deviations)
     console.print(table)
-    console.print("`vtprune methods NAME` prints a method's whole documentation.")
+    console.print("`vtprune methods NAME` prints a method's page (docs/methods/NAME.md).")
 
 
 @app.command("generate")

@@ -1,4 +1,5 @@
-"""`vtprune analyze heads`: which LLM heads look at the image (algorithms.md §14, §20, seed 004 FinePruner).
+"""`vtprune analyze heads`: which LLM heads look at the image (FinePruner's head strategies,
+docs/methods/attention_options.md).
 
 1. **Head map.** For every sample, the unpruned prefill runs with a capture on every decoder layer's
    attention (post-RoPE q/k, `signals.attention.add_capture`, removed afterwards); the last prompt token's

@@ -6,7 +6,7 @@ user's notebook. Saved images keep the figure's exact pixel size (figsize × dpi
 which is what makes `assert_png_ok` checks in tests deterministic.
 
 Patch overlays assume LLaVA's raster order: visual token j sits at row j // grid_w, column j % grid_w of the
-patch grid (algorithms.md §0; kept indices are in original numbering, as in a `PruneRecord`).
+patch grid (kept indices are in original numbering, as in a `PruneRecord`).
 """
 
 from __future__ import annotations

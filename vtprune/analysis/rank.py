@@ -1,4 +1,4 @@
-"""Numerical rank, effective rank and their per-configuration averages (algorithms.md §15).
+"""Numerical rank, effective rank and their per-configuration averages (docs/ANALYSIS.md).
 
 Rank analysis asks how much independent information the kept visual tokens still carry at a layer (e.g.
 the hidden states or attention output of the kept tokens, or SparseVLM's raters × visual attention block).
@@ -53,7 +53,7 @@ def singular_values(matrix: Any) -> np.ndarray:
 
 
 def numerical_rank(matrix: Any, rel_threshold: float = 1e-3) -> int:
-    """Number of singular values above `rel_threshold` × the largest one (algorithms.md §15 rank_τ).
+    """Number of singular values above `rel_threshold` × the largest one, rank_τ(M) = #{i : σ_i > τ·σ_1}.
 
     A zero (or empty) matrix has rank 0. Accepts numpy arrays and torch tensors of any dtype and device.
     """

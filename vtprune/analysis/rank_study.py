@@ -1,5 +1,5 @@
 """`vtprune analyze rank`: accuracy and the numerical rank of the visual tokens' attention output against the
-number of kept tokens (seed 001, algorithms.md §15 and §20).
+number of kept tokens (docs/ANALYSIS.md; the study behind `l2norm`, docs/methods/l2norm.md).
 
 For every kept count k of the sweep (576, 566, …, 20 by default; clipped to the model's visual tokens per
 image, the stop value always included) the method (default `l2norm`, the seed's feature-norm pruning) runs

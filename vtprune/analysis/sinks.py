@@ -1,12 +1,13 @@
-"""`vtprune analyze sinks`: attention-sink statistics of the visual tokens over a dataset (algorithms.md §12,
-seed 000).
+"""`vtprune analyze sinks`: attention-sink statistics of the visual tokens over a dataset
+(docs/ANALYSIS.md).
 
 Two kinds of sinks, both computed on the unpruned prefill of each sample (its first image):
 
 * **vision sinks** — patches whose head-mean [CLS] attention in the vision feature layer exceeds
-  `vision_threshold` (0.02, the seed's `attention_sink_threshold`; `signals.debias.attention_mass_sinks`);
+  `vision_threshold` (0.02, `vispruner_nosink`'s `attention_sink_threshold`; `signals.debias.attention_mass_sinks`);
 * **LLM sinks** — visual tokens with massive activations, φ(x) = max_{d∈D} |RMSNorm(x)_d| > τ (τ = 20) on
-  the hidden state entering decoder `layer` (default 2), §12.1 (`signals.debias.massive_activation_sinks`).
+  the hidden state entering decoder `layer` (default 2), the rule of Kang et al., arXiv 2503.03321
+  (`signals.debias.massive_activation_sinks`).
   D is LLaMA-2's known sink dimensions for hidden size 4096 / 5120 (LLaVA-1.5-7B / 13B) and otherwise
   detected per sample (the two channels with the largest peak).
 

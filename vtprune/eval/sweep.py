@@ -3,7 +3,7 @@
 
 The model is loaded once for the whole grid; each cell only switches the pruning method. The x axis is the
 layer-averaged number of visual tokens read from the pruning records, the quantity that makes vision-stage
-and in-LLM methods comparable (algorithms.md §0.1); "tokens after pruning" is in the table too.
+and in-LLM methods comparable (docs/methods/README.md); "tokens after pruning" is in the table too.
 """
 
 from __future__ import annotations

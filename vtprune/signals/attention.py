@@ -2,12 +2,12 @@
 
 Methods need, at one layer, softmax attention probabilities from a few query rows to the visual keys.
 SDPA and FlashAttention never materialise them, so vtprune reads the layer's own post-RoPE query and key
-states while the layer runs and computes only the rows it needs (algorithms.md §0.2).
+states while the layer runs and computes only the rows it needs.
 
 The reading happens in a thin wrapper around the attention function transformers dispatches to
 (`ALL_ATTENTION_FUNCTIONS`, the AttentionInterface). The model's `_attn_implementation` is never changed,
-so its masks are built exactly as before (ecosystem.md §3.3: registering a *new* name silently drops the
-padding mask). The wrapper is installed while at least one model is pruned, acts only on the attention
+so its masks are built exactly as before (registering a *new* name in the interface would make transformers
+silently drop the padding mask). The wrapper is installed while at least one model is pruned, acts only on the attention
 modules a pruning session registered, and is removed with the last session.
 """
 
@@ -103,7 +103,8 @@ def attention_rows(
     query: (B, H, L, dh) post-RoPE; key: (B, Hkv, L, dh) post-RoPE (GQA heads are repeated);
     query_index: (B, Q) sequence positions of the wanted rows; key_valid: (B, L) padding mask.
     Returns (B, H, Q, L). The softmax runs over every key the query could see (causal + padding), never
-    renormalised over a subset, as the official code does (algorithms.md §0.2 (b)).
+    renormalised over a subset, as the official code does: the non-visual keys (the BOS and
+    system-prompt sinks) keep their share.
     """
     b, h, length, dh = query.shape
     q_rows = torch.gather(query, 2, query_index[:, None, :, None].expand(b, h, -1, dh)).float()

@@ -142,7 +142,8 @@ class VisionSignals:
     def cls_attention_heads(self) -> torch.Tensor:
         """(N, Hv, P) [CLS]-query attention of the feature layer to each patch, per head (float32).
 
-        Softmax over all 1 + P keys, then the [CLS] column dropped, not renormalised (algorithms.md §0).
+        Softmax over all 1 + P keys, then the [CLS] column dropped, not renormalised (as the official
+        VisPruner and VisionZip code read `attentions[-2][:, :, 0, 1:]`).
         """
         qk = self.qk
         row0 = torch.zeros(qk.query.shape[0], 1, dtype=torch.long, device=self.hidden.device)
@@ -199,8 +200,8 @@ class VisionSignals:
 
     def padding_fraction(self, tolerance: float = 0.03) -> torch.Tensor | None:
         """(N, P) the part of each patch that is pad-to-square filler, or None when the pixels are not at
-        hand. The padding attention-sink debiasing (algorithms.md §13) thresholds it with its method's patch
-        threshold (0.5; PDrop 0.01); with centre-crop preprocessing nothing is padding.
+        hand. The padding attention-sink debiasing (docs/methods/attention_options.md) thresholds it with its
+        method's patch threshold (0.5; PDrop 0.01); with centre-crop preprocessing nothing is padding.
 
         The released patches (intcomp/attention-bias `generate_pad_mask` @ e75ebe7) compute this fraction
         from the original image size: LLaVA's `expand2square` pads the short side symmetrically, so padding
@@ -452,7 +453,7 @@ class LLMSignals:
         return self.cache["normed_hidden"]
 
     def recompute_qk(self) -> Captured:
-        """q/k of the prune layer applied to its unpruned input (PyramidDrop's scoring, algorithms.md §3)."""
+        """q/k of the prune layer applied to its unpruned input (PyramidDrop's scoring, docs/methods/pdrop.md)."""
         layer = self.adapter.layers[self.layer]
         attn = layer.self_attn
         normed = layer.input_layernorm(self.hidden)

@@ -1,13 +1,14 @@
 """Score modifiers for attention-based token rankings: positional (recency) debiasing and sink masking.
 
-Spec: ``shared/algorithms.md`` §12 (attention sinks) and §13 (attention debiasing, Zhao et al.,
-arXiv 2508.17807, repo ``intcomp/attention-bias``). Every function here is pure and batched: it takes a
+Attention debiasing after Zhao et al., "Attention Debiasing for Token Pruning in Vision-Language Models"
+(arXiv 2508.17807, repo ``intcomp/attention-bias``); the options are documented in
+docs/methods/attention_options.md. Every function here is pure and batched: it takes a
 score tensor whose last dimension runs over the N visual tokens of a sample (in raster order of a ``grid``,
 several images = N a multiple of the grid size) and returns a new tensor or a boolean mask over those tokens.
 Scores are handled in float32 (float64 is kept); nothing synchronises with the host except the offline
 calibration helper :func:`fit_recency`.
 
-Two corrections, composed in the order of §13 (positional first, then sinks / padding):
+Two corrections, composed in the paper's order (positional first, then sinks / padding):
 
 * **recency** — text→image attention grows roughly exponentially with the image-token index. The debiased
   score is ``w_i ** strength * a_i`` with ``w`` from the released per-method λ (``w_i = exp(-λ i)``),
@@ -15,10 +16,12 @@ Two corrections, composed in the order of §13 (positional first, then sinks / p
   ``f(x) = μ e^{σx}`` of calibration scores (``w_i = e^{-σ x_i}``, ``x_i = i / N``).
 * **sinks** — tokens whose score is inflated independently of content. ``"sink"`` means what the released
   patches of ``intcomp/attention-bias`` (@ e75ebe7, ``patches/*.patch``) do: the padding patches of
-  pad-to-square images are masked out of the score (§13 (2)), with the patch's own padding threshold
+  pad-to-square images are masked out of the score, with the patch's own padding threshold
   (:data:`PADDING_THRESHOLDS`). Other sources are vtprune additions, opt-in by name: visual attention sinks
-  with massive activations (``"massive"``, §12.1), [CLS]-attention outliers (``"attention"``, seed 000) and
-  high-norm vision features (``"norm"``, §12.3). Each detector returns a ``(B, N)`` bool mask
+  with massive activations (``"massive"``; Kang et al., "See What You Are Told: Visual Attention Sink in
+  Large Multimodal Models", arXiv 2503.03321), [CLS]-attention outliers (``"attention"``, the threshold of
+  ``vispruner_nosink``) and high-norm vision features (``"norm"``; Darcet et al., "Vision Transformers Need
+  Registers", arXiv 2309.16588). Each detector returns a ``(B, N)`` bool mask
   (True = sink); :func:`apply_sink_mask` excludes, zeroes or down-weights them.
 
 :class:`Debias` bundles both as one validated option that any attention-based method can apply.
@@ -57,10 +60,10 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------------------
-# Positional (recency) debiasing, §13 (1)
+# Positional (recency) debiasing
 # --------------------------------------------------------------------------------------------------------
 
-#: Benchmarks of the released weight files, in the column order of the §13 table.
+#: Benchmarks of the released weight files (intcomp/attention-bias @ e75ebe7).
 BENCHMARKS: tuple[str, ...] = (
     "gqa",
     "mmb",
@@ -75,7 +78,7 @@ BENCHMARKS: tuple[str, ...] = (
 )
 
 _LAMBDA_E3: dict[str, tuple[float, ...]] = {
-    # λ·10³ per benchmark (order of BENCHMARKS), read from the released .npy files [code@e75ebe7], §13.
+    # λ·10³ per benchmark (order of BENCHMARKS), read from the released .npy files (@ e75ebe7).
     "pdrop": (3.989, 2.652, 2.597, 3.266, 4.134, 4.051, 2.698, 3.147, 2.519, 3.756),
     "sparsevlm": (2.301, 3.196, 2.599, 3.803, 4.225, 4.637, 2.992, 3.148, 2.742, 4.121),
     "himap": (2.172, 1.609, 1.480, 2.041, 1.703, 2.253, 1.707, 1.479, 1.971, 2.214),
@@ -148,7 +151,7 @@ def _canonical_benchmark(benchmark: str) -> str:
 
 
 def recency_lambda(method: str, benchmark: str | None = None) -> float:
-    """λ of the released exponential weights for ``method`` (§13 table); mean over benchmarks if ``None``.
+    """λ of the released exponential weights for ``method``; mean over benchmarks if ``None``.
 
     Method names are matched loosely (``"PyramidDrop"``, ``"pdrop"``; ``"SparseVLM"``), as are benchmark
     names (``"MMB-CN"``, ``"mmbench_cn"``, ``"ScienceQA"``). FastV has no λ (its weights are a cubic).
@@ -179,7 +182,7 @@ def recency_weights(
     ref_n: int | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Per-token recency multipliers ``w ** strength`` of shape ``(n,)`` (float32), §13 (1).
+    """Per-token recency multipliers ``w ** strength`` of shape ``(n,)`` (float32).
 
     ``kind``:
 
@@ -222,7 +225,7 @@ def recency_weights(
 
 
 def fit_recency(mean_scores: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[float, float]:
-    """Least-squares fit of ``f(x) = μ e^{σx}``, ``x = i / N``, to calibration scores (§13 (1)).
+    """Least-squares fit of ``f(x) = μ e^{σx}``, ``x = i / N``, to calibration scores (the paper's fit).
 
     ``mean_scores``: ``(N,)`` mean score per token position over a calibration set (leading dimensions, if
     any, are averaged first). The fit is linear least squares on ``log ā_i = log μ + σ x_i`` over the tokens
@@ -258,7 +261,7 @@ def recency_debias(
     weights: torch.Tensor | tuple[float, float],
     strength: float = 1.0,
 ) -> torch.Tensor:
-    """Debiased scores ``scores · w ** strength`` (§13 (1)); §17 example 2 is the reference case.
+    """Debiased scores ``scores · w ** strength``; tests/test_debias.py has a hand-computed case.
 
     ``scores``: ``(..., N)``. ``weights``: a ``(n,)`` tensor of multipliers with ``N`` a multiple of ``n``
     (one image's weights are tiled over the images of a multi-image sample), or a fitted ``(mu, sigma)``
@@ -286,7 +289,7 @@ def recency_debias(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Sink detectors, §12 and §13 (2). Each returns a bool mask, True = sink / padding.
+# Sink detectors. Each returns a bool mask, True = sink / padding.
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -332,7 +335,7 @@ def padding_patch_mask(
     image_size: int = 336,
     threshold: float = 0.5,
 ) -> torch.Tensor:
-    """Patches that are padding under LLaVA's pad-to-square preprocessing (§13 (2), geometry of §0).
+    """Patches that are padding under LLaVA's pad-to-square preprocessing (LLaVA-1.5's ``pad``).
 
     ``image_sizes``: original ``(w, h)`` per image, shape ``(B, 2)`` or ``(B, I, 2)`` for ``I`` images per
     sample. Returns ``(B, I·rows·cols)`` bool in raster order per image, True = padding patch.
@@ -377,7 +380,7 @@ def padding_patch_mask(
     return mask.reshape(mask.shape[0], -1)
 
 
-#: Sink dimensions of the LLM hidden states (§12.1, VisAttnSink).
+#: Sink dimensions of the LLM hidden states (Kang et al., MICV-yonsei/VisAttnSink).
 LLAMA2_SINK_DIMS: dict[str, tuple[int, ...]] = {
     "llama-2-7b": (2533, 1415),  # LLaVA-1.5-7B / Vicuna-7B
     "llama-2-13b": (2100, 4743),  # LLaVA-1.5-13B / Vicuna-13B
@@ -385,7 +388,7 @@ LLAMA2_SINK_DIMS: dict[str, tuple[int, ...]] = {
 
 
 def rms_normalize(hidden: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``x / sqrt(mean(x²) + eps)`` over the last dimension, without a learned weight (§12.1)."""
+    """``x / sqrt(mean(x²) + eps)`` over the last dimension, without a learned weight (Kang et al.)."""
     x = _float(hidden)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -396,7 +399,7 @@ def massive_activation_sinks(
     tau: float = 20.0,
     num_dims: int = 2,
 ) -> torch.Tensor:
-    """Visual attention sinks by the φ rule of §12.1: ``φ(x) = max_{d∈D} |RMSNorm(x)_d| > τ``.
+    """Visual attention sinks by Kang et al.'s φ rule: ``φ(x) = max_{d∈D} |RMSNorm(x)_d| > τ``.
 
     ``hidden``: ``(B, N, D)`` hidden states of the visual tokens entering the scoring layer. ``dims``: the
     sink dimensions D (e.g. ``LLAMA2_SINK_DIMS["llama-2-7b"]``). If ``None``, D is detected per sample as the
@@ -424,7 +427,7 @@ def massive_activation_sinks(
 
 
 def attention_mass_sinks(scores: torch.Tensor, threshold: float = 0.02) -> torch.Tensor:
-    """Tokens whose attention exceeds ``threshold`` (seed 000: head-mean [CLS] attention > 0.02).
+    """Tokens whose attention exceeds ``threshold`` (``vispruner_nosink``: head-mean [CLS] attention > 0.02).
 
     ``scores``: ``(B, N)``, or ``(B, H, N)`` which is averaged over heads first. Returns ``(B, N)`` bool.
     """
@@ -439,7 +442,7 @@ def attention_mass_sinks(scores: torch.Tensor, threshold: float = 0.02) -> torch
 def norm_outlier_sinks(
     features: torch.Tensor, ratio: float | None = 0.01, z: float | None = None
 ) -> torch.Tensor:
-    """High-norm "register" outliers among vision features (§12.3), ``(B, N, D) -> (B, N)`` bool.
+    """High-norm "register" outliers among vision features, ``(B, N, D) -> (B, N)`` bool.
 
     Exactly one rule: ``ratio`` flags the ``max(1, round(ratio·N))`` tokens of largest ``‖x‖₂`` per sample
     (ties: lower index first); ``z`` flags tokens whose norm z-score (per sample, population std) exceeds
@@ -479,7 +482,7 @@ def _broadcast_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def apply_sink_mask(
     scores: torch.Tensor, sink_mask: torch.Tensor, mode: SinkMode = "exclude", factor: float = 0.1
 ) -> torch.Tensor:
-    """Suppress sink tokens in a score tensor (§12.1 "use for pruning", §13 (2)).
+    """Suppress sink tokens in a score tensor.
 
     ``scores``: ``(B, N)`` or ``(B, H, N)``; ``sink_mask``: ``(B, N)`` bool (True = sink). ``mode``:
 
@@ -510,13 +513,13 @@ def apply_sink_mask(
 class DebiasContext:
     """What the caller can offer :meth:`Debias.apply`; every field is optional.
 
-    * ``image_sizes``: original ``(w, h)`` per image, ``(B, 2)`` or ``(B, I, 2)`` → padding mask (§13 (2)).
+    * ``image_sizes``: original ``(w, h)`` per image, ``(B, 2)`` or ``(B, I, 2)`` → padding mask.
     * ``padding_mask``: ``(B, N)`` bool, precomputed padding patches (wins over the two others).
     * ``padding_fraction``: ``(B, N)`` float, the part of each patch that is padding (e.g. measured on the
       pixels); thresholded with the option's ``padding_threshold`` (wins over ``image_sizes``).
-    * ``hidden``: ``(B, N, D)`` LLM hidden states of the visual tokens at the scoring layer → φ sinks (§12.1).
+    * ``hidden``: ``(B, N, D)`` LLM hidden states of the visual tokens at the scoring layer → φ sinks.
     * ``cls_attention``: ``(B, N)`` (or ``(B, H, N)``) [CLS] attention of the vision tower → mass sinks.
-    * ``vision_features``: ``(B, N, D)`` vision-tower patch features → high-norm outliers (§12.3).
+    * ``vision_features``: ``(B, N, D)`` vision-tower patch features → high-norm outliers.
     * ``grid`` / ``image_size``: patch grid per image and the square input size (LLaVA-1.5: 24, 336).
     """
 
@@ -559,7 +562,7 @@ _SOURCE_NEEDS = {
 
 @dataclass
 class Debias:
-    """Attention-debiasing option for any attention-based pruner (§12, §13).
+    """Attention-debiasing option for any attention-based pruner (docs/methods/attention_options.md).
 
     Fields (validated in ``__post_init__``):
 
@@ -570,9 +573,9 @@ class Debias:
       ``"fit"`` (needs ``recency_fit = (mu, sigma)``).
     * ``recency_ref_n``: calibration length per image (576); with another number of tokens per image the
       index is rescaled, see :func:`recency_weights`. ``None`` = raw indices.
-    * ``sink``: enable sink suppression from the detectors in ``sink_sources`` — ``"padding"`` (§13, the
-      only one the released patches have, and the default), ``"massive"`` (§12.1 φ rule), ``"attention"``
-      ([CLS]-attention threshold, seed 000), ``"norm"`` (§12.3) — each used when its input is in the
+    * ``sink``: enable sink suppression from the detectors in ``sink_sources`` — ``"padding"`` (the
+      only one the released patches have, and the default), ``"massive"`` (φ rule), ``"attention"``
+      ([CLS]-attention threshold), ``"norm"`` (high feature norm) — each used when its input is in the
       context (at least one must be).
     * thresholds: ``padding_threshold`` (None = the released patch's of ``method``, 0.5 for a method without
       one, see :data:`PADDING_THRESHOLDS`), ``massive_tau`` (20) and ``massive_dims`` (None = detect),
@@ -582,7 +585,7 @@ class Debias:
       below every real token exactly as an excluded one does — "exclude" only differs for a real score that
       underflows to 0, which it keeps above padding.
 
-    Order (§13): positional first, then sinks. Sink detection never reads the debiased scores.
+    Order (the paper's): positional first, then sinks. Sink detection never reads the debiased scores.
     """
 
     recency: bool | float = False
@@ -668,7 +671,7 @@ class Debias:
         ``"sink"`` —, ``"massive"``, ``"attention"``, ``"norm"``: vtprune additions, opt-in). ``defaults``
         (e.g. ``method="fastv"``, ``benchmark="pope"``) fill fields the spec does not set; ``method`` also
         picks the patch's padding threshold. ``["recency", "sink"]`` with the padding of the images in the
-        context reproduces the released patches (§13).
+        context reproduces the released patches.
         """
         if isinstance(spec, Debias):
             return spec
@@ -783,7 +786,7 @@ class Debias:
         context: DebiasContext | Mapping[str, object] | None = None,
         return_mask: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Debias ``scores`` (``(B, N)`` or ``(B, H, N)``): recency first, then sinks (§13).
+        """Debias ``scores`` (``(B, N)`` or ``(B, H, N)``): recency first, then sinks.
 
         With ``return_mask=True`` also returns the ``(B, N)`` bool mask of suppressed tokens (all False
         when sinks are off), so a caller can cap its keep count at the number of valid tokens as FastV's

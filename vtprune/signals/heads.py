@@ -1,22 +1,22 @@
-"""Head selection for attention-based token scores (``shared/algorithms.md`` §14 and §20, seed 004 FinePruner).
+"""Head selection for attention-based token scores (FinePruner; docs/methods/attention_options.md).
 
 Official LLM-stage pruners average the text→image attention of all heads. FinePruner instead picks the
 heads that look "visual" with one of seven strategies, a number of heads that is fixed or chosen per sample
 (dynamic count), and — in its resource-aware mode — the strategy itself, from candidates that depend on the
-visual-token budget R. FinePruner's formulas are not published (§20); every strategy below is defined
-precisely in its docstring, from its name and §14.
+visual-token budget R. FinePruner's formulas are not published; every strategy below is defined
+precisely in its docstring, from its name.
 
 Inputs are post-softmax attention probabilities from query rows to the N visual tokens, ``(B, H, Q, N)``,
 or a head-resolved score ``(B, H, N)``. Strategies first reduce ``(B, H, Q, N)`` to ``s = mean_Q A``
 (``(B, H, N)``, optionally over valid query rows only) and return one score per head, ``(B, H)``, higher =
 more useful. Everything is per sample (a batch gives the same result as its samples one by one), float32
-(float64 kept), deterministic (ties broken by lower head index first, §0.3) and free of host syncs except
+(float64 kept), deterministic (ties broken by lower head index first) and free of host syncs except
 where lists are built for records (:meth:`HeadSelection.indices`).
 
 Two families of per-head quantities are used:
 
 * **raw mass** quantities on ``s`` itself (image mass, max, range, top-k sum): a head that sends little
-  attention to the image scores low — never renormalised (§0.2);
+  attention to the image scores low — never renormalised;
 * **shape** quantities on the head's distribution over image tokens ``p_h = s_h / Σ_j s_{h,j}`` (sparsity);
   a head with no image mass at all is treated as uniform.
 """
@@ -114,13 +114,13 @@ def _off_diagonal(c: torch.Tensor) -> torch.Tensor:
 
 
 def image_mass(attn: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Total attention a head sends to the image, ``m_h = Σ_j s_{h,j}`` (§14 "top-k by mass", SparseVLM+ v2.0
+    """Total attention a head sends to the image, ``m_h = Σ_j s_{h,j}`` (SparseVLM+ v2.0
     keeps the 14 heads of largest ``m_h``)."""
     return head_attention(attn, query_mask).sum(-1)
 
 
 def sparsity(attn: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Concentration of a head's image attention: ``1 − H(p_h) / log N``, in [0, 1] (§20, §14).
+    """Concentration of a head's image attention: ``1 − H(p_h) / log N``, in [0, 1].
 
     ``H(p) = −Σ p_j log p_j`` (``0 log 0 = 0``) is the entropy of ``p_h = s_h / Σ_j s_{h,j}``. A one-hot head
     scores 1, a uniform head 0, a head split evenly over 2 of 4 tokens ``1 − log 2 / log 4 = 0.5``. The
@@ -160,7 +160,7 @@ def attention_range(attn: torch.Tensor, query_mask: torch.Tensor | None = None) 
 def graph_based(
     attn: torch.Tensor, query_mask: torch.Tensor | None = None, damping: float = 0.85
 ) -> torch.Tensor:
-    """PageRank centrality of each head in the head-similarity graph (§20 "centrality of the head").
+    """PageRank centrality of each head in the head-similarity graph (FinePruner's "graph_based").
 
     Graph: nodes = heads, edge weights ``C_{hg} = cos(s_h, s_g)`` for ``h ≠ g`` (non-negative, attention is
     non-negative), no self loops. Random walk ``P = D⁻¹ C`` (rows of a head with no similar head — zero
@@ -186,7 +186,7 @@ def graph_based(
 def hierarchical(
     attn: torch.Tensor, query_mask: torch.Tensor | None = None, group_frac: float = 0.5
 ) -> torch.Tensor:
-    """Two-level ranking: first by image mass, then by sparsity inside the top group (§20 "hierarchical").
+    """Two-level ranking: first by image mass, then by sparsity inside the top group (FinePruner's "hierarchical").
 
     Level 1: the ``G = ceil(group_frac · H)`` heads with the largest :func:`image_mass` (ties: lower index)
     form the top group. Level 2: inside the group heads are ranked by :func:`sparsity`; outside it, by
@@ -216,7 +216,7 @@ def multi_objective(
     query_mask: torch.Tensor | None = None,
     weights: tuple[float, float, float] = _MULTI_WEIGHTS,
 ) -> torch.Tensor:
-    """Weighted blend of three min–max-normalised criteria (§20 "multi_objective").
+    """Weighted blend of three min–max-normalised criteria (FinePruner's "multi_objective").
 
     ``score_h = 0.4 · n(sparsity_h) + 0.3 · n(image_mass_h) + 0.3 · n(diversity_h)`` where ``n`` is min–max
     normalisation over the heads of the sample (a constant criterion contributes 0) and
@@ -234,7 +234,7 @@ def multi_objective(
 StrategyFn = Callable[..., torch.Tensor]
 
 #: Registry of head-scoring strategies, name -> ``fn(attn, query_mask=None, **options) -> (B, H)``.
-#: The seven FinePruner strategies (§20) plus ``image_mass`` (SparseVLM+'s top-14-by-mass rule, §14).
+#: The seven FinePruner strategies plus ``image_mass`` (SparseVLM+'s top-14-by-mass rule).
 HEAD_STRATEGIES: dict[str, StrategyFn] = {
     "sparsity": sparsity,
     "graph_based": graph_based,
@@ -300,7 +300,7 @@ def scale_head_range(head_range: tuple[int, int], num_heads: int, ref_heads: int
 
 
 def resource_candidates(budget: int, num_heads: int = 32) -> tuple[tuple[str, ...], tuple[int, int]]:
-    """Candidate strategies and preferred head-count range for a visual-token budget R (§20, seed 004).
+    """Candidate strategies and preferred head-count range for a visual-token budget R (FinePruner).
 
     ``R ≥ 166`` → (sparsity, hierarchical), 14–26 heads; ``R ≥ 98`` → (sparsity, hierarchical, top_k_sum,
     max_attention), 8–26; otherwise (graph_based, multi_objective, attention_range), 6–18. R is the number of
@@ -322,7 +322,7 @@ def resource_candidates(budget: int, num_heads: int = 32) -> tuple[tuple[str, ..
 def head_count_estimates(
     scores: torch.Tensor, gap_k: float = 0.8, quality_k: float = 0.3, contribution: float = 0.85
 ) -> torch.Tensor:
-    """The three head-count estimates of FinePruner's dynamic count, ``(B, H) -> (B, 3)`` long (§20, seed 004).
+    """The three head-count estimates of FinePruner's dynamic count, ``(B, H) -> (B, 3)`` long.
 
     With the sample's head scores sorted in decreasing order ``s_(1) ≥ … ≥ s_(H)`` (std = sample std, n−1):
 
@@ -403,7 +403,7 @@ def combination_quality(
     query_mask: torch.Tensor | None = None,
     normalize_scores: bool = True,
 ) -> torch.Tensor:
-    """Quality of a head selection, ``0.3·diversity + 0.3·score_quality + 0.4·attention_quality`` (§20).
+    """Quality of a head selection, ``0.3·diversity + 0.3·score_quality + 0.4·attention_quality`` (FinePruner).
 
     Per sample, with ``S`` the selected heads and ``s = mean_Q A``:
 
@@ -516,7 +516,7 @@ def select_heads(
     head_range: tuple[int, int] | None = None,
     **options: Any,
 ) -> HeadSelection:
-    """Select heads per sample (§20, seed 004 FinePruner).
+    """Select heads per sample (FinePruner).
 
     * ``strategy``: a name of :data:`HEAD_STRATEGIES`, ``"mean"`` (all heads, the official pruners' rule) or
       ``"auto"`` (resource-aware: every candidate of :func:`resource_candidates(budget)` is scored, counted
@@ -590,7 +590,7 @@ def select_heads(
 
 @dataclass
 class HeadPolicy:
-    """Which heads' attention an attention-based method trusts (§14, §20).
+    """Which heads' attention an attention-based method trusts (docs/methods/attention_options.md).
 
     * ``strategy``: ``"mean"`` (default: all heads, what the official pruners do), ``"auto"`` (resource-aware
       FinePruner mode, needs the budget) or a name in :data:`HEAD_STRATEGIES`;
