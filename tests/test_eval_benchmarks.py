@@ -207,6 +207,19 @@ def test_gqa_missing_image_is_a_sample_error(data: Path, tmp_path: Path) -> None
     assert examples[0].error is None and "imageId 'n101'" in examples[2].error
 
 
+def test_gqa_questions_with_their_own_image_column(tmp_path: Path) -> None:
+    schema = pa.schema([("id", pa.string()), ("question", pa.string()), ("answer", pa.string()),
+                        ("image", IMAGE_TYPE)])
+    image = {"bytes": b"png", "path": None}
+    write_table(tmp_path / "gqa.parquet", [{"id": "1", "question": "Is it red?", "answer": "Yes", "image": image}],
+                schema)
+    (example,) = get_task("gqa", dataset=str(tmp_path / "gqa.parquet")).load()
+    assert example.error is None and example.target == "yes" and example.raw_image() == image
+    write_table(tmp_path / "bad.parquet", [{"id": "1", "question": "q", "answer": "a"}], schema.remove(3))
+    with pytest.raises(DatasetError, match="neither an `image` nor an `imageId` column"):
+        get_task("gqa", dataset=str(tmp_path / "bad.parquet")).load()
+
+
 # ------------------------------------------------------------------------------------------ MME
 
 

@@ -51,10 +51,14 @@ class GQATask(Task):
         n = table.num_rows if limit is None else min(limit, table.num_rows)
         cols = columns(table, ("id", "imageId", "question", "answer", "types"), n)
         if "image" in table.column_names:
-            images, image_row, base_dir = table, {i: i for i in range(n)}, loaded.base_dir
-            row_key = list(range(n))
+            images = table
+            image_row: dict[Any, int] = {i: i for i in range(n)}
+            row_key: list[Any] = list(range(n))
         else:
-            images, base_dir = self._load_images(), loaded.base_dir
+            if "imageId" not in table.column_names:
+                raise DatasetError(f"GQA data {self.dataset!r} has neither an `image` nor an `imageId` column; it has "
+                                   f"{sorted(table.column_names)}")
+            images = self._load_images()
             ids = [str(v) for v in images.column("id").to_pylist()]
             image_row = {image_id: r for r, image_id in enumerate(ids)}
             row_key = [str(v) if v is not None else None for v in cols["imageId"]]
@@ -79,7 +83,7 @@ class GQATask(Task):
                         "kind": None if structural is None else
                         ("binary" if structural in BINARY_STRUCTURES else "open")},
                 image_loader=image_loader(images, img) if img is not None else None,
-                base_dir=base_dir,
+                base_dir=loaded.base_dir,
                 error=error,
             ))
         return examples

@@ -23,7 +23,13 @@ from typing import Any, ClassVar
 
 from vtprune.eval.store import write_json_atomic
 from vtprune.eval.tasks.base import Example, Task, columns, image_loader, load_table, unique_ids
-from vtprune.eval.vqa_answers import answer_strings, human_matches, majority_answer, normalize_answer, vqa_accuracy
+from vtprune.eval.vqa_answers import (
+    answer_strings,
+    human_matches,
+    majority_answer,
+    normalize_answer,
+    vqa_accuracy,
+)
 
 VQA_INSTRUCTION = "\nAnswer the question using a single word or phrase."
 VIZWIZ_INSTRUCTION = "\nWhen the provided information is insufficient, respond with 'Unanswerable'."
