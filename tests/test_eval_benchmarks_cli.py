@@ -83,3 +83,6 @@ def test_task_runs_through_eval_and_sweep(model: Path, tmp_path: Path, monkeypat
     assert [(r["method"], r["keep"]) for r in table["rows"]] == [("none", None), ("random", 4)]
     assert all(r["error"] is None and r["n"] == n for r in table["rows"])
     assert table["rows"][1]["tokens_after_pruning"] == 4
+    header = (sweep_json.parent / "sweep.md").read_text().splitlines()[2]
+    primary = summary["primary_metric"]
+    assert header.endswith(f"| {primary} |") == (primary not in ("accuracy", "f1"))  # e.g. MME perception_score
