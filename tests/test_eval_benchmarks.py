@@ -374,7 +374,7 @@ def test_mmvet_with_a_configured_judge(data: Path, tmp_path: Path, monkeypatch) 
         first = _JudgeHandler.seen[0]
         assert first["model"] == "stand-in" and first["temperature"] == 0.0
         assert "Compare the ground truth and prediction" in first["messages"][0]["content"]
-        assert first["messages"][0]["content"].endswith("What is shown 0? | -1 <AND> -5 | x = -1 or x = -5 |")
+        assert first["messages"][0]["content"].endswith("| 1.0\n\nWhat is shown 0? | -1 <AND> -5 | x = -1 or x = -5 | ")
         assert any(b["temperature"] == 0.5 for b in _JudgeHandler.seen)  # the unreadable reply was retried
         asked = len(_JudgeHandler.seen)
         (judge_file,) = tmp_path.glob("judge-stand-in.jsonl")

@@ -49,7 +49,8 @@ Can you explain this meme? | This meme is poking fun at the fact that the names 
 def grader_query(question: str, answer: str, prediction: str) -> str:
     """The full judge prompt for one sample."""
     truth = answer.replace("<AND>", " <AND> ").replace("<OR>", " <OR> ")
-    return f"{GRADER_PROMPT}{question} | {truth} | {prediction} |"
+    # MM-Vet's grader: the prompt, a newline, then the sample's row left open for the grade ("... | pred | ").
+    return GRADER_PROMPT + "\n" + " | ".join([question, truth, prediction, ""])
 
 
 def read_grade(reply: str) -> float | None:
