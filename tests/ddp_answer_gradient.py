@@ -4,17 +4,20 @@ gradient of the whole batch in one process, and writes "ok" to the file named by
 
 from __future__ import annotations
 
+import faulthandler
 import sys
 
 import numpy as np
 import torch
 
-from vtprune.eval.distributed import DistContext
+from vtprune.eval.distributed import DistContext, end_launched_process
 from vtprune.testbed import train
 from vtprune.testbed.model import build_model, build_processor
 
 
 def main() -> None:
+    # a hang shows as a failure with every thread's stack, well before the test's own timeout
+    faulthandler.dump_traceback_later(200, exit=True)
     ctx = DistContext.from_env()
     processor = build_processor()
     pool = train.build_pool(4, seed=0, workers=1)
@@ -49,3 +52,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_launched_process()

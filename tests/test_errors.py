@@ -127,5 +127,5 @@ def test_cli_error_is_one_line(tmp_path):
         text=True,
     )
     assert result.returncode == 2
-    assert "unknown method 'bogus'; valid methods:" in result.stdout.replace("\n", " ")
+    assert result.stderr.startswith("error: unknown method 'bogus'; valid methods:")  # every command: stderr, one line
     assert "Traceback" not in result.stdout + result.stderr

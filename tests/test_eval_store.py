@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vtprune.eval.compare import compare_runs
-from vtprune.eval.config import config_hash, parse_param, parse_params, run_folder_name
+from vtprune.eval.config import config_hash, run_folder_name
 from vtprune.eval.errors import EvalInputError, RunDirError
 from vtprune.eval.store import RunLock, RunStore, canonical_rows, resolve_run_dir
 
@@ -68,14 +68,6 @@ def test_folder_names() -> None:
              "keep": 32}
     assert str(run_folder_name(ident)).startswith("pope-adversarial/llava-1.5-7b-hf/vispruner-k32-")
     assert "-k0.25-" in str(run_folder_name({**ident, "keep": 0.25}))
-
-
-def test_param_parsing() -> None:
-    assert parse_param("important_ratio=0.1") == ("important_ratio", 0.1)
-    assert parse_param("heads=mean") == ("heads", "mean")
-    assert parse_params(["K=2", "debias=[\"sink\"]", "flag=true"]) == {"K": 2, "debias": ["sink"], "flag": True}
-    with pytest.raises(EvalInputError, match="name=value"):
-        parse_param("novalue")
 
 
 def test_compare_runs_paired_statistics(tmp_path: Path) -> None:

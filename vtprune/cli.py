@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from vtprune.analysis.commands import analyze_app, show_command
+from vtprune.bench.commands import bench_command
+from vtprune.cli_common import (
+    AttnOpt,
+    DeviceOpt,
+    DtypeOpt,
+    KeepOpt,
+    MethodOpt,
+    ModelOpt,
+    ParamOpt,
+    reports_user_errors,
+)
+from vtprune.errors import UserInputError
+from vtprune.eval.commands import register as register_eval_commands
+from vtprune.testbed.commands import demo_command
 
 app = typer.Typer(
     help="Visual token pruning for vision-language models (LLaVA-1.5 on Hugging Face transformers).",
@@ -18,28 +34,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 console = Console()
-
-
-def parse_params(items: list[str] | None) -> dict:
-    """`--param name=value` pairs; values are Python literals when they parse as one (0.1, 3, [1,2], None)."""
-    params: dict = {}
-    for item in items or []:
-        if "=" not in item:
-            raise typer.BadParameter(f"--param expects name=value, got {item!r}")
-        name, raw = item.split("=", 1)
-        try:
-            params[name.strip()] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            params[name.strip()] = raw
-    return params
-
-
-def parse_keep(raw: str | None) -> int | float | None:
-    """`--keep 64` (count) or `--keep 0.25` (fraction)."""
-    if raw is None or raw == "":
-        return None
-    value = float(raw)
-    return int(value) if value.is_integer() and value > 1 else value
 
 
 def _reflow(text: str) -> str:
@@ -55,6 +49,7 @@ def _reflow(text: str) -> str:
 
 
 @app.command("methods")
+@reports_user_errors
 def methods_command(
     name: str = typer.Argument(None, help="Print this method's full documentation instead of the table."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -67,7 +62,7 @@ def methods_command(
     if name is not None:
         known = {info.name: info for info in infos}
         if name not in known:
-            raise typer.BadParameter(f"unknown method {name!r}; valid: {', '.join(sorted(known))}")
+            raise UserInputError(f"unknown method {name!r}; valid methods: {', '.join(sorted(known))}")
         infos = [known[name]]
         if not as_json:
             print(infos[0].doc)
@@ -99,20 +94,21 @@ def methods_command(
 
 
 @app.command("generate")
+@reports_user_errors
 def generate_command(
-    model: str = typer.Option(
-        ..., help="Hugging Face id or local folder of a LLaVA checkpoint (or 'testbed')."
-    ),
-    image: Path = typer.Option(..., exists=True, dir_okay=False, help="Image file."),
-    prompt: str = typer.Option(..., help="Question / instruction."),
-    method: str = typer.Option("none", help="Pruning method (see `vtprune methods`)."),
-    keep: str = typer.Option(None, help="Visual tokens kept per image: a count (64) or a fraction (0.25)."),
-    param: list[str] = typer.Option(None, help="Method parameter name=value (repeatable)."),
-    max_new_tokens: int = typer.Option(64),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
-    dtype: str = typer.Option("auto", help="float32, float16, bfloat16 or auto (bf16 on GPU, fp32 on CPU)."),
-    attn: str = typer.Option("sdpa", help="Attention implementation: sdpa, eager or flash_attention_2."),
-    system_prompt: bool = typer.Option(False, help="Prepend the LLaVA vicuna_v1 system prompt."),
+    model: ModelOpt,
+    image: Annotated[Path, typer.Option("--image", exists=True, dir_okay=False, help="Image file.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Question / instruction.")],
+    method: MethodOpt = "none",
+    keep: KeepOpt = None,
+    param: ParamOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "sdpa",
+    system_prompt: Annotated[
+        bool, typer.Option("--system-prompt/--no-system-prompt", help="Prepend the LLaVA vicuna_v1 system prompt.")
+    ] = False,
 ) -> None:
     """Answer one question about one image with a pruned model; print the answer, kept tokens and timings."""
     import torch
@@ -120,7 +116,9 @@ def generate_command(
 
     import vtprune
     from vtprune.loading import load_model, resolve_device_dtype
+    from vtprune.userinput import parse_keep_option, parse_params
 
+    pruning = vtprune.get_method(method, keep=parse_keep_option(keep), **parse_params(param))  # before the load
     dev, dt = resolve_device_dtype(device, dtype)
     t0 = time.perf_counter()
     llava, processor = load_model(model, device=dev, dtype=dt, attn_implementation=attn)
@@ -134,7 +132,7 @@ def generate_command(
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[Image.open(image).convert("RGB")], text=[text], return_tensors="pt").to(dev)
     inputs["pixel_values"] = inputs["pixel_values"].to(dt)
-    vtprune.prune(llava, method, keep=parse_keep(keep), timing=True, **parse_params(param))
+    vtprune.prune(llava, pruning, timing=True)
     t1 = time.perf_counter()
     with torch.no_grad():
         out = llava.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -156,48 +154,17 @@ def generate_command(
     console.print(f"  timings: load {load_s:.1f} s, generate {total_s * 1e3:.1f} ms ({timings})")
 
 
-# --- commands of the other subsystems (registered here so `vtprune --help` lists them) -----------------------
-def _register_optional() -> None:
-    import importlib
-
-    for module, names in (
-        (
-            "vtprune.eval.commands",
-            (("eval", "eval_command"), ("sweep", "sweep_command"), ("compare", "compare_command"), ("tasks", "tasks_command")),
-        ),
-        ("vtprune.testbed.commands", (("demo", "demo_command"),)),
-        ("vtprune.bench.commands", (("bench", "bench_command"),)),
-        ("vtprune.analysis.commands", (("show", "show_command"),)),
-    ):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-            continue
-        for command, attr in names:
-            if hasattr(mod, attr):
-                app.command(command)(getattr(mod, attr))
-    try:
-        analysis = importlib.import_module("vtprune.analysis.commands")
-    except ModuleNotFoundError:
-        return
-    if hasattr(analysis, "analyze_app"):
-        app.add_typer(analysis.analyze_app, name="analyze")
-
-
-_register_optional()
+# --- the commands of the other subsystems, registered here so that `vtprune --help` lists them ------------
+register_eval_commands(app)
+app.command("demo")(demo_command)
+app.command("bench")(bench_command)
+app.command("show")(show_command)
+app.add_typer(analyze_app, name="analyze")
 
 
 def main() -> None:
-    """Console entry point: bad input ends with a one-line error naming the valid choices (exit code 2)."""
-    from vtprune.methods.base import PruneConfigError
-
-    try:
-        app()
-    except (PruneConfigError, FileNotFoundError) as err:
-        console.print(f"[bold red]error:[/bold red] {err}")
-        raise SystemExit(2) from None
+    """Console entry point (each command reports bad input itself: vtprune/cli_common.py)."""
+    app()
 
 
 if __name__ == "__main__":

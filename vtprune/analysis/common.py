@@ -425,16 +425,6 @@ def image_views(am: AnalysisModel, inputs: Any) -> list[ImageView]:
 # ------------------------------------------------------------------------------------------ small things
 
 
-def parse_int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise EvalInputError(f"{what} must be comma-separated integers, got {text!r}") from exc
-    if not values or min(values) < 1:
-        raise EvalInputError(f"{what} must list integers >= 1, got {text!r}")
-    return values
-
-
 def clip_unique(values: list[int], upper: int) -> list[int]:
     """Values clipped to `upper`, duplicates removed, first occurrence kept."""
     return list(dict.fromkeys(min(v, upper) for v in values))

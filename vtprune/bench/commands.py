@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import typer
 
-__all__ = ["bench_command", "parse_image_size", "parse_int_list", "parse_keeps", "parse_method_params"]
+from vtprune.cli_common import AttnOpt, DeviceOpt, DtypeOpt, MethodsOpt, ParamOpt, reports_user_errors
+from vtprune.errors import UserInputError
+from vtprune.userinput import parse_int_list, parse_list, split_params
 
-
-def parse_int_list(raw: str, what: str) -> list[int]:
-    """`576,192,128,64` -> [576, 192, 128, 64], with a clear message for anything else."""
-    values = []
-    for item in (raw or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            values.append(int(item))
-        except ValueError:
-            raise typer.BadParameter(f"{what} expects comma-separated integers, got {item!r}") from None
-    if not values:
-        raise typer.BadParameter(f"{what} names no value")
-    return values
+__all__ = ["bench_command", "parse_image_size", "parse_keeps"]
 
 
 def parse_keeps(raw: str) -> list[int | str]:
@@ -38,7 +25,7 @@ def parse_keeps(raw: str) -> list[int | str]:
         elif item:
             keeps += parse_int_list(item, "--keep")
     if not keeps:
-        raise typer.BadParameter("--keep names no value")
+        raise UserInputError("--keep names no value")
     return keeps
 
 
@@ -53,26 +40,11 @@ def parse_image_size(raw: str | None) -> tuple[int, int] | None:
     except ValueError:
         values = []
     if len(values) not in (1, 2):
-        raise typer.BadParameter(f"--image-size expects HEIGHTxWIDTH (e.g. 672x672) or one side, got {raw!r}")
+        raise UserInputError(f"--image-size expects HEIGHTxWIDTH (e.g. 672x672) or one side, got {raw!r}")
     return (values[0], values[-1])
 
 
-def parse_method_params(items: list[str] | None) -> dict[str, dict]:
-    """`--param fastv.K=3 --param vispruner.important_ratio=0.25` -> {"fastv": {"K": 3}, ...}."""
-    params: dict[str, dict] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        method, dot, name = key.strip().partition(".")
-        if not sep or not dot or not method or not name:
-            raise typer.BadParameter(f"--param expects method.name=value, got {item!r}")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        params.setdefault(method, {})[name] = value
-    return params
-
-
+@reports_user_errors
 def bench_command(
     model: str = typer.Option(
         None, help="Hugging Face id or local folder of a LLaVA-1.5 or LLaVA-NeXT (1.6) checkpoint."
@@ -85,9 +57,7 @@ def bench_command(
     random_weights: bool = typer.Option(
         False, "--random-weights", help="Random weights with the real architecture (no checkpoint needed)."
     ),
-    methods: str = typer.Option(
-        "none,fastv,vispruner", help="Comma-separated methods (`all` = every registered method)."
-    ),
+    methods: MethodsOpt = "none,fastv,vispruner",
     keep: str = typer.Option(
         "576,192,128,64",
         help="Visual-token budgets per image, comma-separated; `all` = every token of the image. LLaVA-NeXT: "
@@ -95,14 +65,14 @@ def bench_command(
     ),
     batch: str = typer.Option("1,16", help="Batch sizes, comma-separated."),
     new_tokens: int = typer.Option(8, help="Tokens generated per sample (greedy, EOS disabled)."),
-    attn: str = typer.Option("sdpa", help="Attention implementation: sdpa, eager or flash_attention_2."),
+    attn: AttnOpt = "sdpa",
     repeats: int = typer.Option(5, help="Timed repeats per measurement (medians reported)."),
     warmup: int = typer.Option(1, help="Untimed calls before each measurement."),
     generate_repeats: int = typer.Option(
         None, help="Timed generate() calls per subject (default: --repeats)."
     ),
-    dtype: str = typer.Option("auto", help="float32, float16, bfloat16 or auto (bf16 on GPU, fp32 on CPU)."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:1 or auto."),
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
     output: Path = typer.Option(..., help="Folder for results.json, results.md and the plots."),
     text_tokens: int = typer.Option(60, help="Text tokens of the synthetic prompt."),
     image_size: str = typer.Option(
@@ -111,7 +81,7 @@ def bench_command(
         "square; 672x672 on LLaVA-1.6 = base view + 2x2 tiles = 576 + 48x48 + 48 newlines = 2,928 tokens, "
         "the vision tower on 5 inputs; 112x112 on tiny-next = 88 tokens).",
     ),
-    param: list[str] = typer.Option(None, help="Method hyper-parameter method.name=value (repeatable)."),
+    param: ParamOpt = None,
     oracle: bool = typer.Option(True, help="Also time each method's oracle (its kept tokens, no scoring)."),
     oracle_generate: bool = typer.Option(
         True, help="Also time the oracle's generate() (e2e and decode overhead)."
@@ -125,17 +95,19 @@ def bench_command(
     seed: int = typer.Option(0, help="Seed of the random weights and inputs."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Time pruning methods (prefill, decode, memory, FLOPs) against the unpruned model and the oracle."""
+    """Time pruning methods (prefill, decode, memory, FLOPs) against the unpruned model and the oracle
+    (`--methods all`: every registered method)."""
     from rich.console import Console
 
-    from vtprune.bench.runner import BenchConfig, run_bench
+    from vtprune.bench.runner import BenchConfig, expand_methods, run_bench
 
     console = Console(stderr=True)
+    names = expand_methods(parse_list(methods))
     cfg = BenchConfig(
         model=model,
         arch=arch,
         random_weights=random_weights,
-        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        methods=names,
         keeps=parse_keeps(keep),
         batches=parse_int_list(batch, "--batch"),
         new_tokens=new_tokens,
@@ -148,7 +120,7 @@ def bench_command(
         output=output,
         text_tokens=text_tokens,
         image_size=parse_image_size(image_size),
-        params=parse_method_params(param),
+        params=split_params(param, names),
         oracle=oracle,
         oracle_generate=oracle_generate,
         profile=profile,

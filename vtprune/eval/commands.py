@@ -9,36 +9,43 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any  # noqa: UP035 -- typer reads Optional on 3.10
 
 import typer
 
-from vtprune.eval.config import EvalConfig, parse_params
+from vtprune.cli_common import (
+    AttnOpt,
+    DeviceOpt,
+    DtypeOpt,
+    KeepOpt,
+    MethodOpt,
+    MethodsOpt,
+    ModelOpt,
+    OutputOpt,
+    ParamOpt,
+    PreprocOpt,
+    TemplateOpt,
+    reports_user_errors,
+)
+from vtprune.eval.config import EvalConfig
+from vtprune.eval.distributed import shutdown
 from vtprune.eval.errors import EvalInputError
+from vtprune.userinput import parse_list, parse_params
 
-ModelOpt = Annotated[str, typer.Option("--model", help="Hub id or local folder of a LLaVA checkpoint.")]
 TaskOpt = Annotated[str, typer.Option("--task", help="Task name (see `vtprune tasks`).")]
 SplitOpt = Annotated[str | None, typer.Option("--split", help="Split; POPE: random|popular|adversarial|all.")]
 DatasetOpt = Annotated[str | None, typer.Option("--dataset-id", help="Hub dataset id or local parquet/folder.")]
 DatasetConfigOpt = Annotated[str | None, typer.Option("--dataset-config", help="Dataset config (POPE: Full).")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Dataset revision (branch, tag, commit).")]
 ParserOpt = Annotated[str | None, typer.Option("--parser", help="Answer parser (POPE: llava|exact|word; SQA: llava|lenient).")]
-ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="Method parameter name=value (repeatable).")]
-TemplateOpt = Annotated[str | None, typer.Option("--template", help="Prompt template: hf | vicuna_v1.")]
-PreprocOpt = Annotated[str | None, typer.Option("--preprocessing", help="Image preprocessing: crop | pad.")]
 PaperOpt = Annotated[
     bool, typer.Option("--paper-setting", help="Paper reproduction: vicuna_v1 + pad (LLaVA-NeXT: + AnyRes).")
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Samples per generate() call.")]
 MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Generation length (task default if unset).")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="First N samples (per split for POPE all).")]
-OutputOpt = Annotated[Path, typer.Option("--output", help="Root folder of the results.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto | float32 | float16 | bfloat16.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (GPU of this rank, else CPU) or a torch device.")]
-AttnOpt = Annotated[str, typer.Option("--attn-implementation", help="sdpa | eager | flash_attention_2.")]
 ModelRevOpt = Annotated[str | None, typer.Option("--model-revision", help="Model revision on the Hub.")]
 RetryOpt = Annotated[bool, typer.Option("--retry-errors", help="Re-run samples recorded as errors.")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
@@ -94,28 +101,11 @@ def resolve_setting(
     return "vicuna_v1", paper
 
 
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Bad input -> `error: ...` on stderr and exit status 2 (no traceback)."""
-    try:
-        from vtprune.methods.base import PruneConfigError
-    except Exception:  # the pruning package may be absent or broken; eval input errors still apply
-        PruneConfigError = EvalInputError  # noqa: N806
-    try:
-        yield
-    except (EvalInputError, PruneConfigError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from exc
-    finally:
-        from vtprune.eval.distributed import shutdown
-
-        shutdown()
-
-
 def _log(message: str) -> None:
     typer.echo(message, err=True)
 
 
+@reports_user_errors
 def eval_command(
     model: ModelOpt,
     task: TaskOpt = "pope",
@@ -124,8 +114,8 @@ def eval_command(
     dataset_config: DatasetConfigOpt = None,
     revision: RevisionOpt = None,
     parser: ParserOpt = None,
-    method: Annotated[str, typer.Option("--method", help="Pruning method (`vtprune methods`), or none.")] = "none",
-    keep: Annotated[str | None, typer.Option("--keep", help="Visual tokens kept per image, or a fraction.")] = None,
+    method: MethodOpt = "none",
+    keep: KeepOpt = None,
     param: ParamOpt = None,
     template: TemplateOpt = None,
     preprocessing: PreprocOpt = None,
@@ -133,7 +123,7 @@ def eval_command(
     batch_size: BatchOpt = 1,
     max_new_tokens: MaxNewOpt = None,
     limit: LimitOpt = None,
-    output: OutputOpt = Path("results"),
+    output: Annotated[Path, typer.Option("--output", help="Root folder of the results.")] = Path("results"),
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     attn_implementation: AttnOpt = "sdpa",
@@ -145,7 +135,7 @@ def eval_command(
     from vtprune.eval.runner import run_eval
     from vtprune.eval.tasks import get_task
 
-    with _user_errors():
+    try:
         cfg = _config(model, task, split, dataset_id, dataset_config, revision, parser, method, keep, param,
                       template, preprocessing, paper_setting, batch_size, max_new_tokens, limit, output, dtype,
                       device, attn_implementation, model_revision, retry_errors, progress)
@@ -156,15 +146,18 @@ def eval_command(
             typer.echo(task_obj.summary_table(result.summary["metrics"]))
             counts = result.summary["counts"]
             typer.echo(f"\n{counts['evaluated']} evaluated, {counts['errors']} errors -> {result.run_dir}")
+    finally:
+        shutdown()
 
 
+@reports_user_errors
 def sweep_command(
     model: ModelOpt,
     task: TaskOpt = "pope",
     split: SplitOpt = None,
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods, e.g. none,random,fastv.")] = "none",
-    keep: Annotated[str, typer.Option("--keep", help="Comma-separated budgets, e.g. 576,192,128,64.")] = "",
-    param: Annotated[list[str] | None, typer.Option("--param", help="method.name=value (or name=value for all).")] = None,
+    methods: MethodsOpt = "none",
+    keep: Annotated[str, typer.Option("--keep", help="Comma-separated budgets, e.g. 576,192,128,64 or 0.25,320/2880.")] = "",
+    param: ParamOpt = None,
     dataset_id: DatasetOpt = None,
     dataset_config: DatasetConfigOpt = None,
     revision: RevisionOpt = None,
@@ -175,7 +168,7 @@ def sweep_command(
     batch_size: BatchOpt = 1,
     max_new_tokens: MaxNewOpt = None,
     limit: LimitOpt = None,
-    output: OutputOpt = Path("results"),
+    output: Annotated[Path, typer.Option("--output", help="Root folder of the results.")] = Path("results"),
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
     attn_implementation: AttnOpt = "sdpa",
@@ -184,9 +177,9 @@ def sweep_command(
     progress: ProgressOpt = True,
 ) -> None:
     """Run methods x budgets (finished cells skipped), then a combined table and accuracy-vs-tokens plots."""
-    from vtprune.eval.sweep import parse_list, run_sweep, sweep_markdown
+    from vtprune.eval.sweep import run_sweep, sweep_markdown
 
-    with _user_errors():
+    try:
         base = _config(model, task, split, dataset_id, dataset_config, revision, parser, "none", None, None,
                        template, preprocessing, paper_setting, batch_size, max_new_tokens, limit, output, dtype,
                        device, attn_implementation, model_revision, retry_errors, progress)
@@ -194,8 +187,11 @@ def sweep_command(
         if table:
             typer.echo(sweep_markdown(table))
             typer.echo(f"-> {table['dir']}")
+    finally:
+        shutdown()
 
 
+@reports_user_errors
 def compare_command(
     run_a: Annotated[Path, typer.Argument(help="Result folder (or samples.jsonl) of run A, the reference.")],
     run_b: Annotated[Path, typer.Argument(help="Result folder (or samples.jsonl) of run B.")],
@@ -206,13 +202,13 @@ def compare_command(
     """Paired comparison of two runs: agreement, McNemar p-value, bootstrap 95% CI of the accuracy difference."""
     from vtprune.eval.compare import compare_runs, comparison_markdown
 
-    with _user_errors():
-        result = compare_runs(run_a, run_b, n_boot=bootstrap, seed=seed)
-        typer.echo(comparison_markdown(result))
-        if json_out is not None:
-            json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    result = compare_runs(run_a, run_b, n_boot=bootstrap, seed=seed)
+    typer.echo(comparison_markdown(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
+@reports_user_errors
 def tasks_command() -> None:
     """List the evaluation tasks with their default data, split, parser and metric."""
     from vtprune.eval.tasks import get_task, list_tasks

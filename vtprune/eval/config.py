@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from vtprune.eval.errors import EvalInputError
+from vtprune.errors import UserInputError
+from vtprune.userinput import parse_keep
 
 TEMPLATES = ("hf", "vicuna_v1")
 PREPROCESSINGS = ("crop", "pad")
@@ -80,7 +82,10 @@ class EvalConfig:
             self.keep = None
         else:
             # keep=None means the method's paper default budget (vtprune.prune semantics)
-            self.keep = None if self.keep is None else parse_keep(self.keep)
+            try:
+                self.keep = None if self.keep is None else parse_keep(self.keep)
+            except UserInputError as exc:  # reported as this configuration's error, like the checks above
+                raise EvalInputError(str(exc)) from None
 
     def identity(self, task_description: dict[str, Any], resolved_dtype: str) -> dict[str, Any]:
         """The settings that define what the run computes (task fields resolved to their defaults)."""
@@ -94,61 +99,6 @@ class EvalConfig:
 
         data["model_fingerprint"] = model_fingerprint(self.model)
         return data
-
-
-def parse_keep(value: int | float | str) -> int | float:
-    """`64` -> 64 tokens, `0.25` -> a quarter of the tokens, `1` -> one token, `1.0` -> all tokens,
-    `320/2880` -> the fraction a paper's budget is of its token count (LLaVA-NeXT tables: 320 of 2,880),
-    applied to each image's own tokens."""
-    message = (
-        f"keep must be a whole token count >= 1, a fraction in (0, 1] or a paper budget like 320/2880; got {value!r}"
-    )
-    if isinstance(value, bool):
-        raise EvalInputError(message)
-    if isinstance(value, str):
-        text = value.strip()
-        ratio = re.fullmatch(r"(\d+)\s*/\s*(\d+)", text)
-        if ratio:
-            part, whole = int(ratio.group(1)), int(ratio.group(2))
-            if not 0 < part <= whole:
-                raise EvalInputError(message)
-            value = part / whole
-        elif re.fullmatch(r"\d+", text):
-            value = int(text)
-        else:
-            try:
-                value = float(text)
-            except ValueError as exc:
-                raise EvalInputError(message) from exc
-    if isinstance(value, int):
-        if value < 1:
-            raise EvalInputError(message)
-        return value
-    if isinstance(value, float):
-        if 0 < value <= 1:
-            return value
-        if value > 1 and value.is_integer():
-            return int(value)
-    raise EvalInputError(message)
-
-
-def parse_param(text: str) -> tuple[str, Any]:
-    """`name=value` with value read as JSON when it parses (numbers, true/false, null, lists), else a string."""
-    if "=" not in text:
-        raise EvalInputError(f"--param expects name=value, got {text!r}")
-    name, raw = text.split("=", 1)
-    name = name.strip()
-    if not name:
-        raise EvalInputError(f"--param expects name=value, got {text!r}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return name, value
-
-
-def parse_params(items: list[str] | None) -> dict[str, Any]:
-    return dict(parse_param(item) for item in items or [])
 
 
 def config_hash(identity: dict[str, Any]) -> str:

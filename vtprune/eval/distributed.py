@@ -8,6 +8,7 @@ Data parallel only: every rank holds a full model and evaluates the strided shar
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -65,6 +66,18 @@ class DistContext:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def end_launched_process() -> None:
+    """End a process started by `torchrun` / `accelerate launch` at once, once its work is written and its
+    process group destroyed. A process that ran a DDP backward can hang in interpreter finalization (the
+    autograd engine's and gloo's worker threads race the GIL teardown: pytorch/pytorch#190489, #38231); CI
+    saw one such hang on a 2-core machine. Nothing is left to run at that point, so skip finalization."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def shutdown() -> None:

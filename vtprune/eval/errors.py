@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from vtprune.errors import UserInputError
 
-class EvalInputError(ValueError):
+
+class EvalInputError(UserInputError):
     """Bad user input detected before any work starts: unknown task/split/parser, missing columns, ..."""
 
 

@@ -123,10 +123,13 @@ def _run_in(cfg: EvalConfig, task: Task, examples: list[Example], identity: dict
         predictor.template, predictor.preprocessing = cfg.template, cfg.preprocessing
         predictor.max_new_tokens = int(cfg.max_new_tokens)
         predictor.set_method(cfg.method, cfg.keep, cfg.params)
-        if dist.is_main:
-            write_json_atomic(run_dir / ENVIRONMENT, {**predictor.environment(), "world_size": dist.world})
-        with store.writer(dist.rank, dist.world) as writer:
-            evaluated = _evaluate(task, predictor, mine, writer, cfg, dist)
+        try:
+            if dist.is_main:
+                write_json_atomic(run_dir / ENVIRONMENT, {**predictor.environment(), "world_size": dist.world})
+            with store.writer(dist.rank, dist.world) as writer:
+                evaluated = _evaluate(task, predictor, mine, writer, cfg, dist)
+        finally:  # the model leaves the run unmodified (pruning hooks are always removed)
+            predictor.set_method("none")
 
     dist.barrier()
     summary = None

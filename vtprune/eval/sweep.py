@@ -13,12 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vtprune.eval.config import EvalConfig, config_hash, model_name, parse_keep, parse_param
+from vtprune.eval.config import EvalConfig, config_hash, model_name
 from vtprune.eval.distributed import DistContext
 from vtprune.eval.errors import EvalInputError
 from vtprune.eval.predictor import Predictor, resolve_device
 from vtprune.eval.runner import _load_predictor, prepare_task, run_eval
 from vtprune.eval.store import write_json_atomic, write_text_atomic
+from vtprune.userinput import parse_keep, split_params
 
 
 @dataclasses.dataclass
@@ -26,27 +27,6 @@ class Cell:
     method: str
     keep: int | float | None
     params: dict[str, Any]
-
-
-def parse_list(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def split_params(items: list[str] | None, methods: list[str]) -> dict[str, dict[str, Any]]:
-    """`--param method.name=value` applies to that method; `--param name=value` to every method but `none`."""
-    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
-    for item in items or []:
-        key, value = parse_param(item)
-        if "." in key and key.split(".", 1)[0] in methods:
-            method, name = key.split(".", 1)
-            out[method][name] = value
-        elif "." in key:
-            raise EvalInputError(f"--param {item!r} names method {key.split('.', 1)[0]!r}, not in --methods {methods}")
-        else:
-            for m in methods:
-                if m != "none":
-                    out[m][key] = value
-    return out
 
 
 def plan_cells(methods: list[str], keeps: list[str | int | float], params: dict[str, dict[str, Any]]) -> list[Cell]:

@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vtprune.eval.distributed import DistContext, shutdown
+from vtprune.eval.distributed import DistContext, end_launched_process, shutdown
 from vtprune.testbed import evaluate as ev
 from vtprune.testbed import load_testbed
 from vtprune.testbed.model import build_model, build_processor
@@ -876,3 +876,4 @@ def _check_prompt_ids(batches: QuestionBatches, processor: Any) -> None:
 
 if __name__ == "__main__":
     main()
+    end_launched_process()
