@@ -1,4 +1,5 @@
-"""Tiny benchmark files in the real POPE / ScienceQA schemas, for tests and examples (nothing is downloaded).
+"""Tiny benchmark files in the real schemas (POPE, ScienceQA and the lmms-lab copies of GQA, TextVQA, VQAv2,
+VizWiz, MME, MMBench, MM-Vet), for tests and examples (nothing is downloaded).
 
 The layouts mirror the Hub datasets so the loaders are exercised on the same paths real data takes:
 `write_pope_hub_folder` is a snapshot of `lmms-lab/POPE` (config `Full` with one parquet per category, plus

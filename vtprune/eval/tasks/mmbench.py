@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, ClassVar
 
+from vtprune.eval.errors import DatasetError
 from vtprune.eval.metrics import accuracy
 from vtprune.eval.parsers import OPTION_LETTERS, parse_letter_lenient
 from vtprune.eval.store import write_text_atomic
@@ -99,7 +100,10 @@ class MMBenchTask(Task):
         l2 = "L2-category" if "L2-category" in table.column_names else "l2-category"
         names = ("index", "question", "hint", *OPTION_LETTERS, "answer", "category", l2, "split")
         cols = columns(table, names, table.num_rows)
-        indices = [int(i) for i in cols["index"]]
+        try:
+            indices = [int(i) for i in cols["index"]]
+        except (TypeError, ValueError) as exc:
+            raise DatasetError(f"MMBench data {self.dataset!r}: every row needs an integer `index` ({exc})") from exc
         has_copies = any(i >= CIRCULAR_OFFSET for i in indices)
         self.circular_mode = "copies in the data" if has_copies else "rotations generated"
         group_size: dict[int, int] = defaultdict(int)
