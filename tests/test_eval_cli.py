@@ -81,7 +81,7 @@ def test_killed_run_resumes_and_loses_nothing(env, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--task", "gqa"], "unknown task 'gqa'; valid tasks:"),
+        (["--task", "nosuchtask"], "unknown task 'nosuchtask'; valid tasks:"),
         (["--split", "val"], "valid splits: random, popular, adversarial, all"),
         (["--parser", "fuzzy"], "valid parsers: llava, exact, word"),
         (["--template", "chatml"], "valid templates: hf, vicuna_v1"),

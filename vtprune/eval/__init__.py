@@ -9,7 +9,25 @@ Imports here are light (no model, no `datasets`); heavy modules load inside the 
 
 from vtprune.eval.config import EvalConfig
 from vtprune.eval.errors import DatasetError, EvalInputError
-from vtprune.eval.tasks import Example, PopeTask, ScienceQATask, Task, get_task, list_tasks, register_task
+from vtprune.eval.tasks import (
+    BUILTIN_TASKS,
+    Example,
+    GQATask,
+    MMBenchCNTask,
+    MMBenchTask,
+    MMETask,
+    MMVetTask,
+    PopeTask,
+    ScienceQATask,
+    Task,
+    TextVQANoOcrTask,
+    TextVQATask,
+    VizWizTask,
+    VQAv2Task,
+    get_task,
+    list_tasks,
+    register_task,
+)
 
 
 def run_eval(*args, **kwargs):
@@ -20,13 +38,23 @@ def run_eval(*args, **kwargs):
 
 
 __all__ = [
+    "BUILTIN_TASKS",
     "DatasetError",
     "EvalConfig",
     "EvalInputError",
     "Example",
+    "GQATask",
+    "MMBenchCNTask",
+    "MMBenchTask",
+    "MMETask",
+    "MMVetTask",
     "PopeTask",
     "ScienceQATask",
     "Task",
+    "TextVQANoOcrTask",
+    "TextVQATask",
+    "VQAv2Task",
+    "VizWizTask",
     "get_task",
     "list_tasks",
     "register_task",

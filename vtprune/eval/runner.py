@@ -137,6 +137,7 @@ def _run_in(cfg: EvalConfig, task: Task, examples: list[Example], identity: dict
         rows = store.merge()
         wanted = {ex.uid for ex in examples}
         rows = [r for r in rows if r["id"] in wanted]
+        rows = task.finalize(run_dir, rows)
         environment = _read_environment(run_dir)
         summary = build_summary(
             task, rows, expected=len(examples), config={**identity, **_execution(cfg)}, identity=identity,
@@ -259,6 +260,7 @@ def _base_row(ex: Example) -> dict[str, Any]:
 def _result_row(task: Task, ex: Example, gen: Generation, image_hash: str | None,
                 timing: dict[str, Any]) -> dict[str, Any]:
     parsed = task.parse(gen.text, ex)
+    score = task.score(parsed, ex)
     return {
         **_base_row(ex),
         "prompt_hash": hashlib.sha256(gen.prompt.encode()).hexdigest()[:16],
@@ -268,6 +270,7 @@ def _result_row(task: Task, ex: Example, gen: Generation, image_hash: str | None
         "parsed": parsed,
         "target": ex.target,
         "correct": task.is_correct(parsed, ex),
+        **({"score": score} if score is not None else {}),
         "visual_tokens": gen.visual_tokens,
         "kept_tokens": gen.kept_tokens,
         "tokens_after_pruning": gen.tokens_after_pruning,

@@ -125,20 +125,26 @@ def _table_row(cell: Cell, summary: dict[str, Any] | None, run_dir: Path) -> dic
 
 
 def sweep_markdown(table: dict[str, Any]) -> str:
+    # A task whose headline number is neither accuracy nor F1 (MME's perception score, MMBench's CircularEval
+    # accuracy, MM-Vet's judge score) gets it as an extra column.
+    extra = next((r["primary_metric"] for r in table["rows"]
+                  if r.get("primary_metric") not in (None, "accuracy", "f1")), None)
     lines = [
         f"# Sweep: {table['task']} / {table['split']} -- `{table['model']}`",
         "",
-        "| method | keep | accuracy | F1 | tokens after pruning | layer-avg tokens | prefill TFLOPs | n | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | keep | accuracy | F1 | tokens after pruning | layer-avg tokens | prefill TFLOPs | n | errors |"
+        + (f" {extra} |" if extra else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if extra else ""),
     ]
     for r in table["rows"]:
         keep = "all" if r["method"] == "none" else r["keep"]
         if r.get("error"):
-            lines.append(f"| {r['method']} | {keep} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['method']} | {keep} | failed: {r['error']} | | | | | | |" + (" |" if extra else ""))
             continue
         lines.append(
             f"| {r['method']} | {keep} | {_f(r['accuracy'])} | {_f(r['f1'])} | {_f(r['tokens_after_pruning'], 1)} "
             f"| {_f(r['layer_avg_tokens'], 1)} | {_g(r['prefill_tflops'])} | {r['n']} | {r['errors']} |"
+            + (f" {_g(r.get('primary'))} |" if extra else "")
         )
     return "\n".join(lines) + "\n"
 

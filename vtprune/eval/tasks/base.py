@@ -11,9 +11,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from vtprune.eval.errors import EvalInputError
+from vtprune.eval.errors import DatasetError, EvalInputError
+
+if TYPE_CHECKING:
+    from vtprune.eval.data import LoadedSplit
 
 
 @dataclass
@@ -107,6 +110,17 @@ class Task(ABC):
     def is_correct(self, parsed: str | None, example: Example) -> bool:
         return parsed is not None and parsed == example.target
 
+    def score(self, parsed: str | None, example: Example) -> float | None:
+        """A graded per-sample score written to the row as `score` (VQA accuracy); None: the task has none."""
+        return None
+
+    def finalize(self, run_dir: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Called once per run on the merged rows (errors included) before the summary: write task outputs
+        such as a benchmark server's submission file into `run_dir`, and return the rows to summarise
+        (a task may add fields, e.g. judge scores). Outputs are derived from the rows, written atomically,
+        and never touch the sample files. The default does nothing."""
+        return rows
+
     @abstractmethod
     def summarize(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Metrics from the result rows of successfully evaluated samples."""
@@ -118,6 +132,33 @@ class Task(ABC):
             if isinstance(value, (int, float)):
                 lines.append(f"| {key} | {_fmt(value)} |")
         return "\n".join(lines)
+
+
+def load_table(task: Task, label: str) -> LoadedSplit:
+    """Load the task's split, check it exists and has the required columns, record the source."""
+    from vtprune.eval.data import load_split, require_columns
+
+    loaded = load_split(task.dataset, split=task.split, config=task.config, revision=task.revision)
+    what = f"{label} data {task.dataset!r} (split {task.split!r})"
+    if not loaded.split_by_files and loaded.available_splits and task.split not in loaded.available_splits:
+        raise DatasetError(f"{what}: unknown split; splits present: {', '.join(loaded.available_splits)}")
+    require_columns(loaded.table, task.required_columns, what)
+    task.sources = [loaded.source]
+    return loaded
+
+
+def columns(table: Any, names: tuple[str, ...] | list[str], n: int) -> dict[str, list[Any]]:
+    """The first `n` values of each named column (None for a column the table lacks)."""
+    from vtprune.eval.data import column_values
+
+    return {name: column_values(table, name)[:n] for name in names}
+
+
+def image_loader(table: Any, row: int, column: str = "image") -> Callable[[], Any]:
+    """A lazy reader of one image cell (decoding happens only when the sample runs)."""
+    from vtprune.eval.data import cell
+
+    return lambda: cell(table, column, row)
 
 
 def _fmt(value: float | int) -> str:

@@ -50,8 +50,7 @@ def get_task(name: str, **options: object) -> Task:
 
 
 def _load_plugins() -> None:
+    # These modules ship with vtprune: an ImportError here is a bug to show, not an absent plugin to skip
+    # (swallowing it turned a broken task module into "unknown task").
     for module in _PLUGIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass
+        importlib.import_module(module)
