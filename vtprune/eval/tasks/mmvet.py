@@ -30,8 +30,9 @@ from vtprune.eval.tasks.base import Example, Task, columns, image_loader, load_t
 CAPABILITIES = ("rec", "ocr", "know", "gen", "spat", "math")
 JUDGE_TEMPERATURES = (0.0, 0.5, 1.0, 1.5, 2.0)
 
-# MM-Vet's grader prompt (the benchmark defines its metric by this text and these in-context examples;
-# grades are comparable across papers only with it).
+# MM-Vet's grader prompt, quoted as data from the benchmark's evaluator (github.com/yuweihao/MM-Vet,
+# mm-vet_evaluator): the benchmark defines its metric by this text and these in-context examples, so grades
+# are comparable across papers only with it.
 GRADER_PROMPT = """Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. <AND> in the ground truth means it is totally right only when all elements in the ground truth are present in the prediction, and <OR> means it is totally right when any one element in the ground truth is present in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally right). Just complete the last space of the correctness score.
 
 Question | Ground truth | Prediction | Correctness
