@@ -163,7 +163,8 @@ def _register_optional() -> None:
     for module, names in (
         (
             "vtprune.eval.commands",
-            (("eval", "eval_command"), ("sweep", "sweep_command"), ("compare", "compare_command"), ("tasks", "tasks_command")),
+            (("eval", "eval_command"), ("sweep", "sweep_command"), ("compare", "compare_command"), ("tasks", "tasks_command"),
+             ("reproduce", "reproduce_command")),
         ),
         ("vtprune.testbed.commands", (("demo", "demo_command"),)),
         ("vtprune.bench.commands", (("bench", "bench_command"),)),
