@@ -205,6 +205,7 @@ def reproduce_command(
     data: Annotated[list[str] | None, typer.Option("--data", help="task=dataset (Hub id or local folder), repeatable.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid and the paper's table; run nothing.")] = False,
     batch_size: BatchOpt = 1,
+    max_new_tokens: MaxNewOpt = None,
     limit: LimitOpt = None,
     output: OutputOpt = Path("results"),
     dtype: DtypeOpt = "auto",
@@ -226,7 +227,7 @@ def reproduce_command(
         template, preprocessing = resolve_setting(None, None, True, "llava" if dry_run else model_type_of(model))
         base = EvalConfig(model=model, task=chosen[0], template=template, preprocessing=preprocessing, dtype=dtype,
                           attn_implementation=attn_implementation, model_revision=model_revision,
-                          batch_size=batch_size, limit=limit, output=str(output), device=device,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, output=str(output), device=device,
                           retry_errors=retry_errors, progress=progress)
         if dry_run:
             print_plan(preset, base, chosen, keeps)

@@ -226,13 +226,14 @@ def print_table(preset: Preset, tasks: list[str], keeps: list[Any],
 
     console = console or _console()
     title = f"{preset.name}: {'vtprune / paper' if cells is not None else 'reported numbers'}"
-    table = Table(title=title, caption=f"{preset.source['table']} ({preset.source['provenance']}); "
-                  f"unpruned: {preset.baseline_source['table']}; MME = {preset.mme}")
+    table = Table(title=title)
     for header in _headers(tasks, preset):
         table.add_column(header, overflow="fold")
     for row in grid_rows(preset, tasks, keeps, cells):
         table.add_row(*row)
     console.print(table)
+    console.print(f"MME = {preset.mme}. Reported: {preset.source['table']} ({preset.source['provenance']}); "
+                  f"unpruned row: {preset.baseline_source['table']}. Empty: not reported.", soft_wrap=True)
 
 
 def print_plan(preset: Preset, base: EvalConfig, tasks: list[str], keeps: list[Any], console: Any = None) -> None:

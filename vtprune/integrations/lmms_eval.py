@@ -38,6 +38,7 @@ from PIL import Image
 
 from vtprune.eval.predictor import IMAGE_PLACEHOLDER, Generation, Predictor
 
+
 @dataclass
 class VTPruneTokenCounts(TokenCounts):
     """lmms-eval's per-sample token counters plus vtprune's record, logged under the key `vtprune`."""
