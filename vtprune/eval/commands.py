@@ -233,8 +233,9 @@ def reproduce_command(
             print_plan(preset, base, chosen, keeps)
             return
         result = run_reproduce(preset, base, chosen, keeps, datasets, log=_log)
-        print_table(preset, chosen, keeps, result["cells"])
-        typer.echo(f"-> {result['dir']}")
+        if result["dir"]:
+            print_table(preset, chosen, keeps, result["cells"])
+            typer.echo(f"-> {result['dir']}")
 
 
 def _task_value(item: str) -> tuple[str, str]:

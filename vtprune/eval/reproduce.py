@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vtprune.eval.config import EvalConfig, model_name, parse_keep
+from vtprune.eval.distributed import DistContext
 from vtprune.eval.errors import EvalInputError
 from vtprune.eval.store import write_json_atomic, write_text_atomic
 
@@ -136,6 +137,8 @@ def run_reproduce(
         table = run_sweep(cfg, ["none", preset.method], keeps, params, log=log)
         for row in table.get("rows", []):
             rows.append(_cell(preset, task, row))
+    if not DistContext.from_env().is_main:  # under torchrun / accelerate rank 0 merges and writes
+        return {"cells": [], "dir": None}
     result = {
         "preset": preset.name, "paper": preset.paper, "method": preset.method, "params": preset.params,
         "settings": preset.settings, "source": preset.source, "baseline_source": preset.baseline_source,
