@@ -122,7 +122,7 @@ def test_lmms_eval_cli_runs_a_vtprune_method_and_logs_the_record(tmp_path: Path)
     model = save_tiny_llava(tmp_path / "tiny-llava")
     tasks = _write_task(tmp_path)
     out = tmp_path / "logs"
-    proc = _run_lmms_eval(tmp_path, tasks, f"pretrained={model},method=fastv,keep=16,K=1", out)
+    proc = _run_lmms_eval(tmp_path, tasks, f"pretrained={model},method=fastv,keep=16,K=1,paper_setting=true", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
     samples = _samples(out)
@@ -130,6 +130,7 @@ def test_lmms_eval_cli_runs_a_vtprune_method_and_logs_the_record(tmp_path: Path)
     for sample in samples:
         record = sample["token_counts"][0]["vtprune"]
         assert record["method"] == "fastv" and record["keep"] == 16 and record["params"] == {"K": 1}
+        assert (record["template"], record["preprocessing"]) == ("vicuna_v1", "pad")  # paper_setting=true
         assert record["visual_tokens"] == 64  # the tiny model's 8 x 8 patches
         assert record["tokens_after_pruning"] == 16
         # FastV (K=1) keeps all 64 in layer 0 and 16 in the tiny model's three later layers
