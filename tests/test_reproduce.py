@@ -82,9 +82,11 @@ def test_unknown_preset_and_task_are_named() -> None:
 
 
 def test_mme_convention_picks_the_metric() -> None:
-    metrics = {"perception": 1400.0, "total": 1700.0, "accuracy": 0.5}
-    assert value_of("mme", metrics, "perception") == (1400.0, "perception")
-    assert value_of("mme", metrics, "total") == (1700.0, "total")
+    metrics = {"perception_score": 1400.0, "cognition_score": 300.0, "total_score": 1700.0, "accuracy": 0.5}
+    assert value_of("mme", metrics, "perception") == (1400.0, "perception_score")
+    assert value_of("mme", metrics, "total") == (1700.0, "total_score")
+    assert value_of("mmvet", {"gpt_score": 31.5, "accuracy": 0.315}, "total") == (31.5, "gpt_score")
+    assert value_of("mmbench", {"circular_accuracy": None, "accuracy": None}, "total") == (None, None)  # test split
     assert value_of("pope", {"f1": 0.8512}, "total") == (pytest.approx(85.12), "f1")
     assert value_of("gqa", {"exact": 1.0}, "total") == (None, None)  # never a silent stand-in metric
 
