@@ -4,6 +4,7 @@ tiny model over the tasks with fixtures, and the errors that name the valid choi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,8 @@ def test_small_run_resumes_and_prints_vtprune_beside_the_paper(tmp_path: Path) -
     before = {p: p.read_text() for p in samples}
     again = _invoke(args)  # every cell finished: nothing re-generated, the same numbers
     assert again.exit_code == 0, again.output
-    assert "0 already done" not in again.output and "already done" in again.output
+    resumed = re.findall(r"(\d+) samples, (\d+) already done", again.output)
+    assert len(resumed) == 6 and all(total == done != "0" for total, done in resumed), again.output
     assert {p: p.read_text() for p in samples} == before
     assert json.loads(report.read_text())["cells"] == result["cells"]
 
