@@ -1,4 +1,4 @@
-"""Typer command functions for `vtprune eval | sweep | compare | tasks` (registered by vtprune/cli.py).
+"""Typer command functions for `vtprune eval | sweep | compare | reproduce | tasks` (registered by vtprune/cli.py).
 
 They are plain functions so the CLI module owns the app: `register(app)` adds all of them, or register one
 by one with `app.command("eval")(eval_command)`. `python -m vtprune.eval` runs them without vtprune/cli.py.
@@ -191,6 +191,57 @@ def sweep_command(
 
 
 @reports_user_errors
+def reproduce_command(
+    paper: Annotated[str, typer.Argument(help="Paper preset: vispruner, cdpruner, fastv, sparsevlm, pdrop, visionzip, dart.")],
+    model: Annotated[str, typer.Option("--model", help="Hub id or local folder of a LLaVA-1.5 checkpoint.")] = (
+        "llava-hf/llava-1.5-7b-hf"),
+    tasks: Annotated[str | None, typer.Option("--tasks", help="Comma-separated subset of the paper's tasks.")] = None,
+    keep: Annotated[str | None, typer.Option("--keep", help="Comma-separated budgets (default: the paper's).")] = None,
+    data: Annotated[list[str] | None, typer.Option("--data", help="task=dataset (Hub id or local folder), repeatable.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the grid and the paper's table; run nothing.")] = False,
+    batch_size: BatchOpt = 1,
+    max_new_tokens: MaxNewOpt = None,
+    limit: LimitOpt = None,
+    output: Annotated[Path, typer.Option("--output", help="Root folder of the results.")] = Path("results"),
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+    attn_implementation: AttnOpt = "sdpa",
+    model_revision: ModelRevOpt = None,
+    retry_errors: RetryOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """A paper's benchmark x budget grid with its settings (vicuna_v1 + pad), vtprune beside the paper; resumable."""
+    from vtprune.eval.reproduce import get_preset, print_plan, print_table, run_reproduce, select
+
+    try:
+        preset = get_preset(paper)
+        chosen, keeps = select(preset, parse_list(tasks or ""), parse_list(keep or ""))
+        datasets = dict(_task_value(item) for item in data or [])
+        # the presets are LLaVA-1.5 grids: a dry run reads no checkpoint config (it may be a Hub id, offline)
+        template, preprocessing = resolve_setting(None, None, True, "llava" if dry_run else model_type_of(model))
+        base = EvalConfig(model=model, task=chosen[0], template=template, preprocessing=preprocessing, dtype=dtype,
+                          attn_implementation=attn_implementation, model_revision=model_revision,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit, output=str(output), device=device,
+                          retry_errors=retry_errors, progress=progress)
+        if dry_run:
+            print_plan(preset, base, chosen, keeps)
+            return
+        result = run_reproduce(preset, base, chosen, keeps, datasets, log=_log)
+        if result["dir"]:
+            print_table(preset, chosen, keeps, result["cells"])
+            typer.echo(f"-> {result['dir']}")
+    finally:
+        shutdown()
+
+
+def _task_value(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise EvalInputError(f"--data expects task=dataset, got {item!r}")
+    task, value = item.split("=", 1)
+    return task.strip(), value.strip()
+
+
+@reports_user_errors
 def compare_command(
     run_a: Annotated[Path, typer.Argument(help="Result folder (or samples.jsonl) of run A, the reference.")],
     run_b: Annotated[Path, typer.Argument(help="Result folder (or samples.jsonl) of run B.")],
@@ -227,12 +278,13 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "eval": eval_command,
     "sweep": sweep_command,
     "compare": compare_command,
+    "reproduce": reproduce_command,
     "tasks": tasks_command,
 }
 
 
 def register(app: typer.Typer) -> typer.Typer:
-    """Add `eval`, `sweep`, `compare` and `tasks` to a Typer app."""
+    """Add `eval`, `sweep`, `compare`, `reproduce` and `tasks` to a Typer app."""
     for name, func in COMMANDS.items():
         app.command(name)(func)
     return app
