@@ -103,9 +103,10 @@ class Task(ABC):
     def load(self, limit: int | None = None) -> list[Example]:
         """Examples in a deterministic order; `limit` keeps the first N (per split for multi-split tasks)."""
 
-    @abstractmethod
     def parse(self, text: str, example: Example) -> str | None:
-        """The answer read from generated text; None when it cannot be read (scored wrong)."""
+        """The answer read from generated text by the chosen parser; None when it cannot be read (scored
+        wrong). Tasks whose parsers need more than the text (the options of a question) override it."""
+        return self.parsers[self.parser](text)
 
     def is_correct(self, parsed: str | None, example: Example) -> bool:
         return parsed is not None and parsed == example.target

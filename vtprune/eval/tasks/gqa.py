@@ -101,9 +101,6 @@ class GQATask(Task):
         self.sources.append(loaded.source)
         return loaded.table
 
-    def parse(self, text: str, example: Example) -> str | None:
-        return self.parsers[self.parser](text)
-
     def summarize(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         overall = accuracy(r.get("correct") for r in rows)
         metrics: dict[str, Any] = {"n": overall["n"], "accuracy": overall["accuracy"]}

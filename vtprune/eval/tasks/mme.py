@@ -120,9 +120,6 @@ class MMETask(Task):
             ))
         return examples
 
-    def parse(self, text: str, example: Example) -> str | None:
-        return self.parsers[self.parser](text)
-
     def summarize(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         overall = accuracy(r.get("correct") for r in rows)
         scores = mme_scores(rows) if rows else {"perception_score": 0.0, "cognition_score": 0.0,

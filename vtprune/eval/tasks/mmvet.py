@@ -107,9 +107,6 @@ class MMVetTask(Task):
             for row in range(n)
         ]
 
-    def parse(self, text: str, example: Example) -> str | None:
-        return self.parsers[self.parser](text)
-
     def is_correct(self, parsed: str | None, example: Example) -> bool:
         return False  # graded only by the judge (`judge_score`), never by string match
 

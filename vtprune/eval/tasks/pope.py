@@ -116,9 +116,6 @@ class PopeTask(Task):
             )
         return examples
 
-    def parse(self, text: str, example: Example) -> str | None:
-        return self.parsers[self.parser](text)
-
     def summarize(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Per-split binary metrics, the pooled metrics, and the LLaVA-paper mean F1 over splits."""
         per_split: dict[str, dict] = {}

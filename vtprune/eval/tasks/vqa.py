@@ -87,9 +87,6 @@ class VqaTask(Task):
             ))
         return examples
 
-    def parse(self, text: str, example: Example) -> str | None:
-        return self.parsers[self.parser](text)
-
     def score(self, parsed: str | None, example: Example) -> float | None:
         answers = example.fields.get("answers")
         return vqa_accuracy(parsed, answers, normalized=True) if answers else None
