@@ -400,12 +400,24 @@ def test_target_checks_thresholds():
         ({"new_tokens": 1}, "--new-tokens"),
         ({"params": {"fastv": {"R": 2.0}}}, "fastv"),
         ({"params": {"random": {"seed": 1}}, "methods": ["fastv"]}, "not benchmarked"),
+        ({"cache": "paged"}, "valid: dynamic, static"),
     ],
 )
 def test_bad_configuration_is_refused_before_anything_runs(kwargs, match):
     cfg = BenchConfig(arch="tiny", device="cpu", progress=False, **kwargs)
     with pytest.raises(PruneConfigError, match=match):
         run_bench(cfg)
+
+
+def test_static_cache_bench_times_every_subject(tiny_model, tmp_path):
+    """`--cache static`: generate() preallocates the KV cache (and compiles decode on a GPU); every subject
+    generates exactly the asked tokens (static == dynamic tokens: test_engine.py), the cache kind is recorded."""
+    results, _ = _cpu_run(tiny_model, tmp_path, arch="tiny", methods=["none", "fastv", "vispruner"], keeps=[16],
+                          repeats=1, warmup=0, cache="static")
+    assert results["meta"]["cache"] == "static"
+    entries = ok_entries(results)
+    assert {e["method"] for e in entries} >= {"fastv", "vispruner"} and len(entries) == len(results["results"])
+    assert all(e["method_timing"]["decode_ms_per_token"]["median"] > 0 for e in entries)
 
 
 def test_bad_model_choice_is_refused():

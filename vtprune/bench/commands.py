@@ -66,6 +66,9 @@ def bench_command(
     batch: str = typer.Option("1,16", help="Batch sizes, comma-separated."),
     new_tokens: int = typer.Option(8, help="Tokens generated per sample (greedy, EOS disabled)."),
     attn: AttnOpt = "sdpa",
+    cache: str = typer.Option(
+        "dynamic", help="generate()'s KV cache: dynamic, or static (preallocated; on a GPU generate compiles decode)."
+    ),
     repeats: int = typer.Option(5, help="Timed repeats per measurement (medians reported)."),
     warmup: int = typer.Option(1, help="Untimed calls before each measurement."),
     generate_repeats: int = typer.Option(
@@ -112,6 +115,7 @@ def bench_command(
         batches=parse_int_list(batch, "--batch"),
         new_tokens=new_tokens,
         attn=attn,
+        cache=cache,
         repeats=repeats,
         warmup=warmup,
         generate_repeats=generate_repeats,

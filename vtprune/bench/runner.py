@@ -20,6 +20,8 @@ Measured (CUDA events on a GPU, host clock on a CPU; `warmup` untimed calls firs
 * `e2e_ms`: `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)` (greedy, exactly N tokens,
   EOS cannot stop it); `ttft_generate_ms` from the call to the end of its first forward; `decode_ms_per_token`
   = (end of the last forward − end of the first) / (N − 1), so it includes generate's per-step Python;
+  `--cache static` runs generate with a preallocated cache (on a GPU transformers then compiles the decode
+  step; the first calls compile and are not timed), for the unpruned model, the methods and the oracles alike;
 * `throughput_samples_s` = batch / e2e, `tokens_per_s` = batch · N / e2e;
 * `peak_mem_*_bytes`: `torch.cuda.max_memory_allocated` over the prefill repeats and over the generate
   repeats (weights included; `weights_bytes` is given once);
@@ -60,6 +62,9 @@ __all__ = ["BenchConfig", "Bench", "run_bench", "SCHEMA"]
 
 SCHEMA = "vtprune.bench/1"
 KEEP_ALL = "all"  # a --keep entry: every visual token of the image (2,928 for a 672 x 672 LLaVA-1.6 image)
+CACHES = ("dynamic", "static")
+# generate() with a static cache compiles its decode step on a GPU: the first calls compile (and may recompile once)
+STATIC_WARMUP_CALLS = 3
 PHASE_REPEATS = 3  # the synchronised per-phase repeats only split the prefill; fewer are enough
 PROFILE_MAX_METHODS = 6
 
@@ -74,6 +79,7 @@ class BenchConfig:
     batches: list[int] = field(default_factory=lambda: [1, 16])
     new_tokens: int = 8
     attn: str = "sdpa"
+    cache: str = "dynamic"  # generate()'s KV cache: "static" preallocates it (on a GPU generate then compiles decode)
     repeats: int = 5
     warmup: int = 1
     dtype: str = "auto"
@@ -124,6 +130,8 @@ class BenchConfig:
             )
         if self.text_tokens < 2:
             raise PruneConfigError(f"--text-tokens must be >= 2, got {self.text_tokens}")
+        if self.cache not in CACHES:
+            raise PruneConfigError(f"unknown --cache {self.cache!r}; valid: {', '.join(CACHES)}")
 
 
 def _positive_int(value) -> bool:
@@ -255,6 +263,7 @@ class Bench:
             "min_new_tokens": n,
             "do_sample": False,
             "num_beams": 1,
+            **({"cache_implementation": "static"} if self.cfg.cache == "static" else {}),
         }
 
     def time_generate(self, inputs: Inputs, repeats: int) -> dict:
@@ -267,6 +276,8 @@ class Bench:
         )
         try:
             with torch.no_grad():
+                for _ in range(STATIC_WARMUP_CALLS - 1 if self.cfg.cache == "static" else 0):
+                    self.model.generate(**kwargs)
                 out = self.model.generate(**kwargs, return_dict_in_generate=True)
                 new = out.sequences.shape[1] - inputs.input_ids.shape[1]
                 if new != self.cfg.new_tokens:
@@ -540,6 +551,7 @@ def environment(loaded: BenchModel, cfg: BenchConfig) -> dict:
         "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
         "attn": cfg.attn,
+        "cache": cfg.cache,
         "dtype": str(loaded.dtype).replace("torch.", ""),
         "model": loaded.name,
         "random_weights": loaded.random_weights,
