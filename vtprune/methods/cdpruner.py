@@ -45,7 +45,7 @@ edge case):
 * a repeated question in a batch is encoded once (no effect on the result).
 * the optional θ re-weighting (commented out in the official code) is not offered.
 * LLaVA-NeXT: the official rule (an equal budget per view, each with its own [CLS]) is `crop_budget="crop"`,
-  the default (`vtprune.methods.base.check_crop_budget`); the official code's 672 x 672 pin with no
+  the default (`vtprune.methods.base.CropBudget`); the official code's 672 x 672 pin with no
   unpadding and no `image_newline` is not the HF model's input and is not reproduced.
   On NeXT the relevance is min-max normalised per tower input (the official code: over all views).
 """
@@ -54,19 +54,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vtprune.methods.base import (
+    CropBudget,
     Method,
     ModelInfo,
     PruneConfigError,
     Selection,
     Stage,
-    check_crop_budget,
     register,
 )
 from vtprune.selection import cdpruner_kernel, dpp_greedy
@@ -244,10 +244,10 @@ def clip_relevance(
 class CDPruner(Method):
     """Conditional DPP: diversity of projected tokens weighted by CLIP relevance to the question."""
 
-    relevance: str = "clip"
+    relevance: Literal["clip", "none"] = "clip"
     clip_model: str = DEFAULT_CLIP
     prompt_tokenizer: Any = None
-    crop_budget: str = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
+    crop_budget: CropBudget = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
 
     name = "cdpruner"
     stage_kind = "vision"
@@ -255,10 +255,7 @@ class CDPruner(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_crop_budget(self)
-        if self.relevance not in ("clip", "none"):
-            raise PruneConfigError(f"{self.name}: relevance={self.relevance!r}; valid: clip, none")
-        if not isinstance(self.clip_model, str) or not self.clip_model:
+        if not self.clip_model:
             raise PruneConfigError(f"{self.name}: clip_model must be a Hugging Face id or a local folder")
         tok = self.prompt_tokenizer
         if tok is not None and not isinstance(tok, str) and not callable(getattr(tok, "decode", None)):

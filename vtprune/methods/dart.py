@@ -48,16 +48,14 @@ in its fork xqy1111111/DART @ d6a5af6, and ModelTC/LightCompress `token_reductio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, bounded, register
 from vtprune.selection import Picked, topk_indices
-
-NORMS = ("l1", "l2")
-BUDGETS = ("exact", "official")
 
 
 def _rank_desc(scores: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,26 +143,15 @@ def dart_select(
 class DART(Method):
     """Duplication-aware pruning: key-norm pivots, then the image tokens least similar to each pivot."""
 
-    K: int = 2
-    pivot_image_token: int = 4
-    pivot_text_token: int = 4
-    norm: str = "l1"
-    budget: str = "exact"
+    K: int = bounded(2, ge=0)
+    pivot_image_token: int = bounded(4, ge=1)
+    pivot_text_token: int = bounded(4, ge=0)
+    norm: Literal["l1", "l2"] = "l1"
+    budget: Literal["exact", "official"] = "exact"
 
     name = "dart"
     stage_kind = "llm"
     paper = "arXiv 2502.11494 (EMNLP 2025)"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for field_name, low in (("K", 0), ("pivot_image_token", 1), ("pivot_text_token", 0)):
-            value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise PruneConfigError(f"dart: {field_name}={value!r} must be an int >= {low}")
-        if self.norm not in NORMS:
-            raise PruneConfigError(f"dart: norm={self.norm!r}; valid: {', '.join(NORMS)}")
-        if self.budget not in BUDGETS:
-            raise PruneConfigError(f"dart: budget={self.budget!r}; valid: {', '.join(BUDGETS)}")
 
     def validate_for(self, info: ModelInfo) -> None:
         if self.K > info.num_layers - 1:

@@ -22,8 +22,9 @@ Deviations from the official code (vbdi/divprune @ 799e2d9; both in `vtprune.sel
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import Method, ModelInfo, Selection, Stage, register
 from vtprune.selection import maxmin_diversity
 
 
@@ -32,16 +33,11 @@ from vtprune.selection import maxmin_diversity
 class DivPrune(Method):
     """Greedy max–min cosine diversity on the projected visual tokens."""
 
-    feature: str = "projected"
+    feature: Literal["projected", "vision"] = "projected"
 
     name = "divprune"
     stage_kind = "vision"
     paper = "arXiv 2503.02175"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.feature not in ("projected", "vision"):
-            raise PruneConfigError(f"{self.name}: feature={self.feature!r}; valid: projected, vision")
 
     def stages(self, info: ModelInfo) -> list[Stage]:
         return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]

@@ -28,8 +28,9 @@ Deviations from the official code (pkunlp-icler/FastV @ d165972, its llava-hf fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from vtprune.methods.base import AttentionMethod, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import AttentionMethod, ModelInfo, Selection, Stage, bounded, register
 from vtprune.selection import topk_indices
 
 
@@ -38,24 +39,13 @@ from vtprune.selection import topk_indices
 class FastV(AttentionMethod):
     """Drop the least-attended image tokens after layer K (last-token attention of layer K-1)."""
 
-    K: int = 2
-    R: float = 0.5
-    query: str = "last"
+    K: int = bounded(2, ge=1, note="K=0 is random pruning: use method 'random'")
+    R: float = bounded(0.5, ge=0, lt=1, note="fraction of image tokens dropped")
+    query: Literal["last", "all"] = "last"
 
     name = "fastv"
     stage_kind = "llm"
     paper = "arXiv 2403.06764"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.R < 1.0:
-            raise PruneConfigError(f"fastv: R={self.R} (fraction of image tokens dropped) must be in [0, 1)")
-        if self.query not in ("last", "all"):
-            raise PruneConfigError(f"fastv: query={self.query!r}; valid: last, all")
-        if self.K < 1:
-            raise PruneConfigError(
-                f"fastv: K={self.K} must be >= 1 (K=0 is random pruning: use method 'random')"
-            )
 
     def stages(self, info: ModelInfo) -> list[Stage]:
         keep = self.keep_count(info, max(1, round(info.visual_tokens * (1 - self.R))))

@@ -39,7 +39,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtprune.methods.base import AttentionMethod, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import (
+    AttentionMethod,
+    ModelInfo,
+    PruneConfigError,
+    Selection,
+    Stage,
+    bounded,
+    register,
+)
 from vtprune.selection import topk_indices
 
 
@@ -58,10 +66,10 @@ def himap_counts_for_average(
 class HiMAP(AttentionMethod):
     """Text→image pruning at K_t, then image→image pruning at K_i (attention sums)."""
 
-    K_t: int = 2
+    K_t: int = bounded(2, ge=1)
     K_i: int = 8
-    R_t: int | None = None
-    R_i: int | None = None
+    R_t: int | None = bounded(None, ge=1)
+    R_i: int | None = bounded(None, ge=1)
 
     name = "himap"
     stage_kind = "llm"
@@ -75,9 +83,6 @@ class HiMAP(AttentionMethod):
             raise PruneConfigError(
                 "himap: give both R_t and R_i (explicit counts) or neither (budget from keep)"
             )
-        for label, value in (("R_t", self.R_t), ("R_i", self.R_i)):
-            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
-                raise PruneConfigError(f"himap: {label}={value} must be a count >= 1")
 
     def counts(self, info: ModelInfo) -> tuple[int, int]:
         v, n = info.visual_tokens, info.num_layers
@@ -86,7 +91,7 @@ class HiMAP(AttentionMethod):
                 raise PruneConfigError(
                     f"himap: R_t={self.R_t}, R_i={self.R_i} exceed the {v} tokens of an image"
                 )
-            return int(self.R_t), int(self.R_i)
+            return self.R_t, self.R_i
         if self.keep is None:
             return max(1, round(v * 288 / 576)), max(1, round(v * 72 / 576))
         keep = self.keep_count(info, v)

@@ -41,14 +41,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, bounded, register
 from vtprune.selection import Picked, topk_indices
 
-PARTITIONS = ("raster", "grid")
 EPS = 1e-6
 
 
@@ -135,9 +135,9 @@ def holov_select(
 class HoloV(Method):
     """Per-crop quotas from [CLS] attention and similarity variance, then top attention in each crop."""
 
-    crops: int = 16
-    alpha: float = 0.09
-    partition: str = "raster"
+    crops: int = bounded(16, ge=1)
+    alpha: float = bounded(0.09, ge=0)
+    partition: Literal["raster", "grid"] = "raster"
 
     name = "holov"
     stage_kind = "vision"
@@ -145,12 +145,6 @@ class HoloV(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.crops, bool) or not isinstance(self.crops, int) or self.crops < 1:
-            raise PruneConfigError(f"holov: crops={self.crops!r} must be an int >= 1")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
-            raise PruneConfigError(f"holov: alpha={self.alpha!r} must be a number >= 0")
-        if self.partition not in PARTITIONS:
-            raise PruneConfigError(f"holov: partition={self.partition!r}; valid: {', '.join(PARTITIONS)}")
         if self.partition == "grid" and math.isqrt(self.crops) ** 2 != self.crops:
             raise PruneConfigError(f"holov: crops={self.crops} must be a square number for partition='grid'")
 

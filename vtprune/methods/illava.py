@@ -59,6 +59,7 @@ from vtprune.methods.base import (
     PruneConfigError,
     Selection,
     Stage,
+    bounded,
     register,
     resolve_keep,
 )
@@ -75,33 +76,14 @@ OFFICIAL_VIT_LAYERS = (5, 6, 7, 8)
 class ILLaVA(AttentionMethod):
     """ViT-stage and LLM-stage weighted merges of the least-attended image tokens."""
 
-    llm_layer: int = 2
-    llm_r: float = 0.70
-    vit_layers: tuple[int, ...] | list[int] | None = None
-    vit_remove: int = 92
+    llm_layer: int = bounded(2, ge=1, note="scores come from the layer before")
+    llm_r: float = bounded(0.70, gt=0, le=1, note="fraction of image tokens kept")
+    vit_layers: tuple[int, ...] | None = None
+    vit_remove: int = bounded(92, ge=1)
 
     name = "illava"
     stage_kind = "llm"
     paper = "arXiv 2412.06263"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.llm_layer < 1:
-            raise PruneConfigError(
-                f"illava: llm_layer={self.llm_layer} must be >= 1 (scores come from the layer before)"
-            )
-        if not 0.0 < self.llm_r <= 1.0:
-            raise PruneConfigError(
-                f"illava: llm_r={self.llm_r} (fraction of image tokens kept) must be in (0, 1]"
-            )
-        if self.vit_layers is not None:
-            if isinstance(self.vit_layers, int) or not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in self.vit_layers
-            ):
-                raise PruneConfigError(f"illava: vit_layers={self.vit_layers!r} must be a sequence of ints")
-            self.vit_layers = tuple(self.vit_layers)
-        if isinstance(self.vit_remove, bool) or not isinstance(self.vit_remove, int) or self.vit_remove < 1:
-            raise PruneConfigError(f"illava: vit_remove={self.vit_remove!r} must be an int >= 1")
 
     def resolved_vit_layers(self, info: ModelInfo) -> tuple[int, ...]:
         if self.vit_layers is not None:

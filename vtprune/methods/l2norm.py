@@ -13,8 +13,9 @@ the only definition; ties go to the lower index.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import Method, ModelInfo, Selection, Stage, register
 from vtprune.selection import topk_indices
 
 
@@ -23,16 +24,11 @@ from vtprune.selection import topk_indices
 class L2NormPruning(Method):
     """Top-k visual tokens by feature L2 norm."""
 
-    feature: str = "projected"
+    feature: Literal["projected", "vision"] = "projected"
 
     name = "l2norm"
     stage_kind = "vision"
     paper = "feature-norm proxy (algorithms.md §15; seed 001)"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.feature not in ("projected", "vision"):
-            raise PruneConfigError(f"l2norm: feature={self.feature!r}; valid: projected, vision")
 
     def stages(self, info: ModelInfo) -> list[Stage]:
         return [Stage(kind="vision", keep=self.keep_count(info, 64), name="l2norm")]

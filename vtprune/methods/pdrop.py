@@ -41,7 +41,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtprune.methods.base import AttentionMethod, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import (
+    AttentionMethod,
+    ModelInfo,
+    PruneConfigError,
+    Selection,
+    Stage,
+    bounded,
+    register,
+)
 from vtprune.selection import topk_indices
 
 PAPER_LAYERS = (8, 16, 24)
@@ -76,9 +84,9 @@ def pdrop_layer_average(counts: list[int], layers: tuple[int, ...], num_layers: 
 class PyramidDrop(AttentionMethod):
     """Stage-wise dropping by the last instruction token's attention, re-projected with the next layer."""
 
-    layer_list: tuple[int, ...] | None = None
-    ratios: tuple[float, ...] | None = None
-    lam: float = 0.5
+    layer_list: tuple[int, ...] | None = bounded(None, ge=1)
+    ratios: tuple[float, ...] | None = bounded(None, gt=0, le=1, note="fractions of the tokens per image")
+    lam: float = bounded(0.5, gt=0, le=1)
 
     name = "pdrop"
     stage_kind = "llm"
@@ -86,27 +94,16 @@ class PyramidDrop(AttentionMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layer_list is not None:
-            self.layer_list = tuple(int(x) for x in self.layer_list)
-            if (
-                not self.layer_list
-                or list(self.layer_list) != sorted(set(self.layer_list))
-                or self.layer_list[0] < 1
-            ):
-                raise PruneConfigError(
-                    f"pdrop: layer_list={self.layer_list} must be increasing layer indices >= 1"
-                )
+        if self.layer_list is not None and (
+            not self.layer_list or list(self.layer_list) != sorted(set(self.layer_list))
+        ):
+            raise PruneConfigError(f"pdrop: layer_list={self.layer_list} must be increasing layer indices >= 1")
         if self.ratios is not None:
-            self.ratios = tuple(float(x) for x in self.ratios)
-            if not all(0.0 < r <= 1.0 for r in self.ratios):
-                raise PruneConfigError(f"pdrop: ratios={self.ratios} must be fractions in (0, 1]")
             if len(self.ratios) != len(self.layer_list or PAPER_LAYERS):
                 raise PruneConfigError(
                     f"pdrop: {len(self.ratios)} ratios for layer_list {list(self.layer_list or PAPER_LAYERS)}; "
                     "give one ratio per layer"
                 )
-        if not 0.0 < self.lam <= 1.0:
-            raise PruneConfigError(f"pdrop: lam={self.lam} must be in (0, 1]")
 
     def plan(self, info: ModelInfo) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(layers, per-image keep count of each stage)."""

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, bounded, register
 from vtprune.selection import topk_indices
 
 
@@ -168,7 +168,7 @@ class PruMerge(Method):
     chooses its own count per image: keep only caps it, so keep = all tokens is not the unmodified model."""
 
     plus: bool = False
-    neighbours: int = 32
+    neighbours: int = bounded(32, ge=1)
     spatial_rule: str = "main"
 
     name = "prumerge"
@@ -181,10 +181,6 @@ class PruMerge(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.plus, bool):
-            raise PruneConfigError(f"{self.name}: plus must be True (PruMerge+) or False")
-        if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 1:
-            raise PruneConfigError(f"{self.name}: neighbours={self.neighbours!r} must be an int >= 1")
         if self.spatial_rule not in SPATIAL_RULES:
             raise PruneConfigError(
                 f"{self.name}: spatial_rule={self.spatial_rule!r}; valid: {', '.join(SPATIAL_RULES)} "

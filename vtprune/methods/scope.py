@@ -26,15 +26,14 @@ Deviations from the official code (kinredon/SCOPE `scope/clip_encoder.py` @ 6bf7
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import Method, ModelInfo, Selection, Stage, bounded, register
 from vtprune.selection import Picked, topk_indices
-
-COMBINES = ("multi", "add")
 
 
 def _argmax_lowest(scores: Tensor) -> Tensor:
@@ -86,19 +85,12 @@ def scope_select(
 class SCOPE(Method):
     """Greedy saliency × coverage gain (submodular set cover) on the vision features."""
 
-    alpha: float = 1.0
-    combine: str = "multi"
+    alpha: float = bounded(1.0, ge=0)
+    combine: Literal["multi", "add"] = "multi"
 
     name = "scope"
     stage_kind = "vision"
     paper = "arXiv 2510.24214 (NeurIPS 2025)"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
-            raise PruneConfigError(f"scope: alpha={self.alpha!r} must be a number >= 0")
-        if self.combine not in COMBINES:
-            raise PruneConfigError(f"scope: combine={self.combine!r}; valid: {', '.join(COMBINES)}")
 
     def stages(self, info: ModelInfo) -> list[Stage]:
         return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]

@@ -78,6 +78,7 @@ from vtprune.methods.base import (
     PruneConfigError,
     Selection,
     Stage,
+    bounded,
     register,
     resolve_keep,
 )
@@ -206,13 +207,13 @@ def rope_prior(signals, rows: torch.Tensor) -> torch.Tensor:
 class SparseVLM(AttentionMethod):
     """Text-rater-guided progressive pruning inside the LLM with token recycling."""
 
-    version: str = "1.5"
-    layers: tuple[int, ...] | None = None
-    schedule: tuple[int, ...] | None = None
+    version: str | int | float = "1.5"  # numbers too: a command line reads version=2.0 as a float
+    layers: tuple[int, ...] | None = bounded(None, ge=0)
+    schedule: tuple[int, ...] | None = bounded(None, ge=1)
     recycle: bool | None = None
-    scale: float | None = None
+    scale: float | None = bounded(None, gt=0)
     bias: float | None = None
-    priority_heads: int = 14
+    priority_heads: int = bounded(14, ge=1)
 
     name = "sparsevlm"
     stage_kind = "llm"
@@ -226,30 +227,16 @@ class SparseVLM(AttentionMethod):
             self.version = "2.0"
         if self.version not in VERSIONS:
             raise PruneConfigError(f"sparsevlm: version={self.version!r}; valid: {', '.join(VERSIONS)}")
-        if self.layers is not None:
-            self.layers = tuple(int(x) for x in self.layers)
-            if not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0:
-                raise PruneConfigError(
-                    f"sparsevlm: layers={self.layers} must be increasing layer indices >= 0"
-                )
-        if self.schedule is not None:
-            self.schedule = tuple(int(x) for x in self.schedule)
-            if self.version == "1":
-                raise PruneConfigError(
-                    "sparsevlm: version 1 is rank-adaptive; schedule applies to 1.5 and 2.0"
-                )
-            if any(c < 1 for c in self.schedule):
-                raise PruneConfigError(f"sparsevlm: schedule={self.schedule} counts must be >= 1")
+        if self.layers is not None and (not self.layers or list(self.layers) != sorted(set(self.layers))):
+            raise PruneConfigError(f"sparsevlm: layers={self.layers} must be increasing layer indices >= 0")
+        if self.schedule is not None and self.version == "1":
+            raise PruneConfigError("sparsevlm: version 1 is rank-adaptive; schedule applies to 1.5 and 2.0")
         if self.recycle is None:
             self.recycle = self.version != "2.0"
         if self.recycle and self.version == "2.0":
             raise PruneConfigError(
                 "sparsevlm: version 2.0 keeps original positions and cannot recycle (recycle=False)"
             )
-        if self.scale is not None and self.scale <= 0:
-            raise PruneConfigError(f"sparsevlm: scale={self.scale} must be > 0")
-        if self.priority_heads < 1:
-            raise PruneConfigError(f"sparsevlm: priority_heads={self.priority_heads} must be >= 1")
 
     # --- planning -----------------------------------------------------------------------------------------
     def sparse_layers(self) -> tuple[int, ...]:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtprune.methods.base import AttentionMethod, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import AttentionMethod, ModelInfo, Selection, Stage, bounded, register
 from vtprune.selection import tokencarve_fuse_and_merge
 
 
@@ -45,21 +45,12 @@ from vtprune.selection import tokencarve_fuse_and_merge
 class TokenCarve(AttentionMethod):
     """Borda fusion of attention and SVD information scores, then similarity merging, at layer K."""
 
-    K: int = 2
-    weight: float = 0.5
+    K: int = bounded(2, ge=1, note="scores come from layer K-1")
+    weight: float = bounded(0.5, ge=0, le=1, note="AV share of the Borda fusion")
 
     name = "tokencarve"
     stage_kind = "llm"
     paper = "arXiv 2503.10501"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.K < 1:
-            raise PruneConfigError(f"tokencarve: K={self.K} must be >= 1 (scores come from layer K-1)")
-        if not 0.0 <= self.weight <= 1.0:
-            raise PruneConfigError(
-                f"tokencarve: weight={self.weight} (AV share of the Borda fusion) must be in [0, 1]"
-            )
 
     def stages(self, info: ModelInfo) -> list[Stage]:
         keep = self.keep_count(info, max(1, round(info.visual_tokens * 128 / 576)))

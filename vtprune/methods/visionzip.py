@@ -37,7 +37,7 @@ Deviations from the official code (dvlab-research/VisionZip `visionzip/clip_enco
 * the [CLS] attention and keys of the feature layer are computed from its q/k projections (SDPA tower), not
   by a monkey-patched eager CLIP attention; several images per sample and batches are supported.
 * LLaVA-NeXT: the official rule (an equal budget per view, each with its own [CLS]) is `crop_budget="crop"`,
-  the default (`vtprune.methods.base.check_crop_budget`); the official code's 672 x 672 pin with no
+  the default (`vtprune.methods.base.CropBudget`); the official code's 672 x 672 pin with no
   unpadding and no `image_newline` is not the HF model's input and is not reproduced.
 """
 
@@ -48,12 +48,13 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.methods.base import (
+    CropBudget,
     Method,
     ModelInfo,
     PruneConfigError,
     Selection,
     Stage,
-    check_crop_budget,
+    bounded,
     register,
     resolve_keep,
 )
@@ -72,23 +73,13 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class VisionZip(Method):
     """Dominant tokens by [CLS] attention + contextual tokens by key-similarity merging."""
 
-    dominant: int | None = None
-    contextual: int | None = None
-    crop_budget: str = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
+    dominant: int | None = bounded(None, ge=1, note="[CLS] included")
+    contextual: int | None = bounded(None, ge=0)
+    crop_budget: CropBudget = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
 
     name = "visionzip"
     stage_kind = "vision"
     paper = "arXiv 2412.04467"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_crop_budget(self)
-        for field_name, low in (("dominant", 1), ("contextual", 0)):
-            value = getattr(self, field_name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise PruneConfigError(f"{self.name}: {field_name}={value!r} must be an int >= {low}")
 
     def split_total(self, total: int) -> tuple[int, int]:
         """(D, C) for a budget of `total` tokens per image."""

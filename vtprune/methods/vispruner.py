@@ -32,7 +32,7 @@ Deviations from the official code (Theia-4869/VisPruner `llava/model/llava_arch.
 * `attention_sink_threshold` (`vispruner_nosink`, seeds/000) is not in the official code: the sinks are
   excluded from both selections, so keep = all tokens is not the unmodified model for that variant.
 * LLaVA-NeXT: the official rule (an equal budget per view, each with its own [CLS]) is `crop_budget="crop"`,
-  the default (`vtprune.methods.base.check_crop_budget`); the official code's 672 x 672 pin with no
+  the default (`vtprune.methods.base.CropBudget`); the official code's 672 x 672 pin with no
   unpadding and no `image_newline` is not the HF model's input and is not reproduced.
 """
 
@@ -43,12 +43,14 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.methods.base import (
+    CropBudget,
     Method,
     ModelInfo,
     PruneConfigError,
     Selection,
     Stage,
-    check_crop_budget,
+    bounded,
+    check_fields,
     register,
 )
 from vtprune.selection import vispruner_select
@@ -59,19 +61,19 @@ from vtprune.selection import vispruner_select
 class VisPruner(Method):
     """Important tokens by [CLS] attention + diverse tokens by similarity-based removal."""
 
-    important_ratio: float = 0.5
-    removal_number: int = 8
-    attention_sink_threshold: float | None = None
+    important_ratio: float = bounded(0.5, ge=0, le=1)
+    removal_number: int = bounded(8, ge=1)
+    attention_sink_threshold: float | None = bounded(None, gt=0, le=1)
     retain_img_tokens: int | None = None  # alias of keep (seed 000)
     vispruner_ratio: float | None = None  # alias of important_ratio (seed 000)
-    crop_budget: str = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
+    crop_budget: CropBudget = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
 
     name = "vispruner"
     stage_kind = "vision"
     paper = "arXiv 2412.01818"
 
     def __post_init__(self) -> None:
-        check_crop_budget(self)
+        check_fields(self)  # the aliases' types, before they are folded into keep / important_ratio
         if self.retain_img_tokens is not None:
             if self.keep is not None and self.keep != self.retain_img_tokens:
                 raise PruneConfigError(
@@ -87,12 +89,6 @@ class VisPruner(Method):
                 )
             self.important_ratio, self.vispruner_ratio = self.vispruner_ratio, None
         super().__post_init__()
-        if not 0.0 <= self.important_ratio <= 1.0:
-            raise PruneConfigError(f"{self.name}: important_ratio={self.important_ratio} must be in [0, 1]")
-        if self.removal_number < 1:
-            raise PruneConfigError(f"{self.name}: removal_number={self.removal_number} must be >= 1")
-        if self.attention_sink_threshold is not None and not 0.0 < self.attention_sink_threshold <= 1.0:
-            raise PruneConfigError(f"{self.name}: attention_sink_threshold must be in (0, 1]")
 
     def stages(self, info: ModelInfo) -> list[Stage]:
         return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
