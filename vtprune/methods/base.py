@@ -9,15 +9,15 @@ of the model, from its adapter) and `PruneConfigError` are re-exported here for 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 
 import torch
 
 from vtprune.errors import PruneConfigError
+from vtprune.methods.fields import bounded, check_fields  # noqa: F401  (re-exported for the method files)
 from vtprune.models.base import ModelInfo
+from vtprune.selection import topk_indices
 
 if TYPE_CHECKING:
     from vtprune.signals.context import LLMSignals, VisionSignals
@@ -30,7 +30,7 @@ class Stage:
     kind="vision": before the LLM; the LLM sees only the kept tokens with contiguous positions.
     kind="llm": `score_layer` is the decoder layer whose own q/k give the attention rows the method scores
     with (captured while that layer runs on the unpruned sequence); `prune_layer` is the first decoder layer
-    that sees the pruned sequence. They differ between papers (algorithms.md §0.1): FastV scores layer K-1
+    that sees the pruned sequence. They differ between papers: FastV scores layer K-1
     and prunes before K; SparseVLM scores layer l and prunes before l+1; PyramidDrop scores with layer k's
     projections of layer k's input and prunes before k (score_layer == prune_layer: the engine then computes
     the rows from the incoming hidden states with that layer's norm, q/k projections and RoPE).
@@ -100,155 +100,6 @@ def resolve_keep(keep: int | float, total: int, what: str = "keep") -> int:
     return keep
 
 
-# --- declarative field validation ------------------------------------------------------------------------
-# A method's fields are checked once, in Method.__post_init__, against their type hints (bool is not an int,
-# an int is a float, a list is a tuple) and against the range declared next to the field with `bounded`.
-
-
-@dataclass(frozen=True)
-class Range:
-    """Bounds of a number field; `note` says why, when the bound is not obvious."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    note: str = ""
-
-    def contains(self, value) -> bool:
-        if value != value:  # NaN is in no range
-            return False
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            return False
-        return self.high is None or (value < self.high if self.high_open else value <= self.high)
-
-    def describe(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        if self.low is None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-        return f"in {left}{self.low:g}, {self.high:g}{right}"
-
-
-def bounded(default, *, ge=None, gt=None, le=None, lt=None, note: str = ""):
-    """A dataclass field with a declared range: `K: int = bounded(2, ge=1)`, `R: float = bounded(0.5, ge=0, lt=1)`.
-    None is always allowed when the type hint allows it; the bound applies to numbers."""
-    rule = Range(
-        low=gt if gt is not None else ge,
-        high=lt if lt is not None else le,
-        low_open=gt is not None,
-        high_open=lt is not None,
-        note=note,
-    )
-    return field(default=default, metadata={"range": rule})
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _accepts(hint, value) -> bool:
-    """Does `value` have the type `hint` (the subset of typing the method fields use)?"""
-    if hint is Any:
-        return True
-    if hint is type(None):
-        return value is None
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts(h, value) for h in typing.get_args(hint))
-    if origin is Literal:
-        return value in typing.get_args(hint) and not isinstance(value, bool)
-    if origin in (tuple, list):
-        args = typing.get_args(hint)
-        item = args[0] if args else Any
-        return isinstance(value, (tuple, list)) and all(_accepts(item, x) for x in value)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return _is_number(value)
-    return isinstance(value, hint)
-
-
-def _describe(hint) -> str:
-    """`hint` in words, for the error message."""
-    if hint is Any:
-        return "anything"
-    if hint is type(None):
-        return "None"
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if float in args:  # an int is a number already
-            args = tuple(h for h in args if h is not int)
-        return " or ".join(dict.fromkeys(_describe(h) for h in args))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (tuple, list):
-        args = typing.get_args(hint)
-        return f"a sequence of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a sequence"
-    words = {bool: "a bool (True or False)", int: "an int", float: "a number", str: "a str"}
-    return words.get(hint, f"a {getattr(hint, '__name__', hint)}")
-
-
-def _number_hint(hint):
-    """int or float when `hint` is that number type (optionally | None), else None."""
-    args = [h for h in typing.get_args(hint) if h is not type(None)] if typing.get_origin(hint) else [hint]
-    return args[0] if len(args) == 1 and args[0] in (int, float) else None
-
-
-def _field_range(cls: type, name: str) -> Range | None:
-    # A subclass that only changes a default (`heads: str = "auto"`) drops the field's metadata: look it up
-    # in the classes above as well.
-    for klass in cls.__mro__:
-        f = getattr(klass, "__dataclass_fields__", {}).get(name)
-        if f is not None and "range" in f.metadata:
-            return f.metadata["range"]
-    return None
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _field_hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def check_fields(method) -> None:
-    """Check every dataclass field of `method` against its type hint and declared range; raise a
-    PruneConfigError naming the method, the field, the value and what is expected. Sequences given to a
-    tuple field are stored as tuples (records and equality then do not depend on how they were spelled)."""
-    cls = type(method)
-    hints = _field_hints(cls)
-    for f in dataclasses.fields(method):
-        hint = hints.get(f.name, Any)
-        value = getattr(method, f.name)
-        rule = _field_range(cls, f.name)
-        note = f" ({rule.note})" if rule is not None and rule.note else ""
-        if not _accepts(hint, value):
-            expected = _describe(hint)
-            number = _number_hint(hint)
-            if rule is not None and number is not None:
-                optional = ", or None" if _accepts(hint, None) else ""
-                expected = f"{_describe(number)} {rule.describe()}{optional}"
-            raise PruneConfigError(f"{method.name}: {f.name}={value!r} must be {expected}{note}")
-        if rule is not None and value is not None:
-            if isinstance(value, (tuple, list)):  # a sequence of numbers: the range holds for each item
-                if not all(rule.contains(x) for x in value):
-                    raise PruneConfigError(f"{method.name}: {f.name}={value!r}: every item must be {rule.describe()}{note}")
-            elif _is_number(value) and not rule.contains(value):
-                kind = {int: "an int ", float: "a number "}.get(_number_hint(hint), "")
-                raise PruneConfigError(f"{method.name}: {f.name}={value!r} must be {kind}{rule.describe()}{note}")
-        if isinstance(value, list) and typing.get_origin(hint) in (typing.Union, types.UnionType, tuple):
-            options = typing.get_args(hint) if typing.get_origin(hint) is not tuple else (hint,)
-            if not any(typing.get_origin(h) is list for h in options):
-                object.__setattr__(method, f.name, tuple(value))
-
-
 @dataclass
 class Method:
     """Base class. Subclasses are dataclasses whose fields are the method's hyper-parameters.
@@ -314,6 +165,43 @@ class Method:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+class Scores(NamedTuple):
+    """What `ScorerMethod.score` returns when plain scores are not enough."""
+
+    values: torch.Tensor  # (R, V) one score per current visual token of each row; higher is kept first
+    info: dict = {}  # JSON-friendly facts recorded with the stage
+    valid: torch.Tensor | None = None  # (R, V) the tokens that may be kept; None: every real token of the row
+
+
+def kept_per_row(stage: Stage, signals: VisionSignals | LLMSignals) -> int:
+    """Visual tokens a row keeps at `stage`: `stage.keep` per image; an LLM-stage row is a sample, so its
+    images' share, at most the row's current visual tokens."""
+    if stage.kind == "llm":
+        return min(stage.keep * signals.images_per_sample, signals.num_visual)
+    return stage.keep
+
+
+@dataclass
+class ScorerMethod(Method):
+    """Base of the methods that only score tokens (kvpress's ScorerPress): a subclass writes `score()`; the
+    budget per row (`kept_per_row`), the top-k (ties: lower index) and the order (kept tokens stay in raster
+    order) live here."""
+
+    def score(self, stage_index: int, stage: Stage, signals: VisionSignals | LLMSignals) -> torch.Tensor | Scores:
+        """(R, V) scores of the current visual tokens of each row, or `Scores` with facts and candidates."""
+        raise NotImplementedError
+
+    def select(self, stage_index: int, stage: Stage, signals: VisionSignals | LLMSignals) -> Selection:
+        scored = self.score(stage_index, stage, signals)
+        if not isinstance(scored, Scores):
+            scored = Scores(scored)
+        valid = scored.valid
+        if valid is None and stage.kind == "llm":
+            valid = signals.visual_valid  # left-padded batches: a sample's padding slots are never kept
+        picked = topk_indices(scored.values, kept_per_row(stage, signals), valid=valid)
+        return Selection(*picked, scores=scored.values, info=dict(scored.info))
+
+
 METHODS: dict[str, type[Method]] = {}
 
 
@@ -362,7 +250,7 @@ def _load_builtin_methods() -> None:
 class AttentionMethod(Method):
     """Base of the methods that score visual tokens with LLM text->image attention.
 
-    Adds the composable signal modifiers of algorithms.md §12-§14 (they change scores only, never the
+    Adds the composable signal modifiers of `vtprune/signals/` (they change scores only, never the
     engine): `heads` picks which heads' attention to trust ("mean" = all heads, as every official pruner;
     a FinePruner strategy name; or "auto" for the resource-aware choice), `num_heads` fixes their count
     (None = dynamic), `debias` lists score corrections, `debias_strength` scales the recency correction
@@ -442,7 +330,7 @@ class AttentionMethod(Method):
         if debias and self._debias is not None:
             option = self._debias
             if not signals.is_full_visual_set():
-                # The recency curve is calibrated on raster positions of a full image (§13).
+                # The recency curve is calibrated on raster positions of a full image (signals/debias.py).
                 option = dataclasses.replace(option, recency=False)
             if option.enabled:
                 scores, mask = option.apply(scores, signals.debias_context(), return_mask=True)

@@ -54,17 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, bounded, register
-from vtprune.selection import Picked, topk_indices
-
-
-def _rank_desc(scores: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows ranked by descending score, ties by lower index, invalid entries last: (order, order_valid)."""
-    s = torch.where(valid, scores.float(), float("-inf"))
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
-    ok = valid.gather(-1, order)
-    perm = torch.sort((~ok).to(torch.uint8), dim=-1, stable=True).indices
-    return order.gather(-1, perm), ok.gather(-1, perm)
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import Method, ModelInfo, Selection, Stage, bounded, kept_per_row, register
+from vtprune.selection import Picked, mask_indices, rank_tokens
 
 
 def dart_quotas(pivot_valid: Tensor, pool: int, budget: str, per_pivot: int | None = None) -> Tensor:
@@ -104,7 +96,7 @@ def dart_select(
     dev = features.device
     valid = torch.ones(b, n, dtype=torch.bool, device=dev) if valid is None else valid
     p = min(num_pivots, k, n)
-    order, ok = _rank_desc(scores, valid)
+    order, ok = rank_tokens(scores, valid)
     img_piv, img_ok = order[:, :p], ok[:, :p]
     x = F.normalize(features.float(), dim=-1)
     vectors = [x.gather(1, img_piv[:, :, None].expand(-1, -1, x.shape[-1]))]
@@ -114,7 +106,7 @@ def dart_select(
         if t_valid is None:
             t_valid = torch.ones(text_scores.shape, dtype=torch.bool, device=dev)
         pt = min(num_text_pivots, text_scores.shape[1])
-        t_order, t_ok = _rank_desc(text_scores, t_valid)
+        t_order, t_ok = rank_tokens(text_scores, t_valid)
         t = F.normalize(text_features.float(), dim=-1)
         vectors.append(t.gather(1, t_order[:, :pt, None].expand(-1, -1, t.shape[-1])))
         piv_ok.append(t_ok[:, :pt])
@@ -129,10 +121,10 @@ def dart_select(
     positions = torch.arange(n, device=dev)
     for j in range(total):
         cos = (x @ pivots[:, j, :, None]).squeeze(-1)  # (B, N)
-        cand_order, cand_ok = _rank_desc(-cos, valid & ~kept)  # least similar first
+        cand_order, cand_ok = rank_tokens(-cos, valid & ~kept)  # least similar first
         take = cand_ok & (positions < quotas[:, j : j + 1])
         kept = kept | torch.zeros_like(kept).scatter(1, cand_order, take)
-    picked = topk_indices(kept.float(), width, valid=kept)
+    picked = mask_indices(kept, width)
     text_slots = torch.full((b, total - p), -1, dtype=torch.long, device=dev)
     pivot_index = torch.cat([torch.where(img_ok, img_piv, -1), text_slots], dim=1)
     return picked, pivot_index
@@ -193,7 +185,7 @@ class DART(Method):
         text_pos, text_valid = signals.query_index("text")
         text_scores = self._norms(keys.gather(1, text_pos[:, :, None].expand(-1, -1, keys.shape[-1])))
         text_x = normed.gather(1, text_pos[:, :, None].expand(-1, -1, normed.shape[-1]))
-        keep = min(stage.keep * n_img, signals.num_visual)
+        keep = kept_per_row(stage, signals)
         picked, pivots = dart_select(
             image_x,
             image_scores,

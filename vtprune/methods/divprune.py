@@ -3,7 +3,7 @@
 
 Idea: treat pruning as a Max–Min Diversity Problem on the projected visual tokens: greedily keep the token
 farthest (cosine distance 1 − cos) from everything kept so far, starting with the token farthest from its
-nearest neighbour; the kept tokens enter the LLM in raster order (algorithms.md §6).
+nearest neighbour; the kept tokens enter the LLM in raster order (docs/methods/divprune.md).
 
 Parameters: keep (T, default 64; the repo's default ratio 0.098 of 576 is 56 — pass keep=56 to match it),
 feature ("projected" = what the LLM receives, the official choice; "vision" = the CLIP feature-layer patches,

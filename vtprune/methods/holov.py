@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, bounded, register
-from vtprune.selection import Picked, topk_indices
+from vtprune.selection import Picked, mask_indices
 
 EPS = 1e-6
 
@@ -127,7 +127,7 @@ def holov_select(
     rank_in_crop = torch.arange(n, device=dev) - starts[crop[order]]
     take = rank_in_crop < quotas.gather(1, crop[order])
     kept = torch.zeros(b, n, dtype=torch.bool, device=dev).scatter(1, order, take)
-    return topk_indices(kept.float(), keep, valid=kept), score, quotas
+    return mask_indices(kept, keep), score, quotas
 
 
 @register

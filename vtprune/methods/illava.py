@@ -1,5 +1,5 @@
 """iLLaVA — "An Image is Worth Fewer Than 1/3 Input Tokens in Large Multimodal Models" (Hu et al.,
-arXiv 2412.06263; repo hulianyuyy/iLLaVA), algorithms.md §11: a ViT stage and an LLM stage.
+arXiv 2412.06263; repo hulianyuyy/iLLaVA; docs/methods/illava.md): a ViT stage and an LLM stage.
 
 ViT stage: inside the vision encoder, at each layer of `vit_layers`, after the attention sub-block and before
 the MLP, the importance of a patch is the attention it *receives* (head-mean softmax attention of that layer,
@@ -42,7 +42,7 @@ Deviations from the official code (hulianyuyy/iLLaVA @ 4068149):
 
 Parameters: keep, llm_layer (2), llm_r (0.70, used only when keep is None), vit_layers (None = 5-8),
 vit_remove (92); attention options heads, num_heads, debias (no released patch; vtprune applies it to the
-LLM-stage score, §13; the recency correction is off after a ViT stage, as tokens are no longer a full raster),
+LLM-stage score, vtprune/signals/debias.py; the recency correction is off after a ViT stage, as tokens are no longer a full raster),
 debias_strength, benchmark.
 """
 
@@ -52,23 +52,59 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
+from vtprune.errors import PruneConfigError
 from vtprune.methods.base import (
     AttentionMethod,
     ModelInfo,
-    PruneConfigError,
     Selection,
     Stage,
     bounded,
+    kept_per_row,
     register,
     resolve_keep,
 )
-from vtprune.selection import illava_weighted_merge
+from vtprune.selection import MergedSelection, check_2d, check_count, check_features, gather_rows, rank_tokens
 
 if TYPE_CHECKING:
     from vtprune.signals.context import ViTLayerSignals
 
 OFFICIAL_VIT_LAYERS = (5, 6, 7, 8)
+
+
+def illava_weighted_merge(scores: Tensor, hidden: Tensor, num_remove: int) -> MergedSelection:
+    """iLLaVA's LLM-stage rule: drop the ``r`` lowest-scoring tokens, folding them into a survivor.
+
+    Rank tokens by score (descending, ties lower index). The last ``r + 1`` of that ranking — the lowest-
+    scoring kept token followed by the ``r`` tokens to remove, in decreasing score — are averaged with
+    weights ``1, 2, …, r + 1`` (the *least* important token weighs most, as the official code does),
+    normalised by their sum, and the result replaces the surviving token. The ``r`` tokens are dropped;
+    the ``N - r`` kept tokens are returned in raster order. ``r = round(N · (1 - keep_fraction))`` is the
+    caller's job.
+
+    Args:
+        scores: ``(B, N)`` importance (last-token attention of the previous layer, head mean).
+        hidden: ``(B, N, D)`` hidden states of the image tokens.
+        num_remove: ``r``, ``0 <= r <= N - 1``.
+
+    Returns:
+        :class:`MergedSelection` with ``N - r`` tokens.
+    """
+    check_2d("scores", scores)
+    b, n = scores.shape
+    check_features("hidden", hidden, b, n)
+    r = check_count("num_remove", num_remove, n - 1)
+    h = hidden.float()
+    order, _ = rank_tokens(scores)
+    tail = order[:, n - r - 1 :]  # survivor first, then the removed tokens by decreasing score
+    w = torch.arange(1, r + 2, device=h.device, dtype=torch.float32)
+    merged = torch.einsum("t,btd->bd", w, gather_rows(h, tail)) / w.sum()
+    kept = order[:, : n - r]
+    hid = gather_rows(h, kept)
+    hid[:, n - r - 1] = merged
+    raster = torch.sort(kept, dim=-1).indices
+    return MergedSelection(kept.gather(1, raster), gather_rows(hid, raster).to(hidden.dtype))
 
 
 @register
@@ -137,7 +173,7 @@ class ILLaVA(AttentionMethod):
     def select(self, stage_index, stage, signals) -> Selection:
         scores, info = self.attention_scores(signals, "last", budget=stage.keep)
         n = signals.num_visual
-        removed = n - min(stage.keep * signals.images_per_sample, n)
+        removed = n - kept_per_row(stage, signals)
         merged = illava_weighted_merge(scores, signals.visual_hidden(), removed)
         info["merged"] = removed
         return Selection(merged.indices, values=merged.hidden, scores=scores, info=info)

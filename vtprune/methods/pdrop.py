@@ -1,5 +1,5 @@
 """PyramidDrop — "Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy Reduction"
-(Xing et al., CVPR 2025, arXiv 2410.17247; repo Cooperx521/PyramidDrop), algorithms.md §3.
+(Xing et al., CVPR 2025, arXiv 2410.17247; repo Cooperx521/PyramidDrop); docs/methods/pdrop.md.
 
 Idea: the LLM is cut into stages; at the end of each stage the image tokens the last instruction token
 attends to least are dropped, so the visual sequence shrinks like a pyramid. The score at a stage
@@ -23,7 +23,7 @@ Budget:
   budget.
 
 Parameters: keep, layer_list, ratios, lam (0.5); attention options heads, num_heads, debias (first stage
-only, §13), debias_strength, benchmark.
+only, vtprune/signals/debias.py), debias_strength, benchmark.
 
 Debiasing as the released patch (intcomp/attention-bias `patches/PyramidDrop.patch` @ e75ebe7): first
 stage only; "recency" multiplies by the per-benchmark exponential weights; "sink" zeroes every patch with
@@ -41,16 +41,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtprune.methods.base import (
-    AttentionMethod,
-    ModelInfo,
-    PruneConfigError,
-    Selection,
-    Stage,
-    bounded,
-    register,
-)
-from vtprune.selection import topk_indices
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import AttentionMethod, ModelInfo, ScorerMethod, Scores, Stage, bounded, register
 
 PAPER_LAYERS = (8, 16, 24)
 BUDGET_LAYERS = (2, 10, 20)
@@ -72,16 +64,9 @@ def pdrop_ratio_for_average(
     return (num_layers * average - layers[0] * visual) / (visual * weight)
 
 
-def pdrop_layer_average(counts: list[int], layers: tuple[int, ...], num_layers: int, visual: int) -> float:
-    """Average visual tokens per layer when layer layers[s] and later see counts[s] tokens."""
-    bounds = (*layers, num_layers)
-    total = layers[0] * visual + sum(c * (bounds[s + 1] - bounds[s]) for s, c in enumerate(counts))
-    return total / num_layers
-
-
 @register
 @dataclass
-class PyramidDrop(AttentionMethod):
+class PyramidDrop(AttentionMethod, ScorerMethod):
     """Stage-wise dropping by the last instruction token's attention, re-projected with the next layer."""
 
     layer_list: tuple[int, ...] | None = bounded(None, ge=1)
@@ -142,7 +127,5 @@ class PyramidDrop(AttentionMethod):
             for layer, c in zip(layers, counts, strict=True)
         ]
 
-    def select(self, stage_index, stage, signals) -> Selection:
-        scores, info = self.attention_scores(signals, "last", budget=stage.keep, debias=stage_index == 0)
-        keep = min(stage.keep * signals.images_per_sample, signals.num_visual)
-        return Selection(*topk_indices(scores, keep, valid=signals.visual_valid), scores=scores, info=info)
+    def score(self, stage_index, stage, signals) -> Scores:
+        return Scores(*self.attention_scores(signals, "last", budget=stage.keep, debias=stage_index == 0))

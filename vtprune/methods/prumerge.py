@@ -4,7 +4,7 @@ Models" (Shang et al., arXiv 2403.15388; repo 42Shawn/LLaVA-PruMerge).
 Idea: keep the patches whose [CLS] attention in the vision tower's LAST layer is an outlier (above
 Q3 + 1.5·IQR; the count adapts to the image), enrich each kept patch with the attention-weighted sum of its
 32 most similar tokens (key cosine), and add one token summarising every pruned patch; PruMerge+ also keeps
-a spatially uniform sample of patches (algorithms.md §8). Training-free use (the released checkpoints are
+a spatially uniform sample of patches (docs/methods/prumerge.md). Training-free use (the released checkpoints are
 LoRA fine-tunes).
 
 Budget: PruMerge chooses its own count per image (the paper's point), so `keep` is only a cap: None =

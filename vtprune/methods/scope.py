@@ -33,15 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtprune.methods.base import Method, ModelInfo, Selection, Stage, bounded, register
-from vtprune.selection import Picked, topk_indices
-
-
-def _argmax_lowest(scores: Tensor) -> Tensor:
-    """(B,) argmax of each row with ties resolved to the lowest index on every backend."""
-    n = scores.shape[-1]
-    best = scores.amax(dim=-1, keepdim=True)
-    index = torch.where(scores == best, torch.arange(n, device=scores.device), n).amin(dim=-1)
-    return index.clamp_max(n - 1)
+from vtprune.selection import Picked, argmax_first, mask_indices
 
 
 def scope_select(
@@ -71,13 +63,13 @@ def scope_select(
     for step in range(k):
         gain = (torch.relu(sim - covered[:, :, None]) * counts).sum(dim=1)  # Σ_i max(0, S_ij − c_i)
         score = gain * weight if combine == "multi" else gain + weight
-        best = _argmax_lowest(score.masked_fill(~available, float("-inf")))
+        best = argmax_first(score.masked_fill(~available, float("-inf")))
         picks[:, step] = best
         picked_ok[:, step] = available[rows, best]
         available = available.scatter(1, best[:, None], False)
         covered = torch.maximum(covered, sim[rows, best])
     kept = torch.zeros(b, n, dtype=torch.bool, device=dev).scatter(1, picks, picked_ok)
-    return topk_indices(kept.float(), k, valid=kept)
+    return mask_indices(kept, k)
 
 
 @register

@@ -1,5 +1,5 @@
 """TokenCarve — "Information-Preserving Visual Token Compression in Multimodal Large Language Models"
-(Tan et al., arXiv 2503.10501; repo ShawnTan86/TokenCarve), algorithms.md §10.
+(Tan et al., arXiv 2503.10501; repo ShawnTan86/TokenCarve); docs/methods/tokencarve.md.
 
 Idea: after layer K−1 the image tokens are ranked twice — by the last prompt token's attention (AV) and
 by their "information contribution" (SV: row-wise L1 norm of U·S from the SVD of the image rows of layer
@@ -13,7 +13,7 @@ not a layer average); default 128 (the README's 576 → 128). 64/128/192 are the
 settings K=2, w=0.5. keep ≥ tokens per image keeps everything unchanged.
 
 Parameters: keep, K (2), weight (0.5; 1.0 = AV-only, 0.0 = SV-only, the repo's modes 2 and 1); attention
-options heads, num_heads, debias (AV score only, §13: the SVD score and the merge are untouched),
+options heads, num_heads, debias (AV score only: the SVD score and the merge are untouched),
 debias_strength, benchmark.
 
 The SV score is `selection.tokencarve_information`: the thin SVD of the fp32 image rows (after a QR
@@ -36,8 +36,123 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtprune.methods.base import AttentionMethod, ModelInfo, Selection, Stage, bounded, register
-from vtprune.selection import tokencarve_fuse_and_merge
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vtprune.methods.base import AttentionMethod, ModelInfo, Selection, Stage, bounded, kept_per_row, register
+from vtprune.selection import (
+    MergedSelection,
+    argmax_first,
+    check_2d,
+    check_count,
+    check_features,
+    gather_rows,
+    rank_tokens,
+)
+
+
+def _borda_points(scores: Tensor) -> Tensor:
+    """``N - rank`` per token (rank 0 = highest score, ties lower index first), as float32."""
+    b, n = scores.shape
+    order, _ = rank_tokens(scores)
+    pts = torch.arange(n, 0, -1, device=scores.device, dtype=torch.float32).expand(b, -1)
+    return torch.empty(b, n, device=scores.device).scatter_(1, order, pts)
+
+
+def tokencarve_information(hidden: Tensor) -> Tensor:
+    """TokenCarve's information-contribution score (step 2 of the paper), ``(B, N, D) -> (B, N)``.
+
+    ``sv_i = Σ_k |(U·S)_ik|`` for the thin SVD ``H = U S Vᵀ`` of each sample's rows, computed in float32
+    to the accuracy of an fp32 SVD of ``H`` (the official code runs ``torch.linalg.svd`` on the fp32 layer
+    outputs: ShawnTan86/TokenCarve ``TokenCarve/modeling_llama.py`` @ a57bd59).
+
+    Not through the Gram matrix: an eigendecomposition of ``H·Hᵀ`` squares the condition number, and LLM
+    hidden states have massive-activation rows whose norm dwarfs the others, so in fp32 the small singular
+    directions drown (≈5–13 % error on the score and a different kept set). When ``N < D`` the rows are
+    first reduced by a QR factorisation ``Hᵀ = Q R``: ``H = Rᵀ Qᵀ`` with orthonormal ``Q``, so ``Rᵀ``
+    (``N × N``) has the same ``U`` and ``S`` as ``H``, and both Householder QR and the SVD are backward
+    stable — the accuracy of a direct SVD at the cost of a QR plus an ``N × N`` SVD. Signs of singular
+    vectors do not matter (absolute values).
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape (B, N, D); got {tuple(hidden.shape)}")
+    h = hidden.float()
+    if h.shape[-2] < h.shape[-1]:
+        h = torch.linalg.qr(h.mT, mode="r").R.mT
+    u, s, _ = torch.linalg.svd(h, full_matrices=False)
+    return (u * s.unsqueeze(-2)).abs().sum(dim=-1)
+
+
+def tokencarve_fuse_and_merge(
+    attn_scores: Tensor,
+    hidden: Tensor,
+    keep: int,
+    weight: float = 0.5,
+) -> MergedSelection:
+    """TokenCarve: Borda fusion of attention and SVD information scores, then similarity merge.
+
+    1. AV = ``attn_scores`` (last-token head-mean attention of layer 1).
+    2. SV = :func:`tokencarve_information` of the image rows ``H``: row-wise L1 norm of ``U·S`` of the
+       thin SVD ``H = U S Vᵀ`` (float32). (Its L2 version would be ``||h_i||₂`` exactly: the l2norm method.)
+    3. Borda: rank ρ by AV and ρ' by SV (0-based, descending, ties lower index) give
+       ``(N - ρ)·w + (N - ρ')·(1 - w)``; keep the top ``N1 = min(N, floor(1.5·keep))`` by that fused score.
+    4. GSM merge: order the ``N1`` tokens by fused score; ``A`` = first ``floor(N1/2)``, ``B`` = the rest;
+       each ``B`` token's best ``A`` match by cosine of ``H`` (ties: earlier in A); the ``M`` ``B`` tokens with
+       the highest best-match similarity (ties: earlier in B) are merged into their partner by mean
+       (partner ← mean of itself and every B merged into it); other ``B`` tokens are kept. ``M = N1 - keep``,
+       which equals the paper's ``min(|A|, floor(keep/2))`` whenever ``N1 = floor(1.5·keep)`` and makes the final
+       count exactly ``keep`` when ``N1`` is clipped to ``N``.
+    5. Output in raster order with the merged hidden states (mean computed in float32 by a one-hot bmm,
+       so it is deterministic on CUDA too).
+
+    This is the one primitive here with a host sync on CUDA: the SVD checks convergence. It happens once
+    per call, not per token.
+
+    Args:
+        attn_scores: ``(B, N)`` AV score.
+        hidden: ``(B, N, D)`` layer-1 output hidden states of the image tokens.
+        keep: final token count, ``1 <= keep <= N``.
+        weight: AV weight ``w`` of the Borda fusion (SV gets ``1 - w``).
+
+    Returns:
+        :class:`MergedSelection` with ``keep`` tokens.
+    """
+    check_2d("attn_scores", attn_scores)
+    b, n = attn_scores.shape
+    check_features("hidden", hidden, b, n)
+    check_count("keep", keep, n, low=1)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1]; got {weight}")
+    h = hidden.float()
+    sv = tokencarve_information(h)
+    fused = _borda_points(attn_scores) * weight + _borda_points(sv) * (1.0 - weight)
+    n1 = min(n, (3 * keep) // 2)
+    forder, _ = rank_tokens(fused)
+    forder = forder[:, :n1]
+    na = n1 // 2
+    nm = n1 - keep
+    if nm > na:  # cannot happen for keep >= 1 (see docstring); guards future edits
+        raise AssertionError(f"TokenCarve merge count {nm} exceeds |A| = {na}")
+    a_idx, b_idx = forder[:, :na], forder[:, na:]
+    h_a, h_b = gather_rows(h, a_idx), gather_rows(h, b_idx)
+    if nm == 0:
+        idx, hid = forder, gather_rows(h, forder)
+    else:
+        nb = n1 - na
+        cos = F.normalize(h_b, dim=-1) @ F.normalize(h_a, dim=-1).transpose(1, 2)  # (B, nb, na)
+        best_sim = cos.amax(dim=-1)
+        partner = argmax_first(cos)
+        border, _ = rank_tokens(best_sim)
+        merged = torch.zeros(b, nb, dtype=torch.bool, device=h.device).scatter_(1, border[:, :nm], True)
+        w = (partner.unsqueeze(1) == torch.arange(na, device=h.device)[None, :, None]) & merged.unsqueeze(1)
+        w = w.float()  # (B, na, nb)
+        h_a = (h_a + w @ h_b) / (1.0 + w.sum(dim=-1, keepdim=True))
+        survivors = torch.sort(merged.to(torch.uint8), dim=-1, stable=True).indices[:, : nb - nm]
+        idx = torch.cat([a_idx, b_idx.gather(1, survivors)], dim=1)
+        hid = torch.cat([h_a, gather_rows(h_b, survivors)], dim=1)
+    raster = torch.sort(idx, dim=-1).indices
+    return MergedSelection(idx.gather(1, raster), gather_rows(hid, raster).to(hidden.dtype))
 
 
 @register
@@ -68,7 +183,7 @@ class TokenCarve(AttentionMethod):
 
     def select(self, stage_index, stage, signals) -> Selection:
         scores, info = self.attention_scores(signals, "last", budget=stage.keep)
-        keep = min(stage.keep * signals.images_per_sample, signals.num_visual)
+        keep = kept_per_row(stage, signals)
         merged = tokencarve_fuse_and_merge(scores, signals.visual_hidden(), keep, weight=self.weight)
         info["merged"] = min(signals.num_visual, (3 * keep) // 2) - keep
         return Selection(merged.indices, values=merged.hidden, scores=scores, info=info)
