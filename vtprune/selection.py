@@ -109,6 +109,13 @@ class MergedSelection(NamedTuple):
     indices: Tensor
     hidden: Tensor
 
+    @classmethod
+    def in_raster_order(cls, indices: Tensor, hidden: Tensor, dtype: torch.dtype) -> MergedSelection:
+        """Kept ``indices (B, K)`` in any order and their ``hidden (B, K, D)`` states, sorted into raster order
+        (hidden states cast to ``dtype``)."""
+        raster = torch.sort(indices, dim=-1).indices
+        return cls(indices.gather(1, raster), gather_rows(hidden, raster).to(dtype))
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Checks and building blocks (used by the method modules too)

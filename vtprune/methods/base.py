@@ -53,6 +53,27 @@ class Stage:
     vit_layers: tuple[int, ...] = ()  # kind="vit": CLIP encoder layers that merge (ascending)
     vit_remove: int = 0  # kind="vit": patches removed at each of them (0: adaptive, decided by the method)
 
+    @classmethod
+    def before_layer(
+        cls,
+        layer: int,
+        keep: int,
+        queries: Literal["last", "text", "all", "image"] | None,
+        name: str,
+        positions: Literal["original", "reindex"] = "original",
+    ) -> Stage:
+        """An LLM stage cut before decoder layer `layer`, scored with the attention of layer `layer` − 1 while
+        it runs (FastV's K; SparseVLM's l is `before_layer(l + 1, ...)`)."""
+        return cls(
+            kind="llm",
+            keep=keep,
+            score_layer=layer - 1,
+            prune_layer=layer,
+            positions=positions,
+            queries=queries,
+            name=name,
+        )
+
 
 @dataclass
 class Selection:
@@ -115,6 +136,7 @@ class Method:
     attention_based: ClassVar[bool] = False  # scores with LLM text->image attention (debias/heads apply)
     # model families (ModelInfo.family) the method cannot run on, with the reason given to the user
     unsupported_families: ClassVar[dict[str, str]] = {}
+    default_keep: ClassVar[int | float] = 64  # visual tokens per image when keep is None (the paper's budget)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -148,7 +170,11 @@ class Method:
         return resolve_keep(self.keep if self.keep is not None else default, info.visual_tokens)
 
     def stages(self, info: ModelInfo) -> list[Stage]:
-        raise NotImplementedError
+        """Where the method acts. The default, for a vision method: one vision stage keeping `keep` (or
+        `default_keep`) tokens per image. Methods that act elsewhere or plan their own counts override it."""
+        if self.stage_kind != "vision":
+            raise NotImplementedError(f"{type(self).__name__} must define stages()")
+        return [Stage(kind="vision", keep=self.keep_count(info, self.default_keep), name=self.name)]
 
     def vision_attention_layers(self, info: ModelInfo) -> tuple[int, ...]:
         """CLIP encoder layers (0-indexed) besides the feature layer whose attention the method reads

@@ -60,7 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vtprune.methods.base import CropBudget, Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import CropBudget, Method, Selection, register
 from vtprune.selection import check_2d, check_features, check_valid, cosine_matrix, dpp_greedy
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
@@ -299,9 +300,6 @@ class CDPruner(Method):
         if tok is not None and not isinstance(tok, str):  # keep the record JSON-friendly
             out["prompt_tokenizer"] = getattr(tok, "name_or_path", None) or type(tok).__name__
         return out
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
 
     # --- the question ------------------------------------------------------------------------------------
     def _prompt_tokenizer(self, signals):

@@ -158,17 +158,7 @@ class DART(Method):
         if self.K == 0:
             return [Stage(kind="vision", keep=keep, name="dart")]
         # Keys of layer K-1 are captured while it runs; the cut is before layer K, positions stay original.
-        return [
-            Stage(
-                kind="llm",
-                keep=keep,
-                score_layer=self.K - 1,
-                prune_layer=self.K,
-                positions="original",
-                queries=None,
-                name="dart",
-            )
-        ]
+        return [Stage.before_layer(self.K, keep, queries=None, name="dart")]
 
     def _norms(self, keys: Tensor) -> Tensor:
         return keys.abs().sum(dim=-1) if self.norm == "l1" else keys.norm(dim=-1)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from vtprune.methods.base import Method, ModelInfo, Selection, Stage, register
+from vtprune.methods.base import Method, Selection, register
 from vtprune.selection import maxmin_diversity
 
 
@@ -38,9 +38,6 @@ class DivPrune(Method):
     name = "divprune"
     stage_kind = "vision"
     paper = "arXiv 2503.02175"
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
 
     def select(self, stage_index, stage, signals) -> Selection:
         x = signals.projected if self.feature == "projected" else signals.features

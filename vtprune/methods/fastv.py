@@ -48,17 +48,7 @@ class FastV(AttentionMethod, ScorerMethod):
 
     def stages(self, info: ModelInfo) -> list[Stage]:
         keep = self.keep_count(info, max(1, round(info.visual_tokens * (1 - self.R))))
-        return [
-            Stage(
-                kind="llm",
-                keep=keep,
-                score_layer=self.K - 1,
-                prune_layer=self.K,
-                positions="original",
-                queries=self.query,
-                name="fastv",
-            )
-        ]
+        return [Stage.before_layer(self.K, keep, queries=self.query, name="fastv")]
 
     def score(self, stage_index, stage, signals) -> Scores:
         scores, info, suppressed = self.attention_scores_and_sinks(signals, stage.queries, budget=stage.keep)

@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Stage, bounded, register
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import Method, ModelInfo, Stage, bounded, register
 
 if TYPE_CHECKING:
     from vtprune.signals.context import ViTLayerSignals

@@ -96,24 +96,8 @@ class HiMAP(AttentionMethod, ScorerMethod):
     def stages(self, info: ModelInfo) -> list[Stage]:
         r_t, r_i = self.counts(info)
         return [
-            Stage(
-                kind="llm",
-                keep=r_t,
-                score_layer=self.K_t - 1,
-                prune_layer=self.K_t,
-                positions="original",
-                queries="text",
-                name="himap_img2txt",
-            ),
-            Stage(
-                kind="llm",
-                keep=r_i,
-                score_layer=self.K_i - 1,
-                prune_layer=self.K_i,
-                positions="original",
-                queries="image",
-                name="himap_img2img",
-            ),
+            Stage.before_layer(self.K_t, r_t, queries="text", name="himap_img2txt"),
+            Stage.before_layer(self.K_i, r_i, queries="image", name="himap_img2img"),
         ]
 
     def score(self, stage_index, stage, signals) -> Scores:

@@ -39,7 +39,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, bounded, register
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import Method, ModelInfo, Selection, bounded, register
 from vtprune.selection import Picked, topk_indices
 
 OFFICIAL_OBJECT_LAYER = 9  # of LLaVA-1.5's 24-layer CLIP ViT-L/14
@@ -123,9 +124,6 @@ class HiPrune(Method):
             raise PruneConfigError(
                 f"hiprune: object_layer={layer} is outside the vision tower (valid: 1..{info.vision_layers})"
             )
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
 
     def vision_attention_layers(self, info: ModelInfo) -> tuple[int, ...]:
         return (self.resolved_object_layer(info) - 1,)

@@ -46,7 +46,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, bounded, register
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import Method, ModelInfo, Selection, bounded, register
 from vtprune.selection import Picked, mask_indices
 
 EPS = 1e-6
@@ -164,9 +165,6 @@ class HoloV(Method):
             raise PruneConfigError(
                 f"holov: crops={self.crops} ({side}×{side} blocks) does not fit the {info.grid} patch grid"
             )
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
 
     def select(self, stage_index, stage, signals) -> Selection:
         attention = signals.cls_attention

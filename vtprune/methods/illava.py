@@ -13,7 +13,7 @@ LLM stage: at layer `llm_layer` the image tokens the last prompt token attends t
 head-mean last-token row of the previous layer's attention) are folded into the lowest-scoring kept token by
 the same weighted average (weights 1, 2, …, r+1 from that survivor to the least important removed token);
 the merged hidden state replaces the survivor (`Selection.values`); kept tokens stay in raster order with
-their original positions. Both merges are `selection.illava_weighted_merge`.
+their original positions. Both merges are `illava_weighted_merge` below.
 
 Defaults: `vit_layers` None = the official 5, 6, 7, 8 (for a CLIP tower of at least 10 layers, LLaVA-1.5's
 24-layer ViT-L; a shallower tower, e.g. the tests' 3-layer one, gets no ViT stage by default); `vit_layers=()`
@@ -103,8 +103,7 @@ def illava_weighted_merge(scores: Tensor, hidden: Tensor, num_remove: int) -> Me
     kept = order[:, : n - r]
     hid = gather_rows(h, kept)
     hid[:, n - r - 1] = merged
-    raster = torch.sort(kept, dim=-1).indices
-    return MergedSelection(kept.gather(1, raster), gather_rows(hid, raster).to(hidden.dtype))
+    return MergedSelection.in_raster_order(kept, hid, hidden.dtype)
 
 
 @register
@@ -146,15 +145,7 @@ class ILLaVA(AttentionMethod):
             keep = resolve_keep(self.keep, left)
         else:
             keep = min(resolve_keep(self.keep, n), left)
-        llm = Stage(
-            kind="llm",
-            keep=keep,
-            score_layer=self.llm_layer - 1,
-            prune_layer=self.llm_layer,
-            positions="original",
-            queries="last",
-            name="illava",
-        )
+        llm = Stage.before_layer(self.llm_layer, keep, queries="last", name="illava")
         if not layers:
             return [llm]
         vit = Stage(kind="vit", keep=left, name="illava_vit", vit_layers=layers, vit_remove=self.vit_remove)

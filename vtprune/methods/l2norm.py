@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from vtprune.methods.base import ModelInfo, ScorerMethod, Stage, register
+from vtprune.methods.base import ScorerMethod, register
 
 
 @register
@@ -28,9 +28,6 @@ class L2NormPruning(ScorerMethod):
     name = "l2norm"
     stage_kind = "vision"
     paper = "feature-norm proxy (docs/methods/l2norm.md)"
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name="l2norm")]
 
     def score(self, stage_index, stage, signals):
         x = signals.projected if self.feature == "projected" else signals.features

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, bounded, register
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import Method, ModelInfo, Selection, Stage, bounded, register
 from vtprune.selection import topk_indices
 
 

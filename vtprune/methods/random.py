@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.methods.base import ModelInfo, ScorerMethod, Stage, register
+from vtprune.methods.base import ScorerMethod, register
 
 
 @register
@@ -32,9 +32,6 @@ class RandomPruning(ScorerMethod):
     name = "random"
     stage_kind = "vision"
     paper = "FastV K=0 baseline (arXiv 2403.06764)"
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name="random")]
 
     def score(self, stage_index, stage, signals):
         n, p = signals.features.shape[:2]

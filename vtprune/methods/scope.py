@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vtprune.methods.base import Method, ModelInfo, Selection, Stage, bounded, register
+from vtprune.methods.base import Method, Selection, bounded, register
 from vtprune.selection import Picked, argmax_first, mask_indices
 
 
@@ -83,9 +83,6 @@ class SCOPE(Method):
     name = "scope"
     stage_kind = "vision"
     paper = "arXiv 2510.24214 (NeurIPS 2025)"
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
 
     def select(self, stage_index, stage, signals) -> Selection:
         # The official saliency sums the heads (it matters for combine="add" only).

@@ -72,16 +72,8 @@ from typing import ClassVar
 
 import torch
 
-from vtprune.methods.base import (
-    AttentionMethod,
-    ModelInfo,
-    PruneConfigError,
-    Selection,
-    Stage,
-    bounded,
-    register,
-    resolve_keep,
-)
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import AttentionMethod, ModelInfo, Selection, Stage, bounded, register, resolve_keep
 from vtprune.selection import dpc_knn_cluster, rank_tokens, topk_counts
 
 PAPER_TOKENS = 576  # tokens per image of LLaVA-1.5, the frame the schedules are written in
@@ -241,15 +233,7 @@ class SparseVLM(AttentionMethod):
     def stages(self, info: ModelInfo) -> list[Stage]:
         positions = "original" if self.version == "2.0" else "reindex"
         return [
-            Stage(
-                kind="llm",
-                keep=k,
-                score_layer=layer,
-                prune_layer=layer + 1,
-                positions=positions,
-                queries="text",
-                name=f"sparsevlm@{layer}",
-            )
+            Stage.before_layer(layer + 1, k, queries="text", name=f"sparsevlm@{layer}", positions=positions)
             for layer, k in zip(self.sparse_layers(), self.counts(info), strict=True)
         ]
 

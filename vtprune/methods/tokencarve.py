@@ -6,7 +6,7 @@ by their "information contribution" (SV: row-wise L1 norm of U·S from the SVD o
 K−1's output) — the two rankings are fused by a Borda count (weight w on AV), the top 1.5·N survive and the
 least distinct half of them is merged by similarity into the rest until N remain (GSM). The merged hidden
 states replace the kept tokens entering layer K (`Selection.values`); kept tokens are in raster order with
-their original positions. The work is `selection.tokencarve_fuse_and_merge`.
+their original positions. The work is `tokencarve_fuse_and_merge` below.
 
 Budget: keep = N, the visual tokens per image entering layer K and every later layer ("keep T after K",
 not a layer average); default 128 (the README's 576 → 128). 64/128/192 are the paper's N with its
@@ -16,7 +16,7 @@ Parameters: keep, K (2), weight (0.5; 1.0 = AV-only, 0.0 = SV-only, the repo's m
 options heads, num_heads, debias (AV score only: the SVD score and the merge are untouched),
 debias_strength, benchmark.
 
-The SV score is `selection.tokencarve_information`: the thin SVD of the fp32 image rows (after a QR
+The SV score is `tokencarve_information` below: the thin SVD of the fp32 image rows (after a QR
 reduction to N × N, which keeps the accuracy of a direct SVD), to the official definition's accuracy —
 never through an eigendecomposition of H·Hᵀ, which squares the condition number (issue 20).
 
@@ -151,8 +151,7 @@ def tokencarve_fuse_and_merge(
         survivors = torch.sort(merged.to(torch.uint8), dim=-1, stable=True).indices[:, : nb - nm]
         idx = torch.cat([a_idx, b_idx.gather(1, survivors)], dim=1)
         hid = torch.cat([h_a, gather_rows(h_b, survivors)], dim=1)
-    raster = torch.sort(idx, dim=-1).indices
-    return MergedSelection(idx.gather(1, raster), gather_rows(hid, raster).to(hidden.dtype))
+    return MergedSelection.in_raster_order(idx, hid, hidden.dtype)
 
 
 @register
@@ -169,17 +168,7 @@ class TokenCarve(AttentionMethod):
 
     def stages(self, info: ModelInfo) -> list[Stage]:
         keep = self.keep_count(info, max(1, round(info.visual_tokens * 128 / 576)))
-        return [
-            Stage(
-                kind="llm",
-                keep=keep,
-                score_layer=self.K - 1,
-                prune_layer=self.K,
-                positions="original",
-                queries="last",
-                name="tokencarve",
-            )
-        ]
+        return [Stage.before_layer(self.K, keep, queries="last", name="tokencarve")]
 
     def select(self, stage_index, stage, signals) -> Selection:
         scores, info = self.attention_scores(signals, "last", budget=stage.keep)

@@ -30,7 +30,7 @@ unmodified: every patch is kept as it is, no [CLS] token and no merge (the recor
 Deviations from the official code (dvlab-research/VisionZip `visionzip/clip_encoder.py`, `utils.py`
 @ 3151f6d):
 * ties in the [CLS] attention go to the lower index (stable sort; torch.topk has no guaranteed tie order)
-  and ties between targets go to the earlier target (`vtprune.selection.visionzip_merge`);
+  and ties between targets go to the earlier target (`visionzip_merge` below);
 * at a full budget the official code still feeds [CLS] in place of a patch, moves the non-dominant
   patches after the dominant ones (contextual targets) and adds the one left over to its most similar
   target; vtprune feeds the unmodified image (issue 20);
@@ -50,11 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vtprune.errors import PruneConfigError
 from vtprune.methods.base import (
     CropBudget,
     Method,
     ModelInfo,
-    PruneConfigError,
     Selection,
     Stage,
     bounded,

@@ -17,7 +17,7 @@ important_ratio. They are folded into keep / important_ratio when the method is 
 None), so records and `dataclasses.replace` see one value; giving both names with different values is an
 error.
 
-Ties (deterministic, `vtprune.selection.vispruner_select`): equal [CLS] attention ranks the lower index
+Ties (deterministic, `vispruner_select` below): equal [CLS] attention ranks the lower index
 first; in a duplicate-removal round, members of A with equal best-match similarity keep their order in A
 (the residual's attention order), so the earlier one is deleted first. Cosines within 1e-6 of 1 count as
 exactly 1, so near-identical patches tie instead of being told apart by float noise.
@@ -44,13 +44,11 @@ import torch
 from torch import Tensor
 
 from vtprune.cuda_graphs import cuda_graphed
+from vtprune.errors import PruneConfigError
 from vtprune.methods.base import (
     CropBudget,
     Method,
-    ModelInfo,
-    PruneConfigError,
     Selection,
-    Stage,
     bounded,
     check_fields,
     register,
@@ -225,9 +223,6 @@ class VisPruner(Method):
                 )
             self.important_ratio, self.vispruner_ratio = self.vispruner_ratio, None
         super().__post_init__()
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
 
     def sink_mask(self, cls_attention: torch.Tensor) -> torch.Tensor | None:
         if self.attention_sink_threshold is None:
