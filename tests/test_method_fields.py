@@ -41,7 +41,8 @@ def test_every_default_is_valid():
         ("pdrop", {"layer_list": (0, 4)}, r"pdrop: layer_list=\(0, 4\): every item must be >= 1"),
         ("illava", {"vit_layers": (1, "2")}, r"illava: vit_layers=\(1, '2'\) must be a sequence of ints or None"),
         ("visionzip", {"crop_budget": "tile"}, r"visionzip: crop_budget='tile' must be one of 'crop', 'image'"),
-        ("vispruner", {"retain_img_tokens": "64"}, r"vispruner: retain_img_tokens='64' must be an int or None"),
+        ("vispruner", {"retain_img_tokens": "64"}, r"vispruner: retain_img_tokens='64' must be a number or None"),
+        ("fastv", {"num_heads": 0}, r"fastv: num_heads=0 must be >= 1"),
         # the range of a field whose default a subclass overrides still holds
         ("vispruner_nosink", {"attention_sink_threshold": 0.0}, r"attention_sink_threshold=0.0 must be a number in \(0, 1\]"),
     ],
@@ -57,6 +58,7 @@ def test_accepted_spellings():
     assert vtprune.get_method("pdrop", layer_list=[2, 4], ratios=[0.5, 1]).layer_list == (2, 4)
     assert vtprune.get_method("sparsevlm", version=2.0).version == "2.0"  # a command line reads 2.0 as a float
     assert vtprune.get_method("fastv", debias=["sink"]).debias == ["sink"]  # a list is one of its types
+    assert vtprune.get_method("fastv", heads="graph_based", num_heads="dynamic").num_heads == "dynamic"
     # dataclasses.replace re-validates
     with pytest.raises(PruneConfigError, match="K=-1"):
         dataclasses.replace(vtprune.get_method("fastv"), K=-1)

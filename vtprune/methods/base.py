@@ -1,9 +1,10 @@
-"""Method, Stage, Selection and the method registry.
+"""Method, Stage, Selection, the scoring base class and the method registry.
 
-A method is a small dataclass with validated fields. It declares where it acts (`stages()`) and, for each
-stage, turns signals into a `Selection` (`select()`). It never touches the model: the engine
+A method is a small dataclass with typed, validated fields (`vtprune/methods/fields.py`). It declares where
+it acts (`stages()`) and, for each stage, turns signals into a `Selection` (`select()`); a method that only
+scores tokens subclasses `ScorerMethod` and writes `score()`. It never touches the model: the engine
 (`vtprune/engine.py`) is the only code that changes sequence length. `ModelInfo` (what a method may know
-of the model, from its adapter) and `PruneConfigError` are re-exported here for the method files.
+of the model, from its adapter), `bounded` and `PruneConfigError` are re-exported here for the method files.
 """
 
 from __future__ import annotations
@@ -292,7 +293,7 @@ class AttentionMethod(Method):
     debias: tuple[str, ...] | list[str] | str | None = None
     debias_strength: float = 1.0
     heads: str = "mean"
-    num_heads: int | None = None
+    num_heads: int | Literal["dynamic"] | None = bounded(None, ge=1)
     benchmark: str | None = None
 
     attention_based: ClassVar[bool] = True

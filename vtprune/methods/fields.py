@@ -58,15 +58,22 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _options(hint) -> tuple:
+    """The members of a union hint (`int | None` -> (int, NoneType)), or the hint alone."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
 def _accepts(hint, value) -> bool:
     """Does `value` have the type `hint` (the subset of typing the method fields use)?"""
     if hint is Any:
         return True
     if hint is type(None):
         return value is None
+    if len(_options(hint)) > 1:
+        return any(_accepts(h, value) for h in _options(hint))
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts(h, value) for h in typing.get_args(hint))
     if origin is Literal:
         return value in typing.get_args(hint) and not isinstance(value, bool)
     if origin in (tuple, list):
@@ -88,12 +95,12 @@ def _describe(hint) -> str:
         return "anything"
     if hint is type(None):
         return "None"
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
+    if len(_options(hint)) > 1:
+        args = _options(hint)
         if float in args:  # an int is a number already
             args = tuple(h for h in args if h is not int)
         return " or ".join(dict.fromkeys(_describe(h) for h in args))
+    origin = typing.get_origin(hint)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin in (tuple, list):
@@ -109,7 +116,7 @@ def _describe(hint) -> str:
 
 def _number_hint(hint):
     """int or float when `hint` is that number type (optionally | None), else None."""
-    args = [h for h in typing.get_args(hint) if h is not type(None)] if typing.get_origin(hint) else [hint]
+    args = [h for h in _options(hint) if h is not type(None)]
     return args[0] if len(args) == 1 and args[0] in (int, float) else None
 
 
@@ -161,7 +168,6 @@ def check_fields(method) -> None:
                 raise PruneConfigError(
                     f"{method.name}: {f.name}={value!r} must be {kind}{rule.describe()}{note}"
                 )
-        if isinstance(value, list) and typing.get_origin(hint) in (typing.Union, types.UnionType, tuple):
-            options = typing.get_args(hint) if typing.get_origin(hint) is not tuple else (hint,)
-            if not any(typing.get_origin(h) is list for h in options):
-                object.__setattr__(method, f.name, tuple(value))
+        origins = {typing.get_origin(h) for h in _options(hint)}
+        if isinstance(value, list) and tuple in origins and list not in origins:
+            setattr(method, f.name, tuple(value))  # a tuple field given a list (a command line writes lists)

@@ -198,7 +198,7 @@ class VisPruner(Method):
     important_ratio: float = bounded(0.5, ge=0, le=1)
     removal_number: int = bounded(8, ge=1)
     attention_sink_threshold: float | None = bounded(None, gt=0, le=1)
-    retain_img_tokens: int | None = None  # alias of keep (seed 000)
+    retain_img_tokens: int | float | None = None  # alias of keep (seed 000)
     vispruner_ratio: float | None = None  # alias of important_ratio (seed 000)
     crop_budget: CropBudget = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
 
