@@ -591,7 +591,7 @@ def layer_avg_visual_tokens(num_layers: int, visual_before: int, stages: Sequenc
     E.g. FastV K=2 keeping 128 of 576 over 32 layers averages (2·576 + 30·128)/32 = 156, and PDrop
     layers [2, 10, 20] with ratios [0.32, 0.16, 0.08] averages exactly 128.
     """
-    return _record(num_layers, visual_before, stages).layer_avg_tokens[0]
+    return sum(layer_visual_tokens_for_stages(num_layers, visual_before, stages)) / num_layers
 
 
 def _per_layer(spec: ArchSpec, values: int | Sequence[int], what: str) -> list[int]:
