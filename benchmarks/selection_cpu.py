@@ -31,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-from vtprune.selection import cdpruner_kernel, dpp_greedy, maxmin_diversity, topk_indices, vispruner_select
+from vtprune.methods.cdpruner import cdpruner_kernel
+from vtprune.methods.vispruner import vispruner_select
+from vtprune.selection import dpp_greedy, maxmin_diversity, topk_indices
 
 N_TOKENS = 576
 KEEP = 64

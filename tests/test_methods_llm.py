@@ -23,15 +23,35 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 import vtprune
 from vtprune.methods.base import ModelInfo, PruneConfigError, Stage
 from vtprune.methods.himap import HiMAP
-from vtprune.methods.pdrop import PyramidDrop, pdrop_layer_average, pdrop_ratio_for_average
+from vtprune.methods.pdrop import PyramidDrop, pdrop_ratio_for_average
 from vtprune.methods.sparsevlm import (
     recycle_counts,
     rope_prior,
     sparsevlm_schedule,
-    stage_counts,
     text_raters,
 )
 from vtprune.models.llava import LlavaAdapter
+
+
+# Budget arithmetic of the papers, used only to check vtprune's tables against them.
+def pdrop_layer_average(counts: list[int], layers: tuple[int, ...], num_layers: int, visual: int) -> float:
+    """Average visual tokens per layer when layer layers[s] and later see counts[s] tokens."""
+    bounds = (*layers, num_layers)
+    total = layers[0] * visual + sum(c * (bounds[s + 1] - bounds[s]) for s, c in enumerate(counts))
+    return total / num_layers
+
+
+def stage_counts(n_visual: int, kept: list[int], recycle: bool = True) -> list[int]:
+    """Visual tokens after each stage (kept + recycled) for fixed per-stage keep counts — the repo's
+    accounting (192 → 309 / 204 / 113, see the module docstring)."""
+    out = []
+    n = n_visual
+    for k in kept:
+        k = min(k, n)
+        n = k + (recycle_counts(n - k)[1] if recycle else 0)
+        out.append(n)
+    return out
+
 
 LLAVA15 = ModelInfo(
     num_layers=32, num_heads=32, visual_tokens=576, grid=(24, 24), vision_layers=24, vision_heads=16

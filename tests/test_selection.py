@@ -22,24 +22,24 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vtprune.methods.cdpruner import cdpruner_kernel
+from vtprune.methods.illava import illava_weighted_merge
+from vtprune.methods.tokencarve import tokencarve_fuse_and_merge, tokencarve_information
+from vtprune.methods.visionzip import visionzip_merge
+from vtprune.methods.vispruner import _residual_bounds, vispruner_select
 from vtprune.selection import (
     PAD_INDEX,
     Picked,
-    cdpruner_kernel,
     dpc_knn_cluster,
     dpp_greedy,
-    effective_rank,
-    illava_weighted_merge,
     maxmin_diversity,
-    minmax_normalize,
-    numerical_rank,
-    tokencarve_fuse_and_merge,
-    tokencarve_information,
     topk_indices,
-    visionzip_merge,
-    vispruner_rounds,
-    vispruner_select,
 )
+
+
+def vispruner_rounds(residual: int, diverse: int, removal_per_round: int = 8) -> int:
+    """Number of duplicate-removal rounds VisPruner needs to shrink a residual list."""
+    return len(_residual_bounds(residual, diverse, removal_per_round))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Derandomised so CI is reproducible; VTPRUNE_STRESS=<n> runs n fresh random examples per property instead.
@@ -917,43 +917,6 @@ def test_all_invalid_rows_give_padding_only():
             assert out.indices[0].tolist() == [PAD_INDEX] * 3, name
             assert out.valid[1].tolist() == [True, False, False], name
             assert out.indices[1].tolist() == [2, PAD_INDEX, PAD_INDEX], name
-
-
-# ----------------------------------------------------------------------------------------------------------
-# ranks and normalisation
-# ----------------------------------------------------------------------------------------------------------
-
-
-def test_numerical_rank():
-    m = torch.diag(torch.tensor([3.0, 2.0, 1e-5]))
-    assert numerical_rank(m, 1e-3).item() == 2
-    assert numerical_rank(m, 1e-7).item() == 3
-    assert numerical_rank(m, None).item() == 3  # 1e-5 / 3 > 3 * eps(fp32)
-    assert numerical_rank(torch.zeros(4, 3), 1e-3).item() == 0
-    batch = torch.stack([m, torch.eye(3), torch.ones(3, 3)]).reshape(3, 1, 3, 3)
-    assert numerical_rank(batch, 1e-3).tolist() == [[2], [3], [1]]
-    assert numerical_rank(torch.randn(5, 8, dtype=torch.float16), 1e-3).item() == 5
-
-
-def test_effective_rank():
-    torch.testing.assert_close(effective_rank(torch.eye(4)), torch.tensor(4.0, dtype=torch.float64))
-    torch.testing.assert_close(effective_rank(torch.ones(3, 5)), torch.tensor(1.0, dtype=torch.float64))
-    assert effective_rank(torch.zeros(3, 3)).item() == 0.0
-    # two equal singular values and one zero -> 2
-    torch.testing.assert_close(
-        effective_rank(torch.diag(torch.tensor([2.0, 2.0, 0.0]))), torch.tensor(2.0, dtype=torch.float64)
-    )
-
-
-def test_minmax_normalize():
-    torch.testing.assert_close(
-        minmax_normalize([1, 2, 3]), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
-    )
-    assert minmax_normalize([5.0, 5.0, 5.0]).tolist() == [0.0, 0.0, 0.0]
-    t = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
-    assert minmax_normalize(t, dim=1).tolist() == [[0.0, 1.0], [0.0, 0.0]]
-    assert minmax_normalize(torch.tensor([2, 4])).dtype == torch.float32
-    assert minmax_normalize([]).numel() == 0
 
 
 # ----------------------------------------------------------------------------------------------------------

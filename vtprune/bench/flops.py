@@ -4,7 +4,7 @@ Everything here is arithmetic on an architecture description (`ArchSpec`); no mo
 are read, so the numbers are available for any method and budget before (or without) a GPU run.
 
 Two FLOPs conventions are reported side by side, because the papers and physics disagree
-(research/performance.md §2):
+(the FastV and SparseVLM papers count differently from the hardware):
 
 * **True FLOPs** (`prefill_flops`, `decode_flops`): 2 FLOPs per multiply-add; q/k/v/o projections sized
   for grouped-query attention; SwiGLU with its three matrices; causal attention counted over the causal
@@ -17,9 +17,9 @@ Two FLOPs conventions are reported side by side, because the papers and physics 
 
 Token counts are given **per LLM layer** (`layer_tokens[l]` = tokens entering decoder layer l, text
 included), so one code path covers unpruned models, vision-stage methods (every layer sees the same
-shorter sequence) and multi-stage in-LLM methods (algorithms.md §0.1: record per-layer counts, then both
-"keep after prune" and the layer average follow). `layer_tokens_for_stages` builds that list from a
-method's stages.
+shorter sequence) and multi-stage in-LLM methods (record per-layer counts, then both "keep after prune" and
+the layer average follow). `layer_tokens_for_stages` builds that list from a method's stages, with the
+accounting of a prune record (`vtprune/record.py`).
 
 LLaVA-NeXT (AnyRes) is the same LLM and tower, but one image is several tower inputs ("crops": the base view
 and the tiles of the best `image_grid_pinpoints` resolution) and its LLM tokens are the base view's patches,
@@ -36,6 +36,8 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from vtprune.record import PruneRecord, StageRecord
 
 if TYPE_CHECKING:  # transformers is only needed to build or read configs, not for the arithmetic
     from transformers import LlavaConfig
@@ -113,12 +115,12 @@ class ArchSpec:
     # ---- derived sizes -------------------------------------------------------------------------------
     @property
     def d(self) -> int:
-        """LLM width d (performance.md §2 notation)."""
+        """LLM width d."""
         return self.hidden_size
 
     @property
     def m(self) -> int:
-        """LLM FFN width m (performance.md §2 notation)."""
+        """LLM FFN width m."""
         return self.intermediate_size
 
     @property
@@ -192,7 +194,7 @@ class ArchSpec:
 
     @property
     def llm_nonembedding_linear_params(self) -> int:
-        """P_nonemb of performance.md §2/§3 (6.476 B for Vicuna-7B): what every forward reads."""
+        """Non-embedding parameters (6.476 B for Vicuna-7B): what every forward reads."""
         return self.num_layers * self.llm_layer_linear_params
 
     def param_counts(self) -> dict[str, int]:
@@ -309,7 +311,7 @@ _VICUNA_13B = {**_VICUNA_7B, "hidden_size": 5120, "intermediate_size": 13824, "n
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 # llava-hf/llava-1.5-{7b,13b}-hf: Vicuna v1.5 (LLaMA-2 shapes, MHA) with the vocabulary padded to 32064
-# (image token 32000, pad 32001) and CLIP ViT-L/14-336 (algorithms.md §0, performance.md §3).
+# (image token 32000, pad 32001) and CLIP ViT-L/14-336.
 # llava-hf/llava-v1.6-vicuna-{7b,13b}-hf: the same LLM and tower, AnyRes over LLAVA_NEXT_PINPOINTS, layer -2,
 # `default` strategy, image token 32000. Their config.json sets no top-level pad id (text_config.pad_token_id
 # is 0); 32001 is the tokenizer's `<pad>`, kept here like the 1.5 presets (it only names the embedding row
@@ -501,7 +503,7 @@ def image_work(spec: ArchSpec | str, image_size: tuple[int, int] | None = None) 
 
 
 # --------------------------------------------------------------------------------------------------------
-# Token accounting (algorithms.md §0.1)
+# Token accounting (the rules of vtprune/record.py, for stages given by hand)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -527,6 +529,29 @@ def _check_stages(num_layers: int, visual_before: int, stages: Sequence[tuple[in
         prev_layer, prev_count = layer, count
 
 
+def _record(num_layers: int, visual_before: int, stages: Sequence[tuple[int, int]]) -> PruneRecord:
+    """A one-sample prune record of hand-given `(prune_layer, visual_after)` stages (layer 0: before the LLM)."""
+    _check_stages(num_layers, visual_before, stages)
+    return PruneRecord(
+        method="",
+        params={},
+        visual_tokens=int(visual_before),
+        num_layers=num_layers,
+        stages=[
+            StageRecord(
+                name="",
+                kind="vision" if int(layer) == 0 else "llm",
+                score_layer=None,
+                prune_layer=int(layer),
+                positions="original",
+                kept=[],
+                counts=[int(count)],
+            )
+            for layer, count in stages
+        ],
+    )
+
+
 def layer_visual_tokens_for_stages(
     num_layers: int, visual_before: int, stages: Sequence[tuple[int, int]]
 ) -> list[int]:
@@ -534,15 +559,10 @@ def layer_visual_tokens_for_stages(
 
     `stages` is a list of `(prune_layer, visual_after)`: `prune_layer` is the **first layer that sees the
     pruned set** (0 = pruned before the LLM, i.e. a vision-stage method), whatever layer was scored. This
-    normalises the three "K" conventions of algorithms.md §0.1: FastV K=2 → (2, kept); PDrop "layer 2" →
+    normalises the three "K" conventions of the papers: FastV K=2 → (2, kept); PDrop "layer 2" →
     (2, kept); SparseVLM "layer 2" (layer 2 runs full, its output is pruned) → (3, kept).
     """
-    _check_stages(num_layers, visual_before, stages)
-    counts = [visual_before] * num_layers
-    for layer, count in stages:
-        for i in range(int(layer), num_layers):
-            counts[i] = int(count)
-    return counts
+    return _record(num_layers, visual_before, stages).layer_tokens(0)
 
 
 def layer_tokens_for_stages(
@@ -562,18 +582,16 @@ def tokens_after_pruning(visual_before: int, stages: Sequence[tuple[int, int]]) 
     if not stages:
         return int(visual_before)
     last_layer = max(int(s[0]) for s in stages)
-    _check_stages(last_layer + 1, visual_before, stages)
-    return int(stages[-1][1])
+    return _record(last_layer + 1, visual_before, stages).tokens_after_pruning[0]
 
 
 def layer_avg_visual_tokens(num_layers: int, visual_before: int, stages: Sequence[tuple[int, int]]) -> float:
     """Visual tokens averaged over the LLM layers: the budget in-LLM methods are usually tuned to.
 
     E.g. FastV K=2 keeping 128 of 576 over 32 layers averages (2·576 + 30·128)/32 = 156, and PDrop
-    layers [2, 10, 20] with ratios [0.32, 0.16, 0.08] averages exactly 128 (algorithms.md §0.1, §17 ex. 6).
+    layers [2, 10, 20] with ratios [0.32, 0.16, 0.08] averages exactly 128.
     """
-    counts = layer_visual_tokens_for_stages(num_layers, visual_before, stages)
-    return sum(counts) / num_layers
+    return sum(layer_visual_tokens_for_stages(num_layers, visual_before, stages)) / num_layers
 
 
 def _per_layer(spec: ArchSpec, values: int | Sequence[int], what: str) -> list[int]:
@@ -635,7 +653,7 @@ def prefill_flops(
     projector_tokens: int | None = None,
     crops: int = 1,
 ) -> dict[str, int]:
-    """True FLOPs of one prefill (performance.md §2 recommendation).
+    """True FLOPs of one prefill.
 
     `layer_tokens[l]` is the number of tokens entering decoder layer l (an int broadcasts to all layers).
     Within a layer of n tokens, attention is causal: query i scores i+1 keys, so QKᵀ and AV together cost
@@ -712,7 +730,7 @@ def decode_flops(
 def fastv_convention_flops(
     spec: ArchSpec | str, layer_tokens: int | Sequence[int], *, ffn_matrices: int = 2
 ) -> int:
-    """FastV's per-layer 4nd² + 2n²d + 2ndm summed with each layer's own n (performance.md §2).
+    """FastV's per-layer 4nd² + 2n²d + 2ndm summed with each layer's own n (FastV, arXiv 2403.06764).
 
     This is what FastV, DivPrune (`tflops.py`) and most tables call "FLOPs": one multiply-add counts 1,
     attention is the full n×n matrix, GQA is ignored (4d² for q/k/v/o) and the FFN has two matrices.
@@ -731,14 +749,14 @@ def sparsevlm_convention_flops(spec: ArchSpec | str, layer_tokens: int | Sequenc
 
 
 # --------------------------------------------------------------------------------------------------------
-# Bytes and roofline (performance.md §3)
+# Bytes and roofline
 # --------------------------------------------------------------------------------------------------------
 
 
 def kv_bytes_per_token(spec: ArchSpec | str, dtype_bytes: int = 2) -> int:
     """KV-cache bytes of one token held at every layer: 2 (K and V) × layers × kv_dim × dtype bytes.
 
-    0.5 MiB for LLaVA-1.5-7B in fp16/bf16 (performance.md §0).
+    0.5 MiB for LLaVA-1.5-7B in fp16/bf16.
     """
     s = _as_spec(spec)
     return 2 * s.num_layers * s.kv_dim * dtype_bytes
@@ -750,7 +768,7 @@ def kv_cache_bytes(
     """KV-cache bytes summed over layers with each layer's own length.
 
     In-LLM methods keep full-length caches below their prune layer, so their saving is Σ kept_l / Σ total_l,
-    not kept/total (performance.md §3 "Capacity"). Pass prefill `layer_tokens`, plus generated tokens if
+    not kept/total. Pass prefill `layer_tokens`, plus generated tokens if
     the cache after decoding is wanted.
     """
     s = _as_spec(spec)
@@ -761,7 +779,7 @@ def kv_cache_bytes(
 def llm_weight_bytes(spec: ArchSpec | str, dtype_bytes: int = 2) -> int:
     """Bytes every LLM forward must read: non-embedding weights plus the LM head (13.21 GB for 7B bf16).
 
-    The embedding table is gathered, not streamed, so it is left out (performance.md §3).
+    The embedding table is gathered, not streamed, so it is left out.
     """
     s = _as_spec(spec)
     return (s.llm_nonembedding_linear_params + s.vocab_size * s.hidden_size) * dtype_bytes
@@ -776,7 +794,7 @@ def decode_step_bytes(
     )
 
 
-# Achievable dense bf16 compute (TFLOP/s) and HBM bandwidth (TB/s) assumed in performance.md §3.
+# Achievable dense bf16 compute (TFLOP/s) and HBM bandwidth (TB/s) assumed for the roofline floors.
 HARDWARE: dict[str, tuple[float, float]] = {
     "h100-sxm": (790.0, 3.35),
     "h200": (790.0, 4.8),
@@ -788,7 +806,7 @@ def roofline_floor_ms(
 ) -> float:
     """Lower bound on a kernel sequence's time: max(compute time, memory time), in milliseconds.
 
-    Defaults are an H100 SXM at an achievable 790 TFLOP/s and 3.35 TB/s (performance.md §3); e.g. the
+    Defaults are an H100 SXM at an achievable 790 TFLOP/s and 3.35 TB/s; e.g. the
     576-token LLaVA-1.5-7B prefill (8.34 TFLOP, 13.21 GB) floors at 10.6 ms, compute-bound.
     """
     if peak_tflops <= 0 or bw_tbps <= 0:

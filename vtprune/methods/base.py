@@ -1,21 +1,24 @@
-"""Method, Stage, Selection and the method registry.
+"""Method, Stage, Selection, the scoring base class and the method registry.
 
-A method is a small dataclass with validated fields. It declares where it acts (`stages()`) and, for each
-stage, turns signals into a `Selection` (`select()`). It never touches the model: the engine
+A method is a small dataclass with typed, validated fields (`vtprune/methods/fields.py`). It declares where
+it acts (`stages()`) and, for each stage, turns signals into a `Selection` (`select()`); a method that only
+scores tokens subclasses `ScorerMethod` and writes `score()`. It never touches the model: the engine
 (`vtprune/engine.py`) is the only code that changes sequence length. `ModelInfo` (what a method may know
-of the model, from its adapter) and `PruneConfigError` are re-exported here for the method files.
+of the model, from its adapter), `bounded` and `PruneConfigError` are re-exported here for the method files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 
 import torch
 
 from vtprune.errors import PruneConfigError
+from vtprune.methods.fields import bounded, check_fields  # noqa: F401  (re-exported for the method files)
 from vtprune.models.base import ModelInfo
+from vtprune.selection import topk_indices
 
 if TYPE_CHECKING:
     from vtprune.signals.context import LLMSignals, VisionSignals
@@ -28,7 +31,7 @@ class Stage:
     kind="vision": before the LLM; the LLM sees only the kept tokens with contiguous positions.
     kind="llm": `score_layer` is the decoder layer whose own q/k give the attention rows the method scores
     with (captured while that layer runs on the unpruned sequence); `prune_layer` is the first decoder layer
-    that sees the pruned sequence. They differ between papers (algorithms.md §0.1): FastV scores layer K-1
+    that sees the pruned sequence. They differ between papers: FastV scores layer K-1
     and prunes before K; SparseVLM scores layer l and prunes before l+1; PyramidDrop scores with layer k's
     projections of layer k's input and prunes before k (score_layer == prune_layer: the engine then computes
     the rows from the incoming hidden states with that layer's norm, q/k projections and RoPE).
@@ -50,6 +53,27 @@ class Stage:
     name: str = ""
     vit_layers: tuple[int, ...] = ()  # kind="vit": CLIP encoder layers that merge (ascending)
     vit_remove: int = 0  # kind="vit": patches removed at each of them (0: adaptive, decided by the method)
+
+    @classmethod
+    def before_layer(
+        cls,
+        layer: int,
+        keep: int,
+        queries: Literal["last", "text", "all", "image"] | None,
+        name: str,
+        positions: Literal["original", "reindex"] = "original",
+    ) -> Stage:
+        """An LLM stage cut before decoder layer `layer`, scored with the attention of layer `layer` − 1 while
+        it runs (FastV's K; SparseVLM's l is `before_layer(l + 1, ...)`)."""
+        return cls(
+            kind="llm",
+            keep=keep,
+            score_layer=layer - 1,
+            prune_layer=layer,
+            positions=positions,
+            queries=queries,
+            name=name,
+        )
 
 
 @dataclass
@@ -74,18 +98,11 @@ class Selection:
     info: dict = field(default_factory=dict)  # JSON-friendly facts recorded with the stage
 
 
-CROP_BUDGETS = ("crop", "image")
-
-
-def check_crop_budget(method) -> None:
-    """`crop_budget` of a vision method on models whose images are several tower inputs (LLaVA-NeXT): "crop"
-    gives every input an equal share of the image's budget and selects inside each with its own [CLS] (the
-    official LLaVA-NeXT rule of VisPruner, VisionZip and CDPruner); "image" selects over all the image's tokens
-    at once (DivPrune's rule). No effect on LLaVA-1.5."""
-    if method.crop_budget not in CROP_BUDGETS:
-        raise PruneConfigError(
-            f"{method.name}: crop_budget={method.crop_budget!r}; valid: {', '.join(CROP_BUDGETS)}"
-        )
+# `crop_budget` of a vision method on models whose images are several tower inputs (LLaVA-NeXT): "crop" gives
+# every input an equal share of the image's budget and selects inside each with its own [CLS] (the official
+# LLaVA-NeXT rule of VisPruner, VisionZip and CDPruner); "image" selects over all the image's tokens at once
+# (DivPrune's rule). No effect on LLaVA-1.5. A method declares `crop_budget: CropBudget = "crop"`.
+CropBudget = Literal["crop", "image"]
 
 
 def resolve_keep(keep: int | float, total: int, what: str = "keep") -> int:
@@ -120,8 +137,10 @@ class Method:
     attention_based: ClassVar[bool] = False  # scores with LLM text->image attention (debias/heads apply)
     # model families (ModelInfo.family) the method cannot run on, with the reason given to the user
     unsupported_families: ClassVar[dict[str, str]] = {}
+    default_keep: ClassVar[int | float] = 64  # visual tokens per image when keep is None (the paper's budget)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.keep is not None:
             resolve_keep(self.keep, 10**9)  # type and range; the upper bound is checked in validate_for
 
@@ -152,7 +171,11 @@ class Method:
         return resolve_keep(self.keep if self.keep is not None else default, info.visual_tokens)
 
     def stages(self, info: ModelInfo) -> list[Stage]:
-        raise NotImplementedError
+        """Where the method acts. The default, for a vision method: one vision stage keeping `keep` (or
+        `default_keep`) tokens per image. Methods that act elsewhere or plan their own counts override it."""
+        if self.stage_kind != "vision":
+            raise NotImplementedError(f"{type(self).__name__} must define stages()")
+        return [Stage(kind="vision", keep=self.keep_count(info, self.default_keep), name=self.name)]
 
     def vision_attention_layers(self, info: ModelInfo) -> tuple[int, ...]:
         """CLIP encoder layers (0-indexed) besides the feature layer whose attention the method reads
@@ -167,6 +190,43 @@ class Method:
     # --- description ----------------------------------------------------------------------------------
     def params(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+class Scores(NamedTuple):
+    """What `ScorerMethod.score` returns when plain scores are not enough."""
+
+    values: torch.Tensor  # (R, V) one score per current visual token of each row; higher is kept first
+    info: dict = {}  # JSON-friendly facts recorded with the stage
+    valid: torch.Tensor | None = None  # (R, V) the tokens that may be kept; None: every real token of the row
+
+
+def kept_per_row(stage: Stage, signals: VisionSignals | LLMSignals) -> int:
+    """Visual tokens a row keeps at `stage`: `stage.keep` per image; an LLM-stage row is a sample, so its
+    images' share, at most the row's current visual tokens."""
+    if stage.kind == "llm":
+        return min(stage.keep * signals.images_per_sample, signals.num_visual)
+    return stage.keep
+
+
+@dataclass
+class ScorerMethod(Method):
+    """Base of the methods that only score tokens (kvpress's ScorerPress): a subclass writes `score()`; the
+    budget per row (`kept_per_row`), the top-k (ties: lower index) and the order (kept tokens stay in raster
+    order) live here."""
+
+    def score(self, stage_index: int, stage: Stage, signals: VisionSignals | LLMSignals) -> torch.Tensor | Scores:
+        """(R, V) scores of the current visual tokens of each row, or `Scores` with facts and candidates."""
+        raise NotImplementedError
+
+    def select(self, stage_index: int, stage: Stage, signals: VisionSignals | LLMSignals) -> Selection:
+        scored = self.score(stage_index, stage, signals)
+        if not isinstance(scored, Scores):
+            scored = Scores(scored)
+        valid = scored.valid
+        if valid is None and stage.kind == "llm":
+            valid = signals.visual_valid  # left-padded batches: a sample's padding slots are never kept
+        picked = topk_indices(scored.values, kept_per_row(stage, signals), valid=valid)
+        return Selection(*picked, scores=scored.values, info=dict(scored.info))
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -217,7 +277,7 @@ def _load_builtin_methods() -> None:
 class AttentionMethod(Method):
     """Base of the methods that score visual tokens with LLM text->image attention.
 
-    Adds the composable signal modifiers of algorithms.md §12-§14 (they change scores only, never the
+    Adds the composable signal modifiers of `vtprune/signals/` (they change scores only, never the
     engine): `heads` picks which heads' attention to trust ("mean" = all heads, as every official pruner;
     a FinePruner strategy name; or "auto" for the resource-aware choice), `num_heads` fixes their count
     (None = dynamic), `debias` lists score corrections, `debias_strength` scales the recency correction
@@ -233,7 +293,7 @@ class AttentionMethod(Method):
     debias: tuple[str, ...] | list[str] | str | None = None
     debias_strength: float = 1.0
     heads: str = "mean"
-    num_heads: int | None = None
+    num_heads: int | Literal["dynamic"] | None = bounded(None, ge=1)
     benchmark: str | None = None
 
     attention_based: ClassVar[bool] = True
@@ -297,7 +357,7 @@ class AttentionMethod(Method):
         if debias and self._debias is not None:
             option = self._debias
             if not signals.is_full_visual_set():
-                # The recency curve is calibrated on raster positions of a full image (§13).
+                # The recency curve is calibrated on raster positions of a full image (signals/debias.py).
                 option = dataclasses.replace(option, recency=False)
             if option.enabled:
                 scores, mask = option.apply(scores, signals.debias_context(), return_mask=True)

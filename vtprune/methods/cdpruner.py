@@ -4,7 +4,7 @@
 Idea: pick the kept visual tokens as the greedy MAP of a determinantal point process whose kernel
 L = diag(ρ̃)·S·diag(ρ̃) couples diversity (S = cosine similarity of the projected tokens) with relevance to the
 question (ρ̃ = min–max normalised negated CLIP image–text cosine); the kept tokens enter the LLM in raster
-order (algorithms.md §5).
+order (docs/methods/cdpruner.md).
 
 Parameters:
 * keep (T, default 64; 64 / 128 / 192 are plain counts, CDPruner has no other budget knob).
@@ -45,7 +45,7 @@ edge case):
 * a repeated question in a batch is encoded once (no effect on the result).
 * the optional θ re-weighting (commented out in the official code) is not offered.
 * LLaVA-NeXT: the official rule (an equal budget per view, each with its own [CLS]) is `crop_budget="crop"`,
-  the default (`vtprune.methods.base.check_crop_budget`); the official code's 672 x 672 pin with no
+  the default (`vtprune.methods.base.CropBudget`); the official code's 672 x 672 pin with no
   unpadding and no `image_newline` is not the HF model's input and is not reproduced.
   On NeXT the relevance is min-max normalised per tower input (the official code: over all views).
 """
@@ -54,26 +54,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from vtprune.methods.base import (
-    Method,
-    ModelInfo,
-    PruneConfigError,
-    Selection,
-    Stage,
-    check_crop_budget,
-    register,
-)
-from vtprune.selection import cdpruner_kernel, dpp_greedy
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import CropBudget, Method, Selection, register
+from vtprune.selection import check_2d, check_features, check_valid, cosine_matrix, dpp_greedy
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 
-# LLaVA's answer-format instructions (algorithms.md §5), stripped from the end of the question.
+# LLaVA's answer-format instructions, stripped from the end of the question.
 INSTRUCTION_SUFFIXES = (
     "Answer the question using a single word or phrase.",
     "Answer with the option's letter from the given choices directly.",
@@ -239,15 +232,55 @@ def clip_relevance(
     return -(cos * weights).sum(dim=-1) / weights.sum(dim=-1).clamp_min(1.0)
 
 
+def cdpruner_kernel(
+    similarity_features: Tensor,
+    relevance: Tensor,
+    valid: Tensor | None = None,
+    *,
+    eps: float = 1e-6,
+) -> Tensor:
+    """CDPruner's conditional DPP kernel ``L = diag(ρ̃) · S · diag(ρ̃)`` (arXiv 2506.10967, Sec. 3).
+
+    ``S`` is the cosine similarity of ``similarity_features`` (projected features), ``ρ̃`` the min–max
+    normalised relevance ``(ρ - min ρ + eps) / (max ρ - min ρ)``. **Min and max are taken per sample**
+    (over that sample's valid tokens), not over the whole batch tensor as the official code does — the
+    two agree at batch size 1, and only the per-sample version keeps samples independent. A sample whose
+    relevance is constant gets ``ρ̃ = 1`` everywhere (pure diversity) instead of a division by zero.
+    The sign convention of ρ (CDPruner negates the CLIP cosine) is the caller's business.
+
+    Args:
+        similarity_features: ``(B, N, D)`` features defining S (float32 inside).
+        relevance: ``(B, N)`` raw relevance ρ.
+        valid: optional ``(B, N)`` mask restricting the min/max to valid tokens.
+        eps: the additive constant of the official normalisation.
+
+    Returns:
+        ``(B, N, N)`` float32 kernel, exactly symmetric.
+    """
+    check_2d("relevance", relevance)
+    b, n = relevance.shape
+    check_features("similarity_features", similarity_features, b, n)
+    v = check_valid(valid, b, n, relevance.device)
+    rel = relevance.float()
+    lo = torch.where(v, rel, float("inf")).amin(dim=-1, keepdim=True)
+    hi = torch.where(v, rel, float("-inf")).amax(dim=-1, keepdim=True)
+    span = hi - lo
+    flat = ~(span > 0)  # constant relevance (or no valid token): no ranking information
+    rho = torch.where(flat, torch.ones_like(rel), (rel - lo + eps) / torch.where(flat, 1.0, span))
+    s = cosine_matrix(similarity_features, dup_tol=0.0)
+    # (ρ_i ρ_j) S_ij: the outer product is symmetric bit-for-bit, so L is exactly symmetric
+    return (rho.unsqueeze(-1) * rho.unsqueeze(-2)) * s
+
+
 @register
 @dataclass
 class CDPruner(Method):
     """Conditional DPP: diversity of projected tokens weighted by CLIP relevance to the question."""
 
-    relevance: str = "clip"
+    relevance: Literal["clip", "none"] = "clip"
     clip_model: str = DEFAULT_CLIP
     prompt_tokenizer: Any = None
-    crop_budget: str = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
+    crop_budget: CropBudget = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
 
     name = "cdpruner"
     stage_kind = "vision"
@@ -255,10 +288,7 @@ class CDPruner(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_crop_budget(self)
-        if self.relevance not in ("clip", "none"):
-            raise PruneConfigError(f"{self.name}: relevance={self.relevance!r}; valid: clip, none")
-        if not isinstance(self.clip_model, str) or not self.clip_model:
+        if not self.clip_model:
             raise PruneConfigError(f"{self.name}: clip_model must be a Hugging Face id or a local folder")
         tok = self.prompt_tokenizer
         if tok is not None and not isinstance(tok, str) and not callable(getattr(tok, "decode", None)):
@@ -270,9 +300,6 @@ class CDPruner(Method):
         if tok is not None and not isinstance(tok, str):  # keep the record JSON-friendly
             out["prompt_tokenizer"] = getattr(tok, "name_or_path", None) or type(tok).__name__
         return out
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
 
     # --- the question ------------------------------------------------------------------------------------
     def _prompt_tokenizer(self, signals):

@@ -48,25 +48,15 @@ in its fork xqy1111111/DART @ d6a5af6, and ModelTC/LightCompress `token_reductio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
-from vtprune.selection import Picked, topk_indices
-
-NORMS = ("l1", "l2")
-BUDGETS = ("exact", "official")
-
-
-def _rank_desc(scores: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows ranked by descending score, ties by lower index, invalid entries last: (order, order_valid)."""
-    s = torch.where(valid, scores.float(), float("-inf"))
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
-    ok = valid.gather(-1, order)
-    perm = torch.sort((~ok).to(torch.uint8), dim=-1, stable=True).indices
-    return order.gather(-1, perm), ok.gather(-1, perm)
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import Method, ModelInfo, Selection, Stage, bounded, kept_per_row, register
+from vtprune.selection import Picked, mask_indices, rank_tokens
 
 
 def dart_quotas(pivot_valid: Tensor, pool: int, budget: str, per_pivot: int | None = None) -> Tensor:
@@ -106,7 +96,7 @@ def dart_select(
     dev = features.device
     valid = torch.ones(b, n, dtype=torch.bool, device=dev) if valid is None else valid
     p = min(num_pivots, k, n)
-    order, ok = _rank_desc(scores, valid)
+    order, ok = rank_tokens(scores, valid)
     img_piv, img_ok = order[:, :p], ok[:, :p]
     x = F.normalize(features.float(), dim=-1)
     vectors = [x.gather(1, img_piv[:, :, None].expand(-1, -1, x.shape[-1]))]
@@ -116,7 +106,7 @@ def dart_select(
         if t_valid is None:
             t_valid = torch.ones(text_scores.shape, dtype=torch.bool, device=dev)
         pt = min(num_text_pivots, text_scores.shape[1])
-        t_order, t_ok = _rank_desc(text_scores, t_valid)
+        t_order, t_ok = rank_tokens(text_scores, t_valid)
         t = F.normalize(text_features.float(), dim=-1)
         vectors.append(t.gather(1, t_order[:, :pt, None].expand(-1, -1, t.shape[-1])))
         piv_ok.append(t_ok[:, :pt])
@@ -131,10 +121,10 @@ def dart_select(
     positions = torch.arange(n, device=dev)
     for j in range(total):
         cos = (x @ pivots[:, j, :, None]).squeeze(-1)  # (B, N)
-        cand_order, cand_ok = _rank_desc(-cos, valid & ~kept)  # least similar first
+        cand_order, cand_ok = rank_tokens(-cos, valid & ~kept)  # least similar first
         take = cand_ok & (positions < quotas[:, j : j + 1])
         kept = kept | torch.zeros_like(kept).scatter(1, cand_order, take)
-    picked = topk_indices(kept.float(), width, valid=kept)
+    picked = mask_indices(kept, width)
     text_slots = torch.full((b, total - p), -1, dtype=torch.long, device=dev)
     pivot_index = torch.cat([torch.where(img_ok, img_piv, -1), text_slots], dim=1)
     return picked, pivot_index
@@ -145,26 +135,15 @@ def dart_select(
 class DART(Method):
     """Duplication-aware pruning: key-norm pivots, then the image tokens least similar to each pivot."""
 
-    K: int = 2
-    pivot_image_token: int = 4
-    pivot_text_token: int = 4
-    norm: str = "l1"
-    budget: str = "exact"
+    K: int = bounded(2, ge=0)
+    pivot_image_token: int = bounded(4, ge=1)
+    pivot_text_token: int = bounded(4, ge=0)
+    norm: Literal["l1", "l2"] = "l1"
+    budget: Literal["exact", "official"] = "exact"
 
     name = "dart"
     stage_kind = "llm"
     paper = "arXiv 2502.11494 (EMNLP 2025)"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for field_name, low in (("K", 0), ("pivot_image_token", 1), ("pivot_text_token", 0)):
-            value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise PruneConfigError(f"dart: {field_name}={value!r} must be an int >= {low}")
-        if self.norm not in NORMS:
-            raise PruneConfigError(f"dart: norm={self.norm!r}; valid: {', '.join(NORMS)}")
-        if self.budget not in BUDGETS:
-            raise PruneConfigError(f"dart: budget={self.budget!r}; valid: {', '.join(BUDGETS)}")
 
     def validate_for(self, info: ModelInfo) -> None:
         if self.K > info.num_layers - 1:
@@ -179,17 +158,7 @@ class DART(Method):
         if self.K == 0:
             return [Stage(kind="vision", keep=keep, name="dart")]
         # Keys of layer K-1 are captured while it runs; the cut is before layer K, positions stay original.
-        return [
-            Stage(
-                kind="llm",
-                keep=keep,
-                score_layer=self.K - 1,
-                prune_layer=self.K,
-                positions="original",
-                queries=None,
-                name="dart",
-            )
-        ]
+        return [Stage.before_layer(self.K, keep, queries=None, name="dart")]
 
     def _norms(self, keys: Tensor) -> Tensor:
         return keys.abs().sum(dim=-1) if self.norm == "l1" else keys.norm(dim=-1)
@@ -206,7 +175,7 @@ class DART(Method):
         text_pos, text_valid = signals.query_index("text")
         text_scores = self._norms(keys.gather(1, text_pos[:, :, None].expand(-1, -1, keys.shape[-1])))
         text_x = normed.gather(1, text_pos[:, :, None].expand(-1, -1, normed.shape[-1]))
-        keep = min(stage.keep * n_img, signals.num_visual)
+        keep = kept_per_row(stage, signals)
         picked, pivots = dart_select(
             image_x,
             image_scores,

@@ -3,7 +3,7 @@
 
 Idea: treat pruning as a Max–Min Diversity Problem on the projected visual tokens: greedily keep the token
 farthest (cosine distance 1 − cos) from everything kept so far, starting with the token farthest from its
-nearest neighbour; the kept tokens enter the LLM in raster order (algorithms.md §6).
+nearest neighbour; the kept tokens enter the LLM in raster order (docs/methods/divprune.md).
 
 Parameters: keep (T, default 64; the repo's default ratio 0.098 of 576 is 56 — pass keep=56 to match it),
 feature ("projected" = what the LLM receives, the official choice; "vision" = the CLIP feature-layer patches,
@@ -22,8 +22,9 @@ Deviations from the official code (vbdi/divprune @ 799e2d9; both in `vtprune.sel
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.methods.base import Method, Selection, register
 from vtprune.selection import maxmin_diversity
 
 
@@ -32,19 +33,11 @@ from vtprune.selection import maxmin_diversity
 class DivPrune(Method):
     """Greedy max–min cosine diversity on the projected visual tokens."""
 
-    feature: str = "projected"
+    feature: Literal["projected", "vision"] = "projected"
 
     name = "divprune"
     stage_kind = "vision"
     paper = "arXiv 2503.02175"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.feature not in ("projected", "vision"):
-            raise PruneConfigError(f"{self.name}: feature={self.feature!r}; valid: projected, vision")
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
 
     def select(self, stage_index, stage, signals) -> Selection:
         x = signals.projected if self.feature == "projected" else signals.features

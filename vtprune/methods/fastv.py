@@ -4,7 +4,7 @@ Idea: after the first K decoder layers, image tokens that receive little attenti
 is the head-mean attention of the last prompt token at layer K-1 (the official code; the paper's text
 averages over all query rows, available as `query="all"`), taken from that layer's own q/k while it runs
 under SDPA; the drop happens before layer K and kept tokens keep their original positions
-(algorithms.md §1).
+(docs/methods/fastv.md).
 
 Parameters: keep (visual tokens kept after layer K; default: round(576·(1-R))), K=2, R=0.5 (fraction
 dropped, used only when keep is not given), query="last" | "all"; and the attention options of every
@@ -28,64 +28,42 @@ Deviations from the official code (pkunlp-icler/FastV @ d165972, its llava-hf fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from vtprune.methods.base import AttentionMethod, ModelInfo, PruneConfigError, Selection, Stage, register
-from vtprune.selection import topk_indices
+from vtprune.methods.base import AttentionMethod, ModelInfo, ScorerMethod, Scores, Stage, bounded, register
 
 
 @register
 @dataclass
-class FastV(AttentionMethod):
+class FastV(AttentionMethod, ScorerMethod):
     """Drop the least-attended image tokens after layer K (last-token attention of layer K-1)."""
 
-    K: int = 2
-    R: float = 0.5
-    query: str = "last"
+    K: int = bounded(2, ge=1, note="K=0 is random pruning: use method 'random'")
+    R: float = bounded(0.5, ge=0, lt=1, note="fraction of image tokens dropped")
+    query: Literal["last", "all"] = "last"
 
     name = "fastv"
     stage_kind = "llm"
     paper = "arXiv 2403.06764"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.R < 1.0:
-            raise PruneConfigError(f"fastv: R={self.R} (fraction of image tokens dropped) must be in [0, 1)")
-        if self.query not in ("last", "all"):
-            raise PruneConfigError(f"fastv: query={self.query!r}; valid: last, all")
-        if self.K < 1:
-            raise PruneConfigError(
-                f"fastv: K={self.K} must be >= 1 (K=0 is random pruning: use method 'random')"
-            )
-
     def stages(self, info: ModelInfo) -> list[Stage]:
         keep = self.keep_count(info, max(1, round(info.visual_tokens * (1 - self.R))))
-        return [
-            Stage(
-                kind="llm",
-                keep=keep,
-                score_layer=self.K - 1,
-                prune_layer=self.K,
-                positions="original",
-                queries=self.query,
-                name="fastv",
-            )
-        ]
+        return [Stage.before_layer(self.K, keep, queries=self.query, name="fastv")]
 
-    def select(self, stage_index, stage, signals) -> Selection:
-        keep = min(stage.keep * signals.images_per_sample, signals.num_visual)
+    def score(self, stage_index, stage, signals) -> Scores:
         scores, info, suppressed = self.attention_scores_and_sinks(signals, stage.queries, budget=stage.keep)
         valid = signals.visual_valid
         if suppressed is not None:
             # FastV's debiasing patch (intcomp/attention-bias patches/FastV.patch @ e75ebe7) lowers the keep
             # count to the number of valid patches: masked padding never fills the budget
             valid = valid & ~suppressed
-        return Selection(*topk_indices(scores, keep, valid=valid), scores=scores, info=info)
+        return Scores(scores, info, valid)
 
 
 @register
 @dataclass
 class FastVFinePruner(FastV):
-    """FastV scored only with the heads FinePruner selects (seeds/004; algorithms.md §20).
+    """FastV scored only with the heads FinePruner selects (vtprune/signals/heads.py; docs/methods/fastv_finepruner.md).
 
     The head strategy and count are chosen per sample from the visual-token budget (resource-aware
     `heads="auto"`, dynamic count) unless `heads`/`num_heads` fix them; the selected heads are recorded.
@@ -94,4 +72,4 @@ class FastVFinePruner(FastV):
     heads: str = "auto"
 
     name = "fastv_finepruner"
-    paper = "FinePruner head selection (seeds/004) on FastV"
+    paper = "FinePruner head selection on FastV"

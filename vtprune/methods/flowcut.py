@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Stage, register
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import Method, ModelInfo, Stage, bounded, register
 
 if TYPE_CHECKING:
     from vtprune.signals.context import ViTLayerSignals
@@ -75,8 +76,8 @@ def flowcut_prune_count(cls_attention: Tensor, valid: Tensor, keep: int, rpl: in
 class FlowCut(Method):
     """Progressive pruning inside the vision encoder by cumulative information-flow scores."""
 
-    stride: int = 2
-    decay: float = 0.5
+    stride: int = bounded(2, ge=1)
+    decay: float = bounded(0.5, ge=0, lt=1)
 
     name = "flowcut"
     stage_kind = "vit"
@@ -85,14 +86,6 @@ class FlowCut(Method):
         "llava_next": "it prunes inside the vision tower, where an AnyRes image is several crops (the "
         "engine's vit stage is LLaVA-1.5 only; the repo's NeXT path prunes in the LLM instead)"
     }
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
-            raise PruneConfigError(f"flowcut: stride={self.stride!r} must be an int >= 1")
-        decay = self.decay
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-            raise PruneConfigError(f"flowcut: decay={self.decay!r} must be in [0, 1)")
 
     def stages(self, info: ModelInfo) -> list[Stage]:
         keep = self.keep_count(info, 64)

@@ -1,5 +1,5 @@
 """HiMAP — "Unraveling the Shift of Visual Information Flow in MLLMs: From Phased Interaction to Efficient
-Inference" (repo ustc-hyin/HiMAP), algorithms.md §9.
+Inference" (repo ustc-hyin/HiMAP); docs/methods/himap.md.
 
 Idea: in shallow layers image tokens mostly pass information to the text, in middle layers mostly to each
 other. Stage 1 (before layer K_t) keeps the R_t image tokens that receive the most attention from the
@@ -21,14 +21,14 @@ Budget (tokens per image):
 
 Parameters: keep, K_t (2), K_i (8), R_t, R_i — layers are validated against the model (1 ≤ K_t < K_i ≤
 last layer), so a small model takes e.g. K_t=1, K_i=2; attention options heads, num_heads, debias (stage 1
-only, §13), debias_strength, benchmark.
+only, vtprune/signals/debias.py), debias_strength, benchmark.
 
 Debiasing as the released patch (intcomp/attention-bias `patches/HiMAP.patch` @ e75ebe7): stage 1 only;
 "sink" zeroes the patches with more than half padding; the keep count is not capped.
 
 Deviations from the official code (ustc-hyin/HiMAP @ 6c279e7):
 * the official code runs eager attention and only handles batch size 1; here the rows come from
-  SDPA-captured q/k (§0.2), per sample, scores in float32 with lower-index ties;
+  SDPA-captured q/k, per sample, scores in float32 with lower-index ties;
 * pruning is prefill-only (the official code keys pruning on the layer index only, not on prefill vs
   decode);
 * image tokens are located by their id (the official code hard-codes the offset 35 and 576 tokens);
@@ -39,8 +39,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtprune.methods.base import AttentionMethod, ModelInfo, PruneConfigError, Selection, Stage, register
-from vtprune.selection import topk_indices
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import AttentionMethod, ModelInfo, ScorerMethod, Scores, Stage, bounded, register
 
 
 def himap_counts_for_average(
@@ -55,13 +55,13 @@ def himap_counts_for_average(
 
 @register
 @dataclass
-class HiMAP(AttentionMethod):
+class HiMAP(AttentionMethod, ScorerMethod):
     """Text→image pruning at K_t, then image→image pruning at K_i (attention sums)."""
 
-    K_t: int = 2
+    K_t: int = bounded(2, ge=1)
     K_i: int = 8
-    R_t: int | None = None
-    R_i: int | None = None
+    R_t: int | None = bounded(None, ge=1)
+    R_i: int | None = bounded(None, ge=1)
 
     name = "himap"
     stage_kind = "llm"
@@ -75,9 +75,6 @@ class HiMAP(AttentionMethod):
             raise PruneConfigError(
                 "himap: give both R_t and R_i (explicit counts) or neither (budget from keep)"
             )
-        for label, value in (("R_t", self.R_t), ("R_i", self.R_i)):
-            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
-                raise PruneConfigError(f"himap: {label}={value} must be a count >= 1")
 
     def counts(self, info: ModelInfo) -> tuple[int, int]:
         v, n = info.visual_tokens, info.num_layers
@@ -86,7 +83,7 @@ class HiMAP(AttentionMethod):
                 raise PruneConfigError(
                     f"himap: R_t={self.R_t}, R_i={self.R_i} exceed the {v} tokens of an image"
                 )
-            return int(self.R_t), int(self.R_i)
+            return self.R_t, self.R_i
         if self.keep is None:
             return max(1, round(v * 288 / 576)), max(1, round(v * 72 / 576))
         keep = self.keep_count(info, v)
@@ -99,29 +96,12 @@ class HiMAP(AttentionMethod):
     def stages(self, info: ModelInfo) -> list[Stage]:
         r_t, r_i = self.counts(info)
         return [
-            Stage(
-                kind="llm",
-                keep=r_t,
-                score_layer=self.K_t - 1,
-                prune_layer=self.K_t,
-                positions="original",
-                queries="text",
-                name="himap_img2txt",
-            ),
-            Stage(
-                kind="llm",
-                keep=r_i,
-                score_layer=self.K_i - 1,
-                prune_layer=self.K_i,
-                positions="original",
-                queries="image",
-                name="himap_img2img",
-            ),
+            Stage.before_layer(self.K_t, r_t, queries="text", name="himap_img2txt"),
+            Stage.before_layer(self.K_i, r_i, queries="image", name="himap_img2img"),
         ]
 
-    def select(self, stage_index, stage, signals) -> Selection:
+    def score(self, stage_index, stage, signals) -> Scores:
         scores, info = self.attention_scores(
             signals, stage.queries, budget=stage.keep, reduce="sum", debias=stage_index == 0
         )
-        keep = min(stage.keep * signals.images_per_sample, signals.num_visual)
-        return Selection(*topk_indices(scores, keep, valid=signals.visual_valid), scores=scores, info=info)
+        return Scores(scores, info)

@@ -34,14 +34,15 @@ Deviations from the official code (Danielement321/HiPrune `LLaVA/llava/model/lla
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import Method, ModelInfo, Selection, bounded, register
 from vtprune.selection import Picked, topk_indices
 
-BUFFERS = ("flat", "grid")
 OFFICIAL_OBJECT_LAYER = 9  # of LLaVA-1.5's 24-layer CLIP ViT-L/14
 
 
@@ -98,9 +99,9 @@ def hiprune_select(
 class HiPrune(Method):
     """Anchors (object-layer attention), their neighbours, and registers (feature-layer attention)."""
 
-    alpha: float = 0.1
-    object_layer: int | None = None
-    buffer: str = "flat"
+    alpha: float = bounded(0.1, ge=0, le=1)
+    object_layer: int | None = bounded(None, ge=1, note="1-indexed")
+    buffer: Literal["flat", "grid"] = "flat"
 
     name = "hiprune"
     stage_kind = "vision"
@@ -109,16 +110,6 @@ class HiPrune(Method):
         "llava_next": "anchors, buffers and registers are placed on one patch grid per image (the official "
         "LLaVA-NeXT path splits the budget over the crops; not implemented)"
     }
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        alpha, layer = self.alpha, self.object_layer
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise PruneConfigError(f"hiprune: alpha={alpha!r} must be in [0, 1]")
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 1):
-            raise PruneConfigError(f"hiprune: object_layer={layer!r} must be an int >= 1 (1-indexed)")
-        if self.buffer not in BUFFERS:
-            raise PruneConfigError(f"hiprune: buffer={self.buffer!r}; valid: {', '.join(BUFFERS)}")
 
     def resolved_object_layer(self, info: ModelInfo) -> int:
         """1-indexed CLIP layer of the anchors."""
@@ -133,9 +124,6 @@ class HiPrune(Method):
             raise PruneConfigError(
                 f"hiprune: object_layer={layer} is outside the vision tower (valid: 1..{info.vision_layers})"
             )
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
 
     def vision_attention_layers(self, info: ModelInfo) -> tuple[int, ...]:
         return (self.resolved_object_layer(info) - 1,)

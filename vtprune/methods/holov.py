@@ -41,14 +41,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
-from vtprune.selection import Picked, topk_indices
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import Method, ModelInfo, Selection, bounded, register
+from vtprune.selection import Picked, mask_indices
 
-PARTITIONS = ("raster", "grid")
 EPS = 1e-6
 
 
@@ -127,7 +128,7 @@ def holov_select(
     rank_in_crop = torch.arange(n, device=dev) - starts[crop[order]]
     take = rank_in_crop < quotas.gather(1, crop[order])
     kept = torch.zeros(b, n, dtype=torch.bool, device=dev).scatter(1, order, take)
-    return topk_indices(kept.float(), keep, valid=kept), score, quotas
+    return mask_indices(kept, keep), score, quotas
 
 
 @register
@@ -135,9 +136,9 @@ def holov_select(
 class HoloV(Method):
     """Per-crop quotas from [CLS] attention and similarity variance, then top attention in each crop."""
 
-    crops: int = 16
-    alpha: float = 0.09
-    partition: str = "raster"
+    crops: int = bounded(16, ge=1)
+    alpha: float = bounded(0.09, ge=0)
+    partition: Literal["raster", "grid"] = "raster"
 
     name = "holov"
     stage_kind = "vision"
@@ -145,12 +146,6 @@ class HoloV(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.crops, bool) or not isinstance(self.crops, int) or self.crops < 1:
-            raise PruneConfigError(f"holov: crops={self.crops!r} must be an int >= 1")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
-            raise PruneConfigError(f"holov: alpha={self.alpha!r} must be a number >= 0")
-        if self.partition not in PARTITIONS:
-            raise PruneConfigError(f"holov: partition={self.partition!r}; valid: {', '.join(PARTITIONS)}")
         if self.partition == "grid" and math.isqrt(self.crops) ** 2 != self.crops:
             raise PruneConfigError(f"holov: crops={self.crops} must be a square number for partition='grid'")
 
@@ -170,9 +165,6 @@ class HoloV(Method):
             raise PruneConfigError(
                 f"holov: crops={self.crops} ({side}×{side} blocks) does not fit the {info.grid} patch grid"
             )
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
 
     def select(self, stage_index, stage, signals) -> Selection:
         attention = signals.cls_attention

@@ -1,5 +1,5 @@
 """iLLaVA — "An Image is Worth Fewer Than 1/3 Input Tokens in Large Multimodal Models" (Hu et al.,
-arXiv 2412.06263; repo hulianyuyy/iLLaVA), algorithms.md §11: a ViT stage and an LLM stage.
+arXiv 2412.06263; repo hulianyuyy/iLLaVA; docs/methods/illava.md): a ViT stage and an LLM stage.
 
 ViT stage: inside the vision encoder, at each layer of `vit_layers`, after the attention sub-block and before
 the MLP, the importance of a patch is the attention it *receives* (head-mean softmax attention of that layer,
@@ -13,7 +13,7 @@ LLM stage: at layer `llm_layer` the image tokens the last prompt token attends t
 head-mean last-token row of the previous layer's attention) are folded into the lowest-scoring kept token by
 the same weighted average (weights 1, 2, …, r+1 from that survivor to the least important removed token);
 the merged hidden state replaces the survivor (`Selection.values`); kept tokens stay in raster order with
-their original positions. Both merges are `selection.illava_weighted_merge`.
+their original positions. Both merges are `illava_weighted_merge` below.
 
 Defaults: `vit_layers` None = the official 5, 6, 7, 8 (for a CLIP tower of at least 10 layers, LLaVA-1.5's
 24-layer ViT-L; a shallower tower, e.g. the tests' 3-layer one, gets no ViT stage by default); `vit_layers=()`
@@ -42,7 +42,7 @@ Deviations from the official code (hulianyuyy/iLLaVA @ 4068149):
 
 Parameters: keep, llm_layer (2), llm_r (0.70, used only when keep is None), vit_layers (None = 5-8),
 vit_remove (92); attention options heads, num_heads, debias (no released patch; vtprune applies it to the
-LLM-stage score, §13; the recency correction is off after a ViT stage, as tokens are no longer a full raster),
+LLM-stage score, vtprune/signals/debias.py; the recency correction is off after a ViT stage, as tokens are no longer a full raster),
 debias_strength, benchmark.
 """
 
@@ -52,17 +52,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
+from vtprune.errors import PruneConfigError
 from vtprune.methods.base import (
     AttentionMethod,
     ModelInfo,
-    PruneConfigError,
     Selection,
     Stage,
+    bounded,
+    kept_per_row,
     register,
     resolve_keep,
 )
-from vtprune.selection import illava_weighted_merge
+from vtprune.selection import MergedSelection, check_2d, check_count, check_features, gather_rows, rank_tokens
 
 if TYPE_CHECKING:
     from vtprune.signals.context import ViTLayerSignals
@@ -70,38 +73,52 @@ if TYPE_CHECKING:
 OFFICIAL_VIT_LAYERS = (5, 6, 7, 8)
 
 
+def illava_weighted_merge(scores: Tensor, hidden: Tensor, num_remove: int) -> MergedSelection:
+    """iLLaVA's LLM-stage rule: drop the ``r`` lowest-scoring tokens, folding them into a survivor.
+
+    Rank tokens by score (descending, ties lower index). The last ``r + 1`` of that ranking — the lowest-
+    scoring kept token followed by the ``r`` tokens to remove, in decreasing score — are averaged with
+    weights ``1, 2, …, r + 1`` (the *least* important token weighs most, as the official code does),
+    normalised by their sum, and the result replaces the surviving token. The ``r`` tokens are dropped;
+    the ``N - r`` kept tokens are returned in raster order. ``r = round(N · (1 - keep_fraction))`` is the
+    caller's job.
+
+    Args:
+        scores: ``(B, N)`` importance (last-token attention of the previous layer, head mean).
+        hidden: ``(B, N, D)`` hidden states of the image tokens.
+        num_remove: ``r``, ``0 <= r <= N - 1``.
+
+    Returns:
+        :class:`MergedSelection` with ``N - r`` tokens.
+    """
+    check_2d("scores", scores)
+    b, n = scores.shape
+    check_features("hidden", hidden, b, n)
+    r = check_count("num_remove", num_remove, n - 1)
+    h = hidden.float()
+    order, _ = rank_tokens(scores)
+    tail = order[:, n - r - 1 :]  # survivor first, then the removed tokens by decreasing score
+    w = torch.arange(1, r + 2, device=h.device, dtype=torch.float32)
+    merged = torch.einsum("t,btd->bd", w, gather_rows(h, tail)) / w.sum()
+    kept = order[:, : n - r]
+    hid = gather_rows(h, kept)
+    hid[:, n - r - 1] = merged
+    return MergedSelection.in_raster_order(kept, hid, hidden.dtype)
+
+
 @register
 @dataclass
 class ILLaVA(AttentionMethod):
     """ViT-stage and LLM-stage weighted merges of the least-attended image tokens."""
 
-    llm_layer: int = 2
-    llm_r: float = 0.70
-    vit_layers: tuple[int, ...] | list[int] | None = None
-    vit_remove: int = 92
+    llm_layer: int = bounded(2, ge=1, note="scores come from the layer before")
+    llm_r: float = bounded(0.70, gt=0, le=1, note="fraction of image tokens kept")
+    vit_layers: tuple[int, ...] | None = None
+    vit_remove: int = bounded(92, ge=1)
 
     name = "illava"
     stage_kind = "llm"
     paper = "arXiv 2412.06263"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.llm_layer < 1:
-            raise PruneConfigError(
-                f"illava: llm_layer={self.llm_layer} must be >= 1 (scores come from the layer before)"
-            )
-        if not 0.0 < self.llm_r <= 1.0:
-            raise PruneConfigError(
-                f"illava: llm_r={self.llm_r} (fraction of image tokens kept) must be in (0, 1]"
-            )
-        if self.vit_layers is not None:
-            if isinstance(self.vit_layers, int) or not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in self.vit_layers
-            ):
-                raise PruneConfigError(f"illava: vit_layers={self.vit_layers!r} must be a sequence of ints")
-            self.vit_layers = tuple(self.vit_layers)
-        if isinstance(self.vit_remove, bool) or not isinstance(self.vit_remove, int) or self.vit_remove < 1:
-            raise PruneConfigError(f"illava: vit_remove={self.vit_remove!r} must be an int >= 1")
 
     def resolved_vit_layers(self, info: ModelInfo) -> tuple[int, ...]:
         if self.vit_layers is not None:
@@ -128,15 +145,7 @@ class ILLaVA(AttentionMethod):
             keep = resolve_keep(self.keep, left)
         else:
             keep = min(resolve_keep(self.keep, n), left)
-        llm = Stage(
-            kind="llm",
-            keep=keep,
-            score_layer=self.llm_layer - 1,
-            prune_layer=self.llm_layer,
-            positions="original",
-            queries="last",
-            name="illava",
-        )
+        llm = Stage.before_layer(self.llm_layer, keep, queries="last", name="illava")
         if not layers:
             return [llm]
         vit = Stage(kind="vit", keep=left, name="illava_vit", vit_layers=layers, vit_remove=self.vit_remove)
@@ -155,7 +164,7 @@ class ILLaVA(AttentionMethod):
     def select(self, stage_index, stage, signals) -> Selection:
         scores, info = self.attention_scores(signals, "last", budget=stage.keep)
         n = signals.num_visual
-        removed = n - min(stage.keep * signals.images_per_sample, n)
+        removed = n - kept_per_row(stage, signals)
         merged = illava_weighted_merge(scores, signals.visual_hidden(), removed)
         info["merged"] = removed
         return Selection(merged.indices, values=merged.hidden, scores=scores, info=info)

@@ -1,43 +1,34 @@
-"""Feature-norm (L2) pruning — the seed study "visual token pruning and numerical rank" (seeds/001).
+"""Feature-norm (L2) pruning — the vtprune study "visual token pruning and numerical rank".
 
 Idea: the importance of an image token is the L2 norm of its feature; keep the top-k and restore spatial
-(raster) order, before the LLM (algorithms.md §15). By default the norm is taken after the projector, as
+(raster) order, before the LLM (docs/methods/l2norm.md). By default the norm is taken after the projector, as
 the LLM sees the token (`feature="projected"`); `feature="vision"` uses the CLIP feature-layer output.
 
 Parameters: keep (default 64), feature ("projected" | "vision").
 
-Deviations from the official code: none known. The seed (seeds/001, a README without released code) is
-the only definition; ties go to the lower index.
+Deviations from the official code: none known. The study's definition (no released code) is the only
+one; ties go to the lower index.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
-from vtprune.selection import topk_indices
+from vtprune.methods.base import ScorerMethod, register
 
 
 @register
 @dataclass
-class L2NormPruning(Method):
+class L2NormPruning(ScorerMethod):
     """Top-k visual tokens by feature L2 norm."""
 
-    feature: str = "projected"
+    feature: Literal["projected", "vision"] = "projected"
 
     name = "l2norm"
     stage_kind = "vision"
-    paper = "feature-norm proxy (algorithms.md §15; seed 001)"
+    paper = "feature-norm proxy (docs/methods/l2norm.md)"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.feature not in ("projected", "vision"):
-            raise PruneConfigError(f"l2norm: feature={self.feature!r}; valid: projected, vision")
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name="l2norm")]
-
-    def select(self, stage_index, stage, signals) -> Selection:
+    def score(self, stage_index, stage, signals):
         x = signals.projected if self.feature == "projected" else signals.features
-        scores = x.float().norm(dim=-1)
-        return Selection(*topk_indices(scores, stage.keep), scores=scores)
+        return x.float().norm(dim=-1)

@@ -1,5 +1,5 @@
 """PyramidDrop — "Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy Reduction"
-(Xing et al., CVPR 2025, arXiv 2410.17247; repo Cooperx521/PyramidDrop), algorithms.md §3.
+(Xing et al., CVPR 2025, arXiv 2410.17247; repo Cooperx521/PyramidDrop); docs/methods/pdrop.md.
 
 Idea: the LLM is cut into stages; at the end of each stage the image tokens the last instruction token
 attends to least are dropped, so the visual sequence shrinks like a pyramid. The score at a stage
@@ -23,7 +23,7 @@ Budget:
   budget.
 
 Parameters: keep, layer_list, ratios, lam (0.5); attention options heads, num_heads, debias (first stage
-only, §13), debias_strength, benchmark.
+only, vtprune/signals/debias.py), debias_strength, benchmark.
 
 Debiasing as the released patch (intcomp/attention-bias `patches/PyramidDrop.patch` @ e75ebe7): first
 stage only; "recency" multiplies by the per-benchmark exponential weights; "sink" zeroes every patch with
@@ -41,8 +41,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtprune.methods.base import AttentionMethod, ModelInfo, PruneConfigError, Selection, Stage, register
-from vtprune.selection import topk_indices
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import AttentionMethod, ModelInfo, ScorerMethod, Scores, Stage, bounded, register
 
 PAPER_LAYERS = (8, 16, 24)
 BUDGET_LAYERS = (2, 10, 20)
@@ -64,21 +64,14 @@ def pdrop_ratio_for_average(
     return (num_layers * average - layers[0] * visual) / (visual * weight)
 
 
-def pdrop_layer_average(counts: list[int], layers: tuple[int, ...], num_layers: int, visual: int) -> float:
-    """Average visual tokens per layer when layer layers[s] and later see counts[s] tokens."""
-    bounds = (*layers, num_layers)
-    total = layers[0] * visual + sum(c * (bounds[s + 1] - bounds[s]) for s, c in enumerate(counts))
-    return total / num_layers
-
-
 @register
 @dataclass
-class PyramidDrop(AttentionMethod):
+class PyramidDrop(AttentionMethod, ScorerMethod):
     """Stage-wise dropping by the last instruction token's attention, re-projected with the next layer."""
 
-    layer_list: tuple[int, ...] | None = None
-    ratios: tuple[float, ...] | None = None
-    lam: float = 0.5
+    layer_list: tuple[int, ...] | None = bounded(None, ge=1)
+    ratios: tuple[float, ...] | None = bounded(None, gt=0, le=1, note="fractions of the tokens per image")
+    lam: float = bounded(0.5, gt=0, le=1)
 
     name = "pdrop"
     stage_kind = "llm"
@@ -86,27 +79,16 @@ class PyramidDrop(AttentionMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layer_list is not None:
-            self.layer_list = tuple(int(x) for x in self.layer_list)
-            if (
-                not self.layer_list
-                or list(self.layer_list) != sorted(set(self.layer_list))
-                or self.layer_list[0] < 1
-            ):
-                raise PruneConfigError(
-                    f"pdrop: layer_list={self.layer_list} must be increasing layer indices >= 1"
-                )
+        if self.layer_list is not None and (
+            not self.layer_list or list(self.layer_list) != sorted(set(self.layer_list))
+        ):
+            raise PruneConfigError(f"pdrop: layer_list={self.layer_list} must be increasing layer indices >= 1")
         if self.ratios is not None:
-            self.ratios = tuple(float(x) for x in self.ratios)
-            if not all(0.0 < r <= 1.0 for r in self.ratios):
-                raise PruneConfigError(f"pdrop: ratios={self.ratios} must be fractions in (0, 1]")
             if len(self.ratios) != len(self.layer_list or PAPER_LAYERS):
                 raise PruneConfigError(
                     f"pdrop: {len(self.ratios)} ratios for layer_list {list(self.layer_list or PAPER_LAYERS)}; "
                     "give one ratio per layer"
                 )
-        if not 0.0 < self.lam <= 1.0:
-            raise PruneConfigError(f"pdrop: lam={self.lam} must be in (0, 1]")
 
     def plan(self, info: ModelInfo) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(layers, per-image keep count of each stage)."""
@@ -145,7 +127,5 @@ class PyramidDrop(AttentionMethod):
             for layer, c in zip(layers, counts, strict=True)
         ]
 
-    def select(self, stage_index, stage, signals) -> Selection:
-        scores, info = self.attention_scores(signals, "last", budget=stage.keep, debias=stage_index == 0)
-        keep = min(stage.keep * signals.images_per_sample, signals.num_visual)
-        return Selection(*topk_indices(scores, keep, valid=signals.visual_valid), scores=scores, info=info)
+    def score(self, stage_index, stage, signals) -> Scores:
+        return Scores(*self.attention_scores(signals, "last", budget=stage.keep, debias=stage_index == 0))

@@ -4,7 +4,7 @@ Models" (Shang et al., arXiv 2403.15388; repo 42Shawn/LLaVA-PruMerge).
 Idea: keep the patches whose [CLS] attention in the vision tower's LAST layer is an outlier (above
 Q3 + 1.5·IQR; the count adapts to the image), enrich each kept patch with the attention-weighted sum of its
 32 most similar tokens (key cosine), and add one token summarising every pruned patch; PruMerge+ also keeps
-a spatially uniform sample of patches (algorithms.md §8). Training-free use (the released checkpoints are
+a spatially uniform sample of patches (docs/methods/prumerge.md). Training-free use (the released checkpoints are
 LoRA fine-tunes).
 
 Budget: PruMerge chooses its own count per image (the paper's point), so `keep` is only a cap: None =
@@ -42,7 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import Method, ModelInfo, Selection, Stage, bounded, register
 from vtprune.selection import topk_indices
 
 
@@ -168,7 +169,7 @@ class PruMerge(Method):
     chooses its own count per image: keep only caps it, so keep = all tokens is not the unmodified model."""
 
     plus: bool = False
-    neighbours: int = 32
+    neighbours: int = bounded(32, ge=1)
     spatial_rule: str = "main"
 
     name = "prumerge"
@@ -181,10 +182,6 @@ class PruMerge(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.plus, bool):
-            raise PruneConfigError(f"{self.name}: plus must be True (PruMerge+) or False")
-        if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 1:
-            raise PruneConfigError(f"{self.name}: neighbours={self.neighbours!r} must be an int >= 1")
         if self.spatial_rule not in SPATIAL_RULES:
             raise PruneConfigError(
                 f"{self.name}: spatial_rule={self.spatial_rule!r}; valid: {', '.join(SPATIAL_RULES)} "

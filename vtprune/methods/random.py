@@ -18,13 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.methods.base import Method, ModelInfo, Selection, Stage, register
-from vtprune.selection import topk_indices
+from vtprune.methods.base import ScorerMethod, register
 
 
 @register
 @dataclass
-class RandomPruning(Method):
+class RandomPruning(ScorerMethod):
     """Uniformly random visual tokens, seeded."""
 
     seed: int = 0
@@ -34,10 +33,7 @@ class RandomPruning(Method):
     stage_kind = "vision"
     paper = "FastV K=0 baseline (arXiv 2403.06764)"
 
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name="random")]
-
-    def select(self, stage_index, stage, signals) -> Selection:
+    def score(self, stage_index, stage, signals):
         n, p = signals.features.shape[:2]
         images_per_sample = max(1, n // int(signals.image_sample.max() + 1))
         scores = torch.empty(n, p)
@@ -45,5 +41,4 @@ class RandomPruning(Method):
             stream = (i % images_per_sample) if self.per_image else 0
             generator = torch.Generator().manual_seed(self.seed * 1000003 + stream)
             scores[i] = torch.rand(p, generator=generator)
-        scores = scores.to(signals.features.device)
-        return Selection(*topk_indices(scores, stage.keep), scores=scores)
+        return scores.to(signals.features.device)

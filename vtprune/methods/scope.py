@@ -26,23 +26,14 @@ Deviations from the official code (kinredon/SCOPE `scope/clip_encoder.py` @ 6bf7
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vtprune.methods.base import Method, ModelInfo, PruneConfigError, Selection, Stage, register
-from vtprune.selection import Picked, topk_indices
-
-COMBINES = ("multi", "add")
-
-
-def _argmax_lowest(scores: Tensor) -> Tensor:
-    """(B,) argmax of each row with ties resolved to the lowest index on every backend."""
-    n = scores.shape[-1]
-    best = scores.amax(dim=-1, keepdim=True)
-    index = torch.where(scores == best, torch.arange(n, device=scores.device), n).amin(dim=-1)
-    return index.clamp_max(n - 1)
+from vtprune.methods.base import Method, Selection, bounded, register
+from vtprune.selection import Picked, argmax_first, mask_indices
 
 
 def scope_select(
@@ -72,13 +63,13 @@ def scope_select(
     for step in range(k):
         gain = (torch.relu(sim - covered[:, :, None]) * counts).sum(dim=1)  # Σ_i max(0, S_ij − c_i)
         score = gain * weight if combine == "multi" else gain + weight
-        best = _argmax_lowest(score.masked_fill(~available, float("-inf")))
+        best = argmax_first(score.masked_fill(~available, float("-inf")))
         picks[:, step] = best
         picked_ok[:, step] = available[rows, best]
         available = available.scatter(1, best[:, None], False)
         covered = torch.maximum(covered, sim[rows, best])
     kept = torch.zeros(b, n, dtype=torch.bool, device=dev).scatter(1, picks, picked_ok)
-    return topk_indices(kept.float(), k, valid=kept)
+    return mask_indices(kept, k)
 
 
 @register
@@ -86,22 +77,12 @@ def scope_select(
 class SCOPE(Method):
     """Greedy saliency × coverage gain (submodular set cover) on the vision features."""
 
-    alpha: float = 1.0
-    combine: str = "multi"
+    alpha: float = bounded(1.0, ge=0)
+    combine: Literal["multi", "add"] = "multi"
 
     name = "scope"
     stage_kind = "vision"
     paper = "arXiv 2510.24214 (NeurIPS 2025)"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
-            raise PruneConfigError(f"scope: alpha={self.alpha!r} must be a number >= 0")
-        if self.combine not in COMBINES:
-            raise PruneConfigError(f"scope: combine={self.combine!r}; valid: {', '.join(COMBINES)}")
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
 
     def select(self, stage_index, stage, signals) -> Selection:
         # The official saliency sums the heads (it matters for combine="add" only).

@@ -1,5 +1,5 @@
 """SparseVLM — "Visual Token Sparsification for Efficient Vision-Language Model Inference"
-(Zhang et al., ICML 2025, arXiv 2410.04417; repo Gumpest/SparseVLMs), algorithms.md §2.
+(Zhang et al., ICML 2025, arXiv 2410.04417; repo Gumpest/SparseVLMs); docs/methods/sparsevlm.md.
 
 Idea: the text tokens that are relevant to the image ("raters", chosen once from the LLM input embeddings)
 judge the visual tokens: at a few sparse layers the visual tokens those raters attend to least are dropped
@@ -12,7 +12,7 @@ Steps (rows are samples; every step is per sample, so a batch behaves as its sam
   float32 here) is strictly above its mean.
 * B (at each sparse layer l, which runs on all current tokens): head-mean attention of layer l, rows =
   raters, columns = the current visual tokens, mean over the raters (``attention_scores`` with the rater
-  rows, so ``heads``/``num_heads``/``debias`` apply; debiasing touches the first stage only, §13).
+  rows, so ``heads``/``num_heads``/``debias`` apply; debiasing touches the first stage only).
 * C (how many): ``version="1.5"`` (default, the ICML numbers) keeps a fixed count per stage from the
   schedule of the budget (per image, LLaVA-1.5 frame of 576 tokens per image):
   192 → 300/200/110, 128 → 303/110/36, 96 → 238/48/26, 64 → 66/30/17.
@@ -72,16 +72,9 @@ from typing import ClassVar
 
 import torch
 
-from vtprune.methods.base import (
-    AttentionMethod,
-    ModelInfo,
-    PruneConfigError,
-    Selection,
-    Stage,
-    register,
-    resolve_keep,
-)
-from vtprune.selection import dpc_knn_cluster
+from vtprune.errors import PruneConfigError
+from vtprune.methods.base import AttentionMethod, ModelInfo, Selection, Stage, bounded, register, resolve_keep
+from vtprune.selection import dpc_knn_cluster, rank_tokens, topk_counts
 
 PAPER_TOKENS = 576  # tokens per image of LLaVA-1.5, the frame the schedules are written in
 
@@ -111,39 +104,6 @@ def recycle_counts(n_deleted: int) -> tuple[int, int]:
         return 0, 0
     n_rec = int(n_deleted * RECYCLE_RATIO) + 1
     return n_rec, int(n_rec / 10) + 1
-
-
-def stage_counts(n_visual: int, kept: list[int], recycle: bool = True) -> list[int]:
-    """Visual tokens after each stage (kept + recycled) for fixed per-stage keep counts — the repo's
-    accounting of §17 ex. 6 (192 → 309 / 204 / 113)."""
-    out = []
-    n = n_visual
-    for k in kept:
-        k = min(k, n)
-        n = k + (recycle_counts(n - k)[1] if recycle else 0)
-        out.append(n)
-    return out
-
-
-def _rank_order(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B, V) token order: valid tokens by descending score (ties: lower index), then invalid ones."""
-    s = torch.nan_to_num(scores.float(), nan=float("-inf"))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices
-    ok = torch.gather(valid, 1, order)
-    return torch.gather(order, 1, torch.sort((~ok).to(torch.uint8), dim=1, stable=True).indices)
-
-
-def top_counts(
-    scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top `counts[b]` valid tokens of each row, in raster order: ((B, max count) indices, validity)."""
-    width = int(counts.max()) if counts.numel() else 0
-    order = _rank_order(scores, valid)[:, :width]
-    ok = torch.arange(width, device=scores.device)[None, :] < counts[:, None]
-    sentinel = torch.iinfo(torch.long).max
-    key = torch.sort(torch.where(ok, order, sentinel), dim=1).values
-    ok = key != sentinel
-    return torch.where(ok, key, 0), ok
 
 
 class _RaterRows:
@@ -206,13 +166,13 @@ def rope_prior(signals, rows: torch.Tensor) -> torch.Tensor:
 class SparseVLM(AttentionMethod):
     """Text-rater-guided progressive pruning inside the LLM with token recycling."""
 
-    version: str = "1.5"
-    layers: tuple[int, ...] | None = None
-    schedule: tuple[int, ...] | None = None
+    version: str | int | float = "1.5"  # numbers too: a command line reads version=2.0 as a float
+    layers: tuple[int, ...] | None = bounded(None, ge=0)
+    schedule: tuple[int, ...] | None = bounded(None, ge=1)
     recycle: bool | None = None
-    scale: float | None = None
+    scale: float | None = bounded(None, gt=0)
     bias: float | None = None
-    priority_heads: int = 14
+    priority_heads: int = bounded(14, ge=1)
 
     name = "sparsevlm"
     stage_kind = "llm"
@@ -226,30 +186,16 @@ class SparseVLM(AttentionMethod):
             self.version = "2.0"
         if self.version not in VERSIONS:
             raise PruneConfigError(f"sparsevlm: version={self.version!r}; valid: {', '.join(VERSIONS)}")
-        if self.layers is not None:
-            self.layers = tuple(int(x) for x in self.layers)
-            if not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0:
-                raise PruneConfigError(
-                    f"sparsevlm: layers={self.layers} must be increasing layer indices >= 0"
-                )
-        if self.schedule is not None:
-            self.schedule = tuple(int(x) for x in self.schedule)
-            if self.version == "1":
-                raise PruneConfigError(
-                    "sparsevlm: version 1 is rank-adaptive; schedule applies to 1.5 and 2.0"
-                )
-            if any(c < 1 for c in self.schedule):
-                raise PruneConfigError(f"sparsevlm: schedule={self.schedule} counts must be >= 1")
+        if self.layers is not None and (not self.layers or list(self.layers) != sorted(set(self.layers))):
+            raise PruneConfigError(f"sparsevlm: layers={self.layers} must be increasing layer indices >= 0")
+        if self.schedule is not None and self.version == "1":
+            raise PruneConfigError("sparsevlm: version 1 is rank-adaptive; schedule applies to 1.5 and 2.0")
         if self.recycle is None:
             self.recycle = self.version != "2.0"
         if self.recycle and self.version == "2.0":
             raise PruneConfigError(
                 "sparsevlm: version 2.0 keeps original positions and cannot recycle (recycle=False)"
             )
-        if self.scale is not None and self.scale <= 0:
-            raise PruneConfigError(f"sparsevlm: scale={self.scale} must be > 0")
-        if self.priority_heads < 1:
-            raise PruneConfigError(f"sparsevlm: priority_heads={self.priority_heads} must be >= 1")
 
     # --- planning -----------------------------------------------------------------------------------------
     def sparse_layers(self) -> tuple[int, ...]:
@@ -287,15 +233,7 @@ class SparseVLM(AttentionMethod):
     def stages(self, info: ModelInfo) -> list[Stage]:
         positions = "original" if self.version == "2.0" else "reindex"
         return [
-            Stage(
-                kind="llm",
-                keep=k,
-                score_layer=layer,
-                prune_layer=layer + 1,
-                positions=positions,
-                queries="text",
-                name=f"sparsevlm@{layer}",
-            )
+            Stage.before_layer(layer + 1, k, queries="text", name=f"sparsevlm@{layer}", positions=positions)
             for layer, k in zip(self.sparse_layers(), self.counts(info), strict=True)
         ]
 
@@ -348,7 +286,7 @@ class SparseVLM(AttentionMethod):
         if width == 0:
             return None, None, [0] * b
         hidden = signals.visual_hidden()
-        order = _rank_order(scores, dropped)
+        order, _ = rank_tokens(scores, dropped)
         extra = hidden.new_zeros(b, width, hidden.shape[-1])
         extra_valid = torch.zeros(b, width, dtype=torch.bool, device=hidden.device)
         groups: dict[tuple[int, int], list[int]] = {}
@@ -385,7 +323,7 @@ class SparseVLM(AttentionMethod):
             counts = n_valid  # keep >= tokens per image: keep everything
         else:
             counts = n_valid.clamp(max=stage.keep * signals.images_per_sample)
-        indices, ok = top_counts(scores, counts, valid)
+        indices, ok = topk_counts(scores, counts, valid)
         extra = extra_valid = None
         recycled = [0] * indices.shape[0]
         if self.recycle:

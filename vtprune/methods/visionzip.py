@@ -4,7 +4,7 @@
 Idea: keep D *dominant* tokens — the vision tower's [CLS] token plus the D−1 patches with the highest
 [CLS] attention (summed over heads) at the feature layer — and compress the rest into C *contextual* tokens
 by merging each remaining token into its most similar target token (head-mean key cosine); the LLM
-receives [CLS, dominant patches in raster order, contextual tokens in target order] (algorithms.md §7).
+receives [CLS, dominant patches in raster order, contextual tokens in target order] (docs/methods/visionzip.md).
 
 Parameters: keep (T = D + C, default 64), dominant (D, [CLS] included) and contextual (C). With neither
 given, D = round(T·54/64) (half up, at least 1) and C = T − D: the README's 54/10 at 64 and the
@@ -30,41 +30,97 @@ unmodified: every patch is kept as it is, no [CLS] token and no merge (the recor
 Deviations from the official code (dvlab-research/VisionZip `visionzip/clip_encoder.py`, `utils.py`
 @ 3151f6d):
 * ties in the [CLS] attention go to the lower index (stable sort; torch.topk has no guaranteed tie order)
-  and ties between targets go to the earlier target (`vtprune.selection.visionzip_merge`);
+  and ties between targets go to the earlier target (`visionzip_merge` below);
 * at a full budget the official code still feeds [CLS] in place of a patch, moves the non-dominant
   patches after the dominant ones (contextual targets) and adds the one left over to its most similar
   target; vtprune feeds the unmodified image (issue 20);
 * the [CLS] attention and keys of the feature layer are computed from its q/k projections (SDPA tower), not
   by a monkey-patched eager CLIP attention; several images per sample and batches are supported.
 * LLaVA-NeXT: the official rule (an equal budget per view, each with its own [CLS]) is `crop_budget="crop"`,
-  the default (`vtprune.methods.base.check_crop_budget`); the official code's 672 x 672 pin with no
+  the default (`vtprune.methods.base.CropBudget`); the official code's 672 x 672 pin with no
   unpadding and no `image_newline` is not the HF model's input and is not reproduced.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
+from vtprune.errors import PruneConfigError
 from vtprune.methods.base import (
+    CropBudget,
     Method,
     ModelInfo,
-    PruneConfigError,
     Selection,
     Stage,
-    check_crop_budget,
+    bounded,
     register,
     resolve_keep,
 )
-from vtprune.selection import topk_indices, visionzip_merge
+from vtprune.selection import argmax_first, check_count, check_features, gather_rows, topk_indices
 
 # Dominant share of the budget in the README setting (54 of 64).
 DOMINANT_SHARE = (54, 64)
 
 
-def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return torch.gather(x, 1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+class ContextualTokens(NamedTuple):
+    """Result of :func:`visionzip_merge`.
+
+    Attributes:
+        tokens: ``(B, C, D)`` contextual tokens in target order; dtype of ``hidden``.
+        targets: ``(B, C)`` long, input index of each target token (the same for every sample).
+        assignment: ``(B, N)`` long, the contextual token (0..C-1) each input token contributes to
+            (targets map to themselves).
+    """
+
+    tokens: Tensor
+    targets: Tensor
+    assignment: Tensor
+
+
+def visionzip_merge(hidden: Tensor, keys: Tensor, num_contextual: int) -> ContextualTokens:
+    """VisionZip's contextual tokens.
+
+    ``hidden``/``keys`` are the tokens left after the dominant selection, in original order. Targets are
+    every ``step``-th of them, ``step = max(1, N // C)``, first ``C``. Each non-target token is assigned
+    to the target whose L2-normalised key is most similar (argmax cosine, ties to the earlier target).
+    Contextual token = target hidden state + **mean** of the hidden states assigned to it (count clamped
+    to >= 1, so a target with no members stays itself). Output is in target order.
+
+    Args:
+        hidden: ``(B, N, D)`` hidden states of the remaining tokens (layer 22).
+        keys: ``(B, N, Dk)`` their head-averaged keys (layer 22).
+        num_contextual: ``C``, ``0 <= C <= N``.
+
+    Returns:
+        :class:`ContextualTokens`.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must have shape (B, N, D); got {tuple(hidden.shape)}")
+    b, n, _ = hidden.shape
+    check_features("keys", keys, b, n)
+    c = check_count("num_contextual", num_contextual, n)
+    dev = hidden.device
+    hf = hidden.float()
+    step = max(1, n // c) if c else 1
+    pos = torch.arange(n, device=dev)
+    targets = pos[0::step][:c]
+    # target t sits at position t * step; built arithmetically so no index_put is needed
+    is_target = (pos % step == 0) & (pos < step * c)
+    kn = F.normalize(keys.float(), dim=-1)
+    sim = kn @ kn[:, targets].transpose(1, 2)  # (B, N, C)
+    assign = argmax_first(sim) if c else torch.zeros(b, n, dtype=torch.long, device=dev)
+    assign = torch.where(is_target, pos // step, assign)
+    cid = torch.arange(c, device=dev)
+    member = (assign.unsqueeze(1) == cid[None, :, None]) & ~is_target[None, None, :]  # (B, C, N)
+    member = member.float()
+    agg = (member @ hf) / member.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    tokens = hf[:, targets] + agg
+    return ContextualTokens(tokens.to(hidden.dtype), targets.expand(b, -1), assign)
 
 
 @register
@@ -72,23 +128,13 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class VisionZip(Method):
     """Dominant tokens by [CLS] attention + contextual tokens by key-similarity merging."""
 
-    dominant: int | None = None
-    contextual: int | None = None
-    crop_budget: str = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
+    dominant: int | None = bounded(None, ge=1, note="[CLS] included")
+    contextual: int | None = bounded(None, ge=0)
+    crop_budget: CropBudget = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
 
     name = "visionzip"
     stage_kind = "vision"
     paper = "arXiv 2412.04467"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_crop_budget(self)
-        for field_name, low in (("dominant", 1), ("contextual", 0)):
-            value = getattr(self, field_name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise PruneConfigError(f"{self.name}: {field_name}={value!r} must be an int >= {low}")
 
     def split_total(self, total: int) -> tuple[int, int]:
         """(D, C) for a budget of `total` tokens per image."""
@@ -152,18 +198,18 @@ class VisionZip(Method):
         rest = torch.sort(is_dominant.to(torch.int8), dim=1, stable=True).indices[:, : length - d]
         hv = heads_attn.shape[1]
         keys = signals.keys.reshape(n, length, hv, -1).float().mean(dim=2)  # head-mean keys (N, L, dh)
-        contextual = visionzip_merge(_gather(hidden, rest), _gather(keys, rest), c)
+        contextual = visionzip_merge(gather_rows(hidden, rest), gather_rows(keys, rest), c)
 
         projected = signals.projected
         if offset == 1:
             created = signals.project(torch.cat([hidden[:, :1], contextual.tokens], dim=1))
             cls_vec, ctx_vec = created[:, :1], created[:, 1:]
-            dom_vec = _gather(projected, top - 1)
+            dom_vec = gather_rows(projected, top - 1)
             dom_index = torch.cat([torch.full_like(cls, -1), top - 1], dim=1)
             tokens = torch.cat([cls_vec, dom_vec.to(cls_vec.dtype), ctx_vec], dim=1)
         else:
             ctx_vec = signals.project(contextual.tokens)
-            dom_vec = _gather(projected, dominant)
+            dom_vec = gather_rows(projected, dominant)
             dom_index = dominant
             tokens = torch.cat([dom_vec.to(ctx_vec.dtype), ctx_vec], dim=1)
         extra_index = torch.cat([dom_index, torch.full((n, c), -1, dtype=torch.long, device=hidden.device)], dim=1)

@@ -3,8 +3,8 @@
 
 Idea: keep a few *important* tokens by the vision tower's [CLS] attention, then fill the rest of the
 budget with *diverse* tokens by repeatedly deleting, among the remaining ones, those most similar to
-others; before the LLM, kept tokens in raster order (algorithms.md §4).
-Optional sink exclusion (seeds/000, `vispruner_nosink`): patches whose head-mean [CLS] attention exceeds
+others; before the LLM, kept tokens in raster order (docs/methods/vispruner.md).
+Optional sink exclusion (a vtprune variant, `vispruner_nosink`): patches whose head-mean [CLS] attention exceeds
 `attention_sink_threshold` are treated as attention sinks and never selected.
 
 Parameters: keep (T, default 64), important_ratio=0.5, removal_number=8 (tokens deleted per
@@ -17,7 +17,7 @@ important_ratio. They are folded into keep / important_ratio when the method is 
 None), so records and `dataclasses.replace` see one value; giving both names with different values is an
 error.
 
-Ties (deterministic, `vtprune.selection.vispruner_select`): equal [CLS] attention ranks the lower index
+Ties (deterministic, `vispruner_select` below): equal [CLS] attention ranks the lower index
 first; in a duplicate-removal round, members of A with equal best-match similarity keep their order in A
 (the residual's attention order), so the earlier one is deleted first. Cosines within 1e-6 of 1 count as
 exactly 1, so near-identical patches tie instead of being told apart by float noise.
@@ -29,10 +29,10 @@ Deviations from the official code (Theia-4869/VisPruner `llava/model/llava_arch.
   |R| is odd; vtprune uses the actual |A| = ⌈|R| / 2⌉ (unreachable with 576 tokens and the usual budgets);
 * the [CLS] attention comes from the feature layer's q/k (SDPA tower, float32), not from an eager tower's
   `output_attentions`; batches with different valid masks per image are supported;
-* `attention_sink_threshold` (`vispruner_nosink`, seeds/000) is not in the official code: the sinks are
+* `attention_sink_threshold` (`vispruner_nosink`) is not in the official code: the sinks are
   excluded from both selections, so keep = all tokens is not the unmodified model for that variant.
 * LLaVA-NeXT: the official rule (an equal budget per view, each with its own [CLS]) is `crop_budget="crop"`,
-  the default (`vtprune.methods.base.check_crop_budget`); the official code's 672 x 672 pin with no
+  the default (`vtprune.methods.base.CropBudget`); the official code's 672 x 672 pin with no
   unpadding and no `image_newline` is not the HF model's input and is not reproduced.
 """
 
@@ -41,17 +41,153 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
+from vtprune.cuda_graphs import cuda_graphed
+from vtprune.errors import PruneConfigError
 from vtprune.methods.base import (
+    CropBudget,
     Method,
-    ModelInfo,
-    PruneConfigError,
     Selection,
-    Stage,
-    check_crop_budget,
+    bounded,
+    check_fields,
     register,
 )
-from vtprune.selection import vispruner_select
+from vtprune.selection import (
+    Picked,
+    check_2d,
+    check_count,
+    check_features,
+    check_valid,
+    cosine_matrix,
+    picked_from,
+    rank_tokens,
+)
+
+
+def _residual_bounds(residual: int, diverse: int, removal_per_round: int) -> list[int]:
+    """|R| before each duplicate-removal round of VisPruner, starting from ``residual`` tokens.
+
+    Each round removes ``min(removal_per_round, n - diverse, ceil(n / 2))`` tokens. ``n -> n - r_step``
+    is non-decreasing in ``n``, so a sample with fewer residual tokens is never behind a larger one: the
+    batched code runs the rounds of the largest residual (valid masks make residuals differ) and lets
+    finished samples do no-op rounds.
+    """
+    if removal_per_round < 1:
+        raise ValueError(f"removal_per_round must be >= 1; got {removal_per_round}")
+    sizes = []
+    while residual > diverse:
+        sizes.append(residual)
+        residual -= min(removal_per_round, residual - diverse, (residual + 1) // 2)
+    return sizes
+
+
+@cuda_graphed
+def vispruner_select(
+    cls_attn: Tensor,
+    features: Tensor,
+    keep: int,
+    important_ratio: float = 0.5,
+    removal_per_round: int = 8,
+    valid: Tensor | None = None,
+    *,
+    dup_tol: float = 1e-6,
+) -> Picked:
+    """VisPruner: important tokens by [CLS] attention, then diverse tokens by duplicate removal.
+
+    The paper's rule (arXiv 2412.01818, official code Theia-4869/VisPruner), vectorised over the batch:
+
+    1. ``T_imp = int(keep * important_ratio)``, ``T_div = keep - T_imp``.
+    2. Rank tokens by ``cls_attn`` (descending, ties lower index). The first ``T_imp`` are *important*;
+       the residual list ``R`` is the rest, **kept in descending-attention order**.
+    3. If ``T_div > 0``, repeat while ``|R| > T_div``: ``r_step = min(removal_per_round, |R| - T_div,
+       |A|)``; split ``R`` by position parity into ``A = R[0::2]``, ``B = R[1::2]``; ``m(a) =
+       max_{b in B} cos(x_a, x_b)``; sort ``A`` by ``m`` descending (stable: ties keep their order in
+       ``A``, so of two tied members the earlier one — higher attention, or lower index on equal
+       attention — is deleted first); delete the first ``r_step`` of ``A``; new ``R`` = surviving ``A`` in
+       that sorted order, then ``B`` in its previous order. The official code sizes the deletion with
+       ``|R| // 2``, which breaks when ``|R|`` is odd; here the actual ``|A| = ceil(|R| / 2)`` is used.
+
+    Ties: the official loop (Theia-4869/VisPruner ``llava/model/llava_arch.py`` @ aefa01a) sorts with
+    ``argsort(descending=True)``, which leaves the order of exactly tied scores to the backend; the stable
+    rule above makes the selection the same on every device and batch size.
+    4. Keep ``important ∪ R`` (``keep`` tokens), returned in raster order.
+
+    ``removal_per_round`` is the cap on tokens deleted per round (the paper uses 8; it is the seed scripts'
+    ``removal_number``). Invalid tokens (e.g. attention sinks, `vispruner_nosink`) take part in neither the
+    important nor the diverse selection. Cosines are computed once as a Gram matrix of the L2-normalised
+    features (float32); values within ``dup_tol`` of 1 are snapped to 1 so duplicates tie exactly.
+
+    Args:
+        cls_attn: ``(B, N)`` head-mean [CLS]→patch attention.
+        features: ``(B, N, D)`` patch features (CLIP layer 22, pre-projector).
+        keep: total tokens to keep, ``0 <= keep <= N``.
+        important_ratio: fraction ``r`` of ``keep`` chosen by attention.
+        removal_per_round: maximum deletions per duplicate-removal round (>= 1).
+        valid: optional ``(B, N)`` bool mask of candidate tokens.
+
+    Returns:
+        :class:`Picked` with ``indices (B, keep)`` in raster order.
+    """
+    check_2d("cls_attn", cls_attn)
+    b, n = cls_attn.shape
+    check_features("features", features, b, n)
+    check_count("keep", keep, n)
+    if not 0.0 <= important_ratio <= 1.0:
+        raise ValueError(f"important_ratio must be in [0, 1]; got {important_ratio}")
+    if removal_per_round < 1:
+        raise ValueError(f"removal_per_round must be >= 1; got {removal_per_round}")
+    dev = cls_attn.device
+    v = None if valid is None else check_valid(valid, b, n, dev)
+
+    t_imp = int(keep * important_ratio)
+    t_div = keep - t_imp
+    order, order_ok = rank_tokens(cls_attn, v)
+    imp, imp_ok = order[:, :t_imp], order_ok[:, :t_imp]
+    if t_div == 0:
+        return picked_from(imp, imp_ok)
+
+    res = order[:, t_imp:]  # (B, L): valid residual tokens form a prefix, in descending attention
+    n_res = order_ok[:, t_imp:].sum(dim=-1)  # (B,) current |R| per sample
+    # |R| of the largest possible residual before each round (Python ints, no sync). Every sample's |R|
+    # stays <= this bound (the update n -> n - r_step is monotone), so each round only needs that prefix.
+    bounds = _residual_bounds(res.shape[1], t_div, removal_per_round)
+    if bounds:
+        # Gram matrix with an extra -inf column: padded B slots point there and drop out of the max
+        gram = cosine_matrix(features, dup_tol)
+        gram = torch.cat([gram, gram.new_full((b, n, 1), float("-inf"))], dim=2).reshape(b, n * (n + 1))
+        neg_inf = torch.full((), float("-inf"), device=dev)
+        for cur in bounds:
+            res = res[:, :cur]
+            pos = torch.arange(cur, device=dev)
+            ja, jb = pos[: (cur + 1) // 2], pos[: cur // 2]
+            n_a = (n_res + 1) // 2
+            n_b = n_res // 2
+            r_step = torch.minimum(
+                torch.minimum(n_res - t_div, n_a), torch.full_like(n_res, removal_per_round)
+            )
+            r_step = r_step.clamp_min(0)
+            a_idx, b_idx = res[:, 0::2], res[:, 1::2]
+            a_ok = ja.unsqueeze(0) < n_a.unsqueeze(1)
+            b_ok = jb.unsqueeze(0) < n_b.unsqueeze(1)
+            flat = (a_idx * (n + 1)).unsqueeze(2) + torch.where(b_ok, b_idx, n).unsqueeze(1)
+            sim = gram.gather(1, flat.reshape(b, -1)).reshape(b, ja.numel(), jb.numel())
+            m = torch.where(a_ok, sim.amax(dim=-1), neg_inf)
+            perm = torch.sort(m, dim=-1, descending=True, stable=True).indices
+            a_sorted = a_idx.gather(1, perm)
+            # scatter survivors of A, then B, into their new positions; dead slots go to a dump column
+            new_pos_a = ja.unsqueeze(0) - r_step.unsqueeze(1)
+            keep_a = (ja.unsqueeze(0) >= r_step.unsqueeze(1)) & a_ok
+            new_pos_b = (n_a - r_step).unsqueeze(1) + jb.unsqueeze(0)
+            new_res = torch.zeros(b, cur + 1, dtype=res.dtype, device=dev)
+            new_res.scatter_(1, torch.where(keep_a, new_pos_a, cur), a_sorted)
+            new_res.scatter_(1, torch.where(b_ok, new_pos_b, cur), b_idx)
+            # a finished sample keeps its list untouched (a no-op round must not reorder it)
+            res = torch.where((r_step > 0).unsqueeze(1), new_res[:, :cur], res)
+            n_res = n_res - r_step
+    div = res[:, :t_div]
+    div_ok = torch.arange(t_div, device=dev).unsqueeze(0) < n_res.unsqueeze(1)
+    return picked_from(torch.cat([imp, div], dim=1), torch.cat([imp_ok, div_ok], dim=1))
 
 
 @register
@@ -59,19 +195,19 @@ from vtprune.selection import vispruner_select
 class VisPruner(Method):
     """Important tokens by [CLS] attention + diverse tokens by similarity-based removal."""
 
-    important_ratio: float = 0.5
-    removal_number: int = 8
-    attention_sink_threshold: float | None = None
-    retain_img_tokens: int | None = None  # alias of keep (seed 000)
+    important_ratio: float = bounded(0.5, ge=0, le=1)
+    removal_number: int = bounded(8, ge=1)
+    attention_sink_threshold: float | None = bounded(None, gt=0, le=1)
+    retain_img_tokens: int | float | None = None  # alias of keep (seed 000)
     vispruner_ratio: float | None = None  # alias of important_ratio (seed 000)
-    crop_budget: str = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
+    crop_budget: CropBudget = "crop"  # LLaVA-NeXT: an equal share per tower input (official rule)
 
     name = "vispruner"
     stage_kind = "vision"
     paper = "arXiv 2412.01818"
 
     def __post_init__(self) -> None:
-        check_crop_budget(self)
+        check_fields(self)  # the aliases' types, before they are folded into keep / important_ratio
         if self.retain_img_tokens is not None:
             if self.keep is not None and self.keep != self.retain_img_tokens:
                 raise PruneConfigError(
@@ -87,15 +223,6 @@ class VisPruner(Method):
                 )
             self.important_ratio, self.vispruner_ratio = self.vispruner_ratio, None
         super().__post_init__()
-        if not 0.0 <= self.important_ratio <= 1.0:
-            raise PruneConfigError(f"{self.name}: important_ratio={self.important_ratio} must be in [0, 1]")
-        if self.removal_number < 1:
-            raise PruneConfigError(f"{self.name}: removal_number={self.removal_number} must be >= 1")
-        if self.attention_sink_threshold is not None and not 0.0 < self.attention_sink_threshold <= 1.0:
-            raise PruneConfigError(f"{self.name}: attention_sink_threshold must be in (0, 1]")
-
-    def stages(self, info: ModelInfo) -> list[Stage]:
-        return [Stage(kind="vision", keep=self.keep_count(info, 64), name=self.name)]
 
     def sink_mask(self, cls_attention: torch.Tensor) -> torch.Tensor | None:
         if self.attention_sink_threshold is None:

@@ -86,10 +86,6 @@ def release_if_unused(active_sessions: int) -> None:
     _WITH_VALUE.clear()
 
 
-def is_installed() -> bool:
-    return bool(_SAVED)
-
-
 def attention_rows(
     query: torch.Tensor,
     key: torch.Tensor,
