@@ -88,6 +88,8 @@ def test_killed_run_resumes_and_loses_nothing(env, tmp_path: Path) -> None:
         (["--method", "nosuch", "--keep", "8"], "valid methods:"),
         (["--method", "random", "--keep", "0"], "keep must be"),
         (["--paper-setting", "--template", "hf"], "--paper-setting means"),
+        (["--method", "fastv", "--param", "K=2.5"], "fastv: K=2.5 must be an int"),
+        (["--method", "sparsevlm", "--param", "recycle=maybe"], "recycle='maybe' must be a bool"),
     ],
 )
 def test_bad_input_exits_2_with_valid_choices(env, tmp_path: Path, extra: list[str], message: str) -> None:

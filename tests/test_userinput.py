@@ -82,3 +82,12 @@ def test_commands_report_bad_input_in_one_line(args, tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()  # nothing was started
+
+
+def test_a_param_reaches_the_method_typed_the_same_from_every_spelling():
+    import vtprune
+
+    for spelling in ("recycle=false", "recycle=False"):
+        assert vtprune.get_method("sparsevlm", **parse_params([spelling])).recycle is False
+    with pytest.raises(PruneConfigError, match="recycle='no' must be a bool"):
+        vtprune.get_method("sparsevlm", **parse_params(["recycle=no"]))

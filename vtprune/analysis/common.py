@@ -425,11 +425,6 @@ def image_views(am: AnalysisModel, inputs: Any) -> list[ImageView]:
 # ------------------------------------------------------------------------------------------ small things
 
 
-def clip_unique(values: list[int], upper: int) -> list[int]:
-    """Values clipped to `upper`, duplicates removed, first occurrence kept."""
-    return list(dict.fromkeys(min(v, upper) for v in values))
-
-
 def histogram(values: Any, bins: int = 30, log: bool = False) -> dict[str, list[float]]:
     """`{"edges", "counts"}` of a numpy histogram (log-spaced edges for positive data when `log`)."""
     arr = np.asarray(values, dtype=np.float64).reshape(-1)

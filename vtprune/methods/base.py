@@ -3,7 +3,7 @@
 A method is a small dataclass with typed, validated fields (`vtprune/methods/fields.py`). It declares where
 it acts (`stages()`) and, for each stage, turns signals into a `Selection` (`select()`); a method that only
 scores tokens subclasses `ScorerMethod` and writes `score()`. It never touches the model: the engine
-(`vtprune/engine.py`) is the only code that changes sequence length. `ModelInfo` (what a method may know
+(`vtprune/engine/`) is the only code that changes sequence length. `ModelInfo` (what a method may know
 of the model, from its adapter), `bounded` and `PruneConfigError` are re-exported here for the method files.
 """
 

@@ -6,7 +6,7 @@ the MLP, the importance of a patch is the attention it *receives* (head-mean sof
 averaged over every query row, [CLS] row included); the `vit_remove` + 1 least important patches ([CLS]
 excluded) are folded into the most important of them by a weighted average with weights r+1, r, …, 1 in
 ascending-importance order (the least important weighs most, as the official code does), the other r are
-dropped, raster order is kept. The engine runs it exactly there (a "vit" Stage, engine.py `_attach_vit`);
+dropped, raster order is kept. The engine runs it exactly there (a "vit" Stage, vtprune/engine/vit.py);
 later CLIP layers, the feature layer and the projector see only the survivors.
 
 LLM stage: at layer `llm_layer` the image tokens the last prompt token attends to least (FastV's score:
