@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from vtprune.eval.data import cell, column_values, load_split, require_columns
-from vtprune.eval.errors import DatasetError
+from vtprune.eval.data import cell, column_values
 from vtprune.eval.metrics import accuracy, accuracy_by
 from vtprune.eval.parsers import LETTER_PARSERS, OPTION_LETTERS
-from vtprune.eval.tasks.base import Example, Task, unique_ids
+from vtprune.eval.tasks.base import Example, Task, load_table, unique_ids
 
 SQA_INSTRUCTION = "\nAnswer with the option's letter from the given choices directly."
 
@@ -41,12 +40,7 @@ class ScienceQATask(Task):
     required_columns: ClassVar[tuple[str, ...]] = ("question", "choices", "answer", "image")
 
     def load(self, limit: int | None = None) -> list[Example]:
-        loaded = load_split(self.dataset, split=self.split, config=self.config, revision=self.revision)
-        what = f"ScienceQA data {self.dataset!r} (split {self.split!r})"
-        if not loaded.split_by_files and loaded.available_splits and self.split not in loaded.available_splits:
-            raise DatasetError(f"{what}: unknown split; splits present: {', '.join(loaded.available_splits)}")
-        require_columns(loaded.table, self.required_columns, what)
-        self.sources = [loaded.source]
+        loaded = load_table(self, "ScienceQA")
         table = loaded.table
         n = table.num_rows if limit is None else min(limit, table.num_rows)
         cols = {c: column_values(table, c)[:n] for c in ("question", "choices", "answer", "hint", "subject", "grade",
