@@ -138,8 +138,6 @@ class Predictor:
             vtprune.unprune(self.model)
         self.method, self.keep, self.params = "none", None, {}
         if method != "none":
-            if not hasattr(vtprune, "prune"):
-                raise RuntimeError("vtprune.prune is not available in this installation (vtprune/api.py missing)")
             vtprune.prune(self.model, method, keep=keep, **params)
             self.method, self.keep, self.params = method, keep, params
 
@@ -234,14 +232,14 @@ class Predictor:
                 result.layer_visual_tokens = [int(n) for n in record.layer_tokens(i)]
 
     def _attach_flops(self, results: list[Generation]) -> None:
-        """Theoretical prefill TFLOPs per sample from the tokens each LLM layer saw (optional module)."""
+        """Theoretical prefill TFLOPs per sample from the tokens each LLM layer saw (when bench/flops.py can
+        describe the model's architecture)."""
+        from vtprune.bench.flops import ArchSpec, prefill_flops
+
         if self._flops is None:
             try:
-                from vtprune.bench.flops import ArchSpec, prefill_flops
-
-                spec = ArchSpec.from_config(self.model.config)
-                self._flops = (spec, prefill_flops)
-            except Exception:  # module absent or config it cannot read: FLOPs are optional
+                self._flops = (ArchSpec.from_config(self.model.config), prefill_flops)
+            except (ValueError, KeyError, AttributeError, TypeError):  # a config it cannot read: no FLOPs
                 self._flops = False
         if not self._flops:
             return
@@ -251,7 +249,7 @@ class Predictor:
             visual = r.layer_visual_tokens or [r.tokens_after_pruning] * spec.num_layers
             try:
                 flops = prefill_flops(spec, [text + v for v in visual])["total"]
-            except Exception:
+            except (ValueError, IndexError):  # token counts it cannot place (a layer count mismatch)
                 return
             r.prefill_tflops = flops / 1e12
 

@@ -63,8 +63,6 @@ def validate_method(cfg: EvalConfig) -> None:
         return
     import vtprune
 
-    if not hasattr(vtprune, "get_method"):
-        raise EvalInputError(f"method {cfg.method!r} needs vtprune's pruning API, which is not installed")
     vtprune.get_method(cfg.method, keep=cfg.keep, **cfg.params)
 
 
