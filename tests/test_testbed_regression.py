@@ -23,7 +23,8 @@ TOLERANCE = 0.05  # absolute accuracy: two answers of 40 may flip on another BLA
 
 def measure(output: Path) -> dict[str, float]:
     from vtprune.eval.config import EvalConfig
-    from vtprune.eval.sweep import parse_list, run_sweep
+    from vtprune.eval.sweep import run_sweep
+    from vtprune.userinput import parse_list
 
     base = EvalConfig(
         model="testbed", task="shapes-pope", split="adversarial", max_new_tokens=3, dtype="float32",
