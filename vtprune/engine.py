@@ -56,10 +56,14 @@ class Layout:
     prefill_mask: object = None  # formatted attention mask for the prefill
     prefill_rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    decode_start: torch.Tensor | None = None  # (B,) first decoded position, when not the prefix's max + 1
+
     @property
     def next_position(self) -> torch.Tensor:
         """(B,) position of the first decoded token."""
-        return self.position_ids.masked_fill(~self.key_valid, -1).max(dim=1).values + 1
+        if self.decode_start is not None:
+            return self.decode_start
+        return _next_position(self.position_ids, self.key_valid)
 
 
 @dataclass
@@ -246,6 +250,47 @@ def _to_current(selection: Selection, among: torch.Tensor, width: int) -> Select
     if extra_index is not None:
         extra_index = torch.where(extra_index >= 0, among[extra_index.clamp(min=0)], extra_index)
     return dataclasses.replace(selection, indices=among[selection.indices], scores=scores, extra_index=extra_index)
+
+
+# --- rotary positions of M-RoPE models (Qwen2-VL, Qwen2.5-VL) ---------------------------------------------
+# Their positions are (3, B, L): (temporal, height, width) per token. The engine keeps them in that shape in
+# `Layout.position_ids`; these helpers are the only places that care about the leading axis.
+
+
+def _next_position(position_ids: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """(B,) one past the largest position of a real token ((B, L) or (3, B, L) positions)."""
+    positions = position_ids.masked_fill(~key_valid, -1)
+    if positions.ndim == 3:
+        positions = positions.max(dim=0).values
+    return positions.max(dim=1).values + 1
+
+
+def _gather_positions(position_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Positions of the tokens at sequence index (B, L') ((B, L) or (3, B, L) positions)."""
+    if position_ids.ndim == 3:
+        return torch.gather(position_ids, 2, index[None].expand(position_ids.shape[0], -1, -1))
+    return torch.gather(position_ids, 1, index)
+
+
+def _layer_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """The `position_ids` a decoder layer receives: Qwen-VL layers get the text positions only when a
+    packed batch needs them (never here), so 3-D positions are not passed."""
+    return None if position_ids.ndim == 3 else position_ids
+
+
+def kept_prompt_positions(
+    full_positions: torch.Tensor,
+    source_column: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """(3, B, L') positions of a rebuilt prompt whose column j holds the token of original column
+    `source_column[b, j]` (-1: padding, an unused image slot or a created token): each kept token gets the
+    unpruned model's position of that very token; a created token (VisionZip's contextual tokens) gets the
+    position of the kept token before it; padding gets 0. Original columns increase along the rebuilt row,
+    so a running maximum finds "the kept token before"."""
+    column = torch.cummax(source_column, dim=1).values
+    positions = _gather_positions(full_positions, column.clamp(min=0))
+    return positions.masked_fill(~key_valid[None] | (column < 0)[None], 0)
 
 
 def _index_or_none(tensor: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
@@ -460,7 +505,9 @@ class PruneSession:
         self._handles.append(self.adapter.vision_tower.register_forward_hook(self._tag_vision_output))
         if self.vit_stage is not None:
             self._attach_vit()
-        self._add_capture(self.adapter.vision_attention_module(), "vision")
+        vision_attention = self.adapter.vision_attention_module()
+        if vision_attention is not None:  # None: the adapter recomputes what it reads (Qwen-VL)
+            self._add_capture(vision_attention, "vision")
         # Other CLIP layers whose attention the method reads (HiPrune's object layer): generate() encodes the
         # images without keeping every layer's hidden states, so their q/k are captured while the tower runs.
         vit_layers = self.vit_stage.vit_layers if self.vit_stage is not None else ()
@@ -678,7 +725,7 @@ class PruneSession:
 
     def _pre_forward(self, module, args, kwargs):
         call = self._bind(args, kwargs)
-        if call.get("pixel_values") is not None or compat.precomputed_image_output(call) is not None:
+        if self.adapter.has_visual_input(call):
             return (), self._prefill(call)
         episode = self.episode
         cache = compat.cache_from_call(call)
@@ -703,6 +750,24 @@ class PruneSession:
         return None
 
     # --- prefill ----------------------------------------------------------------------------------------
+    def _encode_visual_input(self, call: dict):
+        """Pop the call's visual inputs and run the tower once (generate() may have run it already): (tower
+        output, image sizes, whether the tower ran in this call, the adapter's own description or None)."""
+        take = getattr(self.adapter, "take_visual_input", None)
+        if take is not None:  # the adapter unpacks its inputs itself (Qwen-VL: images or videos, grids)
+            visual = take(call)
+            return visual.output, visual.sizes, visual.encoded_here, visual
+        pixel_values = call.pop("pixel_values", None)
+        image_out = compat.precomputed_image_output(call)
+        image_sizes = call.pop("image_sizes", None)
+        if image_out is None:
+            extra = {"image_sizes": image_sizes} if image_sizes is not None else {}
+            image_out = self.adapter.encode_images(pixel_values, **extra)
+        elif image_sizes is None:  # generate() encoded the images and dropped their sizes
+            image_sizes = getattr(image_out, "_vtprune_image_sizes", None)
+        call.pop("mm_encoder_outputs", None)
+        return image_out, image_sizes, pixel_values is not None, None
+
     def _prefill(self, call: dict) -> dict:
         self._prefill_start = self._clock()
         input_ids = call.get("input_ids")
@@ -721,7 +786,6 @@ class PruneSession:
                 f"tokens: it supports the dynamic and static caches (cache_implementation='dynamic' or 'static'), "
                 f"not {type(cache).__name__}"
             )
-        pixel_values = call.pop("pixel_values", None)
         batch, length = input_ids.shape
         mask2d = call.get("attention_mask")
         if mask2d is not None and mask2d.ndim == 4 and compat.static_key_length(cache, 0) is not None:
@@ -733,15 +797,8 @@ class PruneSession:
         # Vision tower (once; generate() may have run it already): for models whose images differ in token
         # count, the counts (and so the image blocks of the prompt) are known only from the images.
         t0 = self._clock()
-        image_out = compat.precomputed_image_output(call)
-        image_sizes = call.pop("image_sizes", None)
-        if image_out is None:
-            extra = {"image_sizes": image_sizes} if image_sizes is not None else {}
-            image_out = self.adapter.encode_images(pixel_values, **extra)
-        elif image_sizes is None:  # generate() encoded the images and dropped their sizes
-            image_sizes = getattr(image_out, "_vtprune_image_sizes", None)
+        image_out, image_sizes, encoded_here, visual_input = self._encode_visual_input(call)
         vision_ms = (self._clock() - t0) * 1e3
-        call.pop("mm_encoder_outputs", None)
         hidden_v, projected = self.adapter.unpack_image_output(image_out)
         images = _ImageTokens.build(self.adapter, hidden_v, projected, image_sizes, batch)
         image_layout = self.adapter.locate_images(input_ids, images.count, images.lengths)
@@ -754,13 +811,14 @@ class PruneSession:
             num_layers=self.info.num_layers,
             sample_visual_tokens=sample_tokens if len(set(sample_tokens)) > 1 else None,
         )
-        if pixel_values is not None:  # the tower ran here, not in generate()
+        if encoded_here:  # the tower ran here, not in generate()
             record.timings_ms["vision"] = vision_ms
         self.record = record
         self.episode = episode = Episode(
             layouts=[], input_embeds=None, cache=cache, images_per_sample=n_img, sample_tokens=sample_tokens
         )
-        episode.input_rebuilt = self.shrinks_input or not images.uniform
+        # M-RoPE prompts always get explicit positions (the kept tokens' own), and so do their decode steps.
+        episode.input_rebuilt = self.shrinks_input or not images.uniform or self.adapter.mrope
 
         hidden_v, projected = images.hidden, images.projected
         expanded_from = None
@@ -776,7 +834,7 @@ class PruneSession:
         per_image = projected.shape[1]
         n_total = hidden_v.shape[0]
         image_index = torch.arange(n_total, device=projected.device)
-        is_image = input_ids == self.adapter.image_token_id
+        is_image = self.adapter.visual_token_mask(input_ids)
         vision_signals = VisionSignals(
             adapter=self.adapter,
             hidden=hidden_v,
@@ -831,6 +889,7 @@ class PruneSession:
             else:
                 selection = self._select_images(index, vision_signals, images)
             tokens, valid, orig = self._vision_tokens(selection, projected)
+            kept_width = selection.indices.shape[1]  # slots after it hold created tokens
             if vit_orig is not None:  # selection indices count the patches the tower kept
                 orig = torch.where(orig >= 0, torch.gather(vit_orig, 1, orig.clamp(min=0)), orig)
             orig = torch.where(orig >= 0, orig + image_offset, orig)
@@ -848,6 +907,7 @@ class PruneSession:
             else:
                 orig = torch.arange(per_image, device=projected.device).expand(n_total, -1) + image_offset
             orig = orig.masked_fill(~valid, -1)
+            kept_width = tokens.shape[1]
 
         # Assemble the LLM input: text embeddings with each image block replaced by W slots holding its kept
         # tokens (unused slots are holes: masked, and skipped by the positions). Samples whose image blocks
@@ -886,11 +946,21 @@ class PruneSession:
         key_valid.scatter_(1, slot_pos, valid.reshape(batch, n_img * width))
 
         position_ids = call.get("position_ids")
-        if episode.input_rebuilt or position_ids is None and not bool(key_valid.all()):
+        decode_start = None
+        if self.adapter.mrope:
+            full_positions = self.adapter.prompt_positions(input_ids, mask2d, visual_input)
+            source_column = torch.full((batch, new_len), -1, dtype=torch.long, device=device)
+            source_column[text_rows, new_text_cols] = text_cols
+            source_column.scatter_(1, slot_pos, self._visual_source_columns(is_image, orig, valid, kept_width))
+            position_ids = kept_prompt_positions(full_positions, source_column, key_valid)
+            # Decoding continues where the unpruned prompt would (its rope_deltas), whatever was kept.
+            decode_start = _next_position(full_positions, text_valid_in | is_image)
+        elif episode.input_rebuilt or position_ids is None and not bool(key_valid.all()):
             position_ids = (torch.cumsum(key_valid, dim=1) - 1).clamp(min=0).masked_fill(~key_valid, 0)
         elif position_ids is None:
             position_ids = torch.arange(new_len, device=embeds.device)[None].expand(batch, -1)
-        position_ids = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+        if position_ids.ndim == 2 and position_ids.shape[0] != batch:
+            position_ids = position_ids.expand(batch, -1)
         layout0 = Layout(
             all_valid=bool(key_valid.all()),
             first_layer=0,
@@ -899,6 +969,7 @@ class PruneSession:
             visual_index=slot_pos,
             visual_valid=valid.reshape(batch, n_img * width),
             original_index=orig.reshape(batch, n_img * width),
+            decode_start=decode_start,
         )
         episode.layouts.append(layout0)
         episode.input_embeds = inputs_embeds
@@ -918,6 +989,18 @@ class PruneSession:
                 )
             )
         return call
+
+    @staticmethod
+    def _visual_source_columns(is_image, orig, valid, kept_width: int) -> torch.Tensor:
+        """(B, n * W) the prompt column of the token in each image slot: the sample's visual token number
+        `orig` (image after image) -> its column; -1 for unused slots and created tokens (slot >= kept_width)."""
+        batch = is_image.shape[0]
+        most = int(is_image.sum(dim=1).max())
+        visual_columns = torch.sort((~is_image).to(torch.int8), dim=1, stable=True).indices[:, :most]
+        width = orig.shape[1]
+        kept = valid & (orig >= 0) & (torch.arange(width, device=orig.device) < kept_width)
+        columns = torch.gather(visual_columns, 1, orig.clamp(min=0).reshape(batch, -1)).view(orig.shape)
+        return torch.where(kept, columns, -1).reshape(batch, -1)
 
     def _vision_tokens(self, selection: Selection, projected: torch.Tensor):
         """Kept (and created) tokens of each image in the LLM embedding space, their validity and numbering."""
@@ -997,7 +1080,7 @@ class PruneSession:
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = layout.prefill_mask
         kwargs["position_embeddings"] = layout.prefill_rope
-        kwargs["position_ids"] = layout.position_ids
+        kwargs["position_ids"] = _layer_position_ids(layout.position_ids)
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
@@ -1111,7 +1194,7 @@ class PruneSession:
         key_valid.scatter_(1, slot_of[:, n_text : n_text + t], sel_valid)
 
         if stage.positions == "original":
-            position_ids = torch.gather(prev.position_ids, 1, src.clamp(max=length - 1))
+            position_ids = _gather_positions(prev.position_ids, src.clamp(max=length - 1))
             # Gather from the rotary embeddings the previous layers used (the model's own before any LLM stage).
             cos, sin = prev.prefill_rope if prev.prefill_rope is not None else kwargs["position_embeddings"]
             cos = cos.expand(batch, -1, -1)

@@ -85,6 +85,8 @@ class ModelAdapter:
     feature_hidden_index: int
     select_strategy: str
     variable_tokens: ClassVar[bool] = False
+    has_cls: ClassVar[bool] = True  # the tower has a [CLS] token (else `token_importance` replaces its attention)
+    mrope: ClassVar[bool] = False  # (3, B, L) rotary positions: `prompt_positions` gives the unpruned ones
 
     def __init__(self, model: nn.Module):
         if self.model_classes and type(model).__name__ not in self.model_classes:
@@ -137,6 +139,14 @@ class ModelAdapter:
     # --- the vision side ----------------------------------------------------------------------------------
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.projector(features)
+
+    def has_visual_input(self, call: dict) -> bool:
+        """Whether a forward call carries images (pixels, or the tower output generate() computed)."""
+        return call.get("pixel_values") is not None or compat.precomputed_image_output(call) is not None
+
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) the prompt's image (or video) placeholder tokens."""
+        return input_ids == self.image_token_id
 
     def image_tokens(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) image-token mask and (B,) image tokens per sample; every sample must hold some."""

@@ -302,7 +302,7 @@ class LLMSignals:
     visual_index: torch.Tensor  # (B, V) sequence positions of the current visual tokens
     visual_valid: torch.Tensor  # (B, V)
     original_index: torch.Tensor  # (B, V) original visual-token numbering (-1: a created token)
-    position_ids: torch.Tensor  # (B, L) positions the tokens currently have
+    position_ids: torch.Tensor  # (B, L) positions the tokens currently have ((3, B, L) for M-RoPE models)
     images_per_sample: int
     input_embeds: torch.Tensor  # (B, L0, D) LLM input embeddings (after the vision stage)
     input_visual_index: torch.Tensor  # (B, V0) positions of the visual tokens in input_embeds
@@ -342,7 +342,7 @@ class LLMSignals:
             visual_index=self.visual_index[cut, order],
             visual_valid=self.visual_valid[cut, order],
             original_index=self.original_index[cut, order],
-            position_ids=self.position_ids[cut],
+            position_ids=self.position_ids[..., cut, :],  # (B, L) or M-RoPE's (3, B, L)
             images_per_sample=n,
             input_embeds=self.input_embeds[cut],
             input_visual_index=self.input_visual_index[cut],
