@@ -278,6 +278,22 @@ def _layer_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     return None if position_ids.ndim == 3 else position_ids
 
 
+def _keeps_positions(stage: Stage, adapter) -> bool:
+    """Whether the tokens a stage keeps keep their positions. On M-RoPE models always: a kept token keeps its
+    (t, h, w) position (a contiguous re-indexing of a 3-D layout has no one meaning), so an LLM stage asking
+    for "reindex" (PyramidDrop) keeps them too, and the record says "original"."""
+    if adapter.mrope:
+        return True
+    return stage.kind == "llm" and stage.positions == "original"
+
+
+def _position_source(src: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L') the previous column whose position each token of a gathered sequence takes: its own; a token
+    created at this stage (src >= length, M-RoPE models only) takes the one of the token before it."""
+    own = torch.where(src < length, src, -1)
+    return torch.cummax(own, dim=1).values.clamp(min=0)
+
+
 def kept_prompt_positions(
     full_positions: torch.Tensor,
     source_column: torch.Tensor,
@@ -1048,7 +1064,7 @@ class PruneSession:
             kind=stage.kind,
             score_layer=stage.score_layer,
             prune_layer=stage.prune_layer,
-            positions="reindex" if stage.kind in ("vit", "vision") else stage.positions,
+            positions="original" if _keeps_positions(stage, self.adapter) else "reindex",
             kept=kept,
             counts=[len(k) for k in kept],
             extra=dict(selection.info) if selection is not None else {},
@@ -1145,7 +1161,8 @@ class PruneSession:
         ]  # (B, Lt) ascending
         extra = selection.extra
         c = 0 if extra is None else extra.shape[1]
-        if c and stage.positions == "original":
+        keep_positions = _keeps_positions(stage, self.adapter)
+        if c and keep_positions and not self.adapter.mrope:
             raise PruneConfigError(f"{self.method.name}: created tokens need re-indexed positions")
         # Order: every token by its previous position; created tokens right after the last kept visual token.
         last_visual = kept_pos.masked_fill(~sel_valid, -1).max(dim=1).values.float()
@@ -1193,13 +1210,14 @@ class PruneSession:
             original = torch.cat([original, extra_orig], dim=1)
         key_valid.scatter_(1, slot_of[:, n_text : n_text + t], sel_valid)
 
-        if stage.positions == "original":
-            position_ids = _gather_positions(prev.position_ids, src.clamp(max=length - 1))
+        if keep_positions:
+            column = _position_source(src, length)
+            position_ids = _gather_positions(prev.position_ids, column)
             # Gather from the rotary embeddings the previous layers used (the model's own before any LLM stage).
             cos, sin = prev.prefill_rope if prev.prefill_rope is not None else kwargs["position_embeddings"]
             cos = cos.expand(batch, -1, -1)
             sin = sin.expand(batch, -1, -1)
-            gather_index = src.clamp(max=length - 1)[:, :, None].expand(-1, -1, cos.shape[-1])
+            gather_index = column[:, :, None].expand(-1, -1, cos.shape[-1])
             rope = (torch.gather(cos, 1, gather_index), torch.gather(sin, 1, gather_index))
         else:
             position_ids = (torch.cumsum(key_valid, dim=1) - 1).clamp(min=0).masked_fill(~key_valid, 0)
@@ -1208,7 +1226,7 @@ class PruneSession:
         all_valid = bool(key_valid.all())
         layout = Layout(
             all_valid=all_valid,
-            model_positions=prev.model_positions and stage.positions == "original",
+            model_positions=prev.model_positions and keep_positions,
             first_layer=layer_idx,
             key_valid=key_valid,
             position_ids=position_ids,

@@ -213,11 +213,18 @@ class QwenVLAdapter(ModelAdapter):
             rows = rows[order.to(rows.device)]
         return list(torch.split(rows, self.tokens_of(grid).tolist()))
 
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The merger's MLP: `features` are merger inputs (4 normalised patch states, concatenated)."""
+        return self.projector.mlp(features)
+
     def unpack_image_output(self, out) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(per image (N, 1 + Pmax, Dv): slot 0 empty (no [CLS]), then each token's vision feature, the mean
-        of its 2 x 2 patches' last-block states; the projected tokens of each image, a list of (P_i, D))."""
+        """(per image (N, 1 + Pmax, 4 * Dv): slot 0 empty (no [CLS]), then each token's vision feature = what
+        the merger's MLP receives for it (its 2 x 2 patches' last-block states, normalised by the merger's
+        `ln_q`, concatenated), so `project(feature)` is exactly the token the LLM gets and merged features
+        project as VisionZip's do on LLaVA; the projected tokens of each image, a list of (P_i, D))."""
         grid = out._vtprune_grid
-        per_image = [rows.mean(dim=1) for rows in self._per_token(out.last_hidden_state, grid)]
+        normed = self.projector.ln_q(out.last_hidden_state)
+        per_image = [rows.flatten(1) for rows in self._per_token(normed, grid)]
         hidden = torch.nn.utils.rnn.pad_sequence(per_image, batch_first=True)
         hidden = torch.cat([hidden.new_zeros(hidden.shape[0], 1, hidden.shape[-1]), hidden], dim=1)
         return hidden, list(out.pooler_output)

@@ -1,0 +1,233 @@
+"""The engine invariants on Qwen2-VL and Qwen2.5-VL (dynamic resolution, 3-D M-RoPE positions, no [CLS]),
+for every registered method that runs on them (tiny random models, CPU).
+
+The tiny towers use 8 px patches merged 2 x 2: the wide test image (64 x 48 px) is 12 LLM tokens, the tall
+one (48 x 80 px) 15, so one left-padded batch holds two images of different token counts. The tiny Qwen2.5
+tower has windowed attention (16 px windows) in blocks 0 and 2 and full attention in blocks 1 and 3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import hook_snapshot
+from oracle_qwen import full_positions, kept_columns, oracle_logits
+from test_engine import CASES, method_of
+
+import vtprune
+from vtprune.models import adapter_for
+from vtprune.testing import make_tiny_qwen_vl, random_image
+
+KINDS = ["qwen2_5_vl", "qwen2_vl"]
+QUESTIONS = ["what colour is the shape ?", "is there a red circle in the image ?"]
+SIZES = [(64, 48), (48, 80)]  # (width, height): 12 and 15 tokens
+TOKENS = [12, 15]
+KEEP = 6
+# Methods that need a fixed patch grid, a [CLS] row per layer or merging inside the tower refuse (their
+# reason is in the method's unsupported_families).
+UNSUPPORTED = {"illava[vit]", "hiprune", "flowcut", "holov[grid]", "prumerge"}
+
+
+def run_case(name):
+    params, exact, keeps_all = CASES[name]
+    if name in UNSUPPORTED or method_of(name) in UNSUPPORTED:
+        pytest.skip(f"{name} is refused on Qwen-VL (test_unsupported_methods_refuse)")
+    return params, exact, keeps_all
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def tiny_qwen(request):
+    model, processor = make_tiny_qwen_vl(request.param, seed=0)
+    return model, processor
+
+
+def qwen_inputs(processor, which=(0, 1)):
+    prompts, images = [], []
+    for i in which:
+        content = [{"type": "image"}, {"type": "text", "text": QUESTIONS[i]}]
+        prompts.append(
+            processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        )
+        images.append(random_image(i + 1, 64).resize(SIZES[i]))
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_qwen):
+    return qwen_inputs(tiny_qwen[1])
+
+
+def last_logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1]
+
+
+def budget(name):
+    return KEEP if name != "none" else None
+
+
+def test_adapter_and_token_counts(tiny_qwen, batch):
+    model, _ = tiny_qwen
+    adapter = adapter_for(model)
+    info = adapter.info()
+    assert info.family == model.config.model_type and info.variable_tokens
+    assert adapter.tokens_of(batch["image_grid_thw"]).tolist() == TOKENS
+    assert (batch["input_ids"] == model.config.image_token_id).sum(1).tolist() == TOKENS
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_keep_all_equals_unmodified(tiny_qwen, batch, name):
+    params, _, keeps_all = run_case(name)
+    if not keeps_all:
+        pytest.skip(f"{name} excludes tokens by definition")
+    model, _ = tiny_qwen
+    reference = last_logits(model, batch)
+    with vtprune.pruned(model, method_of(name), keep=1.0 if name != "none" else None, **params):
+        logits = last_logits(model, batch)
+        assert vtprune.last_record(model).tokens_after_pruning == TOKENS
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pruned_equals_oracle(tiny_qwen, batch, name):
+    params, exact, _ = run_case(name)
+    if not exact:
+        pytest.skip(f"{name} creates tokens; no oracle")
+    model, _ = tiny_qwen
+    with vtprune.pruned(model, method_of(name), keep=budget(name), **params):
+        logits = last_logits(model, batch)
+        record = vtprune.last_record(model)
+    with torch.no_grad():
+        expected = oracle_logits(model, batch, record)
+    torch.testing.assert_close(logits, expected[:, -1], rtol=1e-4, atol=1e-4)
+    if name != "none":
+        assert max(record.tokens_after_pruning) <= KEEP
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_batched_equals_single(tiny_qwen, batch, name):
+    """Two images of different sizes (12 and 15 tokens) in one left-padded batch == each alone."""
+    params, _, _ = run_case(name)
+    model, processor = tiny_qwen
+    suppress = [model.config.image_token_id, model.config.video_token_id]
+    with vtprune.pruned(model, method_of(name), keep=0.5 if name != "none" else None, **params):
+        with torch.no_grad():
+            batched = model.generate(**batch, max_new_tokens=3, do_sample=False, suppress_tokens=suppress)
+        batched_last = last_logits(model, batch)
+        batched_kept = [s.kept for s in vtprune.last_record(model).stages]
+        for i in range(2):
+            single = qwen_inputs(processor, which=(i,))
+            with torch.no_grad():
+                out = model.generate(**single, max_new_tokens=3, do_sample=False, suppress_tokens=suppress)
+            generated = out[0, single["input_ids"].shape[1] :].tolist()
+            assert generated == batched[i, batch["input_ids"].shape[1] :].tolist()[: len(generated)]
+            torch.testing.assert_close(last_logits(model, single)[0], batched_last[i], rtol=1e-4, atol=1e-4)
+            assert [s.kept[0] for s in vtprune.last_record(model).stages] == [k[i] for k in batched_kept]
+
+
+def oracle_greedy(model, inputs, record, steps):
+    """Greedy decoding recomputing the whole prefix each step, the prefill's kept set, unpruned positions."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    suppress = [model.config.image_token_id, model.config.video_token_id]
+    out = []
+    for _ in range(steps):
+        step_inputs = {**inputs, "input_ids": ids, "attention_mask": mask}
+        with torch.no_grad():
+            last = oracle_logits(model, step_inputs, record)[:, -1].clone()
+        last[:, suppress] = float("-inf")
+        nxt = last.argmax(-1)
+        out.append(nxt)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_generate_cache_equals_recompute(tiny_qwen, batch, name):
+    params, exact, _ = run_case(name)
+    if not exact:
+        pytest.skip(f"{name} creates tokens; no oracle")
+    model, _ = tiny_qwen
+    suppress = [model.config.image_token_id, model.config.video_token_id]
+    with vtprune.pruned(model, method_of(name), keep=budget(name), **params):
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=4, do_sample=False, suppress_tokens=suppress)
+        record = vtprune.last_record(model)
+    expected = oracle_greedy(model, batch, record, 4)
+    assert out[:, -4:].tolist() == expected.tolist()
+
+
+class PositionSpy:
+    """The position_ids the language model receives, call by call."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handle = model.model.language_model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs):
+        positions = kwargs["position_ids"]
+        if positions.ndim == 3 and positions.shape[0] == 4:  # generate()'s (text, t, h, w) rows
+            positions = positions[1:]
+        self.calls.append(positions if positions.ndim == 3 else positions[None].expand(3, -1, -1))
+
+    def remove(self):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("name", ["vispruner", "random", "divprune", "fastv"])
+def test_pruned_positions_are_the_unpruned_ones(tiny_qwen, batch, name):
+    """Each kept token enters the LLM at the 3-D position the unpruned model gives that very token, and decoding
+    continues at the unpruned model's positions (its rope_deltas)."""
+    model, _ = tiny_qwen
+    params = CASES[name][0]
+    suppress = [model.config.image_token_id, model.config.video_token_id]
+    spy = PositionSpy(model)
+    try:
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=3, do_sample=False, suppress_tokens=suppress)
+        unpruned_decode = [c[..., -1:] for c in spy.calls[1:]]
+        spy.calls.clear()
+        with vtprune.pruned(model, name, keep=KEEP, **params), torch.no_grad():
+            model.generate(**batch, max_new_tokens=3, do_sample=False, suppress_tokens=suppress)
+            record = vtprune.last_record(model)
+    finally:
+        spy.remove()
+    prefill = spy.calls[0]
+    full = full_positions(model, batch)
+    for b in range(2):
+        columns = kept_columns(model, batch, record, b)
+        expected = full[:, b, columns]
+        valid = batch["attention_mask"][b, columns].bool()
+        got = prefill[:, b, -len(columns) :]
+        assert torch.equal(got[:, valid], expected[:, valid])
+    if record.stages[0].kind == "vision":  # the prompt is shorter, its positions are not
+        assert prefill.shape[-1] < batch["input_ids"].shape[1]
+    assert [torch.equal(a, b) for a, b in zip(spy.calls[1:], unpruned_decode, strict=True)] == [True, True]
+
+
+def test_fraction_budget_is_per_image(tiny_qwen, batch):
+    model, _ = tiny_qwen
+    with vtprune.pruned(model, "random", keep=0.5):
+        last_logits(model, batch)
+        record = vtprune.last_record(model)
+    assert record.tokens_after_pruning == [6, 8]
+    assert record.sample_visual_tokens == TOKENS
+
+
+@pytest.mark.parametrize("name", ["illava[vit]", "hiprune", "flowcut", "holov[grid]", "prumerge"])
+def test_unsupported_methods_refuse(tiny_qwen, name):
+    model, _ = tiny_qwen
+    params = CASES[name][0]
+    with pytest.raises(vtprune.PruneConfigError, match=model.config.model_type):
+        vtprune.prune(model, method_of(name), keep=KEEP, **params)
+    assert not vtprune.is_pruned(model)
+
+
+def test_unprune_restores(tiny_qwen, batch):
+    model, _ = tiny_qwen
+    before = last_logits(model, batch)
+    hooks = hook_snapshot(model)
+    with vtprune.pruned(model, "vispruner", keep=4):
+        last_logits(model, batch)
+    assert hook_snapshot(model) == hooks
+    assert torch.equal(last_logits(model, batch), before)
