@@ -25,7 +25,7 @@ TOKENS = [12, 15]
 KEEP = 6
 # Methods that need a fixed patch grid, a [CLS] row per layer or merging inside the tower refuse (their
 # reason is in the method's unsupported_families).
-UNSUPPORTED = {"illava[vit]", "hiprune", "flowcut", "holov[grid]", "prumerge"}
+UNSUPPORTED = {"illava[vit]", "hiprune", "flowcut", "holov[grid]"}
 
 
 def run_case(name):
@@ -161,7 +161,7 @@ class PositionSpy:
     """The position_ids the language model receives, call by call."""
 
     def __init__(self, model):
-        self.calls = []
+        self.calls, self.masks = [], []
         self.handle = model.model.language_model.register_forward_pre_hook(self.record, with_kwargs=True)
 
     def record(self, module, args, kwargs):
@@ -169,6 +169,7 @@ class PositionSpy:
         if positions.ndim == 3 and positions.shape[0] == 4:  # generate()'s (text, t, h, w) rows
             positions = positions[1:]
         self.calls.append(positions if positions.ndim == 3 else positions[None].expand(3, -1, -1))
+        self.masks.append(kwargs.get("attention_mask"))
 
     def remove(self):
         self.handle.remove()
@@ -187,19 +188,20 @@ def test_pruned_positions_are_the_unpruned_ones(tiny_qwen, batch, name):
             model.generate(**batch, max_new_tokens=3, do_sample=False, suppress_tokens=suppress)
         unpruned_decode = [c[..., -1:] for c in spy.calls[1:]]
         spy.calls.clear()
+        spy.masks.clear()
         with vtprune.pruned(model, name, keep=KEEP, **params), torch.no_grad():
             model.generate(**batch, max_new_tokens=3, do_sample=False, suppress_tokens=suppress)
             record = vtprune.last_record(model)
     finally:
         spy.remove()
-    prefill = spy.calls[0]
+    prefill, prefill_mask = spy.calls[0], spy.masks[0]
     full = full_positions(model, batch)
     for b in range(2):
         columns = kept_columns(model, batch, record, b)
-        expected = full[:, b, columns]
         valid = batch["attention_mask"][b, columns].bool()
-        got = prefill[:, b, -len(columns) :]
-        assert torch.equal(got[:, valid], expected[:, valid])
+        expected = full[:, b, columns][:, valid]
+        real = prefill_mask[b].bool() if prefill_mask is not None else torch.ones(prefill.shape[-1], dtype=torch.bool)
+        assert torch.equal(prefill[:, b][:, real], expected)  # the real tokens, in order
     if record.stages[0].kind == "vision":  # the prompt is shorter, its positions are not
         assert prefill.shape[-1] < batch["input_ids"].shape[1]
     assert [torch.equal(a, b) for a, b in zip(spy.calls[1:], unpruned_decode, strict=True)] == [True, True]
@@ -214,7 +216,7 @@ def test_fraction_budget_is_per_image(tiny_qwen, batch):
     assert record.sample_visual_tokens == TOKENS
 
 
-@pytest.mark.parametrize("name", ["illava[vit]", "hiprune", "flowcut", "holov[grid]", "prumerge"])
+@pytest.mark.parametrize("name", ["illava[vit]", "hiprune", "flowcut", "holov[grid]"])
 def test_unsupported_methods_refuse(tiny_qwen, name):
     model, _ = tiny_qwen
     params = CASES[name][0]

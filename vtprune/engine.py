@@ -1132,6 +1132,7 @@ class PruneSession:
             selection = self.method.select(stage_index, stage, signals)
         elif len(set(sample_tokens)) == 1:  # the budget the samples' token count gives
             method, stages = self._planned(round(sample_tokens[0] / episode.images_per_sample))
+            signals.row_tokens_per_image = round(sample_tokens[0] / episode.images_per_sample)
             selection = method.select(stage_index, stages[stage_index], signals)
         else:  # each sample with the budget its own token count gives
             rows = []

@@ -87,7 +87,11 @@ SPATIAL_RULES: dict[str, SpatialRule] = {
 
 
 def last_layer_cls_attention(signals) -> tuple[torch.Tensor, torch.Tensor]:
-    """((N, P) [CLS] attention, (N, P, D) keys) of the vision tower's last layer, single head (float32)."""
+    """((N, P) [CLS] attention, (N, P, D) keys) of the vision tower's last layer, single head (float32).
+    Towers without [CLS] (Qwen-VL): the [CLS]-free substitute, the attention each token receives in the last
+    full-attention block (head mean) and its keys (`VisionSignals.cls_attention`, `keys`)."""
+    if not signals.adapter.has_cls:
+        return signals.cls_attention.float(), signals.keys[:, 1:]
     out = signals.image_output
     hidden_states = getattr(out, "hidden_states", None)
     if hidden_states is None or hidden_states[-2] is None:
