@@ -233,3 +233,54 @@ def test_unprune_restores(tiny_qwen, batch):
         last_logits(model, batch)
     assert hook_snapshot(model) == hooks
     assert torch.equal(last_logits(model, batch), before)
+
+
+# --- video ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def video(tiny_qwen):
+    from vtprune.testing import random_video, tiny_qwen_video_inputs
+
+    return tiny_qwen_video_inputs(tiny_qwen[1], [random_video(1)], [QUESTIONS[0]])  # grid (2, 6, 8): 24 tokens
+
+
+@pytest.mark.parametrize("name", ["vispruner", "random", "divprune", "fastv", "cdpruner", "visionzip"])
+@pytest.mark.parametrize("keep", [0.5, 8])
+def test_video_is_pruned_per_video(tiny_qwen, video, name, keep):
+    """A video prompt (4 frames -> 2 temporal patches of 3 x 4 merged tokens) keeps `keep` of its 24 tokens (a
+    fraction or a count per video); the record names each kept token's (frame, row, column); the pruned
+    logits equal the unmodified model fed the kept tokens at their original 3-D positions."""
+    model, _ = tiny_qwen
+    params, exact, _ = CASES[name]
+    with vtprune.pruned(model, name, keep=keep, **params):
+        logits = last_logits(model, video)
+        record = vtprune.last_record(model)
+    expected_count = 12 if keep == 0.5 else 8
+    assert record.tokens_after_pruning == [expected_count]
+    coordinates = record.kept_coordinates()
+    kept = [c for c in coordinates if c is not None]
+    assert all(image == 0 and 0 <= f < 2 and 0 <= r < 3 and 0 <= c < 4 for image, f, r, c in kept)
+    assert len({tuple(c) for c in kept}) == len(kept)
+    assert record.token_coordinates[0][13] == [0, 1, 0, 1]  # token 13 = frame 1 (after 12), row 0, column 1
+    if exact:
+        with torch.no_grad():
+            torch.testing.assert_close(logits, oracle_logits(model, video, record)[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_video_generate_cache_equals_recompute(tiny_qwen, video):
+    model, _ = tiny_qwen
+    suppress = [model.config.image_token_id, model.config.video_token_id]
+    with vtprune.pruned(model, "vispruner", keep=6):
+        with torch.no_grad():
+            out = model.generate(**video, max_new_tokens=4, do_sample=False, suppress_tokens=suppress)
+        record = vtprune.last_record(model)
+    assert out[:, -4:].tolist() == oracle_greedy(model, video, record, 4).tolist()
+
+
+def test_video_keep_all_equals_unmodified(tiny_qwen, video):
+    model, _ = tiny_qwen
+    reference = last_logits(model, video)
+    for name in ("vispruner", "fastv"):
+        with vtprune.pruned(model, name, keep=1.0):
+            torch.testing.assert_close(last_logits(model, video), reference, rtol=1e-4, atol=1e-4)

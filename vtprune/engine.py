@@ -784,6 +784,22 @@ class PruneSession:
         call.pop("mm_encoder_outputs", None)
         return image_out, image_sizes, pixel_values is not None, None
 
+    def _token_coordinates(self, image_sizes, batch: int) -> list[list[list[int]]] | None:
+        """Per sample, per visual token in original numbering: (image, frame, row, column), where the adapter
+        knows them (`token_coordinates`, Qwen-VL); None otherwise."""
+        coordinates_of = getattr(self.adapter, "token_coordinates", None)
+        if coordinates_of is None or image_sizes is None:
+            return None
+        per_image = [coordinates_of(size) for size in image_sizes]
+        if len(per_image) % batch:
+            return None
+        n_img = len(per_image) // batch
+        table = []
+        for b in range(batch):
+            rows = [torch.cat([torch.full((len(c), 1), i), c], dim=1) for i, c in enumerate(per_image[b * n_img : (b + 1) * n_img])]
+            table.append(torch.cat(rows).tolist())
+        return table
+
     def _prefill(self, call: dict) -> dict:
         self._prefill_start = self._clock()
         input_ids = call.get("input_ids")
@@ -829,6 +845,7 @@ class PruneSession:
         )
         if encoded_here:  # the tower ran here, not in generate()
             record.timings_ms["vision"] = vision_ms
+        record.token_coordinates = self._token_coordinates(image_sizes, batch)
         self.record = record
         self.episode = episode = Episode(
             layouts=[], input_embeds=None, cache=cache, images_per_sample=n_img, sample_tokens=sample_tokens

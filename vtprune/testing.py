@@ -415,3 +415,51 @@ def save_tiny_qwen_vl(directory: str | Path, kind: str = "qwen2_5_vl", seed: int
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+def tiny_qwen_video_inputs(processor, videos: list, questions: list[str]) -> dict:
+    """Model inputs for video prompts on a tiny Qwen-VL, built without transformers' video processor (it needs
+    torchvision): each video is a (T, H, W, 3) uint8 array (T even, H and W multiples of 16 px), normalised
+    with the image processor's mean / std and cut into (2 frames x 8 px x 8 px) patches in the order the
+    Qwen-VL video processor uses (2 x 2 merge units consecutive); the prompt's `<|video_pad|>` is expanded to
+    t * h * w / 4 tokens, as the processor does."""
+    import numpy as np
+
+    ip = processor.image_processor
+    patch, temporal, merge = ip.patch_size, ip.temporal_patch_size, ip.merge_size
+    mean, std = np.asarray(ip.image_mean)[:, None, None], np.asarray(ip.image_std)[:, None, None]
+    flat, grids, prompts = [], [], []
+    for video, question in zip(videos, questions, strict=True):
+        frames = (np.asarray(video, dtype=np.float32).transpose(0, 3, 1, 2) / 255.0 - mean) / std  # (T, C, H, W)
+        t, c, h, w = frames.shape
+        gt, gh, gw = t // temporal, h // patch, w // patch
+        patches = frames.reshape(gt, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+        patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        flat.append(torch.from_numpy(np.ascontiguousarray(patches).reshape(gt * gh * gw, c * temporal * patch * patch)))
+        grids.append([gt, gh, gw])
+        content = [{"type": "video"}, {"type": "text", "text": question}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        prompts.append(text.replace("<|video_pad|>", "<|video_pad|>" * (gt * gh * gw // (merge * merge)), 1))
+    tokenizer = processor.tokenizer
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "mm_token_type_ids": (encoded["input_ids"] == video_id).long() * 2,
+        "pixel_values_videos": torch.cat(flat).float(),
+        "video_grid_thw": torch.tensor(grids),
+    }
+
+
+def random_video(seed: int, frames: int = 4, height: int = 48, width: int = 64):
+    """A deterministic (T, H, W, 3) uint8 clip: a coloured block moving over noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    clip = rng.integers(0, 60, size=(frames, height, width, 3), dtype=np.uint8)
+    colour = rng.integers(100, 256, size=3, dtype=np.uint8)
+    for f in range(frames):
+        top, left = (4 * f) % (height - 16), (6 * f) % (width - 16)
+        clip[f, top : top + 16, left : left + 16] = colour
+    return clip

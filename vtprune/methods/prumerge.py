@@ -34,6 +34,9 @@ Deviations from the official code (42Shawn/LLaVA-PruMerge `llava/model/multimoda
 * ties in attention and in key similarity go to the lower index (the official `topk` leaves them to the
   backend);
 * `keep` caps the count (the official code has no budget).
+* Qwen2-VL / Qwen2.5-VL (no [CLS], no official port): the outlier detection reads the attention each token
+  receives in the tower's last full-attention block and its keys (`vtprune.models.qwen2_vl`); merged tokens are
+  projected by the merger's MLP from merger inputs.
 """
 
 from __future__ import annotations

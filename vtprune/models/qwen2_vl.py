@@ -245,13 +245,17 @@ class QwenVLAdapter(ModelAdapter):
         its keys (mean over its 2 x 2 patches), both float32, images padded to the longest; cached on `out`.
 
         The rule (Qwen has no [CLS] to read): the attention a patch receives, averaged over every query patch
-        of its image (softmax over the image's patches) and over heads, in the tower's last full-attention
-        block (Qwen2.5-VL: the last of `fullatt_block_indexes`; Qwen2-VL: every block is full, the last one),
-        then averaged over the 2 x 2 patches of each merged token. Received attention in a late full-attention
-        layer is the [CLS]-free importance that VisionZip's authors name for encoders without [CLS]
-        (VisionZip paper, Sec. 3.2 and App. on SigLIP towers) and the one the Qwen ports of
-        [CLS]-based pruners use (algorithms.md); q/k are recomputed from the block's input with the block's
-        own projections and vision RoPE, so nothing runs in eager attention."""
+        of its image (softmax over the image's patches, per frame for videos) and over heads, in the tower's
+        last full-attention block (Qwen2.5-VL: the last of `fullatt_block_indexes`, the tower's last block in
+        the released checkpoints; Qwen2-VL: every block is full, the last one), then averaged over the 2 x 2
+        patches of each merged token. Sources: none of VisPruner, VisionZip or PruMerge has an official Qwen
+        port (dvlab-research/VisionZip holds only the LLaVA path); the "received attention" of a late
+        full-attention layer is the [CLS]-free importance of HiPrune's "global attention" (already
+        `VisionSignals.received_attention` for CLIP) and of the third-party Qwen ports that pool a tower
+        layer's attention over queries. One third-party Qwen2-VL VisionZip port instead reads patch 0's
+        attention row of the second-to-last block as if patch 0 were a [CLS]; vtprune does not, since patch 0
+        is an ordinary corner patch. q/k are recomputed from the block's input with the block's own
+        projections and vision RoPE, so nothing runs in eager attention."""
         cached = getattr(out, "_vtprune_importance", None)
         if cached is not None:
             return cached
