@@ -324,20 +324,6 @@ def build_qwen_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _without_video_processor(processor_cls: type) -> type:
-    """`processor_cls` accepting no video processor: transformers' video processors need torchvision, which
-    vtprune does not require. Images go through the real Qwen2-VL image processor and token expansion."""
-
-    class ImageOnly(processor_cls):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None and argument_name == "video_processor":
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    ImageOnly.__name__ = processor_cls.__name__
-    return ImageOnly
-
-
 def make_tiny_qwen_vl(
     kind: str = "qwen2_5_vl", seed: int = 0, attn_implementation: str = "sdpa"
 ):
@@ -345,6 +331,8 @@ def make_tiny_qwen_vl(
     video processor needs torchvision: `tiny_qwen_video` patchifies frames the same way). The Qwen2.5 tower has 4 blocks, windowed attention in blocks 0 and 2 (16 px windows: 2 x 2 merged
     tokens), full attention in 1 and 3; the Qwen2 tower has 3 full-attention blocks."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vtprune.models.qwen2_vl import image_only_processor_class
 
     tokenizer = build_qwen_word_tokenizer(BASIC_WORDS)
     patch = TINY_QWEN_PATCH
@@ -394,7 +382,7 @@ def make_tiny_qwen_vl(
         model_cls, processor_cls = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     else:
         raise ValueError(f"unknown tiny Qwen kind {kind!r}: qwen2_5_vl or qwen2_vl")
-    processor = _without_video_processor(processor_cls)(
+    processor = image_only_processor_class(processor_cls)(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE,
     )
     compat.set_attention_implementation(config, attn_implementation)
@@ -410,10 +398,17 @@ def make_tiny_qwen_vl(
 
 def save_tiny_qwen_vl(directory: str | Path, kind: str = "qwen2_5_vl", seed: int = 0) -> Path:
     """Write a tiny random Qwen2.5-VL / Qwen2-VL checkpoint (model + processor) for `from_pretrained`."""
+    import json
+
     directory = Path(directory)
     model, processor = make_tiny_qwen_vl(kind, seed=seed)
     model.save_pretrained(directory)
-    processor.save_pretrained(directory)
+    # The processor's parts, as a Qwen checkpoint has them (its save_pretrained needs a video processor).
+    processor.tokenizer.save_pretrained(directory)
+    processor.image_processor.save_pretrained(directory)
+    (directory / "chat_template.jinja").write_text(processor.chat_template)
+    name = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor"}[kind]
+    (directory / "processor_config.json").write_text(json.dumps({"processor_class": name}))
     return directory
 
 

@@ -193,11 +193,26 @@ class QwenVLAdapter(ModelAdapter):
 
     # --- vision features --------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None, **kwargs):
+        """The tower's output for images, tapped so `token_importance` can be computed (analysis tools)."""
         if image_grid_thw is None:
             raise PruneConfigError(f"{self.family} needs `image_grid_thw` (the processor returns it)")
-        out = self.base.get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
+        tap = _BlockInputTap(self.vision_tower, self.vision_layers[self.feature_layer])
+        try:
+            out = self.base.get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
+        finally:
+            tap.remove()
         out._vtprune_grid = image_grid_thw
         return out
+
+    def first_frame(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) the first frame of the first image (or video) from the tower's flattened patches: the
+        inverse of the Qwen-VL processors' patch layout (temporal patch, merge unit, channel, pixel)."""
+        vcfg = self.config.vision_config
+        t, h, w = (int(v) for v in grid)
+        p, tp, m = vcfg.patch_size, vcfg.temporal_patch_size, self.merge
+        x = pixel_values[: t * h * w].reshape(t, h // m, w // m, m, m, -1, tp, p, p)
+        x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8)  # (t, tp, C, h/m, m, p, w/m, m, p)
+        return x.reshape(t * tp, -1, h * p, w * p)[0]
 
     def _unit_order(self, grid: torch.Tensor) -> torch.Tensor | None:
         """For each merged token in raster order, its 2 x 2 unit's place in the tower's sequence (Qwen2.5
@@ -339,3 +354,40 @@ class _BlockInputTap:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def image_only_processor_class(processor_cls: type) -> type:
+    """`processor_cls` (Qwen2VLProcessor, Qwen2_5_VLProcessor) accepting no video processor: transformers'
+    video processors need torchvision, which vtprune does not require; images still go through the real
+    Qwen image processor and token expansion."""
+
+    class ImageOnly(processor_cls):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is None and argument_name == "video_processor":
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    ImageOnly.__name__ = processor_cls.__name__
+    return ImageOnly
+
+
+def load_image_only_processor(path: str, revision: str | None = None):
+    """The processor of a Qwen-VL checkpoint without its video processor (when torchvision is missing)."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    model_type = AutoConfig.from_pretrained(path, revision=revision).model_type
+    name = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[model_type]
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    image_processor = AutoImageProcessor.from_pretrained(path, revision=revision)
+    return image_only_processor_class(getattr(transformers, name))(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+        chat_template=tokenizer.chat_template or _chat_template_file(path),
+    )
+
+
+def _chat_template_file(path: str) -> str | None:
+    from pathlib import Path
+
+    file = Path(path) / "chat_template.jinja"
+    return file.read_text() if file.exists() else None
