@@ -284,3 +284,76 @@ def test_video_keep_all_equals_unmodified(tiny_qwen, video):
     for name in ("vispruner", "fastv"):
         with vtprune.pruned(model, name, keep=1.0):
             torch.testing.assert_close(last_logits(model, video), reference, rtol=1e-4, atol=1e-4)
+
+
+# --- everything above the engine (tiny Qwen2.5-VL saved to a folder, loaded with vtprune.loading) ----------
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    from vtprune.testing import save_tiny_qwen_vl
+
+    return save_tiny_qwen_vl(tmp_path_factory.mktemp("tiny-qwen") / "model", kind="qwen2_5_vl")
+
+
+def test_eval_runs_on_a_qwen_checkpoint(qwen_folder, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vtprune.eval.commands import build_app
+    from vtprune.eval.tiny_data import write_pope_hub_folder
+
+    pope = write_pope_hub_folder(tmp_path / "pope", n_per_split=2)
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(qwen_folder), "--task", "pope", "--dataset-id", str(pope), "--split", "random",
+            "--method", "vispruner", "--keep", "0.25", "--max-new-tokens", "3", "--batch-size", "2",
+            "--output", str(out), "--no-progress"]
+    result = CliRunner().invoke(build_app(), args)
+    assert result.exit_code == 0, result.output
+    (summary_path,) = out.glob("*/*/*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["counts"]["evaluated"] == 2 and summary["counts"]["errors"] == 0
+    lines = [json.loads(line) for line in (summary_path.parent / "samples.jsonl").read_text().splitlines()]
+    for line in lines:
+        assert line["tokens_after_pruning"] == round(0.25 * line["visual_tokens"])
+
+
+def test_show_draws_the_qwen_token_grid(qwen_folder, tmp_path):
+    """`vtprune show` on a 48 x 80 image: a 5 x 3 grid of merged tokens, every kept token drawn in it."""
+    from PIL import Image
+
+    from vtprune.analysis.common import load_analysis_model
+    from vtprune.analysis.show import run_show
+
+    am = load_analysis_model(str(qwen_folder), device="cpu", dtype="float32")
+    image = random_image(7, 64).resize((48, 80))
+    data = run_show(am, [image], QUESTIONS[1], ["vispruner", "fastv"], 6, {}, tmp_path / "kept.png",
+                    max_new_tokens=2)
+    assert data["grid"] == [5, 3] and data["visual_tokens_per_image"] == 15 and data["num_images"] == 1
+    assert data["image_size_seen"] == [48, 80]
+    assert len(data["cls_attention"]) == 15
+    assert Image.open(data["figure"]).size[0] == 3 * 320
+    for result in data["methods"].values():
+        assert len(result["kept"]) == 6 and all(0 <= k < 15 for k in result["kept"])
+
+
+def test_analyze_sinks_on_qwen(qwen_folder, tmp_path):
+    from pathlib import Path
+
+    import numpy as np
+
+    from vtprune.analysis.common import Sample, load_analysis_model
+    from vtprune.analysis.sinks import run_sinks
+
+    am = load_analysis_model(str(qwen_folder), device="cpu", dtype="float32")
+    samples = [
+        Sample(type("Example", (), {"question": q, "uid": f"s{i}"})(), [random_image(i, 64).resize(SIZES[i])])
+        for i, q in enumerate(QUESTIONS)
+    ]
+    data = run_sinks(am, samples, tmp_path, methods=["vispruner", "fastv"], keep=6, params={},
+                     vision_threshold=0.07, layer=1, sink_dims="detect")
+    assert np.asarray(data["vision"]["frequency_map"]).shape == (8, 8)  # a fixed map grid: token grids differ
+    for stats in data["methods"].values():
+        assert stats["overall_keep_rate"] == pytest.approx(12 / (12 + 15))
+    assert all(Path(f).exists() for f in data["figures"])
