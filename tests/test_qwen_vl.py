@@ -357,3 +357,21 @@ def test_analyze_sinks_on_qwen(qwen_folder, tmp_path):
     for stats in data["methods"].values():
         assert stats["overall_keep_rate"] == pytest.approx(12 / (12 + 15))
     assert all(Path(f).exists() for f in data["figures"])
+
+
+@pytest.mark.parametrize("name", ["vispruner", "fastv"])
+def test_beam_search_and_multiple_returns(tiny_qwen, batch, name):
+    """generate() repeats each sample's images for beams / num_return_sequences after encoding them once: every
+    copy keeps the tokens (and so the positions) its sample keeps."""
+    model, _ = tiny_qwen
+    with vtprune.pruned(model, name, keep=4), torch.no_grad():
+        model.generate(**batch, max_new_tokens=2, do_sample=False)
+        kept = vtprune.last_record(model).stages[0].kept
+        beams = model.generate(**batch, max_new_tokens=2, num_beams=2, do_sample=False)
+        beam_kept = vtprune.last_record(model).stages[0].kept
+        torch.manual_seed(0)
+        sampled = model.generate(**batch, max_new_tokens=2, do_sample=True, num_return_sequences=2)
+        copies = vtprune.last_record(model).stages[0].kept
+    assert beams.shape[0] == 2 and sampled.shape[0] == 4
+    assert beam_kept == [k for k in kept for _ in range(2)]
+    assert copies == [k for k in kept for _ in range(2)]

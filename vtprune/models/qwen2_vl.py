@@ -119,7 +119,10 @@ class QwenVLAdapter(ModelAdapter):
                     f"{self.family}: the {modality} features were computed before vtprune.prune() was applied"
                 )
         out._vtprune_grid = grid
-        rope_inputs = {f"{modality}_grid_thw": grid, "second_per_grid_ts": call.pop("second_per_grid_ts", None)}
+        rope_inputs = {
+            f"{modality}_grid_thw": _grids_per_prompt(grid, len(out.pooler_output), call["input_ids"].shape[0]),
+            "second_per_grid_ts": call.pop("second_per_grid_ts", None),
+        }
         call.pop("mm_token_type_ids", None)  # rebuilt from input_ids (prompt_positions)
         return VisualInput(out, grid, encoded_here, modality, rope_inputs)
 
@@ -327,6 +330,16 @@ class Qwen25VLAdapter(QwenVLAdapter):
         vcfg = self.config.vision_config
         window_index, _ = compat.qwen_window_index(grid, self.merge, vcfg.window_size, vcfg.patch_size)
         return torch.argsort(window_index)
+
+
+def _grids_per_prompt(grid: torch.Tensor, count: int, batch: int) -> torch.Tensor:
+    """The grid of every image block of the prompts: generate() encodes each sample's images once and then
+    repeats them for beams / num_return_sequences ([A1 A2, B1 B2] -> [A1 A2, A1 A2, B1 B2, B1 B2])."""
+    if count == len(grid):
+        return grid
+    per_sample, repeat = count // batch, count // len(grid)
+    j = torch.arange(count, device=grid.device)
+    return grid[(j // (per_sample * repeat)) * per_sample + j % per_sample]
 
 
 class _BlockInputTap:
