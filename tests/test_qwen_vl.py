@@ -375,3 +375,18 @@ def test_beam_search_and_multiple_returns(tiny_qwen, batch, name):
     assert beams.shape[0] == 2 and sampled.shape[0] == 4
     assert beam_kept == [k for k in kept for _ in range(2)]
     assert copies == [k for k in kept for _ in range(2)]
+
+
+@pytest.mark.parametrize("name", ["vispruner", "visionzip", "fastv", "pdrop", "sparsevlm"])
+def test_sdpa_and_eager_select_same(tiny_qwen, batch, name):
+    import copy
+
+    model, _ = tiny_qwen
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    runs = []
+    for m in (model, eager):
+        with vtprune.pruned(m, name, keep=6, **CASES[name][0]), torch.no_grad():
+            tokens = m.generate(**batch, max_new_tokens=3, do_sample=False).tolist()
+            runs.append((tokens, [s.kept for s in vtprune.last_record(m).stages]))
+    assert runs[0] == runs[1]
