@@ -390,3 +390,22 @@ def test_sdpa_and_eager_select_same(tiny_qwen, batch, name):
             tokens = m.generate(**batch, max_new_tokens=3, do_sample=False).tolist()
             runs.append((tokens, [s.kept for s in vtprune.last_record(m).stages]))
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_video_matrix(tiny_qwen, video, name):
+    """Every method that runs on Qwen-VL on a video prompt: keep-all == unmodified, pruned == oracle."""
+    params, exact, keeps_all = run_case(name)
+    model, _ = tiny_qwen
+    if keeps_all:
+        reference = last_logits(model, video)
+        with vtprune.pruned(model, method_of(name), keep=1.0 if name != "none" else None, **params):
+            torch.testing.assert_close(last_logits(model, video), reference, rtol=1e-4, atol=1e-4)
+    with vtprune.pruned(model, method_of(name), keep=budget(name), **params):
+        logits = last_logits(model, video)
+        record = vtprune.last_record(model)
+    if exact:
+        with torch.no_grad():
+            torch.testing.assert_close(logits, oracle_logits(model, video, record)[:, -1], rtol=1e-4, atol=1e-4)
+    if name != "none":
+        assert max(record.tokens_after_pruning) <= KEEP or method_of(name) == "prumerge"

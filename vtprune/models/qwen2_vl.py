@@ -387,12 +387,15 @@ def image_only_processor_class(processor_cls: type) -> type:
 def load_image_only_processor(path: str, revision: str | None = None):
     """The processor of a Qwen-VL checkpoint without its video processor (when torchvision is missing)."""
     import transformers
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     model_type = AutoConfig.from_pretrained(path, revision=revision).model_type
     name = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[model_type]
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-    image_processor = AutoImageProcessor.from_pretrained(path, revision=revision)
+    # The PIL image processor: AutoImageProcessor picks the torchvision one in transformers 5.17 (and fails
+    # without it); both read the same preprocessor_config.json.
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, revision=revision)
     return image_only_processor_class(getattr(transformers, name))(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
         chat_template=tokenizer.chat_template or _chat_template_file(path),
