@@ -404,8 +404,7 @@ def test_video_matrix(tiny_qwen, video, name):
     with vtprune.pruned(model, method_of(name), keep=budget(name), **params):
         logits = last_logits(model, video)
         record = vtprune.last_record(model)
-    if exact:
+    if exact:  # methods that create tokens (recycling, merging) may see more than `keep` tokens
         with torch.no_grad():
             torch.testing.assert_close(logits, oracle_logits(model, video, record)[:, -1], rtol=1e-4, atol=1e-4)
-    if name != "none":
-        assert max(record.tokens_after_pruning) <= KEEP or method_of(name) == "prumerge"
+        assert name == "none" or max(record.tokens_after_pruning) <= KEEP
