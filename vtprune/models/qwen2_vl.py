@@ -267,10 +267,9 @@ class QwenVLAdapter(ModelAdapter):
         last full-attention block (Qwen2.5-VL: the last of `fullatt_block_indexes`, the tower's last block in
         the released checkpoints; Qwen2-VL: every block is full, the last one), then averaged over the 2 x 2
         patches of each merged token. Sources: none of VisPruner, VisionZip or PruMerge has an official Qwen
-        port (dvlab-research/VisionZip holds only the LLaVA path); the "received attention" of a late
-        full-attention layer is the [CLS]-free importance of HiPrune's "global attention" (already
-        `VisionSignals.received_attention` for CLIP) and of the third-party Qwen ports that pool a tower
-        layer's attention over queries. One third-party Qwen2-VL VisionZip port instead reads patch 0's
+        port (dvlab-research/VisionZip holds only the LLaVA path); the attention a token receives, averaged
+        over all queries, is the [CLS]-free importance HiPrune calls "global attention" (vtprune's
+        `VisionSignals.received_attention` on CLIP towers). One third-party Qwen2-VL VisionZip port instead reads patch 0's
         attention row of the second-to-last block as if patch 0 were a [CLS]; vtprune does not, since patch 0
         is an ordinary corner patch. q/k are recomputed from the block's input with the block's own
         projections and vision RoPE, so nothing runs in eager attention."""
