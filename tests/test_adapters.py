@@ -48,6 +48,8 @@ def test_every_family_is_registered():
     assert supported_models() == {
         "llava": ("LlavaForConditionalGeneration",),
         "llava_next": ("LlavaNextForConditionalGeneration",),
+        "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration",),
+        "qwen2_vl": ("Qwen2VLForConditionalGeneration",),
     }
 
 

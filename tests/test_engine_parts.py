@@ -20,10 +20,13 @@ def test_assembled_input_replaces_each_image_block_and_left_pads_shorter_samples
     tokens = torch.tensor([[[100.0], [101.0]], [[200.0], [201.0]]])
     valid = torch.tensor([[True, True], [True, False]])
     starts, lengths = torch.tensor([[1], [2]]), torch.tensor([[3], [2]])
-    inputs, key_valid, slot_pos = assemble_llm_input(embeds, is_image, text_valid, starts, lengths, tokens, valid)
+    inputs, key_valid, slot_pos, text_pos = assemble_llm_input(
+        embeds, is_image, text_valid, starts, lengths, tokens, valid
+    )
     assert inputs[..., 0].tolist() == [[0, 0, 100, 101, 4], [5, 6, 200, 201, 9]]  # a new left pad is zero
     assert key_valid.tolist() == [[False, True, True, True, True], [False, True, True, False, True]]
     assert slot_pos.tolist() == [[2, 3], [2, 3]]
+    assert text_pos[0, [0, 4]].tolist() == [1, 4] and text_pos[1, [0, 1, 4]].tolist() == [0, 1, 4]
 
 
 def _layout() -> Layout:

@@ -158,3 +158,11 @@ def projected_image_features(image_output) -> torch.Tensor:
     """(N, P, D) projected features of every image, from a `get_image_features` output."""
     pooled = image_output.pooler_output
     return pooled if isinstance(pooled, torch.Tensor) else torch.stack(list(pooled))
+
+
+def qwen_window_index(grid_thw: torch.Tensor, merge: int, window_size: int, patch_size: int):
+    """(window_index, cu_window_seqlens) of the Qwen2.5-VL tower: the order in which it lays out the 2 x 2 patch
+    units (by attention window). A module function of `transformers.vision_utils` in 5.17 and 5.24."""
+    from transformers.vision_utils import get_vision_window_index
+
+    return get_vision_window_index(grid_thw, spatial_merge_size=merge, window_size=window_size, patch_size=patch_size)

@@ -96,6 +96,14 @@ def load_model(
         path, dtype=dtype, attn_implementation=attn_implementation, revision=revision
     )
     llava.to(device).eval()
-    processor = AutoProcessor.from_pretrained(path, revision=revision)
+    try:
+        processor = AutoProcessor.from_pretrained(path, revision=revision)
+    except ImportError as error:
+        if model_type not in ("qwen2_vl", "qwen2_5_vl") or "orchvision" not in str(error):
+            raise
+        # Qwen-VL's video processor needs torchvision: load the image-only processor (images work as usual).
+        from vtprune.models.qwen2_vl import load_image_only_processor
+
+        processor = load_image_only_processor(path, revision)
     processor.tokenizer.padding_side = "left"  # generation continues from the right end of every row
     return llava, processor

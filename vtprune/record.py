@@ -36,6 +36,16 @@ class PruneRecord:
     timings_ms: dict = field(default_factory=dict)
     # per sample, when images differ in token count (LLaVA-NeXT); `visual_tokens` is then the largest
     sample_visual_tokens: list[int] | None = None
+    # per sample, per original visual token: (image, frame, row, column) where the model has such a layout
+    # (Qwen-VL: frame = temporal patch, row / column = merged-token grid); None elsewhere
+    token_coordinates: list[list[list[int]]] | None = None
+
+    def kept_coordinates(self, stage: int = -1, sample: int = 0) -> list[list[int] | None]:
+        """(image, frame, row, column) of each token a stage kept, None for tokens it created."""
+        if self.token_coordinates is None:
+            raise ValueError("this model's record has no token coordinates (Qwen-VL models have them)")
+        table = self.token_coordinates[sample]
+        return [table[k] if k >= 0 else None for k in self.stages[stage].kept[sample]]
 
     def sample_tokens(self, sample: int = 0) -> int:
         """Visual tokens of one sample before pruning."""

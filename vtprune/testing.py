@@ -276,3 +276,185 @@ def random_image(seed: int, size: int = 112):
     img = np.kron(coarse, np.ones((size // 8 + 1, size // 8 + 1, 1), dtype=np.uint8))[:size, :size]
     noise = rng.integers(0, 40, size=img.shape, dtype=np.uint8)
     return Image.fromarray((img.astype(int) + noise).clip(0, 255).astype(np.uint8))
+
+
+# --- Qwen2-VL / Qwen2.5-VL in miniature ----------------------------------------------------------------------
+# 8 px patches merged 2 x 2: a 48 x 32 image is a 6 x 4 patch grid, 3 x 2 = 6 LLM tokens; dynamic resolution
+# gives every image size its own token count.
+QWEN_SPECIAL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>\n' }}"
+    "{% else %}{{ content['text'] + ' ' }}{% endif %}"
+    "{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+TINY_QWEN_PATCH = 8
+
+
+def build_qwen_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with Qwen-VL's vision special tokens (`<|image_pad|>`, `<|video_pad|>`, ...)."""
+    from tokenizers import processors
+
+    vocab: dict[str, int] = {}
+    for token in ["<unk>", "<pad>", "<s>", "</s>", *QWEN_SPECIAL_TOKENS, *words]:
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    return tokenizer
+
+
+def make_tiny_qwen_vl(
+    kind: str = "qwen2_5_vl", seed: int = 0, attn_implementation: str = "sdpa"
+):
+    """A random tiny Qwen2.5-VL (`kind="qwen2_5_vl"`) or Qwen2-VL (`"qwen2_vl"`) and its processor (images; the
+    video processor needs torchvision: `tiny_qwen_video` patchifies frames the same way). The Qwen2.5 tower has 4 blocks, windowed attention in blocks 0 and 2 (16 px windows: 2 x 2 merged
+    tokens), full attention in 1 and 3; the Qwen2 tower has 3 full-attention blocks."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vtprune.models.qwen2_vl import image_only_processor_class
+
+    tokenizer = build_qwen_word_tokenizer(BASIC_WORDS)
+    patch = TINY_QWEN_PATCH
+    factor = patch * 2
+    size = {"shortest_edge": 2 * factor * factor, "longest_edge": 64 * factor * factor}
+    image_processor = Qwen2VLImageProcessorPil(
+        size=size, patch_size=patch, temporal_patch_size=2, merge_size=2
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    common = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    if kind == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+        vision = dict(
+            depth=4, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=patch,
+            temporal_patch_size=2, spatial_merge_size=2, window_size=2 * factor, fullatt_block_indexes=[1, 3],
+            tokens_per_second=2,
+        )
+        config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **common)
+        model_cls, processor_cls = Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    elif kind == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+        vision = dict(
+            depth=3, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4, patch_size=patch,
+            temporal_patch_size=2, spatial_merge_size=2,
+        )
+        config = Qwen2VLConfig(vision_config=vision, text_config=text, **common)
+        model_cls, processor_cls = Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    else:
+        raise ValueError(f"unknown tiny Qwen kind {kind!r}: qwen2_5_vl or qwen2_vl")
+    processor = image_only_processor_class(processor_cls)(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    compat.set_attention_implementation(config, attn_implementation)
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.ndim == 2:
+                p.normal_(0.0, 0.08)
+    model.eval()
+    return model, processor
+
+
+def save_tiny_qwen_vl(directory: str | Path, kind: str = "qwen2_5_vl", seed: int = 0) -> Path:
+    """Write a tiny random Qwen2.5-VL / Qwen2-VL checkpoint (model + processor) for `from_pretrained`."""
+    import json
+
+    directory = Path(directory)
+    model, processor = make_tiny_qwen_vl(kind, seed=seed)
+    model.save_pretrained(directory)
+    # The processor's parts, as a Qwen checkpoint has them (its save_pretrained needs a video processor).
+    processor.tokenizer.save_pretrained(directory)
+    processor.image_processor.save_pretrained(directory)
+    (directory / "chat_template.jinja").write_text(processor.chat_template)
+    name = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor"}[kind]
+    (directory / "processor_config.json").write_text(json.dumps({"processor_class": name}))
+    return directory
+
+
+def tiny_qwen_video_inputs(processor, videos: list, questions: list[str]) -> dict:
+    """Model inputs for video prompts on a tiny Qwen-VL, built without transformers' video processor (it needs
+    torchvision): each video is a (T, H, W, 3) uint8 array (T even, H and W multiples of 16 px), normalised
+    with the image processor's mean / std and cut into (2 frames x 8 px x 8 px) patches in the order the
+    Qwen-VL video processor uses (2 x 2 merge units consecutive); the prompt's `<|video_pad|>` is expanded to
+    t * h * w / 4 tokens, as the processor does."""
+    import numpy as np
+
+    ip = processor.image_processor
+    patch, temporal, merge = ip.patch_size, ip.temporal_patch_size, ip.merge_size
+    mean, std = np.asarray(ip.image_mean)[:, None, None], np.asarray(ip.image_std)[:, None, None]
+    flat, grids, prompts = [], [], []
+    for video, question in zip(videos, questions, strict=True):
+        frames = (np.asarray(video, dtype=np.float32).transpose(0, 3, 1, 2) / 255.0 - mean) / std  # (T, C, H, W)
+        t, c, h, w = frames.shape
+        gt, gh, gw = t // temporal, h // patch, w // patch
+        patches = frames.reshape(gt, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+        patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        flat.append(torch.from_numpy(np.ascontiguousarray(patches).reshape(gt * gh * gw, c * temporal * patch * patch)))
+        grids.append([gt, gh, gw])
+        content = [{"type": "video"}, {"type": "text", "text": question}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        prompts.append(text.replace("<|video_pad|>", "<|video_pad|>" * (gt * gh * gw // (merge * merge)), 1))
+    tokenizer = processor.tokenizer
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    video_id = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    return {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "mm_token_type_ids": (encoded["input_ids"] == video_id).long() * 2,
+        "pixel_values_videos": torch.cat(flat).float(),
+        "video_grid_thw": torch.tensor(grids),
+    }
+
+
+def random_video(seed: int, frames: int = 4, height: int = 48, width: int = 64):
+    """A deterministic (T, H, W, 3) uint8 clip: a coloured block moving over noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    clip = rng.integers(0, 60, size=(frames, height, width, 3), dtype=np.uint8)
+    colour = rng.integers(100, 256, size=3, dtype=np.uint8)
+    for f in range(frames):
+        top, left = (4 * f) % (height - 16), (6 * f) % (width - 16)
+        clip[f, top : top + 16, left : left + 16] = colour
+    return clip

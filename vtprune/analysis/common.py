@@ -106,7 +106,7 @@ class AnalysisModel:
 
     def image_lengths(self, inputs: Any) -> list[int]:
         """Image tokens of each image of a one-sample prompt."""
-        sizes = inputs.get("image_sizes")
+        sizes = image_sizes_of(inputs)
         sources = self.adapter.token_sources(sizes) if sizes is not None else None
         if sources is not None:
             return [len(s) for s in sources]
@@ -256,6 +256,16 @@ def visual_rows(record: Any, layer: int, input_ids: torch.Tensor, image_token_id
 # ------------------------------------------------------------------------------------------ signals
 
 
+def image_sizes_of(inputs: Any):
+    """What says how each image became tokens: `image_sizes` (LLaVA-NeXT), `image_grid_thw` (Qwen-VL), or None."""
+    sizes = inputs.get("image_sizes")
+    return sizes if sizes is not None else inputs.get("image_grid_thw")
+
+
+def image_size_kwargs(inputs: Any) -> dict:
+    return {key: inputs[key] for key in ("image_sizes", "image_grid_thw") if inputs.get(key) is not None}
+
+
 @torch.inference_mode()
 def cls_attention(am: AnalysisModel, inputs: Any) -> torch.Tensor:
     """(N_images, P) head-mean [CLS] attention of the vision feature layer (what VisPruner scores with).
@@ -264,8 +274,8 @@ def cls_attention(am: AnalysisModel, inputs: Any) -> torch.Tensor:
     """
     from vtprune.signals.context import VisionSignals
 
-    sizes = inputs.get("image_sizes")
-    out = am.adapter.encode_images(inputs["pixel_values"], **({"image_sizes": sizes} if sizes is not None else {}))
+    sizes = image_sizes_of(inputs)
+    out = am.adapter.encode_images(inputs["pixel_values"], **image_size_kwargs(inputs))
     hidden, projected = am.adapter.unpack_image_output(out)
     ids = inputs["input_ids"]
     sources = am.adapter.token_sources(sizes)
@@ -393,6 +403,11 @@ def image_views(am: AnalysisModel, inputs: Any) -> list[ImageView]:
     """The first image of `inputs` as `vtprune show` draws it: one patch grid (LLaVA-1.5), or, for an image
     of several crops (LLaVA-NeXT), its tiles put back together and its base view."""
     processor = am.processor.image_processor
+    if inputs.get("image_grid_thw") is not None:  # Qwen-VL: one grid of merged tokens per image
+        grid = inputs["image_grid_thw"][0]
+        rows, cols = int(grid[1]) // am.adapter.merge, int(grid[2]) // am.adapter.merge
+        seen = image_as_seen(am.adapter.first_frame(inputs["pixel_values"], grid), processor)
+        return [ImageView("", seen, (rows, cols), {j: j for j in range(rows * cols)})]
     pixels = inputs["pixel_values"][0]
     rows, cols = am.grid
     sizes = inputs.get("image_sizes")

@@ -126,7 +126,7 @@ def run_show(
         "image_size_seen": [int(seen.shape[1]), int(seen.shape[0])],
         "grid": list(grid),
         "visual_tokens_per_image": p,
-        "num_images": int(inputs["pixel_values"].shape[0]),
+        "num_images": len(am.image_lengths(inputs)),
         "unpruned_answer": unpruned,
         "cls_attention": cls.tolist(),
         "methods": results,

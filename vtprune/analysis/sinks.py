@@ -89,6 +89,15 @@ def _rate(kept: int, total: int) -> float | None:
     return kept / total if total else None
 
 
+DYNAMIC_MAP_GRID = (8, 8)  # map cells for models whose images have their own token grids (Qwen-VL)
+
+
+def _rescaled_cell(cell: int, grid, target) -> int:
+    """The cell of `target` covering the centre of raster cell `cell` of `grid`."""
+    r, c = divmod(cell, grid[1])
+    return int((r + 0.5) * target[0] / grid[0]) * target[1] + int((c + 0.5) * target[1] / grid[1])
+
+
 def run_sinks(
     am: AnalysisModel,
     samples: list[Sample],
@@ -114,7 +123,8 @@ def run_sinks(
     out_dir = Path(output)
     # Maps are drawn on one patch grid per image: LLaVA-1.5's, or LLaVA-NeXT's base view (its tiles and
     # newlines count in every statistic but are not mapped).
-    rows, cols = am.grid
+    # Qwen-VL: every image has its own token grid; the maps use a fixed grid and each token its relative place.
+    rows, cols = am.grid if all(am.grid) else DYNAMIC_MAP_GRID
     n_patch = rows * cols
     offset = 0 if am.adapter.variable_tokens else am.tokens_per_image - n_patch  # `full` features: [CLS] first
     vision_freq = np.zeros(n_patch)
@@ -133,6 +143,8 @@ def run_sinks(
         p = am.image_lengths(inputs)[0]  # image tokens (LLaVA-1.5: `offset` + patches)
         map_view = image_views(am, inputs)[-1]
         cells = [map_view.token_cell.get(offset + j) for j in range(p - offset)]  # token -> cell or None
+        if tuple(map_view.grid) != (rows, cols):
+            cells = [None if c is None else _rescaled_cell(c, map_view.grid, (rows, cols)) for c in cells]
         cls = cls_attention(am, inputs)[0][: p - offset]  # (tokens,)
         vision_sinks = attention_mass_sinks(cls[None], vision_threshold)[0]
         visual = am.visual_positions(inputs["input_ids"])[:p]

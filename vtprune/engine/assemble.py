@@ -14,14 +14,15 @@ def assemble_llm_input(
     block_len: torch.Tensor,
     tokens: torch.Tensor,
     valid: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs_embeds, key_valid, slot_pos) of the pruned prompt.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs_embeds, key_valid, slot_pos, text_pos) of the pruned prompt.
 
     `embeds` (B, L, D) are the prompt's embeddings and `is_image` (B, L) marks its image tokens, in blocks
     (B, n) starting at `starts` and `block_len` long. `tokens` (B * n, W, D) are the tokens kept of each image
     and `valid` (B * n, W) which slots hold one. Each block becomes W slots (unused slots are holes: invalid,
     so masked and skipped by the positions); samples whose blocks got shorter start later (extra left
-    padding), so every sample has the same length. `slot_pos` (B, n * W) is each slot's sequence position.
+    padding), so every sample has the same length. `slot_pos` (B, n * W) is each slot's sequence position,
+    `text_pos` (B, L) the new position of each text (non-image) column of the prompt.
     """
     batch, length, dim = embeds.shape
     device = embeds.device
@@ -47,4 +48,4 @@ def assemble_llm_input(
     flat_tokens = tokens.reshape(batch, n_img * width, dim).to(embeds.dtype)
     inputs_embeds.scatter_(1, slot_pos[:, :, None].expand(-1, -1, dim), flat_tokens)
     key_valid.scatter_(1, slot_pos, valid.reshape(batch, n_img * width))
-    return inputs_embeds, key_valid, slot_pos
+    return inputs_embeds, key_valid, slot_pos, text_pos

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from vtprune.engine.masks import format_mask
+from vtprune.engine.positions import gather_positions, keeps_positions, position_source
 from vtprune.engine.state import Layout
 from vtprune.methods.base import Selection, Stage
 
@@ -25,15 +26,17 @@ def drop_tokens(
     rotary: Callable[[torch.Tensor, torch.Tensor], Rope],
     attn_implementation: str,
     key_length: int | None = None,
+    mrope: bool = False,
 ) -> tuple[torch.Tensor, Layout]:
     """The hidden states after `stage` keeps `selection` of `prev`'s visual tokens, and the layout of the layers
     from `layer_idx` on.
 
     Text tokens stay, kept visual tokens keep their order, tokens the method created (`selection.extra`) come
-    right after the last kept visual token. With `stage.positions == "original"` every token keeps its position
-    and rotary embedding (gathered from `prev`'s, or `model_rope` before any LLM stage); otherwise positions
-    are re-indexed contiguously over the valid tokens and `rotary(hidden, position_ids)` recomputes them.
-    `key_length` is the layer's preallocated cache length (static cache), for the mask.
+    right after the last kept visual token. With `stage.positions == "original"` (and always on M-RoPE models,
+    `mrope`) every token keeps its position and rotary embedding (gathered from `prev`'s, or `model_rope` before
+    any LLM stage; a created token takes the ones of the token before it); otherwise positions are re-indexed
+    contiguously over the valid tokens and `rotary(hidden, position_ids)` recomputes them. `key_length` is the
+    layer's preallocated cache length (static cache), for the mask.
     """
     batch, length, d = hidden.shape
     device = hidden.device
@@ -100,13 +103,15 @@ def drop_tokens(
         original = torch.cat([original, extra_orig], dim=1)
     key_valid.scatter_(1, slot_of[:, n_text : n_text + t], sel_valid)
 
-    if stage.positions == "original":
-        position_ids = torch.gather(prev.position_ids, 1, src.clamp(max=length - 1))
+    keep_positions = keeps_positions(stage, mrope)
+    if keep_positions:
+        column = position_source(src, length)
+        position_ids = gather_positions(prev.position_ids, column)
         # Gather from the rotary embeddings the previous layers used (the model's own before any LLM stage).
         cos, sin = prev.prefill_rope if prev.prefill_rope is not None else model_rope
         cos = cos.expand(batch, -1, -1)
         sin = sin.expand(batch, -1, -1)
-        gather_index = src.clamp(max=length - 1)[:, :, None].expand(-1, -1, cos.shape[-1])
+        gather_index = column[:, :, None].expand(-1, -1, cos.shape[-1])
         rope = (torch.gather(cos, 1, gather_index), torch.gather(sin, 1, gather_index))
     else:
         position_ids = (torch.cumsum(key_valid, dim=1) - 1).clamp(min=0).masked_fill(~key_valid, 0)
@@ -114,7 +119,7 @@ def drop_tokens(
     all_valid = bool(key_valid.all())
     layout = Layout(
         all_valid=all_valid,
-        model_positions=prev.model_positions and stage.positions == "original",
+        model_positions=prev.model_positions and keep_positions,
         first_layer=layer_idx,
         key_valid=key_valid,
         position_ids=position_ids,

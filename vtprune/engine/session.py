@@ -19,6 +19,13 @@ from vtprune.engine.assemble import assemble_llm_input
 from vtprune.engine.decode import begin_step, layer_inputs
 from vtprune.engine.drop import drop_tokens
 from vtprune.engine.images import ImageTokens, equal_shares, expanded_images
+from vtprune.engine.positions import (
+    keeps_positions,
+    kept_prompt_positions,
+    layer_position_ids,
+    next_position,
+    visual_source_columns,
+)
 from vtprune.engine.selections import (
     concat_selections,
     in_row_numbering,
@@ -181,7 +188,9 @@ class PruneSession:
         self._handles.append(self.adapter.vision_tower.register_forward_hook(self._tag_vision_output))
         if self.vit is not None:
             self._handles.extend(self.vit.attach(self._add_capture))
-        self._add_capture(self.adapter.vision_attention_module(), self._capture_cls)
+        vision_attention = self.adapter.vision_attention_module()
+        if vision_attention is not None:  # None: the adapter recomputes what it reads (Qwen-VL)
+            self._add_capture(vision_attention, self._capture_cls)
         # Other CLIP layers whose attention the method reads (HiPrune's object layer): generate() encodes the
         # images without keeping every layer's hidden states, so their q/k are captured while the tower runs.
         vit_layers = self.vit_stage.vit_layers if self.vit_stage is not None else ()
@@ -275,7 +284,7 @@ class PruneSession:
 
     def _pre_forward(self, module, args, kwargs):
         call = self._bind(args, kwargs)
-        if call.get("pixel_values") is not None or compat.precomputed_image_output(call) is not None:
+        if self.adapter.has_visual_input(call):
             return (), self._prefill(call)
         episode = self.episode
         cache = compat.cache_from_call(call)
@@ -300,6 +309,21 @@ class PruneSession:
         return None
 
     # --- prefill ----------------------------------------------------------------------------------------
+    def _token_coordinates(self, image_sizes, batch: int) -> list[list[list[int]]] | None:
+        """Per sample, per visual token in original numbering: (image, frame, row, column), where the adapter
+        defines them (`token_coordinates`, Qwen-VL); None otherwise."""
+        if image_sizes is None or len(image_sizes) % batch:
+            return None
+        per_image = [self.adapter.token_coordinates(size) for size in image_sizes]
+        if any(c is None for c in per_image):
+            return None
+        n_img = len(per_image) // batch
+        table = []
+        for b in range(batch):
+            mine = per_image[b * n_img : (b + 1) * n_img]
+            table.append(torch.cat([torch.cat([torch.full((len(c), 1), i), c], dim=1) for i, c in enumerate(mine)]).tolist())
+        return table
+
     def _prefill(self, call: dict) -> dict:
         self._prefill_start = self._clock()
         input_ids = call.get("input_ids")
@@ -318,7 +342,6 @@ class PruneSession:
                 f"tokens: it supports the dynamic and static caches (cache_implementation='dynamic' or 'static'), "
                 f"not {type(cache).__name__}"
             )
-        pixel_values = call.pop("pixel_values", None)
         batch, length = input_ids.shape
         mask2d = call.get("attention_mask")
         if mask2d is not None and mask2d.ndim == 4 and compat.static_key_length(cache, 0) is not None:
@@ -330,15 +353,9 @@ class PruneSession:
         # Vision tower (once; generate() may have run it already): for models whose images differ in token
         # count, the counts (and so the image blocks of the prompt) are known only from the images.
         t0 = self._clock()
-        image_out = compat.precomputed_image_output(call)
-        image_sizes = call.pop("image_sizes", None)
-        if image_out is None:
-            extra = {"image_sizes": image_sizes} if image_sizes is not None else {}
-            image_out = self.adapter.encode_images(pixel_values, **extra)
-        elif image_sizes is None:  # generate() encoded the images and dropped their sizes
-            image_sizes = getattr(image_out, "_vtprune_image_sizes", None)
+        visual_input = self.adapter.take_visual_input(call)
+        image_out, image_sizes = visual_input.output, visual_input.sizes
         vision_ms = (self._clock() - t0) * 1e3
-        call.pop("mm_encoder_outputs", None)
         hidden_v, projected = self.adapter.unpack_image_output(image_out)
         images = ImageTokens.build(self.adapter, hidden_v, projected, image_sizes, batch)
         image_layout = self.adapter.locate_images(input_ids, images.count, images.lengths)
@@ -351,13 +368,15 @@ class PruneSession:
             num_layers=self.info.num_layers,
             sample_visual_tokens=sample_tokens if len(set(sample_tokens)) > 1 else None,
         )
-        if pixel_values is not None:  # the tower ran here, not in generate()
+        if visual_input.encoded_here:  # the tower ran here, not in generate()
             record.timings_ms["vision"] = vision_ms
+        record.token_coordinates = self._token_coordinates(image_sizes, batch)
         self.record = record
         self.episode = episode = Episode(
             layouts=[], input_embeds=None, cache=cache, images_per_sample=n_img, sample_tokens=sample_tokens
         )
-        episode.input_rebuilt = self.shrinks_input or not images.uniform
+        # M-RoPE prompts always get explicit positions (the kept tokens' own), and so do their decode steps.
+        episode.input_rebuilt = self.shrinks_input or not images.uniform or self.adapter.mrope
 
         hidden_v, projected = images.hidden, images.projected
         expanded_from = None
@@ -373,7 +392,7 @@ class PruneSession:
         per_image = projected.shape[1]
         n_total = hidden_v.shape[0]
         image_index = torch.arange(n_total, device=projected.device)
-        is_image = input_ids == self.adapter.image_token_id
+        is_image = self.adapter.visual_token_mask(input_ids)
         vision_signals = VisionSignals(
             adapter=self.adapter,
             hidden=hidden_v,
@@ -428,6 +447,7 @@ class PruneSession:
             else:
                 selection = self._select_images(index, vision_signals, images)
             tokens, valid, orig = selected_tokens(selection, projected)
+            kept_width = selection.indices.shape[1]  # slots after it hold created tokens
             if vit_orig is not None:  # selection indices count the patches the tower kept
                 orig = torch.where(orig >= 0, torch.gather(vit_orig, 1, orig.clamp(min=0)), orig)
             orig = torch.where(orig >= 0, orig + image_offset, orig)
@@ -445,8 +465,9 @@ class PruneSession:
             else:
                 orig = torch.arange(per_image, device=projected.device).expand(n_total, -1) + image_offset
             orig = orig.masked_fill(~valid, -1)
+            kept_width = tokens.shape[1]
 
-        inputs_embeds, key_valid, slot_pos = assemble_llm_input(
+        inputs_embeds, key_valid, slot_pos, text_pos = assemble_llm_input(
             self.adapter.embed(input_ids), is_image, text_valid_in, image_layout.starts, image_layout.lengths,
             tokens, valid,
         )  # fmt: skip
@@ -461,11 +482,23 @@ class PruneSession:
                 )
 
         position_ids = call.get("position_ids")
-        if episode.input_rebuilt or position_ids is None and not bool(key_valid.all()):
+        decode_start = None
+        if self.adapter.mrope:
+            # Each token keeps the unpruned model's (t, h, w) position of that very token.
+            full_positions = self.adapter.prompt_positions(input_ids, mask2d, visual_input)
+            source_column = torch.full((batch, new_len), -1, dtype=torch.long, device=key_valid.device)
+            text_rows, text_cols = torch.nonzero(~is_image, as_tuple=True)
+            source_column[text_rows, text_pos[text_rows, text_cols]] = text_cols
+            source_column.scatter_(1, slot_pos, visual_source_columns(is_image, orig, valid, kept_width))
+            position_ids = kept_prompt_positions(full_positions, source_column, key_valid)
+            # Decoding continues where the unpruned prompt would (its rope_deltas), whatever was kept.
+            decode_start = next_position(full_positions, text_valid_in | is_image)
+        elif episode.input_rebuilt or position_ids is None and not bool(key_valid.all()):
             position_ids = (torch.cumsum(key_valid, dim=1) - 1).clamp(min=0).masked_fill(~key_valid, 0)
         elif position_ids is None:
             position_ids = torch.arange(new_len, device=inputs_embeds.device)[None].expand(batch, -1)
-        position_ids = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+        if position_ids.ndim == 2 and position_ids.shape[0] != batch:
+            position_ids = position_ids.expand(batch, -1)
         layout0 = Layout(
             all_valid=bool(key_valid.all()),
             first_layer=0,
@@ -474,6 +507,7 @@ class PruneSession:
             visual_index=slot_pos,
             visual_valid=valid.reshape(batch, n_img * width),
             original_index=orig.reshape(batch, n_img * width),
+            decode_start=decode_start,
         )
         episode.layouts.append(layout0)
         episode.input_embeds = inputs_embeds
@@ -508,7 +542,7 @@ class PruneSession:
             kind=stage.kind,
             score_layer=stage.score_layer,
             prune_layer=stage.prune_layer,
-            positions="reindex" if stage.kind in ("vit", "vision") else stage.positions,
+            positions="original" if keeps_positions(stage, self.adapter.mrope) else "reindex",
             kept=kept,
             counts=[len(k) for k in kept],
             extra=dict(selection.info) if selection is not None else {},
@@ -540,7 +574,7 @@ class PruneSession:
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = layout.prefill_mask
         kwargs["position_embeddings"] = layout.prefill_rope
-        kwargs["position_ids"] = layout.position_ids
+        kwargs["position_ids"] = layer_position_ids(layout.position_ids)
         if args:
             return (hidden, *args[1:]), kwargs
         kwargs["hidden_states"] = hidden
@@ -575,7 +609,9 @@ class PruneSession:
         if not self.info.variable_tokens:
             selection = self.method.select(stage_index, stage, signals)
         elif len(set(sample_tokens)) == 1:  # the budget the samples' token count gives
-            method, stages = self._planned(round(sample_tokens[0] / episode.images_per_sample))
+            per_image = round(sample_tokens[0] / episode.images_per_sample)
+            method, stages = self._planned(per_image)
+            signals.row_tokens_per_image = per_image
             selection = method.select(stage_index, stages[stage_index], signals)
         else:  # each sample with the budget its own token count gives
             rows = []
@@ -586,7 +622,7 @@ class PruneSession:
                 selected = method.select(stage_index, stages[stage_index], row)
                 rows.append(in_row_numbering(selected, among, prev.visual_index.shape[1]))
             selection = stack_selections(rows)
-        if selection.extra is not None and stage.positions == "original":
+        if selection.extra is not None and keeps_positions(stage, False) and not self.adapter.mrope:
             raise PruneConfigError(f"{self.method.name}: created tokens need re-indexed positions")
         new_hidden, layout = drop_tokens(
             hidden,
@@ -598,6 +634,7 @@ class PruneSession:
             rotary=self.adapter.rotary,
             attn_implementation=self.adapter.attn_implementation,
             key_length=compat.static_key_length(episode.cache, layer_idx),
+            mrope=self.adapter.mrope,
         )
         episode.layouts.append(layout)
         self.record.stages.append(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vtprune.engine.positions import next_position
 from vtprune.methods.base import Stage
 from vtprune.signals.context import Captured, VisionSignals
 
@@ -17,7 +18,7 @@ class Layout:
 
     first_layer: int
     key_valid: torch.Tensor  # (B, L) real tokens
-    position_ids: torch.Tensor  # (B, L)
+    position_ids: torch.Tensor  # (B, L); (3, B, L) on M-RoPE models (engine/positions.py)
     visual_index: torch.Tensor  # (B, V) sequence positions of the visual tokens
     visual_valid: torch.Tensor  # (B, V)
     original_index: torch.Tensor  # (B, V) original visual-token numbering, -1 for created tokens
@@ -26,11 +27,14 @@ class Layout:
     model_positions: bool = True  # positions equal the model's own (so are its rotary embeddings)
     prefill_mask: object = None  # formatted attention mask for the prefill
     prefill_rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    decode_start: torch.Tensor | None = None  # (B,) first decoded position, when not the prefix's max + 1
 
     @property
     def next_position(self) -> torch.Tensor:
         """(B,) position of the first decoded token."""
-        return self.position_ids.masked_fill(~self.key_valid, -1).max(dim=1).values + 1
+        if self.decode_start is not None:
+            return self.decode_start
+        return next_position(self.position_ids, self.key_valid)
 
 
 @dataclass

@@ -83,6 +83,8 @@ class FlowCut(Method):
     stage_kind = "vit"
     paper = "arXiv 2505.19536 (NeurIPS 2025)"
     unsupported_families = {
+        "qwen2_vl": "it prunes inside the vision tower (the engine's vit stage is LLaVA-1.5 only)",
+        "qwen2_5_vl": "it prunes inside the vision tower (the engine's vit stage is LLaVA-1.5 only)",
         "llava_next": "it prunes inside the vision tower, where an AnyRes image is several crops (the "
         "engine's vit stage is LLaVA-1.5 only; the repo's NeXT path prunes in the LLM instead)"
     }

@@ -107,6 +107,8 @@ class HiPrune(Method):
     stage_kind = "vision"
     paper = "arXiv 2508.00553 (AAAI 2026)"
     unsupported_families = {
+        "qwen2_vl": "anchors, buffers and registers need a [CLS] row and one square patch grid per image; Qwen-VL's tower has neither",
+        "qwen2_5_vl": "anchors, buffers and registers need a [CLS] row and one square patch grid per image; Qwen-VL's tower has neither",
         "llava_next": "anchors, buffers and registers are placed on one patch grid per image (the official "
         "LLaVA-NeXT path splits the budget over the crops; not implemented)"
     }

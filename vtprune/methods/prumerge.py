@@ -34,6 +34,9 @@ Deviations from the official code (42Shawn/LLaVA-PruMerge `llava/model/multimoda
 * ties in attention and in key similarity go to the lower index (the official `topk` leaves them to the
   backend);
 * `keep` caps the count (the official code has no budget).
+* Qwen2-VL / Qwen2.5-VL (no [CLS], no official port): the outlier detection reads the attention each token
+  receives in the tower's last full-attention block and its keys (`vtprune.models.qwen2_vl`); merged tokens are
+  projected by the merger's MLP from merger inputs.
 """
 
 from __future__ import annotations
@@ -88,7 +91,11 @@ SPATIAL_RULES: dict[str, SpatialRule] = {
 
 
 def last_layer_cls_attention(signals) -> tuple[torch.Tensor, torch.Tensor]:
-    """((N, P) [CLS] attention, (N, P, D) keys) of the vision tower's last layer, single head (float32)."""
+    """((N, P) [CLS] attention, (N, P, D) keys) of the vision tower's last layer, single head (float32).
+    Towers without [CLS] (Qwen-VL): the [CLS]-free substitute, the attention each token receives in the last
+    full-attention block (head mean) and its keys (`VisionSignals.cls_attention`, `keys`)."""
+    if not signals.adapter.has_cls:
+        return signals.cls_attention.float(), signals.keys[:, 1:]
     out = signals.image_output
     hidden_states = getattr(out, "hidden_states", None)
     if hidden_states is None or hidden_states[-2] is None:

@@ -39,6 +39,9 @@ Deviations from the official code (dvlab-research/VisionZip `visionzip/clip_enco
 * LLaVA-NeXT: the official rule (an equal budget per view, each with its own [CLS]) is `crop_budget="crop"`,
   the default (`vtprune.methods.base.CropBudget`); the official code's 672 x 672 pin with no
   unpadding and no `image_newline` is not the HF model's input and is not reproduced.
+* Qwen2-VL / Qwen2.5-VL (no [CLS]): `_select_without_cls`; the [CLS] attention is replaced by the attention
+  each token receives in the tower's last full-attention block (`vtprune.models.qwen2_vl`), no [CLS] token
+  is created, and the D dominant tokens are kept in place.
 """
 
 from __future__ import annotations
@@ -184,6 +187,8 @@ class VisionZip(Method):
             # them (the official code would still swap a patch for [CLS], reorder and merge one patch).
             every = torch.arange(p, device=hidden.device).expand(n, p)
             return Selection(indices=every, info={"dominant": 0, "contextual": 0, "unchanged": True})
+        if not signals.adapter.has_cls:  # Qwen-VL
+            return self._select_without_cls(stage, signals)
         heads_attn = signals.cls_attention_heads  # (N, Hv, P), columns = tower tokens 1..P
         # Visual token j is tower token j + 1 ("default": [CLS] dropped) or j ("full": [CLS] is token 0).
         offset = length - signals.projected.shape[1]
@@ -218,6 +223,30 @@ class VisionZip(Method):
             indices=empty,
             extra=tokens,
             extra_index=extra_index,
+            scores=scores,
+            info={"dominant": d, "contextual": c},
+        )
+
+    def _select_without_cls(self, stage, signals) -> Selection:
+        """Towers without [CLS] (Qwen-VL): the D dominant tokens are the D image tokens with the highest
+        [CLS]-free importance (`VisionSignals.cls_attention_heads`, summed over heads; the adapter documents
+        the rule), kept in place (their own positions); the other tokens are merged into C contextual tokens
+        as on LLaVA (head-mean key cosine, `visionzip_merge`) in the merger's input space and projected with
+        the merger's MLP."""
+        features = signals.features  # (N, P, F): the merger's input of each token
+        n, p, _ = features.shape
+        d, c = self.split_total(stage.keep)
+        heads_attn = signals.cls_attention_heads  # (N, Hv, P)
+        scores = heads_attn.float().sum(dim=1)
+        dominant = topk_indices(scores, d).indices  # ascending
+        is_dominant = torch.zeros(n, p, dtype=torch.bool, device=features.device).scatter(1, dominant, True)
+        rest = torch.sort(is_dominant.to(torch.int8), dim=1, stable=True).indices[:, : p - d]
+        keys = signals.keys[:, 1:].reshape(n, p, heads_attn.shape[1], -1).float().mean(dim=2)
+        contextual = visionzip_merge(gather_rows(features, rest), gather_rows(keys, rest), c)
+        return Selection(
+            indices=dominant,
+            extra=signals.project(contextual.tokens),
+            extra_index=torch.full((n, c), -1, dtype=torch.long, device=features.device),
             scores=scores,
             info={"dominant": d, "contextual": c},
         )

@@ -34,6 +34,9 @@ Deviations from the official code (Theia-4869/VisPruner `llava/model/llava_arch.
 * LLaVA-NeXT: the official rule (an equal budget per view, each with its own [CLS]) is `crop_budget="crop"`,
   the default (`vtprune.methods.base.CropBudget`); the official code's 672 x 672 pin with no
   unpadding and no `image_newline` is not the HF model's input and is not reproduced.
+* Qwen2-VL / Qwen2.5-VL (no [CLS], no official port): the [CLS] attention is replaced by the attention each
+  token receives in the tower's last full-attention block (`vtprune.models.qwen2_vl`, `token_importance`);
+  each image is one tower input, so the per-crop rule is the per-image rule.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ types to classes. The engine and the signals never import a model class: they ho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -31,6 +31,17 @@ class ModelInfo:
     variable_tokens: bool = False  # images have different token counts (LLaVA-NeXT AnyRes)
     family: str = "llava"  # the adapter's family name, for messages
     vision_feature_layer: int | None = None  # vision layer (0-indexed) whose output is projected (22 of 24)
+
+
+@dataclass
+class VisualInput:
+    """One forward call's visual inputs, as the engine needs them (`ModelAdapter.take_visual_input`)."""
+
+    output: object  # the tower's output (`get_image_features`, or what generate() computed before the call)
+    sizes: torch.Tensor | None  # per image: (height, width) in pixels (LLaVA-NeXT) or its (t, h, w) patch grid
+    encoded_here: bool  # the tower ran in this call (not in generate() before it)
+    modality: str = "image"  # "image" or "video"
+    rope_inputs: dict = field(default_factory=dict)  # M-RoPE models: what their position rule needs
 
 
 @dataclass
@@ -85,6 +96,8 @@ class ModelAdapter:
     feature_hidden_index: int
     select_strategy: str
     variable_tokens: ClassVar[bool] = False
+    has_cls: ClassVar[bool] = True  # the tower has a [CLS] token (else `token_importance` replaces its attention)
+    mrope: ClassVar[bool] = False  # (3, B, L) rotary positions: `prompt_positions` gives the unpruned ones
 
     def __init__(self, model: nn.Module):
         if self.model_classes and type(model).__name__ not in self.model_classes:
@@ -137,6 +150,36 @@ class ModelAdapter:
     # --- the vision side ----------------------------------------------------------------------------------
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.projector(features)
+
+    def has_visual_input(self, call: dict) -> bool:
+        """Whether a forward call carries images (pixels, or the tower output generate() computed)."""
+        return call.get("pixel_values") is not None or compat.precomputed_image_output(call) is not None
+
+    def visual_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) the prompt's image (or video) placeholder tokens."""
+        return input_ids == self.image_token_id
+
+    def take_visual_input(self, call: dict) -> VisualInput:
+        """Pop a forward call's images and run the tower once on them (unless generate() already did)."""
+        pixel_values = call.pop("pixel_values", None)
+        image_out = compat.precomputed_image_output(call)
+        image_sizes = call.pop("image_sizes", None)
+        if image_out is None:
+            extra = {"image_sizes": image_sizes} if image_sizes is not None else {}
+            image_out = self.encode_images(pixel_values, **extra)
+        elif image_sizes is None:  # generate() encoded the images and dropped their sizes
+            image_sizes = getattr(image_out, "_vtprune_image_sizes", None)
+        call.pop("mm_encoder_outputs", None)
+        return VisualInput(image_out, image_sizes, encoded_here=pixel_values is not None)
+
+    def token_coordinates(self, size) -> torch.Tensor | None:
+        """(P, 3) (frame, row, column) of each token of one image of `size`, where the family defines them
+        (the record's `kept_coordinates`); None otherwise."""
+        return None
+
+    def prompt_positions(self, input_ids: torch.Tensor, mask2d, visual: VisualInput) -> torch.Tensor:
+        """M-RoPE models (`mrope`): the unpruned model's (3, B, L) rotary positions of the full prompt."""
+        raise NotImplementedError(f"{self.family} has 1-D positions")
 
     def image_tokens(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L) image-token mask and (B,) image tokens per sample; every sample must hold some."""

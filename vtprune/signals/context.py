@@ -144,7 +144,11 @@ class VisionSignals:
 
         Softmax over all 1 + P keys, then the [CLS] column dropped, not renormalised (as the official
         VisPruner and VisionZip code read `attentions[-2][:, :, 0, 1:]`).
+        A tower without [CLS] (Qwen-VL) gives its substitute instead: the attention each token receives in
+        its last full-attention block (the adapter's `token_importance`, documented there).
         """
+        if not self.adapter.has_cls:
+            return self._from_crops(self.adapter.token_importance(self.image_output)[0].transpose(1, 2)).transpose(1, 2)
         qk = self.qk
         row0 = torch.zeros(qk.query.shape[0], 1, dtype=torch.long, device=self.hidden.device)
         probs = attention_rows(qk.query, qk.key, qk.scaling, row0, None, causal=False)
@@ -161,6 +165,9 @@ class VisionSignals:
     @cached_property
     def keys(self) -> torch.Tensor:
         """(N, 1 + P, Hv * dh) key vectors of the feature layer (VisionZip's similarity metric)."""
+        if not self.adapter.has_cls:  # per token: its 2 x 2 patches' mean key; slot 0 (no [CLS]) zero
+            key = self._from_crops(self.adapter.token_importance(self.image_output)[1])
+            return torch.cat([key.new_zeros(key.shape[0], 1, key.shape[-1]), key], dim=1)
         key = self.qk.key.float().transpose(1, 2).flatten(2)  # (C, 1 + p, Hv * dh)
         if self.source is None:
             return key
@@ -211,6 +218,8 @@ class VisionSignals:
         padding, which matters for PDrop's 0.01 threshold (two such pixels would flag a patch)."""
         if self.pixel_values is None:
             return None
+        if self.pixel_values.ndim != 4:  # Qwen-VL's flattened patches: images are resized, never padded
+            return torch.zeros(self.projected.shape[:2], device=self.projected.device)
         near_mean = (self.pixel_values.float().abs() < tolerance).all(dim=1)  # (C, H, W) per tower input
 
         def border_band(lines: torch.Tensor) -> torch.Tensor:  # (C, L) filler lines -> those touching a border
@@ -303,7 +312,7 @@ class LLMSignals:
     visual_index: torch.Tensor  # (B, V) sequence positions of the current visual tokens
     visual_valid: torch.Tensor  # (B, V)
     original_index: torch.Tensor  # (B, V) original visual-token numbering (-1: a created token)
-    position_ids: torch.Tensor  # (B, L) positions the tokens currently have
+    position_ids: torch.Tensor  # (B, L) positions the tokens currently have ((3, B, L) for M-RoPE models)
     images_per_sample: int
     input_embeds: torch.Tensor  # (B, L0, D) LLM input embeddings (after the vision stage)
     input_visual_index: torch.Tensor  # (B, V0) positions of the visual tokens in input_embeds
@@ -343,7 +352,7 @@ class LLMSignals:
             visual_index=self.visual_index[cut, order],
             visual_valid=self.visual_valid[cut, order],
             original_index=self.original_index[cut, order],
-            position_ids=self.position_ids[cut],
+            position_ids=self.position_ids[..., cut, :],  # (B, L) or M-RoPE's (3, B, L)
             images_per_sample=n,
             input_embeds=self.input_embeds[cut],
             input_visual_index=self.input_visual_index[cut],
@@ -395,7 +404,7 @@ class LLMSignals:
             hidden=self.visual_hidden(),
             cls_attention=cls_attention,
             grid=self.adapter.grid,
-            image_size=cfg.image_size,
+            image_size=getattr(cfg, "image_size", None),  # Qwen-VL: dynamic resolution
         )
 
     def query_index(self, queries: str) -> tuple[torch.Tensor, torch.Tensor]:

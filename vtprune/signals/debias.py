@@ -518,7 +518,8 @@ class DebiasContext:
     * ``padding_fraction``: ``(B, N)`` float, the part of each patch that is padding (e.g. measured on the
       pixels); thresholded with the option's ``padding_threshold`` (wins over ``image_sizes``).
     * ``hidden``: ``(B, N, D)`` LLM hidden states of the visual tokens at the scoring layer → φ sinks.
-    * ``cls_attention``: ``(B, N)`` (or ``(B, H, N)``) [CLS] attention of the vision tower → mass sinks.
+    * ``cls_attention``: ``(B, N)`` (or ``(B, H, N)``) [CLS] attention of the vision tower → mass sinks
+      (Qwen-VL, no [CLS]: the attention each token receives in the tower's last full-attention block).
     * ``vision_features``: ``(B, N, D)`` vision-tower patch features → high-norm outliers.
     * ``grid`` / ``image_size``: patch grid per image and the square input size (LLaVA-1.5: 24, 336).
     """
