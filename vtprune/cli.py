@@ -28,7 +28,7 @@ from vtprune.eval.commands import register as register_eval_commands
 from vtprune.testbed.commands import demo_command
 
 app = typer.Typer(
-    help="Visual token pruning for vision-language models (LLaVA-1.5 on Hugging Face transformers).",
+    help="Visual token pruning for vision-language models (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL on Hugging Face transformers).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,

@@ -19,7 +19,7 @@ from vtprune.errors import UserInputError
 
 ModelOpt = Annotated[
     str,
-    typer.Option("--model", help="Hugging Face id or local folder of a checkpoint (LLaVA-1.5, LLaVA-NeXT), or 'testbed'."),
+    typer.Option("--model", help="Hugging Face id or local folder of a checkpoint (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL), or 'testbed'."),
 ]
 MethodOpt = Annotated[str, typer.Option("--method", help="Pruning method (`vtprune methods`), or none.")]
 MethodsOpt = Annotated[str, typer.Option("--methods", help="Comma-separated pruning methods (`vtprune methods`).")]
