@@ -747,7 +747,7 @@ def test_oracle_of_flowcut_feeds_the_same_tokens(tiny_model):
     assert replay.stages[0].kept == record.stages[0].kept and replay.stages[0].counts == [12, 12]
 
 
-# --- Qwen2-VL / Qwen2.5-VL: the tiny models of vtprune.testing, a 128 x 128 image = 16 x 16 patches, 64 tokens -----
+# --- Qwen2-VL / Qwen2.5-VL: the tiny models of vtprune.testing, 128 x 128 image = 16 x 16 patches, 64 tokens
 
 QWEN_METHODS = ["none", "vispruner", "fastv", "dart"]
 QWEN_REFUSING = ["hiprune", "flowcut"]  # need a [CLS] row / prune inside the tower: refused on Qwen-VL
@@ -757,7 +757,9 @@ QWEN_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def tiny_qwen_model():
-    return build_model(model=None, arch="tiny-qwen2.5-vl", random_weights=False, device="cpu", dtype=torch.float32)
+    return build_model(
+        model=None, arch="tiny-qwen2.5-vl", random_weights=False, device="cpu", dtype=torch.float32
+    )
 
 
 @pytest.fixture(scope="module")
@@ -779,9 +781,11 @@ def test_qwen_bench_runs_every_method_beside_its_oracle(qwen_cli_run):
     ran = [e for e in entries if e["name"] in QWEN_METHODS]
     assert all(e["status"] == "ok" for e in ran), [e.get("error") for e in ran]
     expected = {(m, k, b) for m in QWEN_METHODS if m != "none" for k in QWEN_KEEPS for b in BATCHES}
-    assert {(e["name"], e["keep"], e["batch"]) for e in ran} == expected | {("none", None, b) for b in BATCHES}
+    expected |= {("none", None, b) for b in BATCHES}
+    assert {(e["name"], e["keep"], e["batch"]) for e in ran} == expected
     for e in ran:
-        assert e["method_timing"]["prefill_ms"]["median"] > 0 and e["oracle_timing"]["prefill_ms"]["median"] > 0
+        assert e["method_timing"]["prefill_ms"]["median"] > 0
+        assert e["oracle_timing"]["prefill_ms"]["median"] > 0
         assert e["tokens"]["visual_before"] == QWEN_TOKENS
         assert e["method_timing"]["kv_cache_bytes"] == sum(e["kv_cache_bytes_theory_per_sample"])
         if e["name"] != "none":
@@ -802,11 +806,11 @@ def test_qwen_bench_runs_every_method_beside_its_oracle(qwen_cli_run):
 
 
 def _tiny_qwen_vision_by_hand(family: str) -> tuple[int, int]:
-    """(tower, merger) FLOPs of one 128 x 128 image on the tiny Qwen-VLs (vtprune.testing), written out: 256 patches
-    of 3 x 2 x 8 x 8 values, tower width 32, MLP width 64, merger 4 x 32 = 128 -> 128 -> 64 on 64 tokens."""
+    """(tower, merger) FLOPs of one 128 x 128 image on the tiny Qwen-VLs (vtprune.testing), written out: 256
+    patches of 3 x 2 x 8 x 8 values, tower width 32, MLP width 64, merger 128 -> 128 -> 64 on 64 tokens."""
     n, dv = 256, 32
     patch_embed = 2 * n * (3 * 2 * 8 * 8) * dv
-    if family == "qwen2_5_vl":  # 4 blocks, SwiGLU (3 matrices); blocks 1 and 3 full, 0 and 2 in 16 windows of 16
+    if family == "qwen2_5_vl":  # 4 blocks, SwiGLU (3 matrices); 1 and 3 full, 0 and 2 in 16 windows of 16
         blocks = 4 * 2 * n * (4 * dv * dv + 3 * dv * 64) + 2 * 4 * n * n * dv + 2 * 4 * dv * (16 * 16 * 16)
     else:  # Qwen2-VL: 3 blocks, fc1 / fc2 (2 matrices, mlp_ratio 2), all full attention
         blocks = 3 * 2 * n * (4 * dv * dv + 2 * dv * 64) + 3 * 4 * n * n * dv
@@ -833,8 +837,8 @@ def test_qwen_flops_match_a_hand_count(arch, family):
 
 
 def test_qwen_windows_are_the_towers_own():
-    """The windows bench/flops.py counts are those of transformers' Qwen2.5-VL tower (its window index), on a grid
-    whose merged-token sides are not multiples of the window (partial windows at the bottom and right)."""
+    """The windows bench/flops.py counts are those of transformers' Qwen2.5-VL tower (its window index), on
+    grids whose merged-token sides are not multiples of the window (partial windows at bottom and right)."""
     from vtprune import compat
 
     spec = F.PRESETS["qwen2.5-vl-7b"]
@@ -885,8 +889,8 @@ def test_qwen_preset_errors_come_before_the_7b_model_is_built(kwargs, match):
 
 def test_qwen_synthetic_inputs_are_what_the_processor_gives(tiny_qwen_model):
     """Layout of the processor's output for one 128 x 128 image (vision start, 64 image pads, vision end;
-    flattened patches; image_grid_thw; token types), and the unmodified model reads them with its 3-D positions:
-    the same logits as vtprune's keep-everything run, which takes the positions from get_rope_index."""
+    flattened patches; image_grid_thw; token types), and the unmodified model reads them with its 3-D
+    positions: the same logits as vtprune's keep-everything run, which takes them from get_rope_index."""
     from vtprune.testing import make_tiny_qwen_vl, random_image
 
     model = tiny_qwen_model.model
@@ -898,14 +902,18 @@ def test_qwen_synthetic_inputs_are_what_the_processor_gives(tiny_qwen_model):
     inputs = synthetic_inputs(model, 2, 20, device="cpu", dtype=torch.float32, image_size=(128, 128))
     assert inputs.pixel_values.shape == (2 * real["pixel_values"].shape[0], real["pixel_values"].shape[1])
     assert inputs.image_grid_thw.tolist() == real["image_grid_thw"].tolist() * 2
-    for ids, types in [(real["input_ids"][0], real["mm_token_type_ids"][0]), (inputs.input_ids[1], inputs.mm_token_type_ids[1])]:
+    pairs = [(real["input_ids"][0], real["mm_token_type_ids"][0])]
+    pairs.append((inputs.input_ids[1], inputs.mm_token_type_ids[1]))
+    for ids, types in pairs:
         pads = torch.nonzero(ids == cfg.image_token_id).flatten()
         assert len(pads) == QWEN_TOKENS and int(pads[-1] - pads[0]) == QWEN_TOKENS - 1
-        assert int(ids[pads[0] - 1]) == cfg.vision_start_token_id and int(ids[pads[-1] + 1]) == cfg.vision_end_token_id
+        assert int(ids[pads[0] - 1]) == cfg.vision_start_token_id
+        assert int(ids[pads[-1] + 1]) == cfg.vision_end_token_id
         assert torch.equal(types, (ids == cfg.image_token_id).long())
-    assert inputs.input_ids.shape == (2, 20 + QWEN_TOKENS) and int(inputs.input_ids[0, inputs.image_start]) == cfg.image_token_id
+    assert inputs.input_ids.shape == (2, 20 + QWEN_TOKENS)
+    assert int(inputs.input_ids[0, inputs.image_start]) == cfg.image_token_id
     other = {cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
-    assert sum(int((inputs.input_ids[0] == i).sum()) for i in other) == 2  # no stray marker in the random text
+    assert sum(int((inputs.input_ids[0] == i).sum()) for i in other) == 2  # no stray marker in the text
     with torch.no_grad():
         plain = model(**inputs.model_kwargs(), logits_to_keep=1).logits
         vtprune.prune(model, "none")
@@ -924,11 +932,15 @@ def test_qwen_synthetic_inputs_are_what_the_processor_gives(tiny_qwen_model):
 
 
 def test_qwen2_vl_bench_and_another_image_size(tmp_path):
-    """Qwen2-VL (all-full-attention tower) through the runner, on a 64 x 96 image (4 x 6 = 24 tokens, `all`)."""
-    loaded = build_model(model=None, arch="tiny-qwen2-vl", random_weights=False, device="cpu", dtype=torch.float32)
-    cfg = BenchConfig(arch="tiny-qwen2-vl", methods=["none", "vispruner", "fastv"], keeps=["all", 8], batches=[2],
-                      image_size=(64, 96), new_tokens=2, repeats=1, warmup=0, oracle_generate=False, device="cpu",
-                      dtype="float32", output=tmp_path, progress=False)
+    """Qwen2-VL (a tower of full-attention blocks) through the runner, a 64 x 96 image (24 tokens = `all`)."""
+    loaded = build_model(
+        model=None, arch="tiny-qwen2-vl", random_weights=False, device="cpu", dtype=torch.float32
+    )
+    cfg = BenchConfig(
+        arch="tiny-qwen2-vl", methods=["none", "vispruner", "fastv"], keeps=["all", 8], batches=[2],
+        image_size=(64, 96), new_tokens=2, repeats=1, warmup=0, oracle_generate=False, device="cpu",
+        dtype="float32", output=tmp_path, progress=False,
+    )
     results = run_bench(cfg, loaded=loaded)
     assert all(e["status"] == "ok" for e in results["results"]), [e.get("error") for e in results["results"]]
     assert results["config"]["keeps"] == [24, 8] and list(results["meta"]["image"]["grid"]) == [1, 8, 12]
@@ -942,3 +954,18 @@ def test_qwen2_vl_bench_and_another_image_size(tmp_path):
     bad = BenchConfig(arch="tiny-qwen2-vl", keeps=[8], image_size=(60, 96), device="cpu", progress=False)
     with pytest.raises(PruneConfigError, match="multiples of 16 px"):
         run_bench(bad, loaded=loaded)
+
+
+def test_build_model_from_a_local_qwen_checkpoint(tmp_path):
+    """`--model` on a Qwen2.5-VL checkpoint, with its weights and with random ones (its config only)."""
+    from vtprune.testing import save_tiny_qwen_vl
+
+    path = save_tiny_qwen_vl(tmp_path / "qwen")
+    for random_weights in (False, True):
+        loaded = build_model(
+            model=str(path), arch=None, random_weights=random_weights, device="cpu", dtype=torch.float32,
+            image_size=(64, 128),
+        )
+        assert type(loaded.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+        assert loaded.random_weights is random_weights and loaded.spec.family == "qwen2_5_vl"
+        assert loaded.visual_tokens == 32 and loaded.image.grid == (1, 8, 16)

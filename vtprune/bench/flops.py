@@ -27,6 +27,12 @@ the tiles' patches unpadded, and one `image_newline` per tile-grid row. `image_w
 numbers for an image size by the model's own arithmetic (select_best_resolution, unpad_image of
 transformers' llava_next), and `prefill_flops(..., crops=n)` runs the tower and projector on n crops while the
 LLM counts the tokens it is given.
+
+Qwen2-VL / Qwen2.5-VL (`ArchSpec.family`, presets in `QWEN_PRESETS`): the same LLM arithmetic (GQA, SwiGLU,
+causal attention); the tower embeds (2-frame x 14 x 14) patches with a Conv3d, runs its blocks over every
+patch of the image (Qwen2.5: inside windows of 112 px, except the `fullatt_block_indexes` blocks; Qwen2: all
+full attention) and its merger MLP maps each 2 x 2 patches to one LLM token, so the tower's cost follows the
+image's patch grid (`image_work(spec, (h, w))`, `vision_flops(spec, image_size=(h, w))`).
 """
 
 from __future__ import annotations
@@ -460,7 +466,7 @@ def qwen_spec(config: dict, name: str | None = None, image_size: int = QWEN_DEFA
     if family == "qwen2_5_vl":
         dv, mv = vision["hidden_size"], vision["intermediate_size"]
         window, full = vision["window_size"], tuple(int(i) for i in vision["fullatt_block_indexes"])
-    else:  # Qwen2-VL: `hidden_size` is the merger's output, the blocks are `embed_dim` wide, all full attention
+    else:  # Qwen2-VL: `hidden_size` is the merger's output, blocks `embed_dim` wide, all full attention
         dv, mv = vision["embed_dim"], vision["embed_dim"] * vision["mlp_ratio"]
         window, full = 0, ()
     rope = text.get("rope_parameters") or {}
@@ -498,7 +504,7 @@ def qwen_spec(config: dict, name: str | None = None, image_size: int = QWEN_DEFA
 
 # Kept apart from ARCH_PRESETS (the LLaVA family, whose module layout `param_counts` and `llava_config`
 # describe); `PRESETS` holds both, and every function here takes either name.
-QWEN_PRESETS: dict[str, ArchSpec] = {name: qwen_spec(config, name=name) for name, config in QWEN_CONFIGS.items()}
+QWEN_PRESETS: dict[str, ArchSpec] = {k: qwen_spec(v, name=k) for k, v in QWEN_CONFIGS.items()}
 PRESETS: dict[str, ArchSpec] = {**ARCH_PRESETS, **QWEN_PRESETS}
 
 
@@ -552,7 +558,7 @@ def llava_config(name: str | ArchSpec, attn_implementation: str | None = "sdpa")
 
     spec = _preset(name) if isinstance(name, str) else name
     if spec.qwen:
-        raise ValueError(f"{spec.name} is a Qwen-VL architecture: its config comes from qwen_config / arch_config")
+        raise ValueError(f"{spec.name} is a Qwen-VL architecture: build its config with qwen_config")
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden_size,
         intermediate_size=spec.vision_intermediate_size,
@@ -656,12 +662,12 @@ class QwenImageWork(ImageWork):
     grid: tuple[int, int, int] = (1, 0, 0)  # (temporal, rows, cols) patches: the model's image_grid_thw
 
     def describe(self) -> str:
-        """E.g. "896x896 image: 1 tower input of 64x64 patches, 1024 tokens (2x2 patches merged per token)"."""
+        """"896x896 image: 1 tower input of 64x64 patches, 1024 tokens (2x2 patches merged per token)"."""
         _, rows, cols = self.grid
         merge = int(round((rows * cols / self.tokens) ** 0.5))
         return (
-            f"{self.size[0]}x{self.size[1]} image: 1 tower input of {rows}x{cols} patches, {self.tokens} tokens "
-            f"({merge}x{merge} patches merged per token)"
+            f"{self.size[0]}x{self.size[1]} image: 1 tower input of {rows}x{cols} patches, "
+            f"{self.tokens} tokens ({merge}x{merge} patches merged per token)"
         )
 
 
@@ -700,14 +706,15 @@ def qwen_window_sizes(spec: ArchSpec | str, grid: tuple[int, int]) -> list[int]:
     if not s.vision_window_size:
         return [rows * cols]
     merge, width = s.spatial_merge_size, s.vision_window_size // s.token_side
-    return [a * b * merge * merge for a in _chunks(rows // merge, width) for b in _chunks(cols // merge, width)]
+    heights, widths = _chunks(rows // merge, width), _chunks(cols // merge, width)
+    return [a * b * merge * merge for a in heights for b in widths]
 
 
 def _qwen_vision_flops(s: ArchSpec, image_size: tuple[int, int] | None) -> int:
-    """One image through a Qwen-VL tower: the Conv3d patch embedding (temporal patch x patch x patch x channels
-    per patch), every block's linears (qkv + proj, and the MLP's 2 or 3 matrices), and attention over the
-    image's n patches (4·n²·dv: QKᵀ and AV, non-causal) in the full-attention blocks, or over each window in
-    the windowed ones (4·dv·Σ window²)."""
+    """One image through a Qwen-VL tower: the Conv3d patch embedding (temporal patch x patch x patch x
+    channels per patch), every block's linears (qkv + proj, and the MLP's 2 or 3 matrices), and attention
+    over the image's n patches (4·n²·dv: QKᵀ and AV, non-causal) in the full-attention blocks, or over each
+    window in the windowed ones (4·dv·Σ window²)."""
     rows, cols = qwen_grid(s, image_size)
     n, dv, mv = rows * cols, s.vision_hidden_size, s.vision_intermediate_size
     patch_embed = 2 * n * (s.num_channels * s.temporal_patch_size * s.patch_size**2) * dv
@@ -718,7 +725,8 @@ def _qwen_vision_flops(s: ArchSpec, image_size: tuple[int, int] | None) -> int:
         windowed = 4 * dv * sum(w * w for w in qwen_window_sizes(s, (rows, cols)))
     else:
         full_blocks, windowed = s.vision_layers, 0
-    return patch_embed + s.vision_layers * linear + full_blocks * full + (s.vision_layers - full_blocks) * windowed
+    attention = full_blocks * full + (s.vision_layers - full_blocks) * windowed
+    return patch_embed + s.vision_layers * linear + attention
 
 
 def _select_best_resolution(size: tuple[int, int], pinpoints) -> tuple[int, int]:

@@ -158,7 +158,8 @@ def _image_line(meta: dict) -> list[str]:
     if not image.get("size"):
         return []
     tower = "on all of its tokens" if image["crops"] == 1 else f"on all {image['crops']} inputs"
-    return [f"- image: {meta['image_note']}; budgets are counts per image, the vision tower always runs {tower}"]
+    note = meta["image_note"]
+    return [f"- image: {note}; budgets are counts per image, the vision tower always runs {tower}"]
 
 
 def markdown(results: dict) -> str:

@@ -33,6 +33,10 @@ position, vision tower and projector) and the FastV-convention count, with the r
 
 LLaVA-NeXT: every sample holds one image of `image_size` (bench/workload.py); budgets are counts per image of
 its tokens (`all` = every one), the vision tower and projector run on all of its crops in every subject.
+
+Qwen2-VL / Qwen2.5-VL: the same, with one dynamic-resolution image per sample (bench/workload.py); the vision
+tower time and the short prompt take the model's own `get_image_features(pixel_values, image_grid_thw)` (its
+merger included), and FLOPs count the tower's windowed and full-attention blocks on that image's patch grid.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The model and the inputs `vtprune bench` times.
 
-Models: a checkpoint (`--model`, a Hugging Face id or a local folder, LLaVA-1.5 or LLaVA-NeXT), or the real
+Models: a checkpoint (`--model`, a Hugging Face id or a local folder: LLaVA-1.5, -NeXT, Qwen-VL), or the real
 architecture with random weights (`--arch llava-1.5-7b --random-weights`, `--arch llava-1.6-vicuna-7b
 --random-weights`, or `--model ID --random-weights` to take a checkpoint's config without its weights), or
 `--arch tiny` / `--arch tiny-next` (the tiny test models, for CPU runs and CI). Random-weight
@@ -20,6 +20,14 @@ resolution, square: 672 x 672 on LLaVA-1.6, i.e. the base view + 2 x 2 tiles, 57
 2,928 tokens). `pixel_values` are (B, crops, 3, 336, 336) with `image_sizes` (B, 2), as the processor returns
 them, and the image block holds exactly the tokens the model's adapter says the image expands to
 (`token_sources`), so the model's own placeholder check passes.
+
+Qwen2-VL / Qwen2.5-VL (`--arch qwen2.5-vl-7b` / `qwen2-vl-7b --random-weights`, a checkpoint, or `--arch
+tiny-qwen2.5-vl` / `tiny-qwen2-vl`): every sample holds one image of `image_size` (sides multiples of 28 px,
+what the processor resizes to; default 896 x 896 = 64 x 64 patches = 1,024 tokens, 128 x 128 = 64 tokens on
+the tiny models), laid out as the processor returns it: `<|vision_start|>`, the image's `<|image_pad|>`
+tokens, `<|vision_end|>` (the two markers count among the text tokens), `pixel_values` as flattened patches
+(B * t * h * w, 3 * 2 * 14 * 14), `image_grid_thw` (B, 3) and `mm_token_type_ids` (which the unpruned model
+needs for its 3-D positions); tests/test_bench.py compares the layout with the tiny model's processor.
 """
 
 from __future__ import annotations
@@ -181,7 +189,7 @@ def build_model(
             f"--arch {arch} has no weights: add --random-weights to time the architecture, or pass --model"
         )
     if arch in PRESETS:
-        _image_work(PRESETS[arch], image_size)  # a wrong image size is refused before 7 B parameters are built
+        _image_work(PRESETS[arch], image_size)  # a wrong image size is refused before 7 B parameters exist
     if arch in TINY_ARCHS:
         llava = _tiny_model(arch, seed, attn).to(device=device, dtype=dtype).eval()
         spec, name, is_random = _tiny_spec(llava.config, arch), arch, True
@@ -232,7 +240,8 @@ class Inputs:
         # Qwen-VL's forward and generate() compute the 3-D positions only when given the token types, as the
         # processor returns them (without them the unpruned model would run on text positions)
         extra = {} if self.mm_token_type_ids is None else {"mm_token_type_ids": self.mm_token_type_ids}
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.image_kwargs(), **extra}
+        text = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        return {**text, **self.image_kwargs(), **extra}
 
 
 def _text_ids(config, text_tokens: int, gen: torch.Generator) -> torch.Tensor:
@@ -242,7 +251,8 @@ def _text_ids(config, text_tokens: int, gen: torch.Generator) -> torch.Tensor:
     special = {image_id, getattr(config, "pad_token_id", None), getattr(text_cfg, "pad_token_id", None)}
     special |= {getattr(text_cfg, "bos_token_id", None), getattr(text_cfg, "eos_token_id", None)}
     # Qwen-VL's video and vision start / end ids would make the prompt hold another visual block
-    special |= {getattr(config, key, None) for key in ("video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    markers = ("video_token_id", "vision_start_token_id", "vision_end_token_id")
+    special |= {getattr(config, key, None) for key in markers}
     vocab = (
         min(text_cfg.vocab_size, image_id) if image_id >= 1000 else text_cfg.vocab_size
     )  # llava-hf: ids < 32000
@@ -302,15 +312,17 @@ def synthetic_inputs(
     )
 
 
-def _qwen_inputs(config, spec: ArchSpec, image, batch: int, text_tokens: int, gen, *, device, dtype) -> Inputs:
+def _qwen_inputs(
+    config, spec: ArchSpec, image, batch: int, text_tokens: int, gen, *, device, dtype
+) -> Inputs:
     """Qwen-VL inputs as its processor returns them for one image of `image.size` per prompt (already resized
     to multiples of 28 px): `<|vision_start|>`, t * h * w / 4 `<|image_pad|>` tokens, `<|vision_end|>` inside
     the text (the two markers count among the `text_tokens`), `pixel_values` as the flattened patches
-    (B * t * h * w, channels * temporal patch * patch * patch), `image_grid_thw` (B, 3) and the token types."""
+    (B * t * h * w, channels * temporal patch * patch * patch), `image_grid_thw` (B, 3), the token types."""
     if text_tokens < QWEN_MARKERS + 2:
         raise PruneConfigError(
-            f"text tokens must be >= {QWEN_MARKERS + 2} on Qwen-VL (BOS, <|vision_start|>, <|vision_end|> and "
-            f"the last prompt token), got {text_tokens}"
+            f"text tokens must be >= {QWEN_MARKERS + 2} on Qwen-VL (BOS, <|vision_start|>, <|vision_end|> "
+            f"and the last prompt token), got {text_tokens}"
         )
     words = text_tokens - QWEN_MARKERS
     text = _text_ids(config, words, gen)
