@@ -90,7 +90,7 @@ class BenchConfig:
     device: str = "auto"
     output: Path | None = None
     text_tokens: int = 60
-    image_size: tuple[int, int] | None = None  # (height, width) of the AnyRes image; None: the model's default
+    image_size: tuple[int, int] | None = None  # (height, width), AnyRes / Qwen-VL; None: the model's default
     params: dict[str, dict] = field(default_factory=dict)  # method name -> hyper-parameters
     oracle: bool = True
     oracle_generate: bool = True  # also time the oracle's generate() (e2e overhead); prefill is always timed

@@ -276,8 +276,10 @@ def synthetic_inputs(
 ) -> Inputs:
     """`batch` prompts of `text_tokens` random text ids around one image block, and random pixels.
 
-    Pass the model (any supported family) or, for LLaVA-1.5, its config. AnyRes models need the model: its
-    adapter says how many tokens an image of `image_size` expands to (`image_of`)."""
+    Pass the model (any supported family) or, for LLaVA-1.5, its config. AnyRes and Qwen-VL models need the
+    model: its adapter says how many tokens an image of `image_size` expands to (`image_of`). On Qwen-VL the
+    default size is the config's (896 x 896, whatever the patch size: pass `image_size` for the tiny models;
+    `build_model` and the runner do)."""
     if batch < 1:
         raise PruneConfigError(f"batch must be >= 1, got {batch}")
     if text_tokens < 2:
