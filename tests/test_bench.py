@@ -745,3 +745,227 @@ def test_oracle_of_flowcut_feeds_the_same_tokens(tiny_model):
         vtprune.unprune(model)
     assert [s.kind for s in record.stages] == ["vit"] and [s.kind for s in replay.stages] == ["vision"]
     assert replay.stages[0].kept == record.stages[0].kept and replay.stages[0].counts == [12, 12]
+
+
+# --- Qwen2-VL / Qwen2.5-VL: the tiny models of vtprune.testing, 128 x 128 image = 16 x 16 patches, 64 tokens
+
+QWEN_METHODS = ["none", "vispruner", "fastv", "dart"]
+QWEN_REFUSING = ["hiprune", "flowcut"]  # need a [CLS] row / prune inside the tower: refused on Qwen-VL
+QWEN_KEEPS = [32, 16]
+QWEN_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_model():
+    return build_model(
+        model=None, arch="tiny-qwen2.5-vl", random_weights=False, device="cpu", dtype=torch.float32
+    )
+
+
+@pytest.fixture(scope="module")
+def qwen_cli_run(tmp_path_factory):
+    """The bench command of issue 17 on the tiny Qwen2.5-VL, with two methods that refuse Qwen added."""
+    from vtprune.cli import app
+
+    out = tmp_path_factory.mktemp("bench-qwen")
+    args = ["bench", "--arch", "tiny-qwen2.5-vl", "--methods", ",".join(QWEN_METHODS + QWEN_REFUSING)]
+    args += ["--keep", "32,16", "--batch", "1,2", "--new-tokens", "3", "--repeats", "1", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--no-progress", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_qwen_bench_runs_every_method_beside_its_oracle(qwen_cli_run):
+    results, out = qwen_cli_run
+    entries = results["results"]
+    ran = [e for e in entries if e["name"] in QWEN_METHODS]
+    assert all(e["status"] == "ok" for e in ran), [e.get("error") for e in ran]
+    expected = {(m, k, b) for m in QWEN_METHODS if m != "none" for k in QWEN_KEEPS for b in BATCHES}
+    expected |= {("none", None, b) for b in BATCHES}
+    assert {(e["name"], e["keep"], e["batch"]) for e in ran} == expected
+    for e in ran:
+        assert e["method_timing"]["prefill_ms"]["median"] > 0
+        assert e["oracle_timing"]["prefill_ms"]["median"] > 0
+        assert e["tokens"]["visual_before"] == QWEN_TOKENS
+        assert e["method_timing"]["kv_cache_bytes"] == sum(e["kv_cache_bytes_theory_per_sample"])
+        if e["name"] != "none":
+            assert e["oracle_exact"] is True and isinstance(e["overhead_ms"], float)
+            assert e["tokens"]["tokens_after_pruning"] == [e["keep"]] * e["batch"]
+    for ref in results["references"]:
+        assert ref["status"] == "ok" and set(ref["short_prompt"]) == {"32", "16"}
+        assert ref["vision_tower_ms"]["median"] > 0 and ref["tokens"]["visual_before"] == QWEN_TOKENS
+    # the methods that refuse Qwen-VL are recorded as errors (naming the reason), the grid goes on
+    refused = [e for e in entries if e["name"] in QWEN_REFUSING]
+    assert len(refused) == len(QWEN_REFUSING) * len(QWEN_KEEPS) * len(BATCHES)
+    assert all(e["status"] == "error" and "qwen2_5_vl" in e["error"] for e in refused)
+    meta = results["meta"]
+    assert meta["arch"]["family"] == "qwen2_5_vl" and meta["visual_tokens_per_image"] == QWEN_TOKENS
+    assert meta["image"]["grid"] == [1, 16, 16] and meta["image"]["size"] == [128, 128]
+    md = (out / "results.md").read_text()
+    assert "- image: 128x128 image: 1 tower input of 16x16 patches, 64 tokens (2x2 patches merged" in md
+
+
+def _tiny_qwen_vision_by_hand(family: str) -> tuple[int, int]:
+    """(tower, merger) FLOPs of one 128 x 128 image on the tiny Qwen-VLs (vtprune.testing), written out: 256
+    patches of 3 x 2 x 8 x 8 values, tower width 32, MLP width 64, merger 128 -> 128 -> 64 on 64 tokens."""
+    n, dv = 256, 32
+    patch_embed = 2 * n * (3 * 2 * 8 * 8) * dv
+    if family == "qwen2_5_vl":  # 4 blocks, SwiGLU (3 matrices); 1 and 3 full, 0 and 2 in 16 windows of 16
+        blocks = 4 * 2 * n * (4 * dv * dv + 3 * dv * 64) + 2 * 4 * n * n * dv + 2 * 4 * dv * (16 * 16 * 16)
+    else:  # Qwen2-VL: 3 blocks, fc1 / fc2 (2 matrices, mlp_ratio 2), all full attention
+        blocks = 3 * 2 * n * (4 * dv * dv + 2 * dv * 64) + 3 * 4 * n * n * dv
+    merger = 2 * 64 * (128 * 128 + 128 * 64)
+    return patch_embed + blocks, merger
+
+
+@pytest.mark.parametrize("arch, family", [("tiny-qwen2.5-vl", "qwen2_5_vl"), ("tiny-qwen2-vl", "qwen2_vl")])
+def test_qwen_flops_match_a_hand_count(arch, family):
+    loaded = build_model(model=None, arch=arch, random_weights=False, device="cpu", dtype=torch.float32)
+    spec = loaded.spec
+    tower, merger = _tiny_qwen_vision_by_hand(family)
+    assert F.vision_flops(spec) == tower and F.projector_flops(spec) == merger
+    vocab = loaded.model.config.text_config.vocab_size
+    n = 60 + QWEN_TOKENS  # the LLM: d 64, m 192, 4 layers, 4 heads of 16, 2 KV heads (GQA), causal attention
+    per_layer = 2 * n * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 192) + 2 * 64 * n * (n + 1)
+    flops = F.prefill_flops(spec, n)
+    assert flops["llm"] == 4 * per_layer and flops["lm_head"] == 2 * 64 * vocab
+    assert flops["total"] == 4 * per_layer + 2 * 64 * vocab + tower + merger
+    # another image size: the tower's cost follows the patch grid (here 8 x 16 patches, 2 x 4 windows)
+    assert F.image_work(spec, (64, 128)).tokens == 32
+    small = F.vision_flops(spec, image_size=(64, 128))
+    assert small < tower and F.projector_flops(spec, image_size=(64, 128)) == merger // 2
+
+
+def test_qwen_windows_are_the_towers_own():
+    """The windows bench/flops.py counts are those of transformers' Qwen2.5-VL tower (its window index), on
+    grids whose merged-token sides are not multiples of the window (partial windows at bottom and right)."""
+    from vtprune import compat
+
+    spec = F.PRESETS["qwen2.5-vl-7b"]
+    for rows, cols in [(64, 64), (20, 36), (2, 58)]:
+        _, cu = compat.qwen_window_index(torch.tensor([[1, rows, cols]]), 2, 112, 14)
+        cu = torch.unique_consecutive(torch.as_tensor(cu))
+        assert sorted((cu[1:] - cu[:-1]).tolist()) == sorted(F.qwen_window_sizes(spec, (rows, cols)))
+    assert F.qwen_window_sizes(spec, (20, 36)) == [16 * 4, 16 * 4, 16 * 4, 16 * 4, 4 * 2 * 4] * 2 + [
+        8 * 4, 8 * 4, 8 * 4, 8 * 4, 4 * 4
+    ]
+    assert F.qwen_window_sizes(F.PRESETS["qwen2-vl-7b"], (20, 36)) == [720]  # no windows: the whole image
+
+
+def test_qwen_presets_are_the_released_models():
+    """The presets build the checkpoints' module trees (parameter counts of Qwen/Qwen2.5-VL-7B-Instruct and
+    Qwen/Qwen2-VL-7B-Instruct, on the meta device) and read back as the same ArchSpec."""
+    from transformers import AutoModelForImageTextToText
+
+    sizes = {"qwen2.5-vl-7b": 8_292_166_656, "qwen2-vl-7b": 8_291_375_616}
+    for name, params in sizes.items():
+        config = F.arch_config(name)
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config)
+        assert sum(p.numel() for p in model.parameters()) == params, name
+        assert F.ArchSpec.from_config(config, name=name) == F.PRESETS[name]
+        spec = F.PRESETS[name]
+        assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads) == (3584, 28, 28, 4)
+        assert spec.visual_tokens == 1024 and F.image_work(spec).describe().startswith("896x896 image")
+    # true prefill FLOPs of one 896 x 896 image + 60 text tokens on Qwen2.5-VL-7B: LLM, tower and merger
+    flops = F.prefill_flops("qwen2.5-vl-7b", 1084)
+    assert flops["vision"] == F.vision_flops("qwen2.5-vl-7b") and 5.5e12 < flops["vision"] < 5.6e12
+    with pytest.raises(ValueError, match="Qwen-VL architecture"):
+        F.llava_config("qwen2.5-vl-7b")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"random_weights": False}, "add --random-weights"),
+        ({"image_size": (900, 896)}, r"multiples of 28 px .* got 900x896; e\.g\. 896x896"),
+    ],
+)
+def test_qwen_preset_errors_come_before_the_7b_model_is_built(kwargs, match):
+    with pytest.raises(PruneConfigError, match=match):
+        build_model(**{"model": None, "arch": "qwen2.5-vl-7b", "random_weights": True, "device": "cpu",
+                       "dtype": torch.float32, **kwargs})
+
+
+def test_qwen_synthetic_inputs_are_what_the_processor_gives(tiny_qwen_model):
+    """Layout of the processor's output for one 128 x 128 image (vision start, 64 image pads, vision end;
+    flattened patches; image_grid_thw; token types), and the unmodified model reads them with its 3-D
+    positions: the same logits as vtprune's keep-everything run, which takes them from get_rope_index."""
+    from vtprune.testing import make_tiny_qwen_vl, random_image
+
+    model = tiny_qwen_model.model
+    cfg = model.config
+    _, processor = make_tiny_qwen_vl("qwen2_5_vl")
+    content = [{"type": "image"}, {"type": "text", "text": "a b"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    real = processor(text=[prompt], images=[random_image(0, 128)], return_tensors="pt")
+    inputs = synthetic_inputs(model, 2, 20, device="cpu", dtype=torch.float32, image_size=(128, 128))
+    assert inputs.pixel_values.shape == (2 * real["pixel_values"].shape[0], real["pixel_values"].shape[1])
+    assert inputs.image_grid_thw.tolist() == real["image_grid_thw"].tolist() * 2
+    pairs = [(real["input_ids"][0], real["mm_token_type_ids"][0])]
+    pairs.append((inputs.input_ids[1], inputs.mm_token_type_ids[1]))
+    for ids, types in pairs:
+        pads = torch.nonzero(ids == cfg.image_token_id).flatten()
+        assert len(pads) == QWEN_TOKENS and int(pads[-1] - pads[0]) == QWEN_TOKENS - 1
+        assert int(ids[pads[0] - 1]) == cfg.vision_start_token_id
+        assert int(ids[pads[-1] + 1]) == cfg.vision_end_token_id
+        assert torch.equal(types, (ids == cfg.image_token_id).long())
+    assert inputs.input_ids.shape == (2, 20 + QWEN_TOKENS)
+    assert int(inputs.input_ids[0, inputs.image_start]) == cfg.image_token_id
+    other = {cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
+    assert sum(int((inputs.input_ids[0] == i).sum()) for i in other) == 2  # no stray marker in the text
+    with torch.no_grad():
+        plain = model(**inputs.model_kwargs(), logits_to_keep=1).logits
+        vtprune.prune(model, "none")
+        try:
+            engine = model(**inputs.model_kwargs(), logits_to_keep=1).logits
+        finally:
+            vtprune.unprune(model)
+        text_positions = {k: v for k, v in inputs.model_kwargs().items() if k != "mm_token_type_ids"}
+        wrong = model(**text_positions, logits_to_keep=1).logits
+    torch.testing.assert_close(plain, engine)
+    assert not torch.allclose(plain, wrong)  # without the token types the model would use text positions
+    with pytest.raises(PruneConfigError, match="need the model"):
+        synthetic_inputs(cfg, 1, 20, device="cpu", dtype=torch.float32)
+    with pytest.raises(PruneConfigError, match="text tokens must be >= 4 on Qwen-VL"):
+        synthetic_inputs(model, 1, 3, device="cpu", dtype=torch.float32, image_size=(128, 128))
+
+
+def test_qwen2_vl_bench_and_another_image_size(tmp_path):
+    """Qwen2-VL (a tower of full-attention blocks) through the runner, a 64 x 96 image (24 tokens = `all`)."""
+    loaded = build_model(
+        model=None, arch="tiny-qwen2-vl", random_weights=False, device="cpu", dtype=torch.float32
+    )
+    cfg = BenchConfig(
+        arch="tiny-qwen2-vl", methods=["none", "vispruner", "fastv"], keeps=["all", 8], batches=[2],
+        image_size=(64, 96), new_tokens=2, repeats=1, warmup=0, oracle_generate=False, device="cpu",
+        dtype="float32", output=tmp_path, progress=False,
+    )
+    results = run_bench(cfg, loaded=loaded)
+    assert all(e["status"] == "ok" for e in results["results"]), [e.get("error") for e in results["results"]]
+    assert results["config"]["keeps"] == [24, 8] and list(results["meta"]["image"]["grid"]) == [1, 8, 12]
+    (ref,) = results["references"]
+    assert ref["status"] == "ok" and set(ref["short_prompt"]) == {"24", "8"}
+    spec = loaded.spec
+    for e in [*results["results"], ref]:
+        expected = F.prefill_flops(spec, e["layer_tokens"], image_size=(64, 96))
+        assert e["flops"]["true_total"] == expected["total"]
+        assert e["flops"]["true_vision"] == F.vision_flops(spec, image_size=(64, 96))
+    bad = BenchConfig(arch="tiny-qwen2-vl", keeps=[8], image_size=(60, 96), device="cpu", progress=False)
+    with pytest.raises(PruneConfigError, match="multiples of 16 px"):
+        run_bench(bad, loaded=loaded)
+
+
+def test_build_model_from_a_local_qwen_checkpoint(tmp_path):
+    """`--model` on a Qwen2.5-VL checkpoint, with its weights and with random ones (its config only)."""
+    from vtprune.testing import save_tiny_qwen_vl
+
+    path = save_tiny_qwen_vl(tmp_path / "qwen")
+    for random_weights in (False, True):
+        loaded = build_model(
+            model=str(path), arch=None, random_weights=random_weights, device="cpu", dtype=torch.float32,
+            image_size=(64, 128),
+        )
+        assert type(loaded.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+        assert loaded.random_weights is random_weights and loaded.spec.family == "qwen2_5_vl"
+        assert loaded.visual_tokens == 32 and loaded.image.grid == (1, 8, 16)

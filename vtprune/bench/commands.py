@@ -47,12 +47,15 @@ def parse_image_size(raw: str | None) -> tuple[int, int] | None:
 @reports_user_errors
 def bench_command(
     model: str = typer.Option(
-        None, help="Hugging Face id or local folder of a LLaVA-1.5 or LLaVA-NeXT (1.6) checkpoint."
+        None,
+        help="Hugging Face id or local folder of a LLaVA-1.5, LLaVA-NeXT (1.6), Qwen2-VL or Qwen2.5-VL "
+        "checkpoint.",
     ),
     arch: str = typer.Option(
         None,
         help="Architecture preset instead of a checkpoint: llava-1.5-7b, llava-1.5-13b, llava-1.6-vicuna-7b, "
-        "llava-1.6-vicuna-13b (with --random-weights), tiny, tiny-next (tiny test models, CPU).",
+        "llava-1.6-vicuna-13b, qwen2.5-vl-7b, qwen2-vl-7b (with --random-weights), tiny, tiny-next, "
+        "tiny-qwen2.5-vl, tiny-qwen2-vl (tiny test models, CPU).",
     ),
     random_weights: bool = typer.Option(
         False, "--random-weights", help="Random weights with the real architecture (no checkpoint needed)."
@@ -80,9 +83,11 @@ def bench_command(
     text_tokens: int = typer.Option(60, help="Text tokens of the synthetic prompt."),
     image_size: str = typer.Option(
         None,
-        help="LLaVA-NeXT only: HEIGHTxWIDTH of the synthetic image (default: twice the tower's resolution, "
-        "square; 672x672 on LLaVA-1.6 = base view + 2x2 tiles = 576 + 48x48 + 48 newlines = 2,928 tokens, "
-        "the vision tower on 5 inputs; 112x112 on tiny-next = 88 tokens).",
+        help="LLaVA-NeXT and Qwen-VL: HEIGHTxWIDTH of the synthetic image. LLaVA-NeXT default: twice the "
+        "tower's resolution, square; 672x672 on LLaVA-1.6 = base view + 2x2 tiles = 576 + 48x48 + 48 "
+        "newlines = 2,928 tokens, the vision tower on 5 inputs; 112x112 on tiny-next = 88 tokens. Qwen-VL: "
+        "sides multiples of 28 px (16 on the tiny ones), default 896x896 = 1,024 tokens (128x128 = 64 on "
+        "tiny-qwen*).",
     ),
     param: ParamOpt = None,
     oracle: bool = typer.Option(True, help="Also time each method's oracle (its kept tokens, no scoring)."),

@@ -27,6 +27,12 @@ the tiles' patches unpadded, and one `image_newline` per tile-grid row. `image_w
 numbers for an image size by the model's own arithmetic (select_best_resolution, unpad_image of
 transformers' llava_next), and `prefill_flops(..., crops=n)` runs the tower and projector on n crops while the
 LLM counts the tokens it is given.
+
+Qwen2-VL / Qwen2.5-VL (`ArchSpec.family`, presets in `QWEN_PRESETS`): the same LLM arithmetic (GQA, SwiGLU,
+causal attention); the tower embeds (2-frame x 14 x 14) patches with a Conv3d, runs its blocks over every
+patch of the image (Qwen2.5: inside windows of 112 px, except the `fullatt_block_indexes` blocks; Qwen2: all
+full attention) and its merger MLP maps each 2 x 2 patches to one LLM token, so the tower's cost follows the
+image's patch grid (`image_work(spec, (h, w))`, `vision_flops(spec, image_size=(h, w))`).
 """
 
 from __future__ import annotations
@@ -45,6 +51,11 @@ if TYPE_CHECKING:  # transformers is only needed to build or read configs, not f
 __all__ = [
     "ARCH_PRESETS",
     "HARDWARE",
+    "PRESETS",
+    "QWEN_CONFIGS",
+    "QWEN_PRESETS",
+    "QwenImageWork",
+    "arch_config",
     "ArchSpec",
     "ImageWork",
     "decode_flops",
@@ -60,6 +71,10 @@ __all__ = [
     "llm_weight_bytes",
     "prefill_flops",
     "projector_flops",
+    "qwen_config",
+    "qwen_grid",
+    "qwen_spec",
+    "qwen_window_sizes",
     "roofline_floor_ms",
     "sparsevlm_convention_flops",
     "tokens_after_pruning",
@@ -111,6 +126,18 @@ class ArchSpec:
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Qwen2-VL / Qwen2.5-VL (family "qwen2_vl" / "qwen2_5_vl"): a dynamic-resolution tower of
+    # temporal x spatial patches, 2 x 2 merged into one LLM token; `image_size` is then only the side of the
+    # synthetic image benchmarks assume (896 px: 32 x 32 = 1,024 tokens), and (Qwen2.5) most blocks attend
+    # inside windows of `vision_window_size` px, the blocks in `vision_fullatt_blocks` over the whole image
+    family: str = "llava"
+    temporal_patch_size: int = 1
+    spatial_merge_size: int = 1
+    vision_window_size: int = 0  # 0: every block attends over the whole image
+    vision_fullatt_blocks: tuple[int, ...] = ()
+    video_token_id: int | None = None
+    vision_start_token_id: int | None = None
+    vision_end_token_id: int | None = None
 
     # ---- derived sizes -------------------------------------------------------------------------------
     @property
@@ -140,13 +167,28 @@ class ArchSpec:
 
     @property
     def num_patches(self) -> int:
-        """Patch tokens of one image (576 for LLaVA-1.5)."""
+        """Patch tokens of one image (576 for LLaVA-1.5; 4,096 for an 896 x 896 image on Qwen-VL)."""
         return self.grid_size**2
 
     @property
     def vision_tokens(self) -> int:
-        """Tokens inside the vision tower: patches plus [CLS] (577 for LLaVA-1.5)."""
-        return self.num_patches + 1
+        """Tokens inside the vision tower: patches plus [CLS] (577 for LLaVA-1.5; Qwen-VL has no [CLS])."""
+        return self.num_patches + (0 if self.qwen else 1)
+
+    @property
+    def qwen(self) -> bool:
+        """Whether this is a Qwen2-VL / Qwen2.5-VL (dynamic resolution, 2 x 2 merger, M-RoPE)."""
+        return self.family in QWEN_FAMILIES
+
+    @property
+    def token_side(self) -> int:
+        """Pixels per side of one LLM token: patch x merge (28 on Qwen-VL; the patch on LLaVA)."""
+        return self.patch_size * self.spatial_merge_size
+
+    @property
+    def vision_mlp_matrices(self) -> int:
+        """Matrices of a tower block's MLP: 3 for Qwen2.5-VL's SwiGLU, 2 for CLIP's and Qwen2-VL's fc1/fc2."""
+        return 3 if self.family == "qwen2_5_vl" else 2
 
     @property
     def visual_tokens(self) -> int:
@@ -155,6 +197,8 @@ class ArchSpec:
 
         `default` drops [CLS] (576), `full` keeps it (577), as in `LlavaModel.get_image_features`.
         """
+        if self.qwen:  # the default synthetic image, 2 x 2 patches merged per token
+            return (self.image_size // self.token_side) ** 2
         return self.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
 
     @property
@@ -166,6 +210,8 @@ class ArchSpec:
     def default_image_size(self) -> tuple[int, int] | None:
         """The image size benchmarks assume on AnyRes models: twice the tower's resolution, square (672 x 672
         for CLIP-336: the base view and 2 x 2 tiles); None on LLaVA-1.5, where the size does not matter."""
+        if self.qwen:
+            return (self.image_size, self.image_size)
         return (2 * self.image_size, 2 * self.image_size) if self.anyres else None
 
     @property
@@ -234,7 +280,10 @@ class ArchSpec:
     # ---- construction --------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: LlavaConfig | Any, name: str | None = None) -> ArchSpec:
-        """Read the shape numbers from a `LlavaConfig` (anything with `text_config` and `vision_config`)."""
+        """Read the shape numbers from a `LlavaConfig` (anything with `text_config` and `vision_config`) or a
+        Qwen2-VL / Qwen2.5-VL config."""
+        if getattr(config, "model_type", None) in QWEN_FAMILIES:
+            return qwen_spec(config.to_dict(), name=name or getattr(config, "_name_or_path", "") or None)
         text = getattr(config, "text_config", None)
         vision = getattr(config, "vision_config", None)
         if text is None or vision is None:
@@ -327,12 +376,170 @@ ARCH_PRESETS: dict[str, ArchSpec] = {
     ),
 }
 
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+QWEN_DEFAULT_IMAGE = 896  # px per side of the benchmarks' synthetic image: 32 x 32 = 1,024 tokens
+
+
+def _qwen_text(max_positions: int) -> dict:
+    """The LLM of Qwen2-VL-7B and Qwen2.5-VL-7B (Qwen2-7B: GQA with 4 KV heads, M-RoPE sections 16/24/24)."""
+    return {
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_positions,
+        "max_window_layers": 28,
+        "use_sliding_window": False,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    }
+
+
+_QWEN_IDS = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "tie_word_embeddings": False,
+}
+
+# config.json of Qwen/Qwen2.5-VL-7B-Instruct and Qwen/Qwen2-VL-7B-Instruct in transformers 5's nested layout
+# (flat text keys under text_config, `rope_scaling` {"type": "mrope"} as rope_parameters), every shape number
+# written out (the config classes' defaults differ: Qwen2.5's vision hidden_size defaults to 3584, not 1280).
+# Counted on the meta device these build 8,292,166,656 and 8,291,375,616 parameters, the checkpoints' sizes.
+QWEN_CONFIGS: dict[str, dict] = {
+    "qwen2.5-vl-7b": {
+        "model_type": "qwen2_5_vl",
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "text_config": _qwen_text(128000),
+        "vision_config": {
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "hidden_act": "silu",
+            "in_channels": 3,
+            "out_hidden_size": 3584,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            "tokens_per_second": 2,
+        },
+        **_QWEN_IDS,
+    },
+    "qwen2-vl-7b": {
+        "model_type": "qwen2_vl",
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "text_config": _qwen_text(32768),
+        "vision_config": {
+            "depth": 32,
+            "embed_dim": 1280,
+            "mlp_ratio": 4,
+            "num_heads": 16,
+            "hidden_act": "quick_gelu",
+            "in_channels": 3,
+            "hidden_size": 3584,  # Qwen2-VL's name for the merger's output width (the LLM's)
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        **_QWEN_IDS,
+    },
+}
+
+
+def qwen_spec(config: dict, name: str | None = None, image_size: int = QWEN_DEFAULT_IMAGE) -> ArchSpec:
+    """The ArchSpec of a Qwen2-VL / Qwen2.5-VL config given as a dict (`config.to_dict()` or a
+    `QWEN_CONFIGS` entry); `image_size` is the side of the synthetic image benchmarks assume."""
+    family = config["model_type"]
+    if family not in QWEN_FAMILIES:
+        raise ValueError(f"qwen_spec reads {' or '.join(QWEN_FAMILIES)} configs, got {family!r}")
+    text, vision = config["text_config"], config["vision_config"]
+    heads = text["num_attention_heads"]
+    if family == "qwen2_5_vl":
+        dv, mv = vision["hidden_size"], vision["intermediate_size"]
+        window, full = vision["window_size"], tuple(int(i) for i in vision["fullatt_block_indexes"])
+    else:  # Qwen2-VL: `hidden_size` is the merger's output, blocks `embed_dim` wide, all full attention
+        dv, mv = vision["embed_dim"], vision["embed_dim"] * vision["mlp_ratio"]
+        window, full = 0, ()
+    rope = text.get("rope_parameters") or {}
+    return ArchSpec(
+        name=name or family,
+        hidden_size=text["hidden_size"],
+        intermediate_size=text["intermediate_size"],
+        num_layers=text["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads") or heads,
+        head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+        vocab_size=text["vocab_size"],
+        vision_hidden_size=dv,
+        vision_intermediate_size=mv,
+        vision_layers=vision["depth"],
+        vision_heads=vision["num_heads"],
+        image_size=image_size,
+        patch_size=vision["patch_size"],
+        num_channels=vision.get("in_channels", 3),
+        image_token_index=config["image_token_id"],
+        pad_token_id=text.get("pad_token_id"),
+        max_position_embeddings=text.get("max_position_embeddings", 32768),
+        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta", 1000000.0)),
+        family=family,
+        temporal_patch_size=vision["temporal_patch_size"],
+        spatial_merge_size=vision["spatial_merge_size"],
+        vision_window_size=window,
+        vision_fullatt_blocks=full,
+        video_token_id=config.get("video_token_id"),
+        vision_start_token_id=config.get("vision_start_token_id"),
+        vision_end_token_id=config.get("vision_end_token_id"),
+    )
+
+
+# Kept apart from ARCH_PRESETS (the LLaVA family, whose module layout `param_counts` and `llava_config`
+# describe); `PRESETS` holds both, and every function here takes either name.
+QWEN_PRESETS: dict[str, ArchSpec] = {k: qwen_spec(v, name=k) for k, v in QWEN_CONFIGS.items()}
+PRESETS: dict[str, ArchSpec] = {**ARCH_PRESETS, **QWEN_PRESETS}
+
+
+def qwen_config(name: str, attn_implementation: str | None = "sdpa"):
+    """The `Qwen2_5_VLConfig` / `Qwen2VLConfig` of a `QWEN_CONFIGS` preset (for random-weight benchmarks)."""
+    import copy
+
+    import transformers
+
+    from vtprune import compat
+
+    if name not in QWEN_CONFIGS:
+        raise ValueError(f"unknown Qwen-VL preset {name!r}; known: {sorted(QWEN_CONFIGS)}")
+    values = copy.deepcopy(QWEN_CONFIGS[name])
+    cls = {"qwen2_5_vl": transformers.Qwen2_5_VLConfig, "qwen2_vl": transformers.Qwen2VLConfig}[
+        values.pop("model_type")
+    ]
+    config = cls(**values)
+    if attn_implementation is not None:
+        compat.set_attention_implementation(config, attn_implementation)
+    return config
+
+
+def arch_config(name: str, attn_implementation: str | None = "sdpa"):
+    """The transformers config of any `ARCH_PRESETS` entry (LLaVA, LLaVA-NeXT or Qwen-VL)."""
+    if name in QWEN_CONFIGS:
+        return qwen_config(name, attn_implementation)
+    return llava_config(name, attn_implementation)
+
 
 def _preset(name: str) -> ArchSpec:
     try:
-        return ARCH_PRESETS[name]
+        return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown architecture preset {name!r}; known: {sorted(ARCH_PRESETS)}") from None
+        raise ValueError(f"unknown architecture preset {name!r}; known: {sorted(PRESETS)}") from None
 
 
 def llava_config(name: str | ArchSpec, attn_implementation: str | None = "sdpa") -> LlavaConfig:
@@ -350,6 +557,8 @@ def llava_config(name: str | ArchSpec, attn_implementation: str | None = "sdpa")
     from vtprune import compat
 
     spec = _preset(name) if isinstance(name, str) else name
+    if spec.qwen:
+        raise ValueError(f"{spec.name} is a Qwen-VL architecture: build its config with qwen_config")
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden_size,
         intermediate_size=spec.vision_intermediate_size,
@@ -446,6 +655,80 @@ class ImageWork:
         )
 
 
+@dataclass(frozen=True)
+class QwenImageWork(ImageWork):
+    """One Qwen-VL image: one tower input of t x h x w patches, (h / 2) x (w / 2) merged LLM tokens."""
+
+    grid: tuple[int, int, int] = (1, 0, 0)  # (temporal, rows, cols) patches: the model's image_grid_thw
+
+    def describe(self) -> str:
+        """"896x896 image: 1 tower input of 64x64 patches, 1024 tokens (2x2 patches merged per token)"."""
+        _, rows, cols = self.grid
+        merge = int(round((rows * cols / self.tokens) ** 0.5))
+        return (
+            f"{self.size[0]}x{self.size[1]} image: 1 tower input of {rows}x{cols} patches, "
+            f"{self.tokens} tokens ({merge}x{merge} patches merged per token)"
+        )
+
+
+def qwen_grid(spec: ArchSpec | str, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(rows, cols) of patches of one Qwen-VL image of `image_size` (height, width; default the spec's
+    `default_image_size`). The sides must be multiples of `token_side` (28 px): the synthetic inputs are the
+    processor's output after its resize, which always lands on such a size."""
+    s = _as_spec(spec)
+    size = tuple(image_size) if image_size is not None else s.default_image_size
+    if len(size) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in size):
+        raise ValueError(f"an image size is two positive integers (height, width), got {image_size!r}")
+    side = s.token_side
+    if size[0] % side or size[1] % side:
+        raise ValueError(
+            f"{s.name} takes images whose sides are multiples of {side} px (patch {s.patch_size} x merge "
+            f"{s.spatial_merge_size}, what its processor resizes to), got {size[0]}x{size[1]}; e.g. "
+            f"{(size[0] // side or 1) * side}x{(size[1] // side or 1) * side}"
+        )
+    return size[0] // s.patch_size, size[1] // s.patch_size
+
+
+def _chunks(length: int, width: int) -> list[int]:
+    """`length` cut into pieces of `width` from the start, the last one shorter."""
+    return [min(width, length - start) for start in range(0, length, width)]
+
+
+def qwen_window_sizes(spec: ArchSpec | str, grid: tuple[int, int]) -> list[int]:
+    """Patches in each attention window of a windowed Qwen2.5-VL block on a (rows, cols) patch grid.
+
+    As `get_window_index` of transformers' Qwen2.5-VL: the grid of merged tokens is cut into windows of
+    `window_size // (patch * merge)` merged tokens per side (4 at 112 px) from the top-left corner, the last
+    window row / column smaller (its padding is dropped), and a window holds its merged tokens' 2 x 2 patches.
+    A tower without windows (Qwen2-VL) has one window: the whole image."""
+    s = _as_spec(spec)
+    rows, cols = grid
+    if not s.vision_window_size:
+        return [rows * cols]
+    merge, width = s.spatial_merge_size, s.vision_window_size // s.token_side
+    heights, widths = _chunks(rows // merge, width), _chunks(cols // merge, width)
+    return [a * b * merge * merge for a in heights for b in widths]
+
+
+def _qwen_vision_flops(s: ArchSpec, image_size: tuple[int, int] | None) -> int:
+    """One image through a Qwen-VL tower: the Conv3d patch embedding (temporal patch x patch x patch x
+    channels per patch), every block's linears (qkv + proj, and the MLP's 2 or 3 matrices), and attention
+    over the image's n patches (4·n²·dv: QKᵀ and AV, non-causal) in the full-attention blocks, or over each
+    window in the windowed ones (4·dv·Σ window²)."""
+    rows, cols = qwen_grid(s, image_size)
+    n, dv, mv = rows * cols, s.vision_hidden_size, s.vision_intermediate_size
+    patch_embed = 2 * n * (s.num_channels * s.temporal_patch_size * s.patch_size**2) * dv
+    linear = 2 * n * (4 * dv * dv + s.vision_mlp_matrices * dv * mv)
+    full = 4 * n * n * dv
+    if s.vision_window_size:
+        full_blocks = len(s.vision_fullatt_blocks)
+        windowed = 4 * dv * sum(w * w for w in qwen_window_sizes(s, (rows, cols)))
+    else:
+        full_blocks, windowed = s.vision_layers, 0
+    attention = full_blocks * full + (s.vision_layers - full_blocks) * windowed
+    return patch_embed + s.vision_layers * linear + attention
+
+
 def _select_best_resolution(size: tuple[int, int], pinpoints) -> tuple[int, int]:
     """transformers' `select_best_resolution`: the pinpoint keeping the most pixels, then wasting the fewest."""
     height, width = size
@@ -477,6 +760,11 @@ def image_work(spec: ArchSpec | str, image_size: tuple[int, int] | None = None) 
     unpadded, and one newline per grid row (`pack_image_features`). On LLaVA-1.5 every image is one tower
     input of `visual_tokens` tokens, so no size is taken. The default size is `default_image_size`."""
     s = _as_spec(spec)
+    if s.qwen:  # dynamic resolution: one tower input, 2 x 2 merged patches per token
+        rows, cols = qwen_grid(s, image_size)
+        size = tuple(image_size) if image_size is not None else s.default_image_size
+        merge = s.spatial_merge_size
+        return QwenImageWork(crops=1, tokens=rows * cols // (merge * merge), size=size, grid=(1, rows, cols))
     if not s.anyres:
         if image_size is not None:
             raise ValueError(
@@ -610,7 +898,7 @@ def _per_layer(spec: ArchSpec, values: int | Sequence[int], what: str) -> list[i
 # --------------------------------------------------------------------------------------------------------
 
 
-def vision_flops(spec: ArchSpec | str, crops: int = 1) -> int:
+def vision_flops(spec: ArchSpec | str, crops: int = 1, image_size: tuple[int, int] | None = None) -> int:
     """FLOPs of `crops` tower inputs through the CLIP tower: patch-embedding conv + all encoder layers.
 
     HF's `get_image_features` (and the original LLaVA code) run every encoder layer with
@@ -618,10 +906,15 @@ def vision_flops(spec: ArchSpec | str, crops: int = 1) -> int:
     Attention is non-causal over `vision_tokens` (577) tokens: QKᵀ and AV cost 2·T²·dv FLOPs each. An
     AnyRes image is `ImageWork.crops` inputs (5 for a 672 x 672 image: the base view and 2 x 2 tiles), each
     its own 577-token sequence.
+
+    Qwen-VL: `crops` images of `image_size` (height, width; default `default_image_size`), each its own
+    sequence of patches (`_qwen_vision_flops`: windowed and full-attention blocks).
     """
     s = _as_spec(spec)
     if crops < 0:
         raise ValueError(f"crops must be >= 0, got {crops}")
+    if s.qwen:
+        return crops * _qwen_vision_flops(s, image_size)
     dv, mv, t = s.vision_hidden_size, s.vision_intermediate_size, s.vision_tokens
     patch_embed = 2 * s.num_patches * (s.num_channels * s.patch_size**2) * dv
     linear = 2 * t * (4 * dv * dv + 2 * dv * mv)
@@ -629,12 +922,20 @@ def vision_flops(spec: ArchSpec | str, crops: int = 1) -> int:
     return crops * (patch_embed + s.vision_layers * (linear + attention))
 
 
-def projector_flops(spec: ArchSpec | str, tokens: int | None = None) -> int:
+def projector_flops(
+    spec: ArchSpec | str, tokens: int | None = None, image_size: tuple[int, int] | None = None
+) -> int:
     """FLOPs of the 2-layer MLP projector on `tokens` visual tokens (default: all of one tower input, 576).
 
-    Vision-stage methods that select before the projector can pass their kept count instead.
+    Vision-stage methods that select before the projector can pass their kept count instead. Qwen-VL: the
+    merger's MLP (4·dv → 4·dv → d, on the 2 x 2 patches of each token; default: every token of one image of
+    `image_size`).
     """
     s = _as_spec(spec)
+    if s.qwen:
+        unit = s.vision_hidden_size * s.spatial_merge_size**2
+        n = image_work(s, image_size).tokens if tokens is None else int(tokens)
+        return 2 * n * (unit * unit + unit * s.hidden_size)
     n = s.visual_tokens if tokens is None else int(tokens)
     return 2 * n * (s.projector_in * s.projector_hidden + s.projector_hidden * s.projector_out)
 
@@ -652,6 +953,7 @@ def prefill_flops(
     include_vision: bool = True,
     projector_tokens: int | None = None,
     crops: int = 1,
+    image_size: tuple[int, int] | None = None,
 ) -> dict[str, int]:
     """True FLOPs of one prefill.
 
@@ -663,6 +965,8 @@ def prefill_flops(
     image's `ImageWork.crops`): the projector maps every crop's patches before LlavaNextModel unpads them, so
     it sees crops × 576 tokens while the LLM sees the image's `tokens` (`layer_tokens`).
 
+    Qwen-VL: `crops` images of `image_size` through the tower and the merger (`vision_flops`).
+
     Returns a dict of ints: `llm_linear`, `llm_attention`, `llm` (decoder layers), `lm_head`, `vision`,
     `projector`, `total`; all multiplied by `batch`.
     """
@@ -673,10 +977,10 @@ def prefill_flops(
     linear = sum(_layer_linear_flops(s, n) for n in tokens)
     attention = sum(2 * s.q_dim * n * (n + 1) for n in tokens)
     lm_head = 2 * s.hidden_size * s.vocab_size * lm_head_positions
-    vision = vision_flops(s, crops) if include_vision else 0
+    vision = vision_flops(s, crops, image_size) if include_vision else 0
     if projector_tokens is None:
-        projector_tokens = crops * s.visual_tokens
-    projector = projector_flops(s, projector_tokens) if include_vision else 0
+        projector_tokens = crops * (image_work(s, image_size).tokens if s.qwen else s.visual_tokens)
+    projector = projector_flops(s, projector_tokens, image_size) if include_vision else 0
     out = {
         "llm_linear": linear,
         "llm_attention": attention,

@@ -152,14 +152,14 @@ def _row(cells: list[str]) -> str:
 
 
 def _image_line(meta: dict) -> list[str]:
-    """The synthetic image of an AnyRes model (its tower inputs and token breakdown); nothing for LLaVA-1.5."""
+    """The synthetic image of an AnyRes or Qwen-VL model (its tower inputs and token breakdown); nothing for
+    LLaVA-1.5."""
     image = meta.get("image") or {}
     if not image.get("size"):
         return []
-    return [
-        f"- image: {meta['image_note']}; budgets are counts per image, the vision tower always runs on all "
-        f"{image['crops']} inputs"
-    ]
+    tower = "on all of its tokens" if image["crops"] == 1 else f"on all {image['crops']} inputs"
+    note = meta["image_note"]
+    return [f"- image: {note}; budgets are counts per image, the vision tower always runs {tower}"]
 
 
 def markdown(results: dict) -> str:

@@ -33,6 +33,10 @@ position, vision tower and projector) and the FastV-convention count, with the r
 
 LLaVA-NeXT: every sample holds one image of `image_size` (bench/workload.py); budgets are counts per image of
 its tokens (`all` = every one), the vision tower and projector run on all of its crops in every subject.
+
+Qwen2-VL / Qwen2.5-VL: the same, with one dynamic-resolution image per sample (bench/workload.py); the vision
+tower time and the short prompt take the model's own `get_image_features(pixel_values, image_grid_thw)` (its
+merger included), and FLOPs count the tower's windowed and full-attention blocks on that image's patch grid.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ class BenchConfig:
     device: str = "auto"
     output: Path | None = None
     text_tokens: int = 60
-    image_size: tuple[int, int] | None = None  # (height, width) of the AnyRes image; None: the model's default
+    image_size: tuple[int, int] | None = None  # (height, width), AnyRes / Qwen-VL; None: the model's default
     params: dict[str, dict] = field(default_factory=dict)  # method name -> hyper-parameters
     oracle: bool = True
     oracle_generate: bool = True  # also time the oracle's generate() (e2e overhead); prefill is always timed
@@ -352,16 +356,22 @@ class Bench:
                 vtprune.unprune(self.model)
         return result, record
 
-    def vision_tower(self, inputs: Inputs) -> dict:
+    def image_features(self, inputs: Inputs):
+        """The unmodified model's `get_image_features` on the inputs' images: vision tower and projector (on
+        Qwen-VL the tower's merger), nothing of vtprune."""
         base = self.model.model
+        if inputs.image_grid_thw is not None:  # Qwen-VL: flattened patches and their grids, no layer choice
+            return base.get_image_features(inputs.pixel_values, inputs.image_grid_thw, return_dict=True)
         cfg = self.model.config
+        return base.get_image_features(
+            **inputs.image_kwargs(),
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        )
 
+    def vision_tower(self, inputs: Inputs) -> dict:
         def encode():
-            return base.get_image_features(
-                **inputs.image_kwargs(),
-                vision_feature_layer=cfg.vision_feature_layer,
-                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            )
+            return self.image_features(inputs)
 
         return {"vision_tower_ms": summarize(self.time_calls(encode, self.cfg.repeats, self.cfg.warmup))}
 
@@ -369,9 +379,11 @@ class Bench:
         """The unmodified model on a prompt holding `keep` image tokens: the vision tower and projector run as
         usual, `keep` of the image's own features (evenly spaced over the tokens it expands to: for LLaVA-NeXT
         the packed base view, unpadded tiles and newlines) are written into the prompt embeddings, and the
-        forward takes `inputs_embeds`. Nothing of vtprune runs."""
-        base = self.model.model
-        cfg = self.model.config
+        forward takes `inputs_embeds`. Nothing of vtprune runs.
+
+        Qwen-VL: the prompt keeps its vision start / end markers around the `keep` tokens; the positions are
+        given (0 .. L'-1 on the three M-RoPE axes: what they are does not change the cost), since from
+        `inputs_embeds` alone the model would reuse the `rope_deltas` of its last prompt."""
         p = inputs.visual_tokens
         start = inputs.image_start
         device = inputs.input_ids.device
@@ -380,18 +392,17 @@ class Bench:
         mask = torch.ones_like(ids)
         index = torch.linspace(0, p - 1, keep, device=device).round().long()
         embed = self.model.get_input_embeddings()
+        extra = {}
+        if inputs.image_grid_thw is not None:
+            extra["position_ids"] = torch.arange(ids.shape[1], device=device).expand(3, ids.shape[0], -1)
 
         def forward():
-            feats = compat.projected_image_features(
-                base.get_image_features(
-                    **inputs.image_kwargs(),
-                    vision_feature_layer=cfg.vision_feature_layer,
-                    vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                )
-            )[:, index]
+            feats = compat.projected_image_features(self.image_features(inputs))[:, index]
             embeds = embed(ids)
             embeds[:, start : start + keep] = feats.to(embeds.dtype)
-            return self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            return self.model(
+                inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1, **extra
+            )
 
         return {"prefill_ms": summarize(self.time_calls(forward, self.cfg.repeats, self.cfg.warmup))}
 
@@ -455,13 +466,24 @@ def token_facts(record, visual_before: int, num_layers: int, text_tokens: int, b
     }
 
 
-def flops_facts(spec: F.ArchSpec, tokens: dict, new_tokens: int, dtype_bytes: int, crops: int = 1) -> dict:
+def flops_facts(
+    spec: F.ArchSpec,
+    tokens: dict,
+    new_tokens: int,
+    dtype_bytes: int,
+    crops: int = 1,
+    image_size: tuple[int, int] | None = None,
+) -> dict:
     """FLOPs (per sample, averaged over the batch's samples) and the theoretical KV bytes of the batch; the
-    vision tower and projector run on `crops` tower inputs per sample (an AnyRes image's base view + tiles)."""
+    vision tower and projector run on `crops` tower inputs per sample (an AnyRes image's base view + tiles)
+    of an image of `image_size` (what the Qwen-VL tower's cost depends on)."""
     text = tokens["text"]
     per_sample = [[text + v for v in layers] for layers in tokens["layer_visual_tokens"]]
     n = len(per_sample)
-    true = [F.prefill_flops(spec, layer_tokens, crops=crops) for layer_tokens in per_sample]
+    true = [
+        F.prefill_flops(spec, layer_tokens, crops=crops, image_size=image_size if spec.qwen else None)
+        for layer_tokens in per_sample
+    ]
     fastv = [F.fastv_convention_flops(spec, layer_tokens) for layer_tokens in per_sample]
     sparse = [F.sparsevlm_convention_flops(spec, layer_tokens) for layer_tokens in per_sample]
     kv = [
@@ -655,6 +677,7 @@ class _Grid:
         self.loaded = loaded
         self.visual = loaded.visual_tokens
         self.crops = loaded.image.crops
+        self.image_size = loaded.image.size
         self.dtype_bytes = torch.tensor([], dtype=loaded.dtype).element_size()
         self.unpruned: dict[int, dict] = {}
         self.config_errors: dict[str, str] = {}
@@ -679,6 +702,12 @@ class _Grid:
             "results": [],
             "profiles": [],
         }
+
+    def flops(self, tokens: dict) -> dict:
+        """`flops_facts` of one subject's tokens on this run's model and image."""
+        return flops_facts(
+            self.loaded.spec, tokens, self.cfg.new_tokens, self.dtype_bytes, self.crops, self.image_size
+        )
 
     def over_budget(self) -> bool:
         return (
@@ -721,7 +750,7 @@ class _Grid:
             ref.update(bench.vision_tower(inputs))
             tokens = token_facts(None, self.visual, self.loaded.spec.num_layers, cfg.text_tokens, batch)
             ref["tokens"] = tokens
-            ref.update(flops_facts(self.loaded.spec, tokens, cfg.new_tokens, self.dtype_bytes, self.crops))
+            ref.update(self.flops(tokens))
             ref["short_prompt"] = {str(k): bench.short_prompt(inputs, k) for k in self.keeps}
             self.unpruned[batch] = timing
             self.vision[batch] = ref["vision_tower_ms"]["median"]
@@ -758,7 +787,7 @@ class _Grid:
             pruned = record if name != "none" else None
             tokens = token_facts(pruned, self.visual, self.loaded.spec.num_layers, cfg.text_tokens, batch)
             entry["tokens"] = tokens
-            entry.update(flops_facts(self.loaded.spec, tokens, cfg.new_tokens, self.dtype_bytes, self.crops))
+            entry.update(self.flops(tokens))
             if name == "none":
                 entry["oracle_timing"] = self.unpruned.get(batch)
                 entry["oracle"] = "unpruned model, no hooks"
