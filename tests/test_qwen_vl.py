@@ -408,3 +408,19 @@ def test_video_matrix(tiny_qwen, video, name):
         with torch.no_grad():
             torch.testing.assert_close(logits, oracle_logits(model, video, record)[:, -1], rtol=1e-4, atol=1e-4)
         assert name == "none" or max(record.tokens_after_pruning) <= KEEP
+
+
+@pytest.mark.parametrize("name", ["none", "vispruner", "fastv", "pdrop", "sparsevlm", "visionzip"])
+def test_static_cache_equals_dynamic(tiny_qwen, batch, name):
+    """generate() with a preallocated cache (transformers hands Qwen-VL its masks prebuilt, as a dict per
+    layer type) gives the tokens and kept sets of the dynamic cache, on a left-padded batch of two image sizes."""
+    params, _, _ = run_case(name)
+    model, _ = tiny_qwen
+    outputs = {}
+    with vtprune.pruned(model, method_of(name), keep=budget(name), **params):
+        for cache in ("dynamic", "static"):
+            with torch.no_grad():
+                tokens = model.generate(**batch, max_new_tokens=4, do_sample=False, cache_implementation=cache)
+            outputs[cache] = (tokens, [stage.kept for stage in vtprune.last_record(model).stages])
+    assert torch.equal(outputs["static"][0], outputs["dynamic"][0])
+    assert outputs["static"][1] == outputs["dynamic"][1]

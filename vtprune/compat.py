@@ -77,6 +77,20 @@ def cache_holds_any_length(cache) -> bool:
     return layers is not None and all(type(layer) in (DynamicLayer, StaticLayer) for layer in layers)
 
 
+def is_prebuilt_mask(mask) -> bool:
+    """Whether `generate()` turned the padding mask into the model's 4-D mask before calling forward (see
+    below). Models with several attention types get a dict of them, one per layer type (Qwen2-VL / Qwen2.5-VL
+    with a preallocated cache, 5.24: {"full_attention": ...}; a value is None where no mask is needed)."""
+    return isinstance(mask, dict) or isinstance(mask, torch.Tensor) and mask.ndim == 4
+
+
+def prebuilt_mask(mask) -> torch.Tensor | None:
+    """The full-attention 4-D mask of a prebuilt mask (`is_prebuilt_mask`); None when it needs none."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    return mask
+
+
 def padding_mask_of_prebuilt(mask: torch.Tensor, length: int) -> torch.Tensor:
     """(B, length) bool: which of the first `length` keys are real tokens, read from a 4-D mask.
 

@@ -733,7 +733,7 @@ class _Grid:
         item["status"] = "skipped" if isinstance(err, TimeoutError) else "error"
         item["error"] = f"{type(err).__name__}: {err}"
         if item["status"] == "error":
-            item["traceback"] = traceback.format_exc(limit=6)
+            item["traceback"] = traceback.format_exc(limit=-12)
         if self.bench.cuda:
             torch.cuda.empty_cache()  # after an out-of-memory error the next configuration starts clean
         self.log(f"{what}: {item['error']}")

@@ -23,8 +23,11 @@ def begin_step(episode: Episode, call: dict) -> dict:
     batch, q_len = ref.shape[:2]
     done = episode.decode_len
     mask2d = call.get("attention_mask")
-    if mask2d is not None and mask2d.ndim == 2 and mask2d.shape[1] >= done + q_len:
-        tail = mask2d[:, mask2d.shape[1] - done - q_len :].bool()
+    # A 2-D padding mask gives the generated tail's validity; a static cache's prebuilt 4-D masks (or a dict of
+    # them) do not, and the generated tokens are all real.
+    padding = mask2d if isinstance(mask2d, torch.Tensor) and mask2d.ndim == 2 else None
+    if padding is not None and padding.shape[1] >= done + q_len:
+        tail = padding[:, padding.shape[1] - done - q_len :].bool()
     else:
         tail = torch.ones(batch, done + q_len, dtype=torch.bool, device=ref.device)
     offsets = torch.arange(done, done + q_len, device=ref.device)

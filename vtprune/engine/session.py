@@ -344,10 +344,11 @@ class PruneSession:
             )
         batch, length = input_ids.shape
         mask2d = call.get("attention_mask")
-        if mask2d is not None and mask2d.ndim == 4 and compat.static_key_length(cache, 0) is not None:
-            # generate() prebuilt the 4-D mask of the full prompt; the engine builds the pruned ones itself.
-            mask2d = compat.padding_mask_of_prebuilt(mask2d, length).long()
-        if mask2d is not None and mask2d.ndim != 2:
+        if compat.is_prebuilt_mask(mask2d) and compat.static_key_length(cache, 0) is not None:
+            # generate() prebuilt the 4-D mask of the full prompt (None: no padding); the engine builds its own.
+            prebuilt = compat.prebuilt_mask(mask2d)
+            mask2d = None if prebuilt is None else compat.padding_mask_of_prebuilt(prebuilt, length).long()
+        if mask2d is not None and (not isinstance(mask2d, torch.Tensor) or mask2d.ndim != 2):
             raise PruneConfigError("vtprune needs a 2-D attention_mask (batch, sequence)")
         text_valid_in = mask2d.bool() if mask2d is not None else torch.ones_like(input_ids, dtype=torch.bool)
         # Vision tower (once; generate() may have run it already): for models whose images differ in token
