@@ -61,6 +61,33 @@ class ImageLayout:
         return bool((self.lengths == self.lengths.flatten()[0]).all())
 
 
+def blocks_by_count(
+    is_visual: torch.Tensor, per_sample: torch.Tensor, num_images: int, token_counts, what: str = "image"
+) -> ImageLayout:
+    """Each sample's visual-token blocks when image i (in the processor's order, sample by sample) expands to
+    `token_counts[i]` consecutive tokens of the (B, L) mask `is_visual` (families whose images differ in token
+    count). `what` names the inputs in messages ("image", "image/video")."""
+    batch = is_visual.shape[0]
+    counts = torch.as_tensor(token_counts, device=is_visual.device).long()
+    if num_images % batch:
+        raise PruneConfigError(
+            f"{num_images} image(s) for {batch} prompt(s); every sample of a batch needs the same number of images"
+        )
+    lengths = counts.view(batch, num_images // batch)
+    if not torch.equal(lengths.sum(dim=1), per_sample):
+        raise PruneConfigError(
+            f"the prompts hold {per_sample.tolist()} {what} tokens per sample but the inputs expand to "
+            f"{lengths.sum(dim=1).tolist()} (was the prompt built by the model's processor, with these inputs?)"
+        )
+    positions = [torch.nonzero(is_visual[b]).flatten() for b in range(batch)]
+    offsets = torch.cumsum(lengths, dim=1) - lengths
+    starts = torch.stack([positions[b][offsets[b]] for b in range(batch)])
+    ends = torch.stack([positions[b][offsets[b] + lengths[b] - 1] for b in range(batch)])
+    if bool((ends - starts + 1 != lengths).any()):
+        raise PruneConfigError(f"each {what}'s tokens must be consecutive in the prompt")
+    return ImageLayout(starts=starts, lengths=lengths)
+
+
 def find_layers(root: nn.Module, suffix: str) -> nn.ModuleList:
     """The first ModuleList whose qualified name is or ends with `suffix` (e.g. "encoder.layers")."""
     for name, module in root.named_modules():

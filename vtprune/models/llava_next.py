@@ -22,7 +22,7 @@ from torch import nn
 from vtprune import compat
 from vtprune.errors import PruneConfigError
 from vtprune.models import register_adapter
-from vtprune.models.base import ImageLayout
+from vtprune.models.base import ImageLayout, blocks_by_count
 from vtprune.models.llava import LlavaAdapter
 
 
@@ -101,28 +101,10 @@ class LlavaNextAdapter(LlavaAdapter):
 
     # --- image tokens ---------------------------------------------------------------------------------
     def locate_images(self, input_ids: torch.Tensor, num_images: int, token_counts=None) -> ImageLayout:
-        """Each sample's image-token blocks; image i (in the processor's order, sample by sample) expands to
-        `token_counts[i]` consecutive tokens."""
-        is_image, per_sample = self.image_tokens(input_ids)
-        batch = input_ids.shape[0]
-        counts = torch.as_tensor(token_counts, device=input_ids.device).long()
-        if num_images % batch:
-            raise PruneConfigError(
-                f"{num_images} image(s) for {batch} prompt(s); every sample of a batch needs the same number of images"
-            )
-        lengths = counts.view(batch, num_images // batch)
-        if not torch.equal(lengths.sum(dim=1), per_sample):
-            raise PruneConfigError(
-                f"the prompts hold {per_sample.tolist()} image tokens per sample but the images expand to "
-                f"{lengths.sum(dim=1).tolist()} (was the prompt built by the model's processor, with these images?)"
-            )
-        positions = [torch.nonzero(is_image[b]).flatten() for b in range(batch)]
-        offsets = torch.cumsum(lengths, dim=1) - lengths
-        starts = torch.stack([positions[b][offsets[b]] for b in range(batch)])
-        ends = torch.stack([positions[b][offsets[b] + lengths[b] - 1] for b in range(batch)])
-        if bool((ends - starts + 1 != lengths).any()):
-            raise PruneConfigError("each image's tokens must be consecutive in the prompt")
-        return ImageLayout(starts=starts, lengths=lengths)
+        """Each sample's image token blocks; image i, in the processor's order, expands to `token_counts[i]`
+        consecutive tokens."""
+        is_visual, per_sample = self.image_tokens(input_ids)
+        return blocks_by_count(is_visual, per_sample, num_images, token_counts, what="image")
 
     # --- vision features --------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs):

@@ -27,7 +27,7 @@ from torch import nn
 from vtprune import compat
 from vtprune.errors import PruneConfigError
 from vtprune.models import register_adapter
-from vtprune.models.base import ImageLayout, ModelAdapter, VisualInput
+from vtprune.models.base import ImageLayout, ModelAdapter, VisualInput, blocks_by_count
 
 # The most tokens one image gets from the Qwen processors' default `max_pixels` (12,845,056 px = 16,384
 # tokens of 28 x 28 px); only a default: every image is planned with its own count.
@@ -146,28 +146,10 @@ class QwenVLAdapter(ModelAdapter):
         return torch.stack([frame.flatten(), row.flatten(), col.flatten()], dim=1)
 
     def locate_images(self, input_ids: torch.Tensor, num_images: int, token_counts=None) -> ImageLayout:
-        """Each sample's image (or video) token blocks; image i, in the processor's order, expands to
-        `token_counts[i]` consecutive tokens."""
+        """Each sample's image (or video) token blocks; image i, in the processor's order, expands to `token_counts[i]`
+        consecutive tokens."""
         is_visual, per_sample = self.image_tokens(input_ids)
-        batch = input_ids.shape[0]
-        counts = torch.as_tensor(token_counts, device=input_ids.device).long()
-        if num_images % batch:
-            raise PruneConfigError(
-                f"{num_images} image(s) for {batch} prompt(s); every sample of a batch needs the same number of images"
-            )
-        lengths = counts.view(batch, num_images // batch)
-        if not torch.equal(lengths.sum(dim=1), per_sample):
-            raise PruneConfigError(
-                f"the prompts hold {per_sample.tolist()} image/video tokens per sample but the inputs expand to "
-                f"{lengths.sum(dim=1).tolist()} (was the prompt built by the model's processor, with these inputs?)"
-            )
-        positions = [torch.nonzero(is_visual[b]).flatten() for b in range(batch)]
-        offsets = torch.cumsum(lengths, dim=1) - lengths
-        starts = torch.stack([positions[b][offsets[b]] for b in range(batch)])
-        ends = torch.stack([positions[b][offsets[b] + lengths[b] - 1] for b in range(batch)])
-        if bool((ends - starts + 1 != lengths).any()):
-            raise PruneConfigError("each image's tokens must be consecutive in the prompt")
-        return ImageLayout(starts=starts, lengths=lengths)
+        return blocks_by_count(is_visual, per_sample, num_images, token_counts, what="image/video")
 
     # --- positions (M-RoPE) -----------------------------------------------------------------------------
     def prompt_positions(self, input_ids: torch.Tensor, mask2d, visual: VisualInput) -> torch.Tensor:
