@@ -28,7 +28,6 @@ from transformers import (
 from vtprune import compat
 
 IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = ["<unk>", "<pad>", "<s>", "</s>", IMAGE_TOKEN]
 
 # A llava-hf style template: "USER: <image>\n{text} ASSISTANT:". An optional system message is printed first,
 # which is how the LLaVA `vicuna_v1` prompt is reproduced.
@@ -52,10 +51,15 @@ BASIC_WORDS = (
 ).split()
 
 
-def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer: one id per word or punctuation mark, `<image>` as a special token."""
+def build_word_tokenizer(
+    words: list[str], vision_tokens: tuple[str, ...] = (IMAGE_TOKEN,), named: dict[str, str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer: one id per word or punctuation mark, the `vision_tokens` (LLaVA: `<image>`)
+    as special tokens right after <unk> <pad> <s> </s>; `named` gives the processor's token attributes."""
+    from tokenizers import processors
+
     vocab: dict[str, int] = {}
-    for token in [*SPECIAL_TOKENS, *words]:
+    for token in ["<unk>", "<pad>", "<s>", "</s>", *vision_tokens, *words]:
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -68,15 +72,13 @@ def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         pad_token="<pad>",
         padding_side="left",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens=named or {"image_token": IMAGE_TOKEN},
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    # Word-level tokenizers have no post-processor adding BOS; LLaVA prompts start with BOS.
-    from tokenizers import processors
-
-    backend_bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(vision_tokens)})
+    # Word-level tokenizers have no post-processor adding BOS; the prompts start with BOS.
+    bos = tokenizer.convert_tokens_to_ids("<s>")
     tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", backend_bos)]
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
     )
     return tokenizer
 
@@ -298,30 +300,8 @@ TINY_QWEN_PATCH = 8
 
 def build_qwen_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with Qwen-VL's vision special tokens (`<|image_pad|>`, `<|video_pad|>`, ...)."""
-    from tokenizers import processors
-
-    vocab: dict[str, int] = {}
-    for token in ["<unk>", "<pad>", "<s>", "</s>", *QWEN_SPECIAL_TOKENS, *words]:
-        vocab.setdefault(token, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        padding_side="left",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
-    bos = tokenizer.convert_tokens_to_ids("<s>")
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
-    )
-    return tokenizer
+    named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+    return build_word_tokenizer(words, tuple(QWEN_SPECIAL_TOKENS), named)
 
 
 def make_tiny_qwen_vl(
