@@ -83,6 +83,18 @@ def build_word_tokenizer(
     return tokenizer
 
 
+def _spread_random_model(model_cls, config, seed: int):
+    """`model_cls(config)` in eval mode, its matrices drawn with std 0.08: the default random init gives
+    near-uniform attention, a larger spread makes selections (and the tests) discriminative."""
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.ndim == 2:
+                p.normal_(0.0, 0.08)
+    return model.eval()
+
+
 def build_clip_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     """A word-level, lower-casing tokenizer with CLIP's special tokens (`<|startoftext|>` = 0,
     `<|endoftext|>` = 1, also pad and unk), for small CLIP text towers saved next to it."""
@@ -186,15 +198,7 @@ def make_tiny_llava(
         attn_implementation=attn_implementation,
         **config_kwargs,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    # Random init gives near-uniform attention; a larger spread makes selections (and tests) discriminative.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.ndim == 2:
-                p.normal_(0.0, 0.08)
-    model.eval()
-    return model, processor
+    return _spread_random_model(LlavaForConditionalGeneration, config, seed), processor
 
 
 # LLaVA-NeXT in miniature: 56 px crops of 4 x 4 patches; a wide image gets 1 x 2 tiles, a square-ish one 2 x 2.
@@ -239,14 +243,9 @@ def make_tiny_llava_next(
         projector_hidden_act="gelu",
     )
     compat.set_attention_implementation(config, attn_implementation)
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config)
+    model = _spread_random_model(LlavaNextForConditionalGeneration, config, seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.ndim == 2:
-                p.normal_(0.0, 0.08)
         model.model.image_newline.normal_(0.0, 0.5)
-    model.eval()
     return model, processor
 
 
@@ -366,14 +365,7 @@ def make_tiny_qwen_vl(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE,
     )
     compat.set_attention_implementation(config, attn_implementation)
-    torch.manual_seed(seed)
-    model = model_cls(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.ndim == 2:
-                p.normal_(0.0, 0.08)
-    model.eval()
-    return model, processor
+    return _spread_random_model(model_cls, config, seed), processor
 
 
 def save_tiny_qwen_vl(directory: str | Path, kind: str = "qwen2_5_vl", seed: int = 0) -> Path:
