@@ -40,6 +40,24 @@ def build_inputs(processor, questions, seeds, images_per_prompt=1):
     return inputs
 
 
+def sized_image_inputs(processor, questions, sizes, seeds, side):
+    """One chat prompt per question with one random image each (`random_image(seed, side)` resized to the
+    size's (width, height)), in one left-padded batch: images of different token counts (LLaVA-NeXT, Qwen-VL)."""
+    prompts, images = [], []
+    for question, size, seed in zip(questions, sizes, seeds, strict=True):
+        content = [{"type": "image"}, {"type": "text", "text": question}]
+        prompts.append(
+            processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        )
+        images.append(random_image(seed, side).resize(size))
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def last_logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1]
+
+
 @pytest.fixture(scope="session")
 def batch_inputs(tiny):
     _, _, processor = tiny

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import last_logits, sized_image_inputs
 from oracle import image_features, oracle_greedy, oracle_logits
 from test_engine import CASES, method_of
 
@@ -41,24 +42,12 @@ def tiny_next():
 
 
 def next_inputs(processor, which=(0, 1)):
-    prompts, images = [], []
-    for i in which:
-        content = [{"type": "image"}, {"type": "text", "text": QUESTIONS[i]}]
-        prompts.append(
-            processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        )
-        images.append(random_image(i + 1, 60).resize(SIZES[i]))
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    return sized_image_inputs(processor, [QUESTIONS[i] for i in which], [SIZES[i] for i in which], [i + 1 for i in which], 60)
 
 
 @pytest.fixture(scope="module")
 def batch(tiny_next):
     return next_inputs(tiny_next[2])
-
-
-def last_logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits[:, -1]
 
 
 # A fixed `contextual` count is per crop on NeXT; the tiny tall image's crops get shares of 2-3 tokens.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hook_snapshot
+from conftest import hook_snapshot, last_logits, sized_image_inputs
 from oracle_qwen import full_positions, kept_columns, oracle_logits
 from test_engine import CASES, method_of
 
@@ -42,24 +42,12 @@ def tiny_qwen(request):
 
 
 def qwen_inputs(processor, which=(0, 1)):
-    prompts, images = [], []
-    for i in which:
-        content = [{"type": "image"}, {"type": "text", "text": QUESTIONS[i]}]
-        prompts.append(
-            processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        )
-        images.append(random_image(i + 1, 64).resize(SIZES[i]))
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    return sized_image_inputs(processor, [QUESTIONS[i] for i in which], [SIZES[i] for i in which], [i + 1 for i in which], 64)
 
 
 @pytest.fixture(scope="module")
 def batch(tiny_qwen):
     return qwen_inputs(tiny_qwen[1])
-
-
-def last_logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits[:, -1]
 
 
 def budget(name):
