@@ -15,6 +15,7 @@ from vtprune.analysis.commands import analyze_app, show_command
 from vtprune.bench.commands import bench_command
 from vtprune.cli_common import (
     AttnOpt,
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
     KeepOpt,
@@ -114,6 +115,7 @@ def generate_command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     attn: AttnOpt = "sdpa",
+    compile: CompileOpt = False,
     system_prompt: Annotated[
         bool, typer.Option("--system-prompt/--no-system-prompt", help="Prepend the LLaVA vicuna_v1 system prompt.")
     ] = False,
@@ -123,6 +125,7 @@ def generate_command(
     from PIL import Image
 
     import vtprune
+    from vtprune.compiled import generation_kwargs
     from vtprune.loading import load_model, resolve_device_dtype
     from vtprune.userinput import parse_keep_option, parse_params
 
@@ -143,7 +146,7 @@ def generate_command(
     vtprune.prune(llava, pruning, timing=True)
     t1 = time.perf_counter()
     with torch.no_grad():
-        out = llava.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = llava.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generation_kwargs(compile))
     if dev.startswith("cuda"):
         torch.cuda.synchronize()
     total_s = time.perf_counter() - t1

@@ -18,10 +18,12 @@ Measured (CUDA events on a GPU, host clock on a CPU; `warmup` untimed calls firs
   which synchronises the device around each phase; taken in separate repeats so the headline prefill is
   free of those syncs);
 * `e2e_ms`: `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)` (greedy, exactly N tokens,
-  EOS cannot stop it); `ttft_generate_ms` from the call to the end of its first forward; `decode_ms_per_token`
-  = (end of the last forward − end of the first) / (N − 1), so it includes generate's per-step Python;
-  `--cache static` runs generate with a preallocated cache (on a GPU transformers then compiles the decode
-  step; the first calls compile and are not timed), for the unpruned model, the methods and the oracles alike;
+  EOS cannot stop it); `ttft_generate_ms`: the same call for one token (prefill + first token);
+  `decode_ms_per_token` = (e2e − TTFT) / (N − 1), so it includes generate's per-step Python (no hook marks the
+  steps: it would be traced into a compiled decode step);
+  `--cache static` runs generate with a preallocated cache, which transformers compiles on a GPU (torch.compile,
+  CUDA graphs: vtprune/compiled.py; the first calls compile and are not timed), for the unpruned model, the
+  methods and the oracles alike;
 * `throughput_samples_s` = batch / e2e, `tokens_per_s` = batch · N / e2e;
 * `peak_mem_*_bytes`: `torch.cuda.max_memory_allocated` over the prefill repeats and over the generate
   repeats (weights included; `weights_bytes` is given once);
@@ -59,6 +61,7 @@ from vtprune import compat
 from vtprune.bench import flops as F
 from vtprune.bench.oracle import FixedSelection
 from vtprune.bench.timing import Clock, summarize
+from vtprune.compiled import STATIC_CACHE, generation_kwargs
 from vtprune.bench.workload import BenchModel, Inputs, build_model, image_of, synthetic_inputs
 from vtprune.methods.base import METHODS, Method, PruneConfigError, make_method, method_class
 
@@ -66,7 +69,7 @@ __all__ = ["BenchConfig", "Bench", "run_bench", "SCHEMA"]
 
 SCHEMA = "vtprune.bench/1"
 KEEP_ALL = "all"  # a --keep entry: every visual token of the image (2,928 for a 672 x 672 LLaVA-1.6 image)
-CACHES = ("dynamic", "static")
+CACHES = ("dynamic", STATIC_CACHE)
 # generate() with a static cache compiles its decode step on a GPU: the first calls compile (and may recompile once)
 STATIC_WARMUP_CALLS = 3
 PHASE_REPEATS = 3  # the synchronised per-phase repeats only split the prefill; fewer are enough
@@ -267,42 +270,35 @@ class Bench:
             "min_new_tokens": n,
             "do_sample": False,
             "num_beams": 1,
-            **({"cache_implementation": "static"} if self.cfg.cache == "static" else {}),
+            **generation_kwargs(self.cfg.cache == STATIC_CACHE),
         }
 
     def time_generate(self, inputs: Inputs, repeats: int) -> dict:
-        """e2e, in-generate TTFT and per-token decode of `repeats` generate calls (after one warm-up that
-        also reads the KV cache)."""
+        """e2e, in-generate TTFT and per-token decode of `repeats` generate calls (after warm-up calls, one of
+        which also reads the KV cache).
+
+        No hook marks the steps: a Python hook inside a compiled decode step (`--cache static` on a GPU) would
+        be traced and recompiled on every call. TTFT is a one-token `generate` (prefill and first token) and
+        decode = (e2e of N tokens - TTFT) / (N - 1), medians of each."""
         kwargs = self.generate_kwargs(inputs)
-        marks: list = []
-        handle = self.model.register_forward_hook(
-            lambda module, args, output: marks.append(self.clock.mark())
-        )
-        try:
-            with torch.no_grad():
-                for _ in range(STATIC_WARMUP_CALLS - 1 if self.cfg.cache == "static" else 0):
-                    self.model.generate(**kwargs)
-                out = self.model.generate(**kwargs, return_dict_in_generate=True)
-                new = out.sequences.shape[1] - inputs.input_ids.shape[1]
-                if new != self.cfg.new_tokens:
-                    raise RuntimeError(f"generate produced {new} tokens instead of {self.cfg.new_tokens}")
-                kv = cache_bytes(compat.cache_from_output(out))
-                del out
-                self._reset_peak()
-                e2e, ttft, decode = [], [], []
-                for _ in range(repeats):
-                    marks.clear()
-                    start = self.clock.mark()
-                    seq = self.model.generate(**kwargs)
-                    end = self.clock.mark()
-                    self.clock.sync()
-                    del seq
-                    e2e.append(self.clock.ms(start, end))
-                    ttft.append(self.clock.ms(start, marks[0]))
-                    decode.append(self.clock.ms(marks[0], marks[-1]) / max(1, len(marks) - 1))
-                peak = self._peak()
-        finally:
-            handle.remove()
+        first_only = {**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}
+        with torch.no_grad():
+            for _ in range(STATIC_WARMUP_CALLS - 1 if self.cfg.cache == "static" else 0):
+                self.model.generate(**kwargs)
+            self.model.generate(**first_only)
+            out = self.model.generate(**kwargs, return_dict_in_generate=True)
+            new = out.sequences.shape[1] - inputs.input_ids.shape[1]
+            if new != self.cfg.new_tokens:
+                raise RuntimeError(f"generate produced {new} tokens instead of {self.cfg.new_tokens}")
+            kv = cache_bytes(compat.cache_from_output(out))
+            del out
+            self._reset_peak()
+            e2e = self.time_calls(lambda: self.model.generate(**kwargs), repeats, warmup=0)
+            ttft = self.time_calls(lambda: self.model.generate(**first_only), repeats, warmup=0)
+            peak = self._peak()
+        n = self.cfg.new_tokens
+        ttft_s = summarize(ttft)
+        decode = [(t - ttft_s["median"]) / max(1, n - 1) for t in e2e]
         e2e_s = summarize(e2e)
         batch = inputs.batch
         return {

@@ -31,12 +31,15 @@ def begin_step(episode: Episode, call: dict) -> dict:
     else:
         tail = torch.ones(batch, done + q_len, dtype=torch.bool, device=ref.device)
     offsets = torch.arange(done, done + q_len, device=ref.device)
-    tail_valid = mask2d is None or bool(tail.all())  # the one host sync of a decode step
+    # The one host sync of an eager decode step. Under torch.compile (generate's compiled decode with a static
+    # cache) a sync would break the graph, so the masks stay explicit there: the same attention, no sync.
+    tail_valid = mask2d is None or (not torch.compiler.is_compiling() and bool(tail.all()))
     episode.step = {"q_len": q_len, "tail": tail, "offsets": offsets, "tail_valid": tail_valid}
     if episode.input_rebuilt:
         layout0 = episode.layouts[0]
         full = torch.cat([layout0.key_valid, tail], dim=1)
-        call["attention_mask"] = None if mask2d is None and bool(full.all()) else full.long()
+        all_valid = mask2d is None and not torch.compiler.is_compiling() and bool(full.all())
+        call["attention_mask"] = None if all_valid else full.long()
         call["position_ids"] = layout0.next_position[:, None] + offsets
     return call
 

@@ -17,6 +17,7 @@ import typer
 
 from vtprune.cli_common import (
     AttnOpt,
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
     KeepOpt,
@@ -55,7 +56,7 @@ def _config(
     revision: str | None, parser: str | None, method: str, keep: str | None, param: list[str] | None,
     template: str | None, preprocessing: str | None, paper_setting: bool, batch_size: int,
     max_new_tokens: int | None, limit: int | None, output: Path, dtype: str, device: str,
-    attn_implementation: str, model_revision: str | None, retry_errors: bool, progress: bool,
+    attn_implementation: str, model_revision: str | None, retry_errors: bool, progress: bool, compile: bool,
 ) -> EvalConfig:
     template, preprocessing = resolve_setting(template, preprocessing, paper_setting, model_type_of(model))
     return EvalConfig(
@@ -64,6 +65,7 @@ def _config(
         template=template, preprocessing=preprocessing, max_new_tokens=max_new_tokens, dtype=dtype,
         attn_implementation=attn_implementation, model_revision=model_revision, batch_size=batch_size,
         limit=limit, output=str(output), device=device, retry_errors=retry_errors, progress=progress,
+        compile=compile,
     )
 
 
@@ -129,6 +131,7 @@ def eval_command(
     model_revision: ModelRevOpt = None,
     retry_errors: RetryOpt = False,
     progress: ProgressOpt = True,
+    compile: CompileOpt = False,
 ) -> None:
     """Evaluate one model / method / budget on a task; resumable; shards over ranks under torchrun/accelerate."""
     from vtprune.eval.runner import run_eval
@@ -137,7 +140,7 @@ def eval_command(
     try:
         cfg = _config(model, task, split, dataset_id, dataset_config, revision, parser, method, keep, param,
                       template, preprocessing, paper_setting, batch_size, max_new_tokens, limit, output, dtype,
-                      device, attn_implementation, model_revision, retry_errors, progress)
+                      device, attn_implementation, model_revision, retry_errors, progress, compile)
         result = run_eval(cfg, log=_log)
         if result.summary is not None:
             task_obj = get_task(cfg.task, dataset=cfg.dataset_id, split=cfg.split, config=cfg.dataset_config,
@@ -174,6 +177,7 @@ def sweep_command(
     model_revision: ModelRevOpt = None,
     retry_errors: RetryOpt = False,
     progress: ProgressOpt = True,
+    compile: CompileOpt = False,
 ) -> None:
     """Run methods x budgets (finished cells skipped), then a combined table and accuracy-vs-tokens plots."""
     from vtprune.eval.sweep import run_sweep, sweep_markdown
@@ -181,7 +185,7 @@ def sweep_command(
     try:
         base = _config(model, task, split, dataset_id, dataset_config, revision, parser, "none", None, None,
                        template, preprocessing, paper_setting, batch_size, max_new_tokens, limit, output, dtype,
-                       device, attn_implementation, model_revision, retry_errors, progress)
+                       device, attn_implementation, model_revision, retry_errors, progress, compile)
         table = run_sweep(base, parse_list(methods), parse_list(keep), param, log=_log)
         if table:
             typer.echo(sweep_markdown(table))

@@ -57,8 +57,9 @@ class EvalConfig:
     device: str = "auto"
     retry_errors: bool = False
     progress: bool = True
+    compile: bool = False  # compiled decoding (vtprune/compiled.py): the same answers, faster
 
-    IDENTITY_EXCLUDED = ("batch_size", "limit", "output", "device", "retry_errors", "progress")
+    IDENTITY_EXCLUDED = ("batch_size", "limit", "output", "device", "retry_errors", "progress", "compile")
 
     def validate(self) -> None:
         """Check the fields that need no model or data; raise EvalInputError naming the valid choices."""

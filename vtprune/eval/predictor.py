@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from vtprune import compat
+from vtprune.compiled import generation_kwargs
 from vtprune.eval.config import VICUNA_V1_SYSTEM
 from vtprune.eval.images import expand_to_square, mean_colour
 
@@ -73,12 +74,14 @@ class Predictor:
         preprocessing: str = "crop",
         max_new_tokens: int = 128,
         model_id: str | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.processor = processor
         self.template = template
         self.preprocessing = preprocessing
         self.max_new_tokens = max_new_tokens
+        self.compile = compile  # compiled decoding (vtprune/compiled.py)
         self.model_id = model_id or getattr(model.config, "_name_or_path", "")
         self.method = "none"
         self.keep: int | float | None = None
@@ -107,6 +110,7 @@ class Predictor:
         template: str = "hf",
         preprocessing: str = "crop",
         max_new_tokens: int = 128,
+        compile: bool = False,
     ) -> Predictor:
         """Load model + processor with `from_pretrained` (Hub id, local folder or `testbed`)."""
         from vtprune.loading import load_model
@@ -123,6 +127,7 @@ class Predictor:
             preprocessing=preprocessing,
             max_new_tokens=max_new_tokens,
             model_id=model_id,
+            compile=compile,
         )
 
     # ------------------------------------------------------------------------------------ pruning
@@ -203,6 +208,8 @@ class Predictor:
         config.do_sample = False
         config.num_beams = 1
         config.max_new_tokens = self.max_new_tokens
+        for key, value in generation_kwargs(self.compile).items():
+            setattr(config, key, value)
         # Unset sampling knobs a checkpoint may carry, so greedy decoding raises no "flag ignored" warnings.
         config.temperature = None
         config.top_p = None

@@ -167,7 +167,7 @@ def _load_predictor(cfg: EvalConfig, device: str) -> Predictor:
     return Predictor.from_pretrained(
         cfg.model, dtype=cfg.dtype, device=device, attn_implementation=cfg.attn_implementation,
         revision=cfg.model_revision, template=cfg.template, preprocessing=cfg.preprocessing,
-        max_new_tokens=int(cfg.max_new_tokens or 128),
+        max_new_tokens=int(cfg.max_new_tokens or 128), compile=cfg.compile,
     )
 
 

@@ -1,0 +1,94 @@
+"""Compiled decoding (`--compile`, vtprune/compiled.py): generate's compiled decode step runs vtprune's decode
+hooks without a graph break and gives the uncompiled tokens.
+
+transformers compiles only on a GPU; `CompileConfig._compile_all_devices` makes it compile here too, with
+dynamo's "eager" backend (the graphs are traced and checked by dynamo, then run without code generation), so
+the test sees every graph break and recompilation a GPU run would.
+"""
+
+from __future__ import annotations
+
+import cases_llm
+import cases_vision
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vtprune
+from vtprune.compiled import generation_kwargs
+
+# one case of each kind: unpruned, vision stage, one LLM cut, several LLM stages, merging, recycling
+CASES = {"none": {}, "fastv": {"K": 2}, **{name: case[0] for name, case in {**cases_vision.CASES, **cases_llm.CASES}.items()}}
+NAMES = ["none", "visionzip", "divprune", "fastv", "pdrop", "sparsevlm", "tokencarve"]
+
+
+def _generate(model, inputs, compile_config, new_tokens):
+    kwargs = {"compile_config": compile_config} if compile_config is not None else {"disable_compile": True}
+    with torch.no_grad():
+        return model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            **generation_kwargs(True),
+            **kwargs,
+        )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_decode_equals_eager_without_graph_breaks(tiny, batch_inputs, name):
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    model = tiny[0]
+    config = CompileConfig(backend="eager", fullgraph=False)
+    config._compile_all_devices = True
+    keep = None if name == "none" else 16
+    with vtprune.pruned(model, name, keep=keep, **CASES[name]):
+        expected = _generate(model, batch_inputs, None, 6)
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            runs = [_generate(model, batch_inputs, config, 6) for _ in range(2)]
+            breaks = dict(counters["graph_break"])
+            frames = counters["frames"]["total"]
+        finally:
+            torch._dynamo.reset()
+    for out in runs:
+        assert torch.equal(out, expected)
+    assert breaks == {}
+    # 2 calls x 5 decode steps: the compiled step is reused, not recompiled per step or per call
+    assert frames <= 6, frames
+
+
+def test_generation_kwargs():
+    assert generation_kwargs(True) == {"cache_implementation": "static"}
+    assert generation_kwargs(False) == {}
+
+
+def test_eval_compile_flag_reaches_generate(tmp_path):
+    """`compile` is an execution option: it sets the static cache and leaves the run's identity alone."""
+    from vtprune.eval.config import EvalConfig
+    from vtprune.eval.predictor import Predictor
+    from vtprune.testing import make_tiny_llava
+
+    model, processor = make_tiny_llava()
+    assert Predictor(model, processor, compile=True)._generation_config().cache_implementation == "static"
+    assert Predictor(model, processor)._generation_config().cache_implementation != "static"
+    assert "compile" in EvalConfig.IDENTITY_EXCLUDED
+
+
+def test_generate_command_compile(tmp_path):
+    from vtprune.cli import app
+    from vtprune.testing import random_image, save_tiny_llava
+
+    path = save_tiny_llava(tmp_path / "m")
+    random_image(0).save(tmp_path / "i.png")
+    args = ["generate", "--model", str(path), "--image", str(tmp_path / "i.png"), "--prompt", "what is it",
+            "--method", "visionzip", "--keep", "16", "--max-new-tokens", "4", "--device", "cpu"]
+    plain = CliRunner().invoke(app, args)
+    compiled = CliRunner().invoke(app, [*args, "--compile"])
+    assert plain.exit_code == 0, plain.output
+    assert compiled.exit_code == 0, compiled.output
+    answer = [line for line in plain.output.splitlines() if line.strip()][0]
+    assert answer in compiled.output
