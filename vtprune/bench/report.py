@@ -22,7 +22,15 @@ TARGETS = {
     "speedup_vision": 4.5,
     "speedup_llm_k2": 3.5,
     "batch": 16,
+    # batch 1 (issue "Speed where users feel it"): decode within 1.5x of the weight-bandwidth floor, and the
+    # prefill at 64 tokens twice as fast as the unpruned model's
+    "decode_floor_ratio": 1.5,
+    "speedup_batch1": 2.0,
 }
+
+# Peak HBM bandwidth (bytes/s) of the GPUs the decode floor is known for; others get no decode check.
+# Floor = weight bytes / bandwidth: every decode step reads every weight once (performance.md).
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 
 GIB = 1024**3
 MIB = 1024**2
@@ -118,6 +126,43 @@ def target_checks(results: dict) -> list[dict]:
                     "flops_ratio": flops_ratio,
                 }
             )
+    return checks + _batch1_checks(results, ok, speed_keep)
+
+
+def decode_floor_ms(meta: dict) -> float | None:
+    """Milliseconds per decode step to read the weights once at the GPU's peak bandwidth (None if unknown)."""
+    name = meta.get("device_name") or ""
+    bandwidth = next((bw for gpu, bw in HBM_BYTES_PER_S.items() if gpu in name), None)
+    if bandwidth is None or not meta.get("weights_bytes"):
+        return None
+    return meta["weights_bytes"] / bandwidth * 1e3
+
+
+def _batch1_checks(results: dict, ok: list[dict], keep: int) -> list[dict]:
+    """Batch 1: decode ms/token against the weight-bandwidth floor (unpruned and each method at `keep`), and
+    the prefill speed-up at `keep` against 2x. Both name the cache (`static` = compiled decode on a GPU)."""
+    meta = results.get("meta", {})
+    cache = meta.get("cache", "dynamic")
+    floor = decode_floor_ms(meta)
+    ref = next((r for r in results.get("references", []) if r.get("status") == "ok" and r["batch"] == 1), None)
+    rows = [("unpruned", ref["timing"])] if ref is not None else []
+    rows += [(e["method"], e["method_timing"]) for e in ok if e["batch"] == 1 and e["keep"] == keep]
+    checks = []
+    for method, timing in rows:
+        decode = _med(timing, "decode_ms_per_token")
+        if floor is not None and decode is not None:
+            limit = TARGETS["decode_floor_ratio"] * floor
+            checks.append({"check": f"batch-1 decode <= 1.5 x bandwidth floor ({cache} cache)", "method": method,
+                           "batch": 1, "keep": "all" if method == "unpruned" else keep, "value": decode,
+                           "threshold": limit, "met": decode <= limit, "floor_ms": floor})
+    for e in ok:
+        if e["batch"] == 1 and e["keep"] == keep and e.get("speedup_vs_unpruned") is not None:
+            value = e["speedup_vs_unpruned"]
+            checks.append({"check": "batch-1 prefill speed-up vs unpruned (prefill not compiled)", "method": e["method"], "batch": 1,
+                           "keep": keep, "value": value, "threshold": TARGETS["speedup_batch1"],
+                           "met": value >= TARGETS["speedup_batch1"],
+                           "oracle_value": e.get("oracle_speedup_vs_unpruned"),
+                           "llm_only_value": e.get("speedup_vs_unpruned_llm")})
     return checks
 
 
