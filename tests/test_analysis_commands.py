@@ -66,7 +66,7 @@ def test_show_draws_one_panel_per_method_plus_cls_map(env, tmp_path):
     data = _json(tmp_path / "kept.json")
     assert {"settings", "image_size_seen", "grid", "unpruned_answer", "cls_attention", "methods"} <= set(data)
     assert data["image_size_seen"] == [112, 112] and data["grid"] == [8, 8]
-    assert len(data["cls_attention"]) == 64
+    assert len(data["cls_attention"]) == 64 and data["attention_map"] == "[CLS] attention"
     assert list(data["methods"]) == ["vispruner", "fastv", "random"]
     for method in data["methods"].values():
         assert {"answer", "kept_first_image", "kept", "stages"} <= set(method)

@@ -321,6 +321,7 @@ def test_show_draws_the_qwen_token_grid(qwen_folder, tmp_path):
     assert data["grid"] == [5, 3] and data["visual_tokens_per_image"] == 15 and data["num_images"] == 1
     assert data["image_size_seen"] == [48, 80]
     assert len(data["cls_attention"]) == 15
+    assert data["attention_map"] == "received attention (no [CLS])"  # the panel's title: Qwen has no [CLS]
     assert Image.open(data["figure"]).size[0] == 3 * 320
     for result in data["methods"].values():
         assert len(result["kept"]) == 6 and all(0 <= k < 15 for k in result["kept"])

@@ -68,6 +68,8 @@ def run_show(
     views = image_views(am, inputs)
     p = int((inputs["input_ids"][0] == am.image_token_id).sum()) // len(images)
     cls = cls_attention(am, inputs)[0]  # first image
+    # Qwen-VL towers have no [CLS]: the map is the attention each patch receives (the adapter's substitute)
+    heat_name = "[CLS] attention" if am.adapter.has_cls else "received attention (no [CLS])"
     unpruned = am.generate(inputs, max_new_tokens)
     results: dict[str, Any] = {}
     for method in methods:
@@ -113,7 +115,7 @@ def run_show(
         ax = axes[row, -1]
         heat = view.heatmap(cls)
         attention_heatmap_overlay(view.image, heat, ax, grid=view.grid)
-        ax.set_title(f"{label}[CLS] attention" + (f"\n(max {float(heat.max()):.3g})" if row == 0 else ""), fontsize=9)
+        ax.set_title(f"{label}{heat_name}" + (f"\n(max {float(heat.max()):.3g})" if row == 0 else ""), fontsize=9)
         if row == len(views) - 1:
             ax.text(0.5, -0.03, _caption(f"unpruned: {unpruned}"), transform=ax.transAxes, ha="center", va="top",
                     fontsize=8)
@@ -129,6 +131,7 @@ def run_show(
         "num_images": len(am.image_lengths(inputs)),
         "unpruned_answer": unpruned,
         "cls_attention": cls.tolist(),
+        "attention_map": heat_name,
         "methods": results,
         "figure": str(png),
     }
