@@ -237,7 +237,7 @@ def topk_indices(scores: Tensor, k: int, valid: Tensor | None = None) -> Picked:
     return picked_from(order[:, :k], ok[:, :k])
 
 
-def topk_counts(scores: Tensor, counts: Tensor, valid: Tensor) -> Picked:
+def topk_counts(scores: Tensor, counts: Tensor, valid: Tensor, width: int | None = None) -> Picked:
     """:func:`topk_indices` with a count per row: the ``counts[b]`` highest-scoring valid tokens of row ``b``,
     in raster order; the width is the largest count, shorter rows are padded (adaptive methods).
 
@@ -245,8 +245,10 @@ def topk_counts(scores: Tensor, counts: Tensor, valid: Tensor) -> Picked:
         scores: ``(B, N)`` scores, any float dtype.
         counts: ``(B,)`` long, tokens to keep per row (at most its valid tokens).
         valid: ``(B, N)`` bool mask; invalid tokens are never selected.
+        width: ``max(counts)`` when the caller already has it on the host (saves the host sync).
     """
-    width = int(counts.max()) if counts.numel() else 0  # one host sync: the padded width
+    if width is None:
+        width = int(counts.max()) if counts.numel() else 0  # one host sync: the padded width
     order, ok = rank_tokens(scores, valid)
     slots = torch.arange(width, device=scores.device)[None, :] < counts[:, None]
     return picked_from(order[:, :width], ok[:, :width] & slots)

@@ -125,15 +125,25 @@ class _RaterRows:
         return attn, valid & self._raters
 
 
-def text_raters(signals) -> torch.Tensor:
-    """(B, Lt) Step A raters, aligned with the rows of ``signals.attention("text")``."""
+def text_raters(signals, width: int | None = None) -> torch.Tensor:
+    """(B, Lt) Step A raters, aligned with the rows of ``signals.attention("text")``.
+
+    ``width`` = Lt, the width of those rows when the caller knows it (it saves a host sync); by default it
+    is the most text tokens of a sample."""
+    return _text_raters(signals, width)[0]
+
+
+def _text_raters(signals, width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step A: (B, Lt) raters and (B,) each sample's text tokens (to check the alignment with the text rows)."""
     embeds = signals.input_embeds.float()
     vis_index = signals.input_visual_index
     b, length, d = embeds.shape
     vis_valid = torch.gather(signals.input_valid, 1, vis_index)
     positions = torch.arange(length, device=embeds.device).expand(b, length)
     after = (positions > vis_index.max(dim=1).values[:, None]) & signals.input_valid
-    width = int(after.sum(dim=1).max())
+    n_text = after.sum(dim=1)
+    if width is None:
+        width = int(n_text.max())
     order = torch.sort((~after).to(torch.int8), dim=1, stable=True).indices[:, :width]
     text_valid = torch.gather(after, 1, order)
     h_v = torch.gather(embeds, 1, vis_index[:, :, None].expand(-1, -1, d))
@@ -144,7 +154,7 @@ def text_raters(signals) -> torch.Tensor:
     mean = (r * text_valid).sum(dim=1, keepdim=True) / text_valid.sum(dim=1, keepdim=True).clamp(min=1)
     raters = (r > mean) & text_valid
     none = ~raters.any(dim=1, keepdim=True)
-    return torch.where(none, text_valid, raters)
+    return torch.where(none, text_valid, raters), n_text
 
 
 def rope_prior(signals, rows: torch.Tensor) -> torch.Tensor:
@@ -154,7 +164,8 @@ def rope_prior(signals, rows: torch.Tensor) -> torch.Tensor:
     cos = cos.float().expand(signals.hidden.shape[0], -1, -1)
     sin = sin.float().expand(signals.hidden.shape[0], -1, -1)
     d = cos.shape[-1]
-    half = torch.cat([-torch.ones(d // 2), torch.ones(d - d // 2)]).to(cos.device)
+    half = torch.ones(d, device=cos.device)  # made on the device: a host-to-device copy would sync
+    half[: d // 2] = -1.0
     rotated = cos + half * sin  # q_embed of q = 1: 1·cos + rotate_half(1)·sin
     q = torch.gather(rotated, 1, rows[:, :, None].expand(-1, -1, d))
     k = torch.gather(rotated, 1, signals.visual_index[:, :, None].expand(-1, -1, d))
@@ -260,31 +271,37 @@ class SparseVLM(AttentionMethod):
         top = torch.sort(mass, dim=1, descending=True, stable=True).indices[:, :heads]
         return torch.gather(attn, 1, top[:, :, None, None].expand(-1, -1, attn.shape[2], attn.shape[3]))
 
-    def _v1_counts(self, signals, raters: torch.Tensor, budget: int) -> tuple[torch.Tensor, list[int]]:
+    def _v1_counts(self, signals, raters: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) keep counts and (B,) ranks of the rater × visual blocks, all on the device (no host sync
+        beyond the one the batched SVD makes on CUDA)."""
         attn, _ = signals.attention("text")
         block = attn.float().mean(dim=1)  # (B, Q, V) head mean, as the official rank
         scale, bias = self.scale_bias(budget, signals.tokens_per_image)
-        counts, ranks = [], []
-        for b in range(block.shape[0]):
-            cols = signals.visual_valid[b].nonzero().squeeze(1)
-            rows = raters[b].nonzero().squeeze(1)
-            n = cols.numel()
-            rank = int(torch.linalg.matrix_rank(block[b][rows][:, cols])) if rows.numel() and n else 0
-            ranks.append(rank)
-            counts.append(n if rank == n else max(1, min(int(rank * scale + bias), n - 1)))
-        return torch.tensor(counts, device=block.device), ranks
+        ranks = batched_block_rank(block, raters, signals.visual_valid)
+        n = signals.visual_valid.sum(dim=1)
+        # int(rank · scale + bias) in double precision, as Python computes it, truncated toward zero
+        adaptive = torch.trunc(ranks.double() * scale + bias)
+        adaptive = torch.minimum(adaptive, (n - 1).double()).clamp(min=1).long()
+        return torch.where(ranks == n, n, adaptive), ranks
 
-    def _recycle(self, signals, scores: torch.Tensor, kept: torch.Tensor, kept_valid: torch.Tensor):
-        """Step D: cluster the best dropped tokens into new ones. Returns (extra, extra_valid, clusters per row)."""
+    def _recycle(
+        self,
+        signals,
+        scores: torch.Tensor,
+        kept: torch.Tensor,
+        kept_valid: torch.Tensor,
+        plans: list[tuple[int, int]],
+    ):
+        """Step D: cluster the best dropped tokens into new ones; `plans` = (tokens recycled, clusters) per
+        row. Returns (extra, extra_valid)."""
+        width = max((c for _, c in plans), default=0)
+        if width == 0:
+            return None, None
         valid = signals.visual_valid
         b, v = valid.shape
         kept_mask = torch.zeros(b, v + 1, dtype=torch.bool, device=valid.device)  # column v: unused slots
         kept_mask.scatter_(1, torch.where(kept_valid, kept, v), True)
         dropped = valid & ~kept_mask[:, :v]
-        plans = [recycle_counts(int(n)) for n in dropped.sum(dim=1).tolist()]
-        width = max(c for _, c in plans)
-        if width == 0:
-            return None, None, [0] * b
         hidden = signals.visual_hidden()
         order, _ = rank_tokens(scores, dropped)
         extra = hidden.new_zeros(b, width, hidden.shape[-1])
@@ -294,19 +311,18 @@ class SparseVLM(AttentionMethod):
             if plan[1]:
                 groups.setdefault(plan, []).append(row)
         for (n_rec, c), rows in groups.items():
-            idx = torch.tensor(rows, device=hidden.device)
+            # rows of one plan cluster together; a non-blocking copy of their numbers does not wait for the device
+            idx = slice(None) if len(rows) == b else torch.tensor(rows).to(hidden.device, non_blocking=True)
             pick = order[idx, :n_rec]
             x = torch.gather(hidden[idx], 1, pick[:, :, None].expand(-1, -1, hidden.shape[-1]))
             clusters = dpc_knn_cluster(x, c, k_neighbors=c)
             extra[idx, :c] = clusters.merged.to(extra.dtype)
             extra_valid[idx, :c] = clusters.valid
-        return extra, extra_valid, [c for _, c in plans]
+        return extra, extra_valid
 
     def select(self, stage_index, stage, signals) -> Selection:
-        raters = text_raters(signals)
-        attn, _ = signals.attention("text")
-        if raters.shape[1] != attn.shape[2]:
-            raise RuntimeError("sparsevlm: rater rows do not match the text rows of the stage")
+        attn, text_rows = signals.attention("text")
+        raters, n_text = _text_raters(signals, width=attn.shape[2])
         replaced = self._v2_attention(signals, raters) if self.version == "2.0" else None
         rows = _RaterRows(signals, raters, replaced)
         first = stage_index == 0
@@ -316,24 +332,36 @@ class SparseVLM(AttentionMethod):
             scores, info = self.attention_scores(rows, "text", budget=stage.keep, debias=True)
         valid = signals.visual_valid
         n_valid = valid.sum(dim=1)
+        ranks = None
         if self.version == "1" and stage.keep < signals.tokens_per_image:
             counts, ranks = self._v1_counts(signals, raters, stage.keep)
-            info["rank"] = ranks
         elif self.version == "1":
             counts = n_valid  # keep >= tokens per image: keep everything
         else:
             counts = n_valid.clamp(max=stage.keep * signals.images_per_sample)
-        indices, ok = topk_counts(scores, counts, valid)
+        # The stage's one host sync for its counts: the padded width, the recycling plans and the record.
+        facts = [counts, n_valid, raters.sum(dim=1), n_text != text_rows.sum(dim=1)]
+        if ranks is not None:
+            facts.append(ranks)
+        host = torch.stack([f.long() for f in facts]).tolist()
+        kept, n_host, n_raters, misaligned = host[:4]
+        if any(misaligned):
+            raise RuntimeError("sparsevlm: rater rows do not match the text rows of the stage")
+        indices, ok = topk_counts(scores, counts, valid, width=max(kept, default=0))
         extra = extra_valid = None
         recycled = [0] * indices.shape[0]
         if self.recycle:
-            extra, extra_valid, recycled = self._recycle(signals, raw, indices, ok)
-        kept = counts.tolist()
+            # every kept token is valid, so a row drops n_valid - kept tokens
+            plans = [recycle_counts(n - k) for n, k in zip(n_host, kept, strict=True)]
+            extra, extra_valid = self._recycle(signals, raw, indices, ok, plans)
+            recycled = [c for _, c in plans]
+        if ranks is not None:
+            info["rank"] = host[4]
         info.update(
             kept=kept,
             recycled=recycled,
             tokens=[k + c for k, c in zip(kept, recycled, strict=True)],
-            raters=raters.sum(dim=1).tolist(),
+            raters=n_raters,
         )
         extra_index = None
         if extra is not None:
@@ -347,3 +375,27 @@ class SparseVLM(AttentionMethod):
             scores=scores,
             info=info,
         )
+
+
+def batched_block_rank(block: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(B,) numerical rank of each sample's block ``block[b][rows[b]][:, cols[b]]`` with
+    ``torch.linalg.matrix_rank``'s default tolerance for that unpadded (m_b, n_b) block, in one batched call.
+
+    The selected rows and columns are moved to the top-left of a zero (B, R, C) tensor (zero rows and columns
+    add only zero singular values) and each sample gets its own relative tolerance ``max(m_b, n_b)·eps``
+    (the default of an (m_b, n_b) matrix; R × C would give a larger one). A block with no row or no column
+    has rank 0."""
+    b, r, c = block.shape
+    if r == 0 or c == 0:
+        return torch.zeros(b, dtype=torch.long, device=block.device)
+    row_order = torch.sort((~rows).to(torch.int8), dim=1, stable=True).indices  # selected rows first
+    col_order = torch.sort((~cols).to(torch.int8), dim=1, stable=True).indices
+    row_ok = torch.gather(rows, 1, row_order)
+    col_ok = torch.gather(cols, 1, col_order)
+    packed = torch.gather(block, 1, row_order[:, :, None].expand(-1, -1, c))
+    packed = torch.gather(packed, 2, col_order[:, None, :].expand(-1, r, -1))
+    packed = packed.masked_fill(~(row_ok[:, :, None] & col_ok[:, None, :]), 0.0)
+    m, n = rows.sum(dim=1), cols.sum(dim=1)
+    # in the block's dtype, as matrix_rank's own (0-dim) default promotes: max(m, n)·eps is exact there
+    rtol = torch.maximum(m, n).to(block.dtype) * torch.finfo(block.dtype).eps
+    return torch.linalg.matrix_rank(packed, rtol=rtol)

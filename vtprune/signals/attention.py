@@ -102,19 +102,36 @@ def attention_rows(
     renormalised over a subset, as the official code does: the non-visual keys (the BOS and
     system-prompt sinks) keep their share.
     """
-    b, h, length, dh = query.shape
-    q_rows = torch.gather(query, 2, query_index[:, None, :, None].expand(b, h, -1, dh)).float()
+    b, h, _, dh = query.shape
+    q_rows = torch.gather(query, 2, query_index[:, None, :, None].expand(b, h, -1, dh))
+    return attention_of_rows(q_rows, key, scaling, query_index, key_valid, causal)
+
+
+def attention_of_rows(
+    q_rows: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    query_index: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """`attention_rows` from the query rows alone: q_rows (B, H, Q, dh) are the post-RoPE queries at the
+    sequence positions `query_index` (B, Q), for a caller that projected only those rows."""
+    b, h, _, _ = q_rows.shape
+    length = key.shape[2]
+    device = q_rows.device
+    q_rows = q_rows.float()
     k = key.float()
     if k.shape[1] != h:
         k = k.repeat_interleave(h // k.shape[1], dim=1)
     logits = torch.matmul(q_rows, k.transpose(-1, -2)) * scaling  # (B, H, Q, L)
-    allowed = torch.ones(b, query_index.shape[1], length, dtype=torch.bool, device=query.device)
+    allowed = torch.ones(b, query_index.shape[1], length, dtype=torch.bool, device=device)
     if causal:
-        positions = torch.arange(length, device=query.device)
+        positions = torch.arange(length, device=device)
         allowed = positions[None, None, :] <= query_index[:, :, None]
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, :]
     # A padded query row sees no valid key; let it see itself so the softmax stays finite.
-    allowed = allowed | (torch.arange(length, device=query.device)[None, None, :] == query_index[:, :, None])
+    allowed = allowed | (torch.arange(length, device=device)[None, None, :] == query_index[:, :, None])
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     return torch.softmax(logits, dim=-1)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vtprune.signals.attention import attention_rows
+from vtprune.signals.attention import attention_of_rows, attention_rows
 
 if TYPE_CHECKING:
     from vtprune.models.base import ModelAdapter
@@ -408,7 +408,14 @@ class LLMSignals:
         )
 
     def query_index(self, queries: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, Q) sequence positions of the wanted query rows and (B, Q) validity."""
+        """(B, Q) sequence positions of the wanted query rows and (B, Q) validity; computed once per
+        `queries` ("text" costs a host sync for its width)."""
+        key = ("query_index", queries)
+        if key not in self.cache:
+            self.cache[key] = self._query_index(queries)
+        return self.cache[key]
+
+    def _query_index(self, queries: str) -> tuple[torch.Tensor, torch.Tensor]:
         b, length = self.key_valid.shape
         device = self.key_valid.device
         if queries == "last":
@@ -437,9 +444,10 @@ class LLMSignals:
             q_index, q_valid = self.query_index(queries)
             if self.captured is not None:
                 cap = self.captured
-            else:
-                cap = self.recompute_qk()
-            probs = attention_rows(cap.query, cap.key, cap.scaling, q_index, self.key_valid)
+                probs = attention_rows(cap.query, cap.key, cap.scaling, q_index, self.key_valid)
+            else:  # only the wanted rows' queries are projected
+                cap = self.recompute_qk(q_index)
+                probs = attention_of_rows(cap.query, cap.key, cap.scaling, q_index, self.key_valid)
             vis = self.visual_index[:, None, None, :].expand(-1, probs.shape[1], probs.shape[2], -1)
             self.cache[queries] = (torch.gather(probs, 3, vis), q_valid)
         return self.cache[queries]
@@ -461,16 +469,32 @@ class LLMSignals:
                 self.cache["normed_hidden"] = self.adapter.final_norm(self.hidden).float()
         return self.cache["normed_hidden"]
 
-    def recompute_qk(self) -> Captured:
-        """q/k of the prune layer applied to its unpruned input (PyramidDrop's scoring, docs/methods/pdrop.md)."""
+    def recompute_qk(self, rows: torch.Tensor | None = None) -> Captured:
+        """q/k of the prune layer applied to its unpruned input (PyramidDrop's scoring, docs/methods/pdrop.md).
+
+        With `rows` (B, Q) sequence positions, the query holds only those rows, (B, H, Q, dh): the scores read
+        a few query rows (the last token, the text) against every key, so the other rows' projection would be
+        wasted. The keys are those of every token."""
         layer = self.adapter.layers[self.layer]
         attn = layer.self_attn
         normed = layer.input_layernorm(self.hidden)
-        b, length, _ = normed.shape
-        q = attn.q_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
+        b, length, width = normed.shape
         k = attn.k_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
         cos, sin = self.adapter.rotary(normed, self.position_ids)
-        q, k = self.adapter.apply_rotary(q, k, cos, sin)
+        if rows is None:
+            q = attn.q_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
+            q, k = self.adapter.apply_rotary(q, k, cos, sin)
+            return Captured(q, k, attn.scaling)
+        n_rows = rows.shape[1]
+        picked = torch.gather(normed, 1, rows[:, :, None].expand(-1, -1, width))
+        q = attn.q_proj(picked).view(b, n_rows, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)  # (B, L, dh), one row per sample
+        at_rows = rows[:, :, None].expand(-1, -1, cos.shape[-1])
+        cos_q, sin_q = torch.gather(cos, 1, at_rows), torch.gather(sin, 1, at_rows)
+        # The model's own RoPE rotates a query and a key at the same positions; the partner argument of each
+        # call is one head wide, so nothing is rotated twice.
+        q, _ = self.adapter.apply_rotary(q, q[:, :1], cos_q, sin_q)
+        _, k = self.adapter.apply_rotary(k[:, :1], k, cos, sin)
         return Captured(q, k, attn.scaling)
 
     def visual_hidden(self) -> torch.Tensor:
