@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 import vtprune
 from vtprune.compiled import generation_kwargs
 
-# one case of each kind: unpruned, vision stage, one LLM cut, several LLM stages, merging, recycling
-CASES = {"none": {}, "fastv": {"K": 2}, **{name: case[0] for name, case in {**cases_vision.CASES, **cases_llm.CASES}.items()}}
-NAMES = ["none", "visionzip", "divprune", "fastv", "pdrop", "sparsevlm", "tokencarve"]
+# every registered method (the engine's invariant cases; methods without one run with their defaults)
+CASES = {name: case[0] for name, case in {**cases_vision.CASES, **cases_llm.CASES}.items() if "[" not in name}
+CASES.update({"fastv": {"K": 2}, "vispruner": {"important_ratio": 0.5}, "vispruner_nosink": {}})
+NAMES = sorted({info.name for info in vtprune.list_methods()} | {"none"})
 
 
 def _generate(model, inputs, compile_config, new_tokens):
@@ -44,7 +45,7 @@ def test_compiled_decode_equals_eager_without_graph_breaks(tiny, batch_inputs, n
     config = CompileConfig(backend="eager", fullgraph=False)
     config._compile_all_devices = True
     keep = None if name == "none" else 16
-    with vtprune.pruned(model, name, keep=keep, **CASES[name]):
+    with vtprune.pruned(model, name, keep=keep, **CASES.get(name, {})):
         expected = _generate(model, batch_inputs, None, 6)
         torch._dynamo.reset()
         counters.clear()
