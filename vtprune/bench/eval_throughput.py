@@ -249,8 +249,9 @@ class GenerationCounter:
 
     @contextlib.contextmanager
     def counting(self, model: torch.nn.Module) -> Iterator[GenerationCounter]:
-        """Wrap `model.generate` (an instance attribute, removed on exit) to count what it returns."""
+        """Wrap `model.generate` (an instance attribute, put back as it was on exit) to count what it returns."""
         original = model.generate
+        shadowed = "generate" in vars(model)  # an instance attribute someone else set is restored, not deleted
 
         def generate(*args: Any, **kwargs: Any):
             out = original(*args, **kwargs)
@@ -268,7 +269,10 @@ class GenerationCounter:
         try:
             yield self
         finally:
-            del model.generate
+            if shadowed:
+                model.generate = original
+            else:
+                del model.generate
 
 
 # ------------------------------------------------------------------------------------------ the two sides
@@ -311,7 +315,7 @@ def _eval_config(cfg: EvalThroughputConfig, method: str, dataset: Path, output: 
     from vtprune.eval.config import EvalConfig
 
     return EvalConfig(
-        model=f"{cfg.arch}-random" if cfg.random_weights or cfg.arch == "tiny" else cfg.arch,
+        model=f"{cfg.arch}-random",  # a name, not a path: no checkpoint exists (run_eval gets the predictor)
         task="pope", split=POPE_SPLIT, dataset_id=str(dataset), method=method, keep=cfg.keep_of(method),
         max_new_tokens=cfg.new_tokens, dtype=dtype, attn_implementation=cfg.attn, batch_size=cfg.batch,
         limit=limit, output=str(output), device=device, progress=False,
