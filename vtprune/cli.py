@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vtprune.analysis.commands import analyze_app, show_command
-from vtprune.bench.commands import bench_command
+from vtprune.bench.commands import bench_command, bench_eval_command
 from vtprune.cli_common import (
     AttnOpt,
     CompileOpt,
@@ -169,6 +169,7 @@ def generate_command(
 register_eval_commands(app)
 app.command("demo")(demo_command)
 app.command("bench")(bench_command)
+app.command("bench-eval")(bench_eval_command)
 app.command("show")(show_command)
 app.add_typer(analyze_app, name="analyze")
 

@@ -56,11 +56,41 @@ def build_word_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer: one id per word or punctuation mark, the `vision_tokens` (LLaVA: `<image>`)
     as special tokens right after <unk> <pad> <s> </s>; `named` gives the processor's token attributes."""
-    from tokenizers import processors
-
     vocab: dict[str, int] = {}
     for token in ["<unk>", "<pad>", "<s>", "</s>", *vision_tokens, *words]:
         vocab.setdefault(token, len(vocab))
+    return _word_level_tokenizer(vocab, vision_tokens, named)
+
+
+def build_word_tokenizer_for_ids(
+    vocab_size: int, special_ids: dict[str, int], words: list[str] | tuple[str, ...] = BASIC_WORDS
+) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer of exactly `vocab_size` ids whose special tokens sit at the ids a model's
+    config names (`special_ids`: `<unk>`, `<s>`, `</s>`, `<pad>`, `<image>` -> id; llava-hf: 0, 1, 2, 32001,
+    32000 of 32,064), so a random-weights model of a real architecture gets a processor without a download.
+    The other ids hold `words`, then fillers (`tok123`) up to the vocabulary size."""
+    if len(set(special_ids.values())) != len(special_ids) or max(special_ids.values()) >= vocab_size:
+        raise ValueError(f"special ids {special_ids} must be distinct and below the vocabulary size {vocab_size}")
+    vocab = dict(special_ids)
+    free = (i for i in range(vocab_size) if i not in set(special_ids.values()))
+    fillers = (f"tok{i}" for i in range(vocab_size))
+    for token in [*dict.fromkeys(words), *fillers]:
+        if token in vocab:
+            continue
+        index = next(free, None)
+        if index is None:
+            break
+        vocab[token] = index
+    return _word_level_tokenizer(vocab, (IMAGE_TOKEN,), None)
+
+
+def _word_level_tokenizer(
+    vocab: dict[str, int], vision_tokens: tuple[str, ...], named: dict[str, str] | None
+) -> PreTrainedTokenizerFast:
+    """`vocab` (holding <unk> <pad> <s> </s> and the vision tokens) as a fast tokenizer that splits on spaces
+    and punctuation and puts BOS first."""
+    from tokenizers import processors
+
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]

@@ -6,11 +6,19 @@ from pathlib import Path
 
 import typer
 
-from vtprune.cli_common import AttnOpt, DeviceOpt, DtypeOpt, MethodsOpt, ParamOpt, reports_user_errors
+from vtprune.cli_common import (
+    AttnOpt,
+    DeviceOpt,
+    DtypeOpt,
+    MethodsOpt,
+    OutputOpt,
+    ParamOpt,
+    reports_user_errors,
+)
 from vtprune.errors import UserInputError
 from vtprune.userinput import parse_int_list, parse_list, split_params
 
-__all__ = ["bench_command", "parse_image_size", "parse_keeps"]
+__all__ = ["bench_command", "bench_eval_command", "parse_image_size", "parse_keeps"]
 
 
 def parse_keeps(raw: str) -> list[int | str]:
@@ -143,3 +151,47 @@ def bench_command(
     if failed:
         console.print(f"[yellow]{len(failed)} configuration(s) did not run; see results.json[/yellow]")
     print((Path(output) / "results.md").read_text())
+
+
+@reports_user_errors
+def bench_eval_command(
+    output: OutputOpt,
+    arch: str = typer.Option(
+        "llava-1.5-7b",
+        help="Architecture: llava-1.5-7b, llava-1.5-13b (with --random-weights), or tiny (the tiny test model, CPU).",
+    ),
+    random_weights: bool = typer.Option(
+        False, "--random-weights", help="Random weights with the real architecture (no checkpoint needed)."
+    ),
+    methods: MethodsOpt = "none,visionzip,vispruner,divprune",
+    keep: int = typer.Option(64, help="Visual tokens kept per image by the pruning methods (`none` keeps all)."),
+    batch: int = typer.Option(32, help="Batch size of `vtprune eval`."),
+    samples: int = typer.Option(128, help="Samples of the POPE-shaped workload (the same on both sides)."),
+    new_tokens: int = typer.Option(8, help="Tokens generated per answer on both sides (EOS cannot stop earlier)."),
+    image_size: str = typer.Option("480x640", help="HEIGHTxWIDTH of the workload's random JPEG images (COCO-like)."),
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    attn: AttnOpt = "sdpa",
+    warmup: bool = typer.Option(True, help="Warm up each side untimed (2 batch-1 samples; one eval batch)."),
+    target: float = typer.Option(6.0, help="Required speed-up of vtprune eval with pruning over the batch-1 loop."),
+    seed: int = typer.Option(0, help="Seed of the random weights and images."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Evaluation throughput: samples/s of `vtprune eval` batched with pruning vs the unpruned model in an
+    lmms-eval-style batch-1 loop, on a POPE-shaped workload (one image, a yes/no question, short answers)."""
+    from rich.console import Console
+
+    from vtprune.bench.eval_throughput import EvalThroughputConfig, run_eval_throughput, summary_lines
+
+    console = Console(stderr=True)
+    size = parse_image_size(image_size)
+    cfg = EvalThroughputConfig(
+        output=output, arch=arch, random_weights=random_weights, methods=parse_list(methods), keep=keep,
+        batch=batch, samples=samples, new_tokens=new_tokens, image_size=size, device=device, dtype=dtype,
+        attn=attn, warmup=warmup, seed=seed, target=target, progress=progress,
+    )
+    results = run_eval_throughput(cfg, log=lambda msg: console.log(msg))
+    print((Path(output) / "results.md").read_text())
+    for line in summary_lines(results):
+        print(line)
+    console.print(f"wrote {output}/results.json and results.md")
