@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU run behind benchmarks/results/nvidia-h200-2026-12-02-speed/ (the speed issue) and `bash benchmarks/gpu_speed_run.sh OUTDIR` on one GPU (under 10 minutes on an H200).
+# The GPU run behind benchmarks/results/nvidia-h200-2026-12-02-speed/ (the speed issue):
+# `bash benchmarks/gpu_speed_run.sh OUTDIR` on one GPU (under 10 minutes on an H200).
 # Steps run in priority order, each under its own time limit; every step's files land in OUTDIR.
 set -u
 OUT_DIR=${1:?usage: gpu_speed_run.sh OUTDIR}
