@@ -1,0 +1,109 @@
+"""Fused Triton greedy kernels (vtprune/kernels/greedy.py) pick exactly what the torch loops pick.
+
+The kernels run on CPU tensors under Triton's interpreter, in a subprocess with ``TRITON_INTERPRET=1``
+(tests/greedy_kernels_cases.py): the variable must be set before triton is imported and must not reach the
+other tests. Skipped when triton is not installed; the dispatch tests below need no triton.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vtprune.kernels import greedy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "greedy_kernels_cases.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stderr[-4000:]}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "probe" in out:
+        pytest.skip(
+            f"this triton's interpreter cannot run here (needs triton >= 3.9 with numpy >= 2.4): {out['probe']}"
+        )
+    return out
+
+
+CASES = [
+    *(f"dpp_gauss_k{k}" for k in (1, 7, 37)),
+    *(f"dpp_gauss_masked_k{k}" for k in (1, 7, 37)),
+    "dpp_fp16_noncontiguous",
+    "dpp_lattice_ties",
+    "dpp_lattice_ties_masked",
+    "dpp_duplicates",
+    "dpp_flat_diag",
+    "dpp_nan",
+    "dpp_small_tiles",
+    *(f"maxmin_gauss_k{k}" for k in (1, 9, 37)),
+    *(f"maxmin_gauss_masked_k{k}" for k in (1, 9, 37)),
+    "maxmin_duplicates",
+    "maxmin_duplicates_masked",
+    "maxmin_axes_ties",
+    "maxmin_nan",
+    "maxmin_small_tiles",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_equals_torch(interpreted, case):
+    result = interpreted["cases"][case]
+    assert result["fused"] == result["torch"]
+
+
+def test_cases_cover_all_runs(interpreted):
+    assert sorted(interpreted["cases"]) == sorted(CASES)
+
+
+def test_public_functions_dispatch_to_fused(interpreted):
+    assert interpreted["dispatched"] == ["dpp", "maxmin"]
+
+
+def test_cpu_stays_on_torch(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("VTPRUNE_TRITON", raising=False)
+    assert not greedy.fused_enabled(torch.zeros(2, 3), 3)
+
+
+def test_switch_off(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("VTPRUNE_TRITON", "0")
+    assert not greedy.fused_enabled(torch.zeros(2, 3), 3)
+    monkeypatch.setenv("VTPRUNE_TRITON", "1")
+    assert not greedy.fused_enabled(torch.zeros(2, 3), greedy.MAX_FUSED_N + 1)  # too wide for one block
+
+
+def test_works_without_triton():
+    # a CPU install without triton: the selectors import and run, the kernels module is never loaded
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch\n"
+        "from vtprune import selection\n"
+        "from vtprune.kernels import greedy\n"
+        "assert not greedy.triton_available()\n"
+        "assert selection.maxmin_diversity(torch.randn(2, 9, 4), 3).indices.shape == (2, 3)\n"
+        "assert 'vtprune.kernels._greedy_triton' not in sys.modules\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=env)

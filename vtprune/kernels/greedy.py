@@ -1,0 +1,162 @@
+"""Fused Triton kernels for the greedy selection loops (DPP greedy MAP, max–min diversity).
+
+Why: the torch loops of :func:`vtprune.selection.dpp_greedy` and :func:`vtprune.selection.maxmin_diversity`
+run ``k`` steps of ~8 tiny ``(B, N)`` kernels each. Replayed as CUDA graphs their launch cost is gone, but
+the GPU still runs every tiny kernel one after the other (~67 µs per DPP pick, ~36 µs per max–min pick at
+B=16, N=576 on an H200). Here one Triton program per batch row runs the **whole greedy loop** with the
+per-token state (residuals ``d²``, availability, running minima) in registers; only the DPP's Cholesky rows
+``c_t`` live in a global scratch buffer ``(B, k, N)`` (they do not fit on chip for k=192).
+
+Contract: the kernels are called by the torch functions in :mod:`vtprune.selection` after their own checks
+and prologue (float32 upcast, validity mask, the max–min distance matrix) and return ``(picks, ok)`` in pick
+order, exactly what the torch loops produce before :func:`vtprune.selection.picked_from`. Dispatch
+(:func:`fused_enabled`): CUDA tensors, ``import triton`` works, ``VTPRUNE_TRITON`` is not ``"0"``, and
+``N <= MAX_FUSED_N`` (one block holds a row; LLaVA-NeXT's 2,928 tokens use a 4,096-wide block). Anything
+else takes the torch path. ``triton`` is imported lazily, on the first fused call, so CPU installs need
+not have it. Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU
+tensors through Triton's interpreter; the tests compare them with the torch path that way.
+
+Same selection as the torch loop:
+
+* ties go to the **lower index** (the rule of :func:`vtprune.selection.argmax_first`, including its NaN
+  rule: a NaN score anywhere makes the pick ``N - 1``, as ``amax`` then matches nothing and is clamped);
+* invalid / padded candidates are never picked and take no part in any score; when a row runs out of
+  valid tokens the remaining slots repeat the torch loop's picks with ``ok = False``;
+* max–min is pure compare/min arithmetic on the same distance matrix, so it is **bit-identical**;
+* DPP: every elementwise step is the same IEEE float32 operation as in torch (``sqrt_rn``, ``div_rn``, and
+  FMA contraction switched off with ``enable_fp_fusion=False``, as torch runs ``d² - e·e`` as two kernels).
+  The one difference is the order of the float32 sum ``Σ_t c_t[j]·c_t`` (torch: a cuBLAS/CPU-BLAS ``bmm``
+  whose reduction order is its own; here: tiles of ``ROWS`` Cholesky rows, a tree sum inside a tile,
+  tiles added in order). Residuals may differ in the last bits, so two candidates whose gains are equal
+  to within float32 rounding (not exactly equal) may be picked in the other order; exact ties (e.g.
+  duplicates, which the exhaustion guard scores as exactly 0) and all other picks are the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["MAX_FUSED_N", "fused_enabled", "triton_available", "dpp_greedy_fused", "maxmin_fused"]
+
+MAX_FUSED_N = 8192
+"""Largest candidate count the fused kernels take (one row per block); larger inputs use the torch path."""
+
+_TILE_ELEMENTS = 16384  # register tile of the inner loops: ROWS x BLOCK_N float32
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` works here (cached; imports triton on the first call)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install (missing libcuda pieces, wrong ABI)
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_enabled(x: Tensor, n: int) -> bool:
+    """Use the fused kernels for candidates of tensor ``x`` (``n`` per row)?
+
+    CUDA tensors (or any tensor under ``TRITON_INTERPRET=1``), ``VTPRUNE_TRITON`` not ``"0"``,
+    ``1 <= n <= MAX_FUSED_N``, and triton importable.
+    """
+    if os.environ.get("VTPRUNE_TRITON", "1") == "0":
+        return False
+    if not (x.is_cuda or _interpreting()):
+        return False
+    if not 1 <= n <= MAX_FUSED_N:
+        return False
+    return triton_available()
+
+
+def _launch_shape(n: int) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps) for rows of ``n`` candidates."""
+    block = max(16, 1 << (n - 1).bit_length())
+    rows = max(1, min(32, _TILE_ELEMENTS // block))
+    warps = 4 if block <= 512 else 8 if block <= 2048 else 16
+    return block, rows, warps
+
+
+@functools.cache
+def _kernels():
+    """The jitted kernels (triton imported here, on first use)."""
+    from vtprune.kernels import _greedy_triton as k
+
+    return k.dpp_kernel, k.maxmin_kernel
+
+
+def dpp_greedy_fused(kernel: Tensor, k: int, avail: Tensor, exhaustion_tol: float) -> tuple[Tensor, Tensor]:
+    """The greedy DPP MAP loop of :func:`vtprune.selection.dpp_greedy`, fused.
+
+    Args:
+        kernel: ``(B, N, N)`` float32 kernel (any strides).
+        k: picks per row, ``1 <= k <= N``.
+        avail: ``(B, N)`` bool, candidates.
+        exhaustion_tol: relative residual below which a candidate scores 0 (see ``dpp_greedy``).
+
+    Returns:
+        ``(picks (B, k) long, ok (B, k) bool)`` in pick order.
+    """
+    dpp_kernel, _ = _kernels()
+    b, n, _ = kernel.shape
+    dev = kernel.device
+    picks = torch.empty(b, k, dtype=torch.long, device=dev)
+    ok = torch.empty(b, k, dtype=torch.int8, device=dev)
+    if b == 0 or k == 0:
+        return picks, ok.bool()
+    cs = torch.empty(b, k, n, dtype=torch.float32, device=dev)
+    valid8 = avail.to(torch.int8).contiguous()
+    block, rows, warps = _launch_shape(n)
+    dpp_kernel[(b,)](
+        kernel,
+        kernel.stride(0),
+        kernel.stride(1),
+        kernel.stride(2),
+        valid8,
+        cs,
+        picks,
+        ok,
+        n,
+        k,
+        float(exhaustion_tol),
+        BLOCK_N=block,
+        ROWS=rows,
+        num_warps=warps,
+        enable_fp_fusion=False,
+    )
+    return picks, ok.bool()
+
+
+def maxmin_fused(dist: Tensor, k: int, avail: Tensor) -> tuple[Tensor, Tensor]:
+    """The greedy loop of :func:`vtprune.selection.maxmin_diversity`, fused.
+
+    Args:
+        dist: ``(B, N, N)`` float32 cosine distances, **exactly symmetric** (``cosine_matrix`` symmetrises):
+            the kernel reads rows where the torch loop reads columns.
+        k: picks per row, ``1 <= k <= N``.
+        avail: ``(B, N)`` bool, candidates.
+
+    Returns:
+        ``(picks (B, k) long, ok (B, k) bool)`` in pick order.
+    """
+    _, maxmin_kernel = _kernels()
+    b, n, _ = dist.shape
+    dev = dist.device
+    picks = torch.empty(b, k, dtype=torch.long, device=dev)
+    ok = torch.empty(b, k, dtype=torch.int8, device=dev)
+    if b == 0 or k == 0:
+        return picks, ok.bool()
+    dist = dist.contiguous()
+    valid8 = avail.to(torch.int8).contiguous()
+    block, rows, warps = _launch_shape(n)
+    maxmin_kernel[(b,)](dist, valid8, picks, ok, n, k, BLOCK_N=block, ROWS=rows, num_warps=warps)
+    return picks, ok.bool()
