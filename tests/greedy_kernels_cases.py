@@ -20,6 +20,7 @@ os.environ["VTPRUNE_TRITON"] = "1"
 
 from vtprune import selection  # noqa: E402
 from vtprune.kernels import greedy  # noqa: E402
+from vtprune.methods import vispruner  # noqa: E402
 from vtprune.methods.cdpruner import cdpruner_kernel  # noqa: E402
 
 
@@ -87,6 +88,14 @@ def maxmin(feats, k, valid=None, dup_tol=1e-6):
     return both(selection._maxmin_diversity, feats, k, valid, dup_tol=dup_tol)
 
 
+def vis(attn, feats, keep, ratio, removal, valid=None):
+    out = {}
+    for name, fused in (("torch", False), ("fused", True)):
+        p = vispruner._vispruner_select(attn, feats, keep, ratio, removal, valid, dup_tol=1e-6, fused=fused)
+        out[name] = [p.indices.tolist(), p.valid.tolist()]
+    return out
+
+
 def main() -> None:
     problem = probe()
     if problem is not None:
@@ -123,10 +132,29 @@ def main() -> None:
     nan_feats = feats.clone()
     nan_feats[1, 3, 0] = float("nan")
     cases["maxmin_nan"] = maxmin(nan_feats, 5)
+    # --- VisPruner duplicate-removal rounds ---
+    n = 41
+    attn = torch.rand(3, n, generator=gen)
+    tied = torch.randint(0, 3, (3, n), generator=gen).float()  # many exact attention ties
+    feats = torch.randn(3, n, 8, generator=gen)
+    dups = dup_features(3, n, 8, 6, gen)  # exact-1 cosine ties in m(a)
+    for keep, ratio, removal in (
+        (1, 0.0, 8),
+        (12, 0.5, 8),
+        (12, 0.0, 3),
+        (30, 0.25, 1),
+        (n, 0.5, 8),
+        (n - 1, 0.0, 2),
+    ):
+        tag = f"k{keep}_r{ratio}_m{removal}"
+        cases[f"vis_gauss_{tag}"] = vis(attn, feats, keep, ratio, removal)
+        cases[f"vis_ties_masked_{tag}"] = vis(tied, dups, keep, ratio, removal, masks(3, n, gen))
+    cases["vis_dups_ties"] = vis(tied, dups, 20, 0.5, 4)
     # small register tile: many ROWS tiles per step (ROWS = 4 at N = 37)
     greedy._TILE_ELEMENTS = 256
     cases["dpp_small_tiles"] = dpp(kernel, n)
     cases["maxmin_small_tiles"] = maxmin(feats, n, masks(3, n, gen))
+    cases["vis_small_tiles"] = vis(tied, dups, 16, 0.25, 3, masks(3, 41, gen))
     # public entry points dispatch to the fused path under the interpreter
     used = []
     real = selection.dpp_greedy_fused
@@ -136,6 +164,9 @@ def main() -> None:
     selection.dpp_greedy(kernel, 3)
     selection.maxmin_diversity(feats, 3)
     selection.dpp_greedy(kernel, 0)  # k = 0 stays on the torch path
+    real_vis = vispruner.vispruner_rounds_fused
+    vispruner.vispruner_rounds_fused = lambda *a, **kw: used.append("vispruner") or real_vis(*a, **kw)
+    vispruner.vispruner_select(attn, feats, 12)
     print(json.dumps({"cases": cases, "dispatched": used}))
 
 

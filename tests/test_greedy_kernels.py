@@ -63,6 +63,20 @@ CASES = [
     "maxmin_axes_ties",
     "maxmin_nan",
     "maxmin_small_tiles",
+    *(
+        f"vis_{kind}_k{keep}_r{ratio}_m{removal}"
+        for kind in ("gauss", "ties_masked")
+        for keep, ratio, removal in (
+            (1, 0.0, 8),
+            (12, 0.5, 8),
+            (12, 0.0, 3),
+            (30, 0.25, 1),
+            (41, 0.5, 8),
+            (40, 0.0, 2),
+        )
+    ),
+    "vis_dups_ties",
+    "vis_small_tiles",
 ]
 
 
@@ -77,7 +91,7 @@ def test_cases_cover_all_runs(interpreted):
 
 
 def test_public_functions_dispatch_to_fused(interpreted):
-    assert interpreted["dispatched"] == ["dpp", "maxmin"]
+    assert interpreted["dispatched"] == ["dpp", "maxmin", "vispruner"]
 
 
 def test_cpu_stays_on_torch(monkeypatch):

@@ -114,3 +114,83 @@ def maxmin_kernel(
         col = tl.load(dist + j * n + cols, mask=inb, other=float("inf"))  # row j == column j
         run_min = tl.minimum(run_min, col, propagate_nan=tl.PropagateNan.ALL)
         score = tl.where(avail, run_min, float("-inf"))
+
+
+@triton.jit
+def vispruner_rounds_kernel(
+    gram_ptr,
+    res_ptr,
+    n_res_ptr,
+    out_ptr,
+    flag_ptr,
+    m_ptr,
+    n,
+    width,
+    t_div,
+    removal,
+    BLOCK_N: tl.constexpr,
+    TILE_A: tl.constexpr,
+    TILE_C: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    inb = cols < n
+    ta = tl.arange(0, TILE_A)
+    tc = tl.arange(0, TILE_C)
+    gram = gram_ptr + b * n * n
+    lists = res_ptr + b * 2 * width  # two buffers of `width` slots: R of this round, R of the next
+    flag = flag_ptr + b * n  # flag[token] == round  <=>  token is in B this round (no clearing needed)
+    mbuf = m_ptr + b * width
+    n_res = tl.load(n_res_ptr + b)
+    rnd = 0
+    while n_res > t_div:
+        src = lists + (rnd % 2) * width
+        dst = lists + ((rnd + 1) % 2) * width
+        n_a = (n_res + 1) // 2
+        n_b = n_res // 2
+        r_step = tl.minimum(tl.minimum(n_res - t_div, n_a), removal)
+        for q0 in range(0, n_b, TILE_A):
+            q = q0 + ta
+            tok = tl.load(src + 2 * q + 1, mask=q < n_b, other=0)
+            tl.store(flag + tok, tl.zeros([TILE_A], dtype=tl.int32) + rnd, mask=q < n_b)
+        tl.debug_barrier()
+        in_b = tl.load(flag + cols, mask=inb, other=-1) == rnd
+        # m(a) = max over B of cos(a, b), from full Gram rows masked to B's tokens
+        for a0 in range(0, n_a, TILE_A):
+            a = a0 + ta
+            a_ok = a < n_a
+            tok = tl.load(src + 2 * a, mask=a_ok, other=0)
+            use = a_ok[:, None] & in_b[None, :]
+            sim = tl.load(gram + tok[:, None] * n + cols[None, :], mask=use, other=float("-inf"))
+            sim = tl.where(use, sim, float("-inf"))
+            tl.store(mbuf + a, tl.max(sim, axis=1), mask=a_ok)
+        tl.debug_barrier()
+        # stable descending rank of m over A: members ahead = larger m, or equal m and earlier in A
+        for a0 in range(0, n_a, TILE_A):
+            a = a0 + ta
+            a_ok = a < n_a
+            m_a = tl.load(mbuf + a, mask=a_ok, other=float("-inf"))
+            rank = tl.zeros([TILE_A], dtype=tl.int32)
+            for c0 in range(0, n_a, TILE_C):
+                c = c0 + tc
+                m_c = tl.load(mbuf + c, mask=c < n_a, other=float("-inf"))
+                ahead = (m_c[None, :] > m_a[:, None]) | (
+                    (m_c[None, :] == m_a[:, None]) & (c[None, :] < a[:, None])
+                )
+                ahead = ahead & (c < n_a)[None, :]
+                rank += tl.sum(ahead.to(tl.int32), axis=1)
+            tok = tl.load(src + 2 * a, mask=a_ok, other=0)
+            survives = a_ok & (rank >= r_step)  # the first r_step of the sorted A are deleted
+            tl.store(dst + rank - r_step, tok, mask=survives)
+        for q0 in range(0, n_b, TILE_A):  # then B, in its previous order
+            q = q0 + ta
+            tok = tl.load(src + 2 * q + 1, mask=q < n_b, other=0)
+            tl.store(dst + (n_a - r_step) + q, tok, mask=q < n_b)
+        tl.debug_barrier()
+        n_res = n_res - r_step
+        rnd += 1
+    final = lists + (rnd % 2) * width
+    for p0 in range(0, t_div, TILE_A):
+        p = p0 + ta
+        tl.store(out_ptr + b * t_div + p, tl.load(final + p, mask=p < t_div, other=0), mask=p < t_div)
+    tl.store(n_res_ptr + b, n_res)

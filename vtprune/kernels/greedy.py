@@ -40,7 +40,14 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_FUSED_N", "fused_enabled", "triton_available", "dpp_greedy_fused", "maxmin_fused"]
+__all__ = [
+    "MAX_FUSED_N",
+    "fused_enabled",
+    "triton_available",
+    "dpp_greedy_fused",
+    "maxmin_fused",
+    "vispruner_rounds_fused",
+]
 
 MAX_FUSED_N = 8192
 """Largest candidate count the fused kernels take (one row per block); larger inputs use the torch path."""
@@ -91,7 +98,7 @@ def _kernels():
     """The jitted kernels (triton imported here, on first use)."""
     from vtprune.kernels import _greedy_triton as k
 
-    return k.dpp_kernel, k.maxmin_kernel
+    return k.dpp_kernel, k.maxmin_kernel, k.vispruner_rounds_kernel
 
 
 def dpp_greedy_fused(kernel: Tensor, k: int, avail: Tensor, exhaustion_tol: float) -> tuple[Tensor, Tensor]:
@@ -106,7 +113,7 @@ def dpp_greedy_fused(kernel: Tensor, k: int, avail: Tensor, exhaustion_tol: floa
     Returns:
         ``(picks (B, k) long, ok (B, k) bool)`` in pick order.
     """
-    dpp_kernel, _ = _kernels()
+    dpp_kernel, _, _ = _kernels()
     b, n, _ = kernel.shape
     dev = kernel.device
     picks = torch.empty(b, k, dtype=torch.long, device=dev)
@@ -148,7 +155,7 @@ def maxmin_fused(dist: Tensor, k: int, avail: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(picks (B, k) long, ok (B, k) bool)`` in pick order.
     """
-    _, maxmin_kernel = _kernels()
+    _, maxmin_kernel, _ = _kernels()
     b, n, _ = dist.shape
     dev = dist.device
     picks = torch.empty(b, k, dtype=torch.long, device=dev)
@@ -160,3 +167,57 @@ def maxmin_fused(dist: Tensor, k: int, avail: Tensor) -> tuple[Tensor, Tensor]:
     block, rows, warps = _launch_shape(n)
     maxmin_kernel[(b,)](dist, valid8, picks, ok, n, k, BLOCK_N=block, ROWS=rows, num_warps=warps)
     return picks, ok.bool()
+
+
+def vispruner_rounds_fused(
+    gram: Tensor, res: Tensor, n_res: Tensor, t_div: int, removal_per_round: int
+) -> tuple[Tensor, Tensor]:
+    """VisPruner's duplicate-removal rounds (:func:`vtprune.methods.vispruner.vispruner_select`, step 3), fused.
+
+    Each row runs its own rounds until ``|R| <= t_div`` (the torch loop runs the rounds of the largest
+    residual and lets finished rows do no-op rounds: the same lists). Per round: B's tokens are flagged,
+    ``m(a)`` is the max of a's Gram row over the flagged columns, A is ranked by ``(-m, position in A)``
+    with an all-pairs count (the stable sort), and survivors then B are written to the other buffer.
+
+    Args:
+        gram: ``(B, N, N)`` float32 cosine matrix (``cosine_matrix``, snapped duplicates).
+        res: ``(B, L)`` long, residual list, valid prefix of length ``n_res`` in descending attention.
+        n_res: ``(B,)`` long, ``|R|`` per row.
+        t_div: diverse tokens to keep, ``<= L``.
+        removal_per_round: maximum deletions per round (>= 1).
+
+    Returns:
+        ``(div (B, t_div) long, n_res (B,) long)``: the first ``t_div`` slots of the final list (slots past
+        ``n_res`` are unspecified, as in the torch loop) and the final ``|R|``.
+    """
+    _, _, rounds_kernel = _kernels()
+    b, width = res.shape
+    n = gram.shape[1]
+    dev = gram.device
+    out = torch.zeros(b, t_div, dtype=torch.int32, device=dev)
+    counts = n_res.to(torch.int32).contiguous()
+    if b == 0 or t_div == 0:
+        return out.long(), counts.long()
+    lists = torch.zeros(b, 2, width, dtype=torch.int32, device=dev)
+    lists[:, 0] = res
+    flag = torch.full((b, n), -1, dtype=torch.int32, device=dev)
+    mbuf = torch.empty(b, width, dtype=torch.float32, device=dev)
+    block, _, warps = _launch_shape(n)
+    tile_a = max(1, min(64, _TILE_ELEMENTS // block))
+    rounds_kernel[(b,)](
+        gram.contiguous(),
+        lists,
+        counts,
+        out,
+        flag,
+        mbuf,
+        n,
+        width,
+        t_div,
+        removal_per_round,
+        BLOCK_N=block,
+        TILE_A=tile_a,
+        TILE_C=128,
+        num_warps=warps,
+    )
+    return out.long(), counts.long()
