@@ -121,3 +121,38 @@ def test_works_without_triton():
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=env)
+
+
+def test_gpu_benchmark_smoke_run(interpreted, tmp_path):
+    # benchmarks/greedy_kernels_gpu.py at toy sizes on CPU under the interpreter: the script itself runs,
+    # compares both paths and writes its JSON (its real use is on a GPU)
+    out = tmp_path / "greedy.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "greedy_kernels_gpu.py"),
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    cmd += [
+        "--batch",
+        "2",
+        "--tokens",
+        "24",
+        "--keeps",
+        "3,8",
+        "--dim",
+        "8",
+        "--clip-dim",
+        "8",
+        "--warmup",
+        "0",
+    ]
+    cmd += ["--repeats", "1"]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["problems"] == []
+    assert len(report["rows"]) == 6 and all(row["equal"] for row in report["rows"])

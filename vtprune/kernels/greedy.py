@@ -34,6 +34,7 @@ Same selection as the torch loop:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -85,6 +86,10 @@ def fused_enabled(x: Tensor, n: int) -> bool:
     return triton_available()
 
 
+def _on(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _launch_shape(n: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) for rows of ``n`` candidates."""
     block = max(16, 1 << (n - 1).bit_length())
@@ -123,23 +128,24 @@ def dpp_greedy_fused(kernel: Tensor, k: int, avail: Tensor, exhaustion_tol: floa
     cs = torch.empty(b, k, n, dtype=torch.float32, device=dev)
     valid8 = avail.to(torch.int8).contiguous()
     block, rows, warps = _launch_shape(n)
-    dpp_kernel[(b,)](
-        kernel,
-        kernel.stride(0),
-        kernel.stride(1),
-        kernel.stride(2),
-        valid8,
-        cs,
-        picks,
-        ok,
-        n,
-        k,
-        float(exhaustion_tol),
-        BLOCK_N=block,
-        ROWS=rows,
-        num_warps=warps,
-        enable_fp_fusion=False,
-    )
+    with _on(kernel.device):  # triton launches on the current CUDA device
+        dpp_kernel[(b,)](
+            kernel,
+            kernel.stride(0),
+            kernel.stride(1),
+            kernel.stride(2),
+            valid8,
+            cs,
+            picks,
+            ok,
+            n,
+            k,
+            float(exhaustion_tol),
+            BLOCK_N=block,
+            ROWS=rows,
+            num_warps=warps,
+            enable_fp_fusion=False,
+        )
     return picks, ok.bool()
 
 
@@ -165,7 +171,8 @@ def maxmin_fused(dist: Tensor, k: int, avail: Tensor) -> tuple[Tensor, Tensor]:
     dist = dist.contiguous()
     valid8 = avail.to(torch.int8).contiguous()
     block, rows, warps = _launch_shape(n)
-    maxmin_kernel[(b,)](dist, valid8, picks, ok, n, k, BLOCK_N=block, ROWS=rows, num_warps=warps)
+    with _on(dist.device):  # triton launches on the current CUDA device
+        maxmin_kernel[(b,)](dist, valid8, picks, ok, n, k, BLOCK_N=block, ROWS=rows, num_warps=warps)
     return picks, ok.bool()
 
 
@@ -204,20 +211,21 @@ def vispruner_rounds_fused(
     mbuf = torch.empty(b, width, dtype=torch.float32, device=dev)
     block, _, warps = _launch_shape(n)
     tile_a = max(1, min(64, _TILE_ELEMENTS // block))
-    rounds_kernel[(b,)](
-        gram.contiguous(),
-        lists,
-        counts,
-        out,
-        flag,
-        mbuf,
-        n,
-        width,
-        t_div,
-        removal_per_round,
-        BLOCK_N=block,
-        TILE_A=tile_a,
-        TILE_C=128,
-        num_warps=warps,
-    )
+    with _on(gram.device):  # triton launches on the current CUDA device
+        rounds_kernel[(b,)](
+            gram.contiguous(),
+            lists,
+            counts,
+            out,
+            flag,
+            mbuf,
+            n,
+            width,
+            t_div,
+            removal_per_round,
+            BLOCK_N=block,
+            TILE_A=tile_a,
+            TILE_C=128,
+            num_warps=warps,
+        )
     return out.long(), counts.long()
