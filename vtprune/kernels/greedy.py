@@ -1,35 +1,44 @@
-"""Fused Triton kernels for the greedy selection loops (DPP greedy MAP, max–min diversity).
+"""Fused Triton kernels for the greedy selection loops: DPP greedy MAP (CDPruner), max–min diversity
+(DivPrune) and VisPruner's duplicate-removal rounds.
 
-Why: the torch loops of :func:`vtprune.selection.dpp_greedy` and :func:`vtprune.selection.maxmin_diversity`
-run ``k`` steps of ~8 tiny ``(B, N)`` kernels each. Replayed as CUDA graphs their launch cost is gone, but
-the GPU still runs every tiny kernel one after the other (~67 µs per DPP pick, ~36 µs per max–min pick at
-B=16, N=576 on an H200). Here one Triton program per batch row runs the **whole greedy loop** with the
-per-token state (residuals ``d²``, availability, running minima) in registers; only the DPP's Cholesky rows
-``c_t`` live in a global scratch buffer ``(B, k, N)`` (they do not fit on chip for k=192).
+Why: the torch loops (:func:`vtprune.selection.dpp_greedy`, :func:`vtprune.selection.maxmin_diversity`,
+:func:`vtprune.methods.vispruner.vispruner_select`) run tens to hundreds of steps of a few tiny ``(B, N)``
+kernels each. Replayed as CUDA graphs their launch cost is gone, but the GPU still runs every tiny kernel
+one after the other (~67 µs per DPP pick, ~36 µs per max–min pick at B=16, N=576 on an H200). Here one
+Triton program per batch row runs the **whole loop**, with the per-token state (residuals ``d²``,
+availability, running minima) in registers. What does not fit on chip lives in small global scratch
+buffers read back by the same program after a block barrier: the DPP's Cholesky rows ``c_t`` ``(B, k, N)``,
+VisPruner's residual lists (two buffers, ping-pong), its B-membership flags and ``m(a)`` values.
 
-Contract: the kernels are called by the torch functions in :mod:`vtprune.selection` after their own checks
-and prologue (float32 upcast, validity mask, the max–min distance matrix) and return ``(picks, ok)`` in pick
-order, exactly what the torch loops produce before :func:`vtprune.selection.picked_from`. Dispatch
-(:func:`fused_enabled`): CUDA tensors, ``import triton`` works, ``VTPRUNE_TRITON`` is not ``"0"``, and
-``N <= MAX_FUSED_N`` (one block holds a row; LLaVA-NeXT's 2,928 tokens use a 4,096-wide block). Anything
-else takes the torch path. ``triton`` is imported lazily, on the first fused call, so CPU installs need
-not have it. Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU
-tensors through Triton's interpreter; the tests compare them with the torch path that way.
+Contract: the kernels are called by those torch functions after their own checks and prologue (float32
+upcast, validity mask, the Gram / distance matrix, VisPruner's attention ranking) and return what the torch
+loops produce before :func:`vtprune.selection.picked_from`. Dispatch (:func:`fused_enabled`): CUDA tensors,
+``import triton`` works, ``VTPRUNE_TRITON`` is not ``"0"``, ``1 <= N <= MAX_FUSED_N`` (one block holds a
+row; LLaVA-NeXT's 2,928 tokens use a 4,096-wide block; wider inputs keep the torch loop) and ``k >= 1``.
+Anything else takes the torch path. ``triton`` is imported lazily, on the first fused call, so CPU installs
+need not have it. Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU
+tensors through Triton's interpreter; tests/test_greedy_kernels.py compares them with the torch path so.
 
-Same selection as the torch loop:
+Same selection as the torch loops:
 
 * ties go to the **lower index** (the rule of :func:`vtprune.selection.argmax_first`, including its NaN
   rule: a NaN score anywhere makes the pick ``N - 1``, as ``amax`` then matches nothing and is clamped);
+  VisPruner's stable sort of A is an all-pairs rank count on ``(-m, position in A)``;
 * invalid / padded candidates are never picked and take no part in any score; when a row runs out of
   valid tokens the remaining slots repeat the torch loop's picks with ``ok = False``;
-* max–min is pure compare/min arithmetic on the same distance matrix, so it is **bit-identical**;
+* max–min and VisPruner are pure compare / min / max arithmetic on the same matrix, so they are
+  **bit-identical** (VisPruner with NaN features excepted: ``tl.max`` and ``torch.amax`` treat NaN
+  differently there; max–min reproduces torch's NaN propagation);
 * DPP: every elementwise step is the same IEEE float32 operation as in torch (``sqrt_rn``, ``div_rn``, and
   FMA contraction switched off with ``enable_fp_fusion=False``, as torch runs ``d² - e·e`` as two kernels).
-  The one difference is the order of the float32 sum ``Σ_t c_t[j]·c_t`` (torch: a cuBLAS/CPU-BLAS ``bmm``
-  whose reduction order is its own; here: tiles of ``ROWS`` Cholesky rows, a tree sum inside a tile,
-  tiles added in order). Residuals may differ in the last bits, so two candidates whose gains are equal
-  to within float32 rounding (not exactly equal) may be picked in the other order; exact ties (e.g.
-  duplicates, which the exhaustion guard scores as exactly 0) and all other picks are the same.
+  The one difference is the order of the float32 sum ``Σ_t c_t[j]·c_t`` (torch: a cuBLAS / CPU-BLAS ``bmm``
+  with its own reduction order and FMAs; here: tiles of ``ROWS`` Cholesky rows, a tree sum inside a tile,
+  tiles added in order; steps 1 and 2 involve at most one product and agree bit for bit). From step 3 on,
+  residuals may differ in the last bits, so two candidates whose gains are equal to within float32 rounding
+  (but not exactly equal) may be picked in the other order. Exact ties (the first step on a flat diagonal,
+  duplicates, which the exhaustion guard scores as exactly 0) are decided identically. With TF32 matmuls
+  switched on (``torch.backends.cuda.matmul.allow_tf32``) torch's ``bmm`` is TF32 while this sum stays
+  float32, so there the kernel is the more accurate of the two and near-ties differ more often.
 """
 
 from __future__ import annotations
