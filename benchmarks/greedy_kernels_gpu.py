@@ -65,7 +65,8 @@ def cuda_ms(fn: Callable[[], object], warmup: int, repeats: int) -> dict:
 
 
 def with_triton(flag: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn` run with VTPRUNE_TRITON=flag (read at each call, and part of the CUDA-graph cache key)."""
+    """`fn` run with VTPRUNE_TRITON=flag (read at each call; the resulting path is part of the CUDA-graph
+    cache key). "strict": the fused kernels, raising on a kernel error instead of falling back to torch."""
 
     def call():
         old = os.environ.get("VTPRUNE_TRITON")
@@ -143,7 +144,7 @@ def run_grid(
             row = {"shape": label, "method": name, "batch": batch, "tokens": tokens, "keep": k}
             try:
                 plain = with_triton("0", lambda fn=fn, k=k: fn(k))
-                fused = with_triton("1", lambda fn=fn, k=k: fn(k))
+                fused = with_triton("strict", lambda fn=fn, k=k: fn(k))
                 t_torch = cuda_ms(plain, warmup, repeats)
                 t_fused = cuda_ms(fused, warmup, repeats)
                 row.update(torch=t_torch, fused=t_fused, speedup=t_torch["median_ms"] / t_fused["median_ms"])
@@ -171,6 +172,8 @@ def sweep_tiles(x: dict, keep: int, warmup: int, repeats: int) -> list[dict]:
     dist = (1.0 - cosine_matrix(x["llm"], 1e-6)).clamp_min(0.0)
     out = []
     default = greedy._TILE_ELEMENTS
+    mode = os.environ.get("VTPRUNE_TRITON")
+    os.environ["VTPRUNE_TRITON"] = "strict"  # a kernel error raises instead of returning None
     try:
         for tile in (4096, 8192, 16384, 32768):
             greedy._TILE_ELEMENTS = tile
@@ -189,6 +192,10 @@ def sweep_tiles(x: dict, keep: int, warmup: int, repeats: int) -> list[dict]:
                     print(f"  tile {tile:6d}  {name:14s} error: {exc}", file=sys.stderr)
     finally:
         greedy._TILE_ELEMENTS = default
+        if mode is None:
+            os.environ.pop("VTPRUNE_TRITON", None)
+        else:
+            os.environ["VTPRUNE_TRITON"] = mode
     return out
 
 

@@ -16,7 +16,7 @@ import sys
 import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-os.environ["VTPRUNE_TRITON"] = "1"
+os.environ["VTPRUNE_TRITON"] = "strict"  # a kernel error must fail, not fall back to torch
 
 from vtprune import selection  # noqa: E402
 from vtprune.kernels import greedy  # noqa: E402

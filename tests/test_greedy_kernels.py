@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from vtprune import selection
 from vtprune.kernels import greedy
+from vtprune.methods.cdpruner import cdpruner_kernel
+from vtprune.methods.vispruner import vispruner_select
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +109,42 @@ def test_switch_off(monkeypatch):
     assert not greedy.fused_enabled(torch.zeros(2, 3), 3)
     monkeypatch.setenv("VTPRUNE_TRITON", "1")
     assert not greedy.fused_enabled(torch.zeros(2, 3), greedy.MAX_FUSED_N + 1)  # too wide for one block
+
+
+def test_kernel_failure_falls_back_to_torch(monkeypatch):
+    # a GPU the installed triton cannot compile for: warn once, run the torch loop, stop trying
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets CPU tensors dispatch; triton itself is never imported
+    monkeypatch.setenv("VTPRUNE_TRITON", "1")
+    monkeypatch.setattr(greedy, "triton_available", lambda: True)
+    monkeypatch.setattr(greedy, "_failure", None)
+
+    def no_compiler():
+        raise RuntimeError("no compiler for this GPU")
+
+    monkeypatch.setattr(greedy, "_kernels", no_compiler)
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 12, 4, generator=gen)
+    kernel = cdpruner_kernel(feats, torch.randn(2, 12, generator=gen))
+    attn = torch.rand(2, 12, generator=gen)
+    with pytest.warns(RuntimeWarning, match="no compiler for this GPU"):
+        got = selection.dpp_greedy(kernel, 5)
+    assert greedy._failure is not None and not greedy.fused_enabled(kernel, 12)
+    monkeypatch.setenv("VTPRUNE_TRITON", "0")
+    assert torch.equal(got.indices, selection.dpp_greedy(kernel, 5).indices)
+    monkeypatch.setenv("VTPRUNE_TRITON", "strict")
+    with pytest.raises(RuntimeError, match="no compiler"):
+        selection.maxmin_diversity(feats, 3)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        vispruner_select(attn, feats, 4)
+    monkeypatch.setattr(greedy, "_failure", None)
+    monkeypatch.setenv("VTPRUNE_TRITON", "1")
+    for call in (lambda: selection.maxmin_diversity(feats, 3), lambda: vispruner_select(attn, feats, 4)):
+        with pytest.warns(RuntimeWarning):
+            fallback = call()
+        monkeypatch.setattr(greedy, "_failure", None)
+        monkeypatch.setenv("VTPRUNE_TRITON", "0")
+        assert torch.equal(fallback.indices, call().indices)
+        monkeypatch.setenv("VTPRUNE_TRITON", "1")
 
 
 def test_works_without_triton():

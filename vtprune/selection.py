@@ -321,9 +321,9 @@ def _dpp_greedy(
     dev = kernel.device
     avail = check_valid(valid, b, n, dev).clone()
     lk = kernel.float()
-    if fused:
-        picks, picked_ok = dpp_greedy_fused(lk, k, avail, exhaustion_tol)
-        return picked_from(picks, picked_ok, sort=sort)
+    got = dpp_greedy_fused(lk, k, avail, exhaustion_tol) if fused else None
+    if got is not None:
+        return picked_from(*got, sort=sort)
     diag = lk.diagonal(dim1=-2, dim2=-1).clone()
     d2 = diag.clone()
     cs = torch.zeros(b, k, n, dtype=torch.float32, device=dev)
@@ -412,9 +412,9 @@ def _maxmin_diversity(
     if k == 0:
         return picked_from(picks, picked_ok, sort=sort)
     dist = (1.0 - cosine_matrix(features, dup_tol)).clamp_min(0.0)
-    if fused:
-        picks, picked_ok = maxmin_fused(dist, k, avail)
-        return picked_from(picks, picked_ok, sort=sort)
+    got = maxmin_fused(dist, k, avail) if fused else None
+    if got is not None:
+        return picked_from(*got, sort=sort)
     ar = torch.arange(b, device=dev)
     cols = torch.arange(n, device=dev)
     inf = torch.full((), float("inf"), device=dev)

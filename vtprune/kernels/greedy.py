@@ -46,6 +46,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -63,6 +65,9 @@ MAX_FUSED_N = 8192
 """Largest candidate count the fused kernels take (one row per block); larger inputs use the torch path."""
 
 _TILE_ELEMENTS = 16384  # register tile of the inner loops: ROWS x BLOCK_N float32
+
+_failure: str | None = None
+"""Why the kernels were switched off in this process (the first compile/launch error), or None."""
 
 
 @functools.cache
@@ -84,15 +89,47 @@ def fused_enabled(x: Tensor, n: int) -> bool:
     """Use the fused kernels for candidates of tensor ``x`` (``n`` per row)?
 
     CUDA tensors (or any tensor under ``TRITON_INTERPRET=1``), ``VTPRUNE_TRITON`` not ``"0"``,
-    ``1 <= n <= MAX_FUSED_N``, and triton importable.
+    ``1 <= n <= MAX_FUSED_N``, triton importable, and no kernel has failed in this process yet (see
+    :func:`_guarded`; ``VTPRUNE_TRITON=strict`` keeps trying, and raises).
     """
-    if os.environ.get("VTPRUNE_TRITON", "1") == "0":
+    mode = os.environ.get("VTPRUNE_TRITON", "1")
+    if mode == "0":
+        return False
+    if _failure is not None and mode != "strict":
         return False
     if not (x.is_cuda or _interpreting()):
         return False
     if not 1 <= n <= MAX_FUSED_N:
         return False
     return triton_available()
+
+
+def _guarded(fn: Callable) -> Callable:
+    """A kernel wrapper that returns None instead of raising, so that its caller runs the torch loop.
+
+    A GPU the installed triton cannot compile for, or a launch out of resources, should cost speed, not the
+    run: the first failure is warned about once and switches the kernels off for the rest of the process.
+    ``VTPRUNE_TRITON=strict`` (tests, benchmarks) raises instead.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _failure
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if os.environ.get("VTPRUNE_TRITON") == "strict":
+                raise
+            _failure = f"{fn.__name__}: {type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"vtprune: fused Triton kernel failed ({_failure}); using the torch loops from now on "
+                "(VTPRUNE_TRITON=0 skips the kernels, VTPRUNE_TRITON=strict raises)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+
+    return wrapper
 
 
 def _on(device: torch.device):
@@ -115,7 +152,10 @@ def _kernels():
     return k.dpp_kernel, k.maxmin_kernel, k.vispruner_rounds_kernel
 
 
-def dpp_greedy_fused(kernel: Tensor, k: int, avail: Tensor, exhaustion_tol: float) -> tuple[Tensor, Tensor]:
+@_guarded
+def dpp_greedy_fused(
+    kernel: Tensor, k: int, avail: Tensor, exhaustion_tol: float
+) -> tuple[Tensor, Tensor] | None:
     """The greedy DPP MAP loop of :func:`vtprune.selection.dpp_greedy`, fused.
 
     Args:
@@ -125,7 +165,7 @@ def dpp_greedy_fused(kernel: Tensor, k: int, avail: Tensor, exhaustion_tol: floa
         exhaustion_tol: relative residual below which a candidate scores 0 (see ``dpp_greedy``).
 
     Returns:
-        ``(picks (B, k) long, ok (B, k) bool)`` in pick order.
+        ``(picks (B, k) long, ok (B, k) bool)`` in pick order, or None if the kernel failed (:func:`_guarded`).
     """
     dpp_kernel, _, _ = _kernels()
     b, n, _ = kernel.shape
@@ -158,7 +198,8 @@ def dpp_greedy_fused(kernel: Tensor, k: int, avail: Tensor, exhaustion_tol: floa
     return picks, ok.bool()
 
 
-def maxmin_fused(dist: Tensor, k: int, avail: Tensor) -> tuple[Tensor, Tensor]:
+@_guarded
+def maxmin_fused(dist: Tensor, k: int, avail: Tensor) -> tuple[Tensor, Tensor] | None:
     """The greedy loop of :func:`vtprune.selection.maxmin_diversity`, fused.
 
     Args:
@@ -168,7 +209,7 @@ def maxmin_fused(dist: Tensor, k: int, avail: Tensor) -> tuple[Tensor, Tensor]:
         avail: ``(B, N)`` bool, candidates.
 
     Returns:
-        ``(picks (B, k) long, ok (B, k) bool)`` in pick order.
+        ``(picks (B, k) long, ok (B, k) bool)`` in pick order, or None if the kernel failed (:func:`_guarded`).
     """
     _, maxmin_kernel, _ = _kernels()
     b, n, _ = dist.shape
@@ -185,9 +226,10 @@ def maxmin_fused(dist: Tensor, k: int, avail: Tensor) -> tuple[Tensor, Tensor]:
     return picks, ok.bool()
 
 
+@_guarded
 def vispruner_rounds_fused(
     gram: Tensor, res: Tensor, n_res: Tensor, t_div: int, removal_per_round: int
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor] | None:
     """VisPruner's duplicate-removal rounds (:func:`vtprune.methods.vispruner.vispruner_select`, step 3), fused.
 
     Each row runs its own rounds until ``|R| <= t_div`` (the torch loop runs the rounds of the largest
@@ -204,7 +246,8 @@ def vispruner_rounds_fused(
 
     Returns:
         ``(div (B, t_div) long, n_res (B,) long)``: the first ``t_div`` slots of the final list (slots past
-        ``n_res`` are unspecified, as in the torch loop) and the final ``|R|``.
+        ``n_res`` are unspecified, as in the torch loop) and the final ``|R|``; None if the kernel failed
+        (:func:`_guarded`).
     """
     _, _, rounds_kernel = _kernels()
     b, width = res.shape

@@ -179,8 +179,11 @@ def _vispruner_select(
     # |R| of the largest possible residual before each round (Python ints, no sync). Every sample's |R|
     # stays <= this bound (the update n -> n - r_step is monotone), so each round only needs that prefix.
     bounds = _residual_bounds(res.shape[1], t_div, removal_per_round)
+    got = None
     if bounds and fused:
-        res, n_res = vispruner_rounds_fused(cosine_matrix(features, dup_tol), res, n_res, t_div, removal_per_round)
+        got = vispruner_rounds_fused(cosine_matrix(features, dup_tol), res, n_res, t_div, removal_per_round)
+    if got is not None:
+        res, n_res = got
     elif bounds:
         # Gram matrix with an extra -inf column: padded B slots point there and drop out of the max
         gram = cosine_matrix(features, dup_tol)
