@@ -195,3 +195,26 @@ def test_gpu_benchmark_smoke_run(interpreted, tmp_path):
     report = json.loads(out.read_text())
     assert report["problems"] == []
     assert len(report["rows"]) == 6 and all(row["equal"] for row in report["rows"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("tokens,keep", [(576, 64), (576, 192), (2928, 320)])
+def test_cuda_fused_equals_torch(monkeypatch, tokens, keep):
+    pytest.importorskip("triton")
+    g = torch.Generator(device="cuda").manual_seed(tokens + keep)
+    feats = torch.randn(3, tokens, 256, device="cuda", generator=g)
+    attn = torch.rand(3, tokens, device="cuda", generator=g)
+    valid = torch.rand(3, tokens, device="cuda", generator=g) < 0.9
+    kernel = cdpruner_kernel(feats, attn)
+    calls = [
+        lambda: selection.dpp_greedy(kernel, keep, valid),
+        lambda: selection.maxmin_diversity(feats, keep, valid),
+        lambda: vispruner_select(attn, feats, keep, valid=valid),
+    ]
+    monkeypatch.setenv("VTPRUNE_TRITON", "strict")
+    fused = [c() for c in calls]
+    monkeypatch.setenv("VTPRUNE_TRITON", "0")
+    for got, call in zip(fused, calls, strict=True):
+        expected = call()
+        assert torch.equal(got.indices, expected.indices)
+        assert torch.equal(got.valid, expected.valid)

@@ -130,13 +130,12 @@ def vispruner_rounds_kernel(
     removal,
     BLOCK_N: tl.constexpr,
     TILE_A: tl.constexpr,
-    TILE_C: tl.constexpr,
 ):
+    # width = |R| before the first round <= n <= BLOCK_N, so one BLOCK_N vector spans any list position
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     inb = cols < n
     ta = tl.arange(0, TILE_A)
-    tc = tl.arange(0, TILE_C)
     gram = gram_ptr + b * n * n
     lists = res_ptr + b * 2 * width  # two buffers of `width` slots: R of this round, R of the next
     flag = flag_ptr + b * n  # flag[token] == round  <=>  token is in B this round (no clearing needed)
@@ -149,10 +148,9 @@ def vispruner_rounds_kernel(
         n_a = (n_res + 1) // 2
         n_b = n_res // 2
         r_step = tl.minimum(tl.minimum(n_res - t_div, n_a), removal)
-        for q0 in range(0, n_b, TILE_A):
-            q = q0 + ta
-            tok = tl.load(src + 2 * q + 1, mask=q < n_b, other=0)
-            tl.store(flag + tok, tl.zeros([TILE_A], dtype=tl.int32) + rnd, mask=q < n_b)
+        in_b_pos = cols < n_b
+        b_tok = tl.load(src + 2 * cols + 1, mask=in_b_pos, other=0)
+        tl.store(flag + b_tok, tl.zeros([BLOCK_N], dtype=tl.int32) + rnd, mask=in_b_pos)
         tl.debug_barrier()
         in_b = tl.load(flag + cols, mask=inb, other=-1) == rnd
         # m(a) = max over B of cos(a, b), from full Gram rows masked to B's tokens
@@ -166,31 +164,24 @@ def vispruner_rounds_kernel(
             tl.store(mbuf + a, tl.max(sim, axis=1), mask=a_ok)
         tl.debug_barrier()
         # stable descending rank of m over A: members ahead = larger m, or equal m and earlier in A
+        in_a_pos = cols < n_a
+        m_all = tl.load(mbuf + cols, mask=in_a_pos, other=float("-inf"))
         for a0 in range(0, n_a, TILE_A):
             a = a0 + ta
             a_ok = a < n_a
             m_a = tl.load(mbuf + a, mask=a_ok, other=float("-inf"))
-            rank = tl.zeros([TILE_A], dtype=tl.int32)
-            for c0 in range(0, n_a, TILE_C):
-                c = c0 + tc
-                m_c = tl.load(mbuf + c, mask=c < n_a, other=float("-inf"))
-                ahead = (m_c[None, :] > m_a[:, None]) | (
-                    (m_c[None, :] == m_a[:, None]) & (c[None, :] < a[:, None])
-                )
-                ahead = ahead & (c < n_a)[None, :]
-                rank += tl.sum(ahead.to(tl.int32), axis=1)
+            ahead = (m_all[None, :] > m_a[:, None]) | (
+                (m_all[None, :] == m_a[:, None]) & (cols[None, :] < a[:, None])
+            )
+            rank = tl.sum((ahead & in_a_pos[None, :]).to(tl.int32), axis=1)
             tok = tl.load(src + 2 * a, mask=a_ok, other=0)
             survives = a_ok & (rank >= r_step)  # the first r_step of the sorted A are deleted
             tl.store(dst + rank - r_step, tok, mask=survives)
-        for q0 in range(0, n_b, TILE_A):  # then B, in its previous order
-            q = q0 + ta
-            tok = tl.load(src + 2 * q + 1, mask=q < n_b, other=0)
-            tl.store(dst + (n_a - r_step) + q, tok, mask=q < n_b)
+        tl.store(dst + (n_a - r_step) + cols, b_tok, mask=in_b_pos)  # then B, in its previous order
         tl.debug_barrier()
         n_res = n_res - r_step
         rnd += 1
     final = lists + (rnd % 2) * width
-    for p0 in range(0, t_div, TILE_A):
-        p = p0 + ta
-        tl.store(out_ptr + b * t_div + p, tl.load(final + p, mask=p < t_div, other=0), mask=p < t_div)
+    keep = cols < t_div
+    tl.store(out_ptr + b * t_div + cols, tl.load(final + cols, mask=keep, other=0), mask=keep)
     tl.store(n_res_ptr + b, n_res)

@@ -222,7 +222,9 @@ def maxmin_fused(dist: Tensor, k: int, avail: Tensor) -> tuple[Tensor, Tensor] |
     valid8 = avail.to(torch.int8).contiguous()
     block, rows, warps = _launch_shape(n)
     with _on(dist.device):  # triton launches on the current CUDA device
-        maxmin_kernel[(b,)](dist, valid8, picks, ok, n, k, BLOCK_N=block, ROWS=rows, num_warps=warps)
+        maxmin_kernel[(b,)](
+            dist, valid8, picks, ok, n, k, BLOCK_N=block, ROWS=rows, num_warps=warps, enable_fp_fusion=False
+        )
     return picks, ok.bool()
 
 
@@ -262,7 +264,7 @@ def vispruner_rounds_fused(
     flag = torch.full((b, n), -1, dtype=torch.int32, device=dev)
     mbuf = torch.empty(b, width, dtype=torch.float32, device=dev)
     block, _, warps = _launch_shape(n)
-    tile_a = max(1, min(64, _TILE_ELEMENTS // block))
+    tile_a = max(1, min(64, _TILE_ELEMENTS // block))  # A members per (TILE_A, BLOCK_N) tile
     with _on(gram.device):  # triton launches on the current CUDA device
         rounds_kernel[(b,)](
             gram.contiguous(),
@@ -277,7 +279,7 @@ def vispruner_rounds_fused(
             removal_per_round,
             BLOCK_N=block,
             TILE_A=tile_a,
-            TILE_C=128,
             num_warps=warps,
+            enable_fp_fusion=False,
         )
     return out.long(), counts.long()
