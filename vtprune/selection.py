@@ -24,6 +24,9 @@ Conventions:
   the batch with ``where``/``gather``/``scatter``; nothing calls ``.item()``, ``nonzero`` or
   boolean-mask indexing, and no Python branch depends on tensor values, so CUDA work is queued without
   a device-to-host sync per step.
+* **Fused on CUDA.** The greedy loops of :func:`dpp_greedy` and :func:`maxmin_diversity` (and VisPruner's
+  rounds) run as one Triton kernel per call where triton imports (:mod:`vtprune.kernels.greedy`, which
+  states how exactly they match the torch loops here; ``VTPRUNE_TRITON=0`` turns them off).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtprune.cuda_graphs import cuda_graphed
+from vtprune.kernels.greedy import dpp_greedy_fused, fused_enabled, maxmin_fused
 
 __all__ = [
     "PAD_INDEX",
@@ -267,7 +271,6 @@ def mask_indices(mask: Tensor, k: int) -> Picked:
 
 
 
-@cuda_graphed
 def dpp_greedy(
     kernel: Tensor,
     k: int,
@@ -296,6 +299,10 @@ def dpp_greedy(
         sort: return indices in raster order (default) instead of pick order.
         exhaustion_tol: relative residual below which a candidate counts as exhausted.
 
+    On CUDA the loop runs as one fused Triton kernel (:mod:`vtprune.kernels.greedy`; ``VTPRUNE_TRITON=0``
+    turns it off): the same picks, up to the summation order of one float32 dot product per step (see
+    that module for the exact statement).
+
     Returns:
         :class:`Picked` with ``indices (B, k)``.
     """
@@ -303,9 +310,22 @@ def dpp_greedy(
         raise ValueError(f"kernel must have shape (B, N, N); got {tuple(kernel.shape)}")
     b, n, _ = kernel.shape
     check_count("k", k, n)
+    fused = k > 0 and fused_enabled(kernel, n)
+    return _dpp_greedy(kernel, k, valid, sort=sort, exhaustion_tol=exhaustion_tol, fused=fused)
+
+
+@cuda_graphed
+def _dpp_greedy(
+    kernel: Tensor, k: int, valid: Tensor | None, *, sort: bool, exhaustion_tol: float, fused: bool
+) -> Picked:
+    # `fused` is an argument, not decided in here, so that it is part of the CUDA-graph cache key
+    b, n, _ = kernel.shape
     dev = kernel.device
     avail = check_valid(valid, b, n, dev).clone()
     lk = kernel.float()
+    got = dpp_greedy_fused(lk, k, avail, exhaustion_tol) if fused else None
+    if got is not None:
+        return picked_from(*got, sort=sort)
     diag = lk.diagonal(dim1=-2, dim2=-1).clone()
     d2 = diag.clone()
     cs = torch.zeros(b, k, n, dtype=torch.float32, device=dev)
@@ -340,7 +360,6 @@ def dpp_greedy(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@cuda_graphed
 def maxmin_diversity(
     features: Tensor,
     k: int,
@@ -369,6 +388,9 @@ def maxmin_diversity(
         sort: return indices in raster order (default) instead of pick order.
         dup_tol: cosine distances ``<= dup_tol`` count as 0.
 
+    On CUDA the greedy loop runs as one fused Triton kernel (:mod:`vtprune.kernels.greedy`;
+    ``VTPRUNE_TRITON=0`` turns it off) with bit-identical picks (it only compares and takes minima).
+
     Returns:
         :class:`Picked` with ``indices (B, k)``.
     """
@@ -376,6 +398,15 @@ def maxmin_diversity(
         raise ValueError(f"features must have shape (B, N, D); got {tuple(features.shape)}")
     b, n, _ = features.shape
     check_count("k", k, n)
+    fused = k > 0 and fused_enabled(features, n)
+    return _maxmin_diversity(features, k, valid, sort=sort, dup_tol=dup_tol, fused=fused)
+
+
+@cuda_graphed
+def _maxmin_diversity(
+    features: Tensor, k: int, valid: Tensor | None, *, sort: bool, dup_tol: float, fused: bool
+) -> Picked:
+    b, n, _ = features.shape
     dev = features.device
     avail = check_valid(valid, b, n, dev).clone()
     picks = torch.zeros(b, k, dtype=torch.long, device=dev)
@@ -383,6 +414,9 @@ def maxmin_diversity(
     if k == 0:
         return picked_from(picks, picked_ok, sort=sort)
     dist = (1.0 - cosine_matrix(features, dup_tol)).clamp_min(0.0)
+    got = maxmin_fused(dist, k, avail) if fused else None
+    if got is not None:
+        return picked_from(*got, sort=sort)
     ar = torch.arange(b, device=dev)
     cols = torch.arange(n, device=dev)
     inf = torch.full((), float("inf"), device=dev)

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from vtprune.cuda_graphs import cuda_graphed
 from vtprune.errors import PruneConfigError
+from vtprune.kernels.greedy import fused_enabled, vispruner_rounds_fused
 from vtprune.methods.base import (
     CropBudget,
     Method,
@@ -85,7 +86,6 @@ def _residual_bounds(residual: int, diverse: int, removal_per_round: int) -> lis
     return sizes
 
 
-@cuda_graphed
 def vispruner_select(
     cls_attn: Tensor,
     features: Tensor,
@@ -129,6 +129,10 @@ def vispruner_select(
         removal_per_round: maximum deletions per duplicate-removal round (>= 1).
         valid: optional ``(B, N)`` bool mask of candidate tokens.
 
+    On CUDA the rounds run as one fused Triton kernel (:func:`vtprune.kernels.greedy.vispruner_rounds_fused`;
+    ``VTPRUNE_TRITON=0`` turns it off) with the same selection (only comparisons and maxima of the same
+    Gram matrix; inputs with NaN features are the exception: there the two paths may differ).
+
     Returns:
         :class:`Picked` with ``indices (B, keep)`` in raster order.
     """
@@ -140,6 +144,26 @@ def vispruner_select(
         raise ValueError(f"important_ratio must be in [0, 1]; got {important_ratio}")
     if removal_per_round < 1:
         raise ValueError(f"removal_per_round must be >= 1; got {removal_per_round}")
+    fused = fused_enabled(cls_attn, n)
+    return _vispruner_select(
+        cls_attn, features, keep, important_ratio, removal_per_round, valid, dup_tol=dup_tol, fused=fused
+    )
+
+
+@cuda_graphed
+def _vispruner_select(
+    cls_attn: Tensor,
+    features: Tensor,
+    keep: int,
+    important_ratio: float,
+    removal_per_round: int,
+    valid: Tensor | None,
+    *,
+    dup_tol: float,
+    fused: bool,
+) -> Picked:
+    # `fused` is an argument so that it is part of the CUDA-graph cache key
+    b, n = cls_attn.shape
     dev = cls_attn.device
     v = None if valid is None else check_valid(valid, b, n, dev)
 
@@ -155,7 +179,12 @@ def vispruner_select(
     # |R| of the largest possible residual before each round (Python ints, no sync). Every sample's |R|
     # stays <= this bound (the update n -> n - r_step is monotone), so each round only needs that prefix.
     bounds = _residual_bounds(res.shape[1], t_div, removal_per_round)
-    if bounds:
+    got = None
+    if bounds and fused:
+        got = vispruner_rounds_fused(cosine_matrix(features, dup_tol), res, n_res, t_div, removal_per_round)
+    if got is not None:
+        res, n_res = got
+    elif bounds:
         # Gram matrix with an extra -inf column: padded B slots point there and drop out of the max
         gram = cosine_matrix(features, dup_tol)
         gram = torch.cat([gram, gram.new_full((b, n, 1), float("-inf"))], dim=2).reshape(b, n * (n + 1))

@@ -1,0 +1,174 @@
+"""Run the fused greedy kernels under Triton's interpreter on CPU and compare them with the torch loops.
+
+Run by tests/test_greedy_kernels.py in a subprocess with ``TRITON_INTERPRET=1`` in its environment (the
+interpreter must be chosen before triton is imported, and must not leak into other tests). Prints one JSON
+object: ``{"probe": ...}`` when this triton's interpreter cannot run a loop with a runtime bound here
+(triton < 3.9 with numpy >= 2.4), else ``{"cases": {name: {"torch": [...], "fused": [...]}}}`` with, per
+case, the indices and validity of both paths in pick order and in raster order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+os.environ["VTPRUNE_TRITON"] = "strict"  # a kernel error must fail, not fall back to torch
+
+from vtprune import selection  # noqa: E402
+from vtprune.kernels import greedy  # noqa: E402
+from vtprune.methods import vispruner  # noqa: E402
+from vtprune.methods.cdpruner import cdpruner_kernel  # noqa: E402
+
+
+def probe() -> str | None:
+    """None if the interpreter runs a kernel with a runtime loop bound, else the error."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count(out_ptr, n):
+        acc = 0
+        for _ in range(0, n):
+            acc += 1
+        tl.store(out_ptr, acc)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count[(1,)](out, 3)
+    except Exception as exc:  # the interpreter wraps numpy's TypeError in its own error type
+        return f"triton {triton.__version__}: {exc!r}"
+    return None if int(out) == 3 else f"triton {triton.__version__}: wrong loop count {int(out)}"
+
+
+def lattice_kernel(b: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """S in {0, ±1}, ρ in {1/4, 1/2, 1, 2}: exact arithmetic, many exact ties and exhausted candidates."""
+    axes = torch.cat([torch.eye(3), -torch.eye(3)])
+    rows = axes[torch.randint(0, 6, (b, n), generator=gen)]
+    rho = torch.tensor([0.25, 0.5, 1.0, 2.0])[torch.randint(0, 4, (b, n), generator=gen)]
+    return rho[..., :, None] * (rows @ rows.transpose(1, 2)) * rho[..., None, :]
+
+
+def dup_features(b: int, n: int, d: int, distinct: int, gen: torch.Generator) -> torch.Tensor:
+    base = torch.randn(b, distinct, d, generator=gen)
+    pick = torch.randint(0, distinct, (b, n), generator=gen)
+    return base.gather(1, pick.unsqueeze(-1).expand(-1, -1, d))
+
+
+def masks(b: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Random mask, plus one row with a single valid token and (if b > 2) one row with none."""
+    valid = torch.rand(b, n, generator=gen) < 0.6
+    valid[1] = False
+    valid[1, n // 2] = True
+    if b > 2:
+        valid[2] = False
+    return valid
+
+
+def both(fn, *args, **kwargs) -> dict:
+    """Torch and fused results of a private selector (``fused`` is its cache-key flag), pick and raster order."""
+    out = {}
+    for name, fused in (("torch", False), ("fused", True)):
+        rows = []
+        for sort in (False, True):
+            p = fn(*args, sort=sort, fused=fused, **kwargs)
+            rows.append([p.indices.tolist(), p.valid.tolist()])
+        out[name] = rows
+    return out
+
+
+def dpp(kernel, k, valid=None, tol=1e-5):
+    return both(selection._dpp_greedy, kernel, k, valid, exhaustion_tol=tol)
+
+
+def maxmin(feats, k, valid=None, dup_tol=1e-6):
+    return both(selection._maxmin_diversity, feats, k, valid, dup_tol=dup_tol)
+
+
+def vis(attn, feats, keep, ratio, removal, valid=None):
+    out = {}
+    for name, fused in (("torch", False), ("fused", True)):
+        p = vispruner._vispruner_select(attn, feats, keep, ratio, removal, valid, dup_tol=1e-6, fused=fused)
+        out[name] = [p.indices.tolist(), p.valid.tolist()]
+    return out
+
+
+def main() -> None:
+    problem = probe()
+    if problem is not None:
+        print(json.dumps({"probe": problem}))
+        return
+    gen = torch.Generator().manual_seed(0)
+    cases = {}
+    # --- DPP greedy MAP ---
+    n = 37  # not a power of two; k = N crosses a ROWS tile of Cholesky rows (32 at this N)
+    feats = torch.randn(3, n, 8, generator=gen)
+    kernel = cdpruner_kernel(feats, torch.randn(3, n, generator=gen))
+    for k in (1, 7, n):
+        cases[f"dpp_gauss_k{k}"] = dpp(kernel, k)
+        cases[f"dpp_gauss_masked_k{k}"] = dpp(kernel, k, masks(3, n, gen))
+    cases["dpp_fp16_noncontiguous"] = dpp(kernel.half().transpose(1, 2), 12)
+    cases["dpp_lattice_ties"] = dpp(lattice_kernel(3, 24, gen), 24)
+    cases["dpp_lattice_ties_masked"] = dpp(lattice_kernel(3, 24, gen), 24, masks(3, 24, gen))
+    dups = dup_features(2, 30, 6, 5, gen)  # rank 5: exhaustion guard after 5 picks, exact-0 ties
+    cases["dpp_duplicates"] = dpp(cdpruner_kernel(dups, torch.randn(2, 30, generator=gen)), 30)
+    cases["dpp_flat_diag"] = dpp(torch.eye(20).expand(2, 20, 20).contiguous(), 20)  # all gains tie, always
+    nan_kernel = kernel.clone()
+    nan_kernel[0, 5, 5] = float("nan")
+    cases["dpp_nan"] = dpp(nan_kernel, 6)
+    # --- max–min diversity ---
+    feats = torch.randn(3, n, 16, generator=gen)
+    for k in (1, 9, n):
+        cases[f"maxmin_gauss_k{k}"] = maxmin(feats, k)
+        cases[f"maxmin_gauss_masked_k{k}"] = maxmin(feats, k, masks(3, n, gen))
+    cases["maxmin_duplicates"] = maxmin(dup_features(3, 30, 6, 4, gen), 30)
+    cases["maxmin_duplicates_masked"] = maxmin(dup_features(3, 30, 6, 4, gen), 30, masks(3, 30, gen))
+    cases["maxmin_axes_ties"] = maxmin(
+        torch.eye(4).repeat(1, 5, 1) * torch.rand(1, 20, 1, generator=gen) + 0.0, 20
+    )
+    nan_feats = feats.clone()
+    nan_feats[1, 3, 0] = float("nan")
+    cases["maxmin_nan"] = maxmin(nan_feats, 5)
+    # --- VisPruner duplicate-removal rounds ---
+    n = 41
+    attn = torch.rand(3, n, generator=gen)
+    tied = torch.randint(0, 3, (3, n), generator=gen).float()  # many exact attention ties
+    feats = torch.randn(3, n, 8, generator=gen)
+    dups = dup_features(3, n, 8, 6, gen)  # exact-1 cosine ties in m(a)
+    for keep, ratio, removal in (
+        (1, 0.0, 8),
+        (12, 0.5, 8),
+        (12, 0.0, 3),
+        (30, 0.25, 1),
+        (n, 0.5, 8),
+        (n - 1, 0.0, 2),
+    ):
+        tag = f"k{keep}_r{ratio}_m{removal}"
+        cases[f"vis_gauss_{tag}"] = vis(attn, feats, keep, ratio, removal)
+        cases[f"vis_ties_masked_{tag}"] = vis(tied, dups, keep, ratio, removal, masks(3, n, gen))
+    cases["vis_dups_ties"] = vis(tied, dups, 20, 0.5, 4)
+    # small register tile: many ROWS tiles per step (ROWS = 4 at N = 37)
+    greedy._TILE_ELEMENTS = 256
+    cases["dpp_small_tiles"] = dpp(kernel, n)
+    cases["maxmin_small_tiles"] = maxmin(feats, n, masks(3, n, gen))
+    cases["vis_small_tiles"] = vis(tied, dups, 16, 0.25, 3, masks(3, 41, gen))
+    # public entry points dispatch to the fused path under the interpreter
+    used = []
+    real = selection.dpp_greedy_fused
+    selection.dpp_greedy_fused = lambda *a, **kw: used.append("dpp") or real(*a, **kw)
+    real_mm = selection.maxmin_fused
+    selection.maxmin_fused = lambda *a, **kw: used.append("maxmin") or real_mm(*a, **kw)
+    selection.dpp_greedy(kernel, 3)
+    selection.maxmin_diversity(feats, 3)
+    selection.dpp_greedy(kernel, 0)  # k = 0 stays on the torch path
+    real_vis = vispruner.vispruner_rounds_fused
+    vispruner.vispruner_rounds_fused = lambda *a, **kw: used.append("vispruner") or real_vis(*a, **kw)
+    vispruner.vispruner_select(attn, feats, 12)
+    print(json.dumps({"cases": cases, "dispatched": used}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

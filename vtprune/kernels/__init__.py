@@ -1,0 +1,1 @@
+"""Optional fused GPU kernels (Triton) behind the torch implementations; imported lazily, never required."""

@@ -1,0 +1,285 @@
+"""Fused Triton kernels for the greedy selection loops: DPP greedy MAP (CDPruner), max–min diversity
+(DivPrune) and VisPruner's duplicate-removal rounds.
+
+Why: the torch loops (:func:`vtprune.selection.dpp_greedy`, :func:`vtprune.selection.maxmin_diversity`,
+:func:`vtprune.methods.vispruner.vispruner_select`) run tens to hundreds of steps of a few tiny ``(B, N)``
+kernels each. Replayed as CUDA graphs their launch cost is gone, but the GPU still runs every tiny kernel
+one after the other (~67 µs per DPP pick, ~36 µs per max–min pick at B=16, N=576 on an H200). Here one
+Triton program per batch row runs the **whole loop**, with the per-token state (residuals ``d²``,
+availability, running minima) in registers. What does not fit on chip lives in small global scratch
+buffers read back by the same program after a block barrier: the DPP's Cholesky rows ``c_t`` ``(B, k, N)``,
+VisPruner's residual lists (two buffers, ping-pong), its B-membership flags and ``m(a)`` values.
+
+Contract: the kernels are called by those torch functions after their own checks and prologue (float32
+upcast, validity mask, the Gram / distance matrix, VisPruner's attention ranking) and return what the torch
+loops produce before :func:`vtprune.selection.picked_from`. Dispatch (:func:`fused_enabled`): CUDA tensors,
+``import triton`` works, ``VTPRUNE_TRITON`` is not ``"0"``, ``1 <= N <= MAX_FUSED_N`` (one block holds a
+row; LLaVA-NeXT's 2,928 tokens use a 4,096-wide block; wider inputs keep the torch loop) and ``k >= 1``.
+Anything else takes the torch path. ``triton`` is imported lazily, on the first fused call, so CPU installs
+need not have it. Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU
+tensors through Triton's interpreter; tests/test_greedy_kernels.py compares them with the torch path so.
+
+Same selection as the torch loops:
+
+* ties go to the **lower index** (the rule of :func:`vtprune.selection.argmax_first`, including its NaN
+  rule: a NaN score anywhere makes the pick ``N - 1``, as ``amax`` then matches nothing and is clamped);
+  VisPruner's stable sort of A is an all-pairs rank count on ``(-m, position in A)``;
+* invalid / padded candidates are never picked and take no part in any score; when a row runs out of
+  valid tokens the remaining slots repeat the torch loop's picks with ``ok = False``;
+* max–min and VisPruner are pure compare / min / max arithmetic on the same matrix, so they are
+  **bit-identical** (VisPruner with NaN features excepted: ``tl.max`` and ``torch.amax`` treat NaN
+  differently there; max–min reproduces torch's NaN propagation);
+* DPP: every elementwise step is the same IEEE float32 operation as in torch (``sqrt_rn``, ``div_rn``, and
+  FMA contraction switched off with ``enable_fp_fusion=False``, as torch runs ``d² - e·e`` as two kernels).
+  The one difference is the order of the float32 sum ``Σ_t c_t[j]·c_t`` (torch: a cuBLAS / CPU-BLAS ``bmm``
+  with its own reduction order and FMAs; here: tiles of ``ROWS`` Cholesky rows, a tree sum inside a tile,
+  tiles added in order; steps 1 and 2 involve at most one product and agree bit for bit). From step 3 on,
+  residuals may differ in the last bits, so two candidates whose gains are equal to within float32 rounding
+  (but not exactly equal) may be picked in the other order. Exact ties (the first step on a flat diagonal,
+  duplicates, which the exhaustion guard scores as exactly 0) are decided identically. With TF32 matmuls
+  switched on (``torch.backends.cuda.matmul.allow_tf32``) torch's ``bmm`` is TF32 while this sum stays
+  float32, so there the kernel is the more accurate of the two and near-ties differ more often.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MAX_FUSED_N",
+    "fused_enabled",
+    "triton_available",
+    "dpp_greedy_fused",
+    "maxmin_fused",
+    "vispruner_rounds_fused",
+]
+
+MAX_FUSED_N = 8192
+"""Largest candidate count the fused kernels take (one row per block); larger inputs use the torch path."""
+
+_TILE_ELEMENTS = 16384  # register tile of the inner loops: ROWS x BLOCK_N float32
+
+_failure: str | None = None
+"""Why the kernels were switched off in this process (the first compile/launch error), or None."""
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` works here (cached; imports triton on the first call)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install (missing libcuda pieces, wrong ABI)
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_enabled(x: Tensor, n: int) -> bool:
+    """Use the fused kernels for candidates of tensor ``x`` (``n`` per row)?
+
+    CUDA tensors (or any tensor under ``TRITON_INTERPRET=1``), ``VTPRUNE_TRITON`` not ``"0"``,
+    ``1 <= n <= MAX_FUSED_N``, triton importable, and no kernel has failed in this process yet (see
+    :func:`_guarded`; ``VTPRUNE_TRITON=strict`` keeps trying, and raises).
+    """
+    mode = os.environ.get("VTPRUNE_TRITON", "1")
+    if mode == "0":
+        return False
+    if _failure is not None and mode != "strict":
+        return False
+    if not (x.is_cuda or _interpreting()):
+        return False
+    if not 1 <= n <= MAX_FUSED_N:
+        return False
+    return triton_available()
+
+
+def _guarded(fn: Callable) -> Callable:
+    """A kernel wrapper that returns None instead of raising, so that its caller runs the torch loop.
+
+    A GPU the installed triton cannot compile for, or a launch out of resources, should cost speed, not the
+    run: the first failure is warned about once and switches the kernels off for the rest of the process.
+    ``VTPRUNE_TRITON=strict`` (tests, benchmarks) raises instead.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _failure
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if os.environ.get("VTPRUNE_TRITON") == "strict":
+                raise
+            _failure = f"{fn.__name__}: {type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"vtprune: fused Triton kernel failed ({_failure}); using the torch loops from now on "
+                "(VTPRUNE_TRITON=0 skips the kernels, VTPRUNE_TRITON=strict raises)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+
+    return wrapper
+
+
+def _on(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _launch_shape(n: int) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps) for rows of ``n`` candidates."""
+    block = max(16, 1 << (n - 1).bit_length())
+    rows = max(1, min(32, _TILE_ELEMENTS // block))
+    warps = 4 if block <= 512 else 8 if block <= 2048 else 16
+    return block, rows, warps
+
+
+@functools.cache
+def _kernels():
+    """The jitted kernels (triton imported here, on first use)."""
+    from vtprune.kernels import _greedy_triton as k
+
+    return k.dpp_kernel, k.maxmin_kernel, k.vispruner_rounds_kernel
+
+
+@_guarded
+def dpp_greedy_fused(
+    kernel: Tensor, k: int, avail: Tensor, exhaustion_tol: float
+) -> tuple[Tensor, Tensor] | None:
+    """The greedy DPP MAP loop of :func:`vtprune.selection.dpp_greedy`, fused.
+
+    Args:
+        kernel: ``(B, N, N)`` float32 kernel (any strides).
+        k: picks per row, ``1 <= k <= N``.
+        avail: ``(B, N)`` bool, candidates.
+        exhaustion_tol: relative residual below which a candidate scores 0 (see ``dpp_greedy``).
+
+    Returns:
+        ``(picks (B, k) long, ok (B, k) bool)`` in pick order, or None if the kernel failed (:func:`_guarded`).
+    """
+    dpp_kernel, _, _ = _kernels()
+    b, n, _ = kernel.shape
+    dev = kernel.device
+    picks = torch.empty(b, k, dtype=torch.long, device=dev)
+    ok = torch.empty(b, k, dtype=torch.int8, device=dev)
+    if b == 0 or k == 0:
+        return picks, ok.bool()
+    cs = torch.empty(b, k, n, dtype=torch.float32, device=dev)
+    valid8 = avail.to(torch.int8).contiguous()
+    block, rows, warps = _launch_shape(n)
+    with _on(kernel.device):  # triton launches on the current CUDA device
+        dpp_kernel[(b,)](
+            kernel,
+            kernel.stride(0),
+            kernel.stride(1),
+            kernel.stride(2),
+            valid8,
+            cs,
+            picks,
+            ok,
+            n,
+            k,
+            float(exhaustion_tol),
+            BLOCK_N=block,
+            ROWS=rows,
+            num_warps=warps,
+            enable_fp_fusion=False,
+        )
+    return picks, ok.bool()
+
+
+@_guarded
+def maxmin_fused(dist: Tensor, k: int, avail: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The greedy loop of :func:`vtprune.selection.maxmin_diversity`, fused.
+
+    Args:
+        dist: ``(B, N, N)`` float32 cosine distances, **exactly symmetric** (``cosine_matrix`` symmetrises):
+            the kernel reads rows where the torch loop reads columns.
+        k: picks per row, ``1 <= k <= N``.
+        avail: ``(B, N)`` bool, candidates.
+
+    Returns:
+        ``(picks (B, k) long, ok (B, k) bool)`` in pick order, or None if the kernel failed (:func:`_guarded`).
+    """
+    _, maxmin_kernel, _ = _kernels()
+    b, n, _ = dist.shape
+    dev = dist.device
+    picks = torch.empty(b, k, dtype=torch.long, device=dev)
+    ok = torch.empty(b, k, dtype=torch.int8, device=dev)
+    if b == 0 or k == 0:
+        return picks, ok.bool()
+    dist = dist.contiguous()
+    valid8 = avail.to(torch.int8).contiguous()
+    block, rows, warps = _launch_shape(n)
+    with _on(dist.device):  # triton launches on the current CUDA device
+        maxmin_kernel[(b,)](
+            dist, valid8, picks, ok, n, k, BLOCK_N=block, ROWS=rows, num_warps=warps, enable_fp_fusion=False
+        )
+    return picks, ok.bool()
+
+
+@_guarded
+def vispruner_rounds_fused(
+    gram: Tensor, res: Tensor, n_res: Tensor, t_div: int, removal_per_round: int
+) -> tuple[Tensor, Tensor] | None:
+    """VisPruner's duplicate-removal rounds (:func:`vtprune.methods.vispruner.vispruner_select`, step 3), fused.
+
+    Each row runs its own rounds until ``|R| <= t_div`` (the torch loop runs the rounds of the largest
+    residual and lets finished rows do no-op rounds: the same lists). Per round: B's tokens are flagged,
+    ``m(a)`` is the max of a's Gram row over the flagged columns, A is ranked by ``(-m, position in A)``
+    with an all-pairs count (the stable sort), and survivors then B are written to the other buffer.
+
+    Args:
+        gram: ``(B, N, N)`` float32 cosine matrix (``cosine_matrix``, snapped duplicates).
+        res: ``(B, L)`` long, residual list, valid prefix of length ``n_res`` in descending attention.
+        n_res: ``(B,)`` long, ``|R|`` per row.
+        t_div: diverse tokens to keep, ``<= L``.
+        removal_per_round: maximum deletions per round (>= 1).
+
+    Returns:
+        ``(div (B, t_div) long, n_res (B,) long)``: the first ``t_div`` slots of the final list (slots past
+        ``n_res`` are unspecified, as in the torch loop) and the final ``|R|``; None if the kernel failed
+        (:func:`_guarded`).
+    """
+    _, _, rounds_kernel = _kernels()
+    b, width = res.shape
+    n = gram.shape[1]
+    dev = gram.device
+    out = torch.zeros(b, t_div, dtype=torch.int32, device=dev)
+    counts = n_res.to(torch.int32).contiguous()
+    if b == 0 or t_div == 0:
+        return out.long(), counts.long()
+    lists = torch.zeros(b, 2, width, dtype=torch.int32, device=dev)
+    lists[:, 0] = res
+    flag = torch.full((b, n), -1, dtype=torch.int32, device=dev)
+    mbuf = torch.empty(b, width, dtype=torch.float32, device=dev)
+    block, _, warps = _launch_shape(n)
+    tile_a = max(1, min(64, _TILE_ELEMENTS // block))  # A members per (TILE_A, BLOCK_N) tile
+    with _on(gram.device):  # triton launches on the current CUDA device
+        rounds_kernel[(b,)](
+            gram.contiguous(),
+            lists,
+            counts,
+            out,
+            flag,
+            mbuf,
+            n,
+            width,
+            t_div,
+            removal_per_round,
+            BLOCK_N=block,
+            TILE_A=tile_a,
+            num_warps=warps,
+            enable_fp_fusion=False,
+        )
+    return out.long(), counts.long()
