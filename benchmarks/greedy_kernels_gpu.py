@@ -174,6 +174,7 @@ def sweep_tiles(x: dict, keep: int, warmup: int, repeats: int) -> list[dict]:
     default = greedy._TILE_ELEMENTS
     mode = os.environ.get("VTPRUNE_TRITON")
     os.environ["VTPRUNE_TRITON"] = "strict"  # a kernel error raises instead of returning None
+    os.environ["VTPRUNE_TRITON_VISPRUNER"] = "1"  # VisPruner's kernel is opt-in; time it too
     try:
         for tile in (4096, 8192, 16384, 32768):
             greedy._TILE_ELEMENTS = tile

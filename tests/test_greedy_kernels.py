@@ -30,6 +30,7 @@ def interpreted():
     env = {
         **os.environ,
         "TRITON_INTERPRET": "1",
+        "VTPRUNE_TRITON_VISPRUNER": "1",  # VisPruner's kernel is opt-in
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     proc = subprocess.run(
@@ -115,6 +116,7 @@ def test_kernel_failure_falls_back_to_torch(monkeypatch):
     # a GPU the installed triton cannot compile for: warn once, run the torch loop, stop trying
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets CPU tensors dispatch; triton itself is never imported
     monkeypatch.setenv("VTPRUNE_TRITON", "1")
+    monkeypatch.setenv("VTPRUNE_TRITON_VISPRUNER", "1")
     monkeypatch.setattr(greedy, "triton_available", lambda: True)
     monkeypatch.setattr(greedy, "_failure", None)
 

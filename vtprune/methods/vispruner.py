@@ -41,6 +41,8 @@ Deviations from the official code (Theia-4869/VisPruner `llava/model/llava_arch.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import torch
@@ -129,8 +131,9 @@ def vispruner_select(
         removal_per_round: maximum deletions per duplicate-removal round (>= 1).
         valid: optional ``(B, N)`` bool mask of candidate tokens.
 
-    On CUDA the rounds run as one fused Triton kernel (:func:`vtprune.kernels.greedy.vispruner_rounds_fused`;
-    ``VTPRUNE_TRITON=0`` turns it off) with the same selection (only comparisons and maxima of the same
+    With ``VTPRUNE_TRITON_VISPRUNER=1`` the rounds run on CUDA as one fused Triton kernel
+    (:func:`vtprune.kernels.greedy.vispruner_rounds_fused`; off by default: slower than the torch rounds on an
+    H200) with the same selection (only comparisons and maxima of the same
     Gram matrix; inputs with NaN features are the exception: there the two paths may differ).
 
     Returns:
@@ -144,7 +147,9 @@ def vispruner_select(
         raise ValueError(f"important_ratio must be in [0, 1]; got {important_ratio}")
     if removal_per_round < 1:
         raise ValueError(f"removal_per_round must be >= 1; got {removal_per_round}")
-    fused = fused_enabled(cls_attn, n)
+    # Opt-in: on an H200 the fused rounds were slower than the graph-replayed torch rounds (16 x 576: 7.1 vs
+    # 6.1 ms at keep 64; 4 x 2,928: 288 vs 44 ms; benchmarks/results/nvidia-h200-2026-12-02-speed/greedy.json).
+    fused = os.environ.get("VTPRUNE_TRITON_VISPRUNER") == "1" and fused_enabled(cls_attn, n)
     return _vispruner_select(
         cls_attn, features, keep, important_ratio, removal_per_round, valid, dup_tol=dup_tol, fused=fused
     )
