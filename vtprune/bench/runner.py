@@ -61,8 +61,8 @@ from vtprune import compat
 from vtprune.bench import flops as F
 from vtprune.bench.oracle import FixedSelection
 from vtprune.bench.timing import Clock, summarize
-from vtprune.compiled import STATIC_CACHE, generation_kwargs
 from vtprune.bench.workload import BenchModel, Inputs, build_model, image_of, synthetic_inputs
+from vtprune.compiled import STATIC_CACHE, generation_kwargs
 from vtprune.methods.base import METHODS, Method, PruneConfigError, make_method, method_class
 
 __all__ = ["BenchConfig", "Bench", "run_bench", "SCHEMA"]
