@@ -29,7 +29,7 @@ TARGETS = {
 }
 
 # Peak HBM bandwidth (bytes/s) of the GPUs the decode floor is known for; others get no decode check.
-# Floor = weight bytes / bandwidth: every decode step reads every weight once (performance.md).
+# Floor = weight bytes / bandwidth: every decode step reads every weight once.
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
 
 GIB = 1024**3
