@@ -88,6 +88,11 @@ def test_static_key_length_and_supported_caches(tiny):
     assert [compat.static_key_length(static, i) for i in range(len(static.layers))] == [40] * len(static.layers)
     assert compat.static_key_length(dynamic, 0) is None
     assert compat.static_key_length(None, 0) is None
+    assert compat.static_tokens_held(static, 0) is None  # not filled yet
+    kv = torch.zeros(1, model.config.text_config.num_key_value_heads, 3, 8)
+    static.update(kv, kv, 0)
+    assert int(compat.static_tokens_held(static, 0)) == 3 and compat.static_tokens_held(static, 1) is None
+    assert compat.static_tokens_held(dynamic, 0) is None
     assert compat.cache_holds_any_length(static)
     assert compat.cache_holds_any_length(dynamic)
     assert compat.cache_holds_any_length(None)

@@ -3,11 +3,12 @@ stage gives, an LLM stage's drop, and the masks. The invariant matrix (test_engi
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vtprune.engine.assemble import assemble_llm_input
 from vtprune.engine.drop import drop_tokens
-from vtprune.engine.masks import format_mask
+from vtprune.engine.masks import format_mask, static_step_mask
 from vtprune.engine.state import Layout
 from vtprune.methods.base import Selection, Stage
 
@@ -85,3 +86,16 @@ def test_masks_per_implementation():
     assert format_mask(torch.ones(1, 3, dtype=torch.bool), 3, "sdpa", torch.float32) is None
     static = format_mask(torch.ones(1, 2, dtype=torch.bool), 1, "sdpa", torch.float32, key_length=4)
     assert static[0, 0, 0].tolist() == [True, True, False, False]  # the cache's unused slots are masked
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager", "flash_attention_2"])
+@pytest.mark.parametrize("decoded,q_len", [(0, 1), (3, 1), (2, 2)])
+def test_static_step_mask_equals_the_growing_mask(implementation, decoded, q_len):
+    """A decode step's fixed-shape mask (position read from the cache's device count) is the mask built from
+    the prefill's validity plus the real tokens decoded so far, padded to the cache's length."""
+    key_valid = torch.tensor([[False, True, True, True], [True, True, False, True]])
+    held = torch.tensor(key_valid.shape[1] + decoded)
+    fixed = static_step_mask(key_valid, held, q_len, 10, implementation, torch.float32)
+    grown = torch.cat([key_valid, torch.ones(2, decoded + q_len, dtype=torch.bool)], dim=1)
+    expected = format_mask(grown, q_len, implementation, torch.float32, all_valid=False, key_length=10)
+    assert torch.equal(fixed, expected)

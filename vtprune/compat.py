@@ -53,6 +53,23 @@ def static_key_length(cache, layer_idx: int) -> int | None:
     return int(layer.max_cache_len) if type(layer) is StaticLayer else None
 
 
+def static_tokens_held(cache, layer_idx: int) -> torch.Tensor | None:
+    """How many tokens the preallocated cache layer at `layer_idx` holds, as a 0-d device tensor (None when the
+    layer is not preallocated or not filled yet).
+
+    A static layer counts its own writes in `cumulative_length`, a device tensor with a static address that
+    `update` advances in place (5.17 through 5.24). Decode steps read their position from it, so a compiled step
+    sees no Python integer that changes from one step to the next (no recompilation, one CUDA graph).
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    if type(layer) is not StaticLayer or not layer.is_initialized:
+        return None
+    return layer.cumulative_length
+
+
 def grow_static_cache(cache, extra: int) -> bool:
     """Give every preallocated layer of `cache` `extra` more slots, before it allocates them (a static
     layer allocates `max_cache_len` slots at its first update, 5.17 through 5.24). False if one already did."""

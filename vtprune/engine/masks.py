@@ -48,3 +48,30 @@ def format_mask(
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
         ~allowed, torch.finfo(dtype).min
     )
+
+
+def static_step_mask(
+    key_valid: torch.Tensor,
+    held: torch.Tensor,
+    q_len: int,
+    key_length: int,
+    implementation: str,
+    dtype: torch.dtype,
+):
+    """The mask of one decode step over a preallocated cache of `key_length` slots, in a fixed shape.
+
+    `key_valid` (B, L): the prefill's real tokens in the first L slots; `held` (0-d tensor): tokens the layer
+    holds before this step, so the step's queries sit in slots held .. held + q_len - 1. Every token written
+    after the prefill is real. Nothing here depends on a Python integer that changes between steps.
+    """
+    slots = torch.arange(key_length, device=key_valid.device)
+    valid = F.pad(key_valid, (0, key_length - key_valid.shape[1]), value=True)
+    query_slots = held + torch.arange(q_len, device=key_valid.device)
+    if implementation.startswith("flash"):
+        return (valid & (slots < held + q_len)).long()
+    allowed = valid[:, None, None, :] & (slots[None, :] <= query_slots[:, None])[None, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )

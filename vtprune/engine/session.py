@@ -16,7 +16,7 @@ import torch
 
 from vtprune import compat
 from vtprune.engine.assemble import assemble_llm_input
-from vtprune.engine.decode import begin_step, layer_inputs
+from vtprune.engine.decode import begin_step, layer_inputs, static_cache
 from vtprune.engine.drop import drop_tokens
 from vtprune.engine.images import ImageTokens, equal_shares, expanded_images
 from vtprune.engine.positions import (
@@ -289,7 +289,7 @@ class PruneSession:
         episode = self.episode
         cache = compat.cache_from_call(call)
         if episode is not None and episode.prefill_done and cache is not None and cache is episode.cache:
-            return (), begin_step(episode, call)
+            return (), begin_step(episode, call, self.adapter.attn_implementation)
         self.episode = None  # a text-only call: nothing to prune
         return None
 
@@ -304,7 +304,8 @@ class PruneSession:
             if self.record is not None and self.timing:
                 self.record.timings_ms["total_prefill"] = (self._clock() - self._prefill_start) * 1e3
         else:
-            episode.decode_len += episode.step.get("q_len", 0)
+            if not static_cache(episode):  # a static cache counts on the device (engine/decode.py)
+                episode.decode_len += episode.step.get("q_len", 0)
             episode.step = {}
         return None
 
