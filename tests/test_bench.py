@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -42,8 +43,8 @@ def tiny_model():
 
 def _cpu_run(loaded, out, **config):
     """One CPU bench run of a tiny model; `config` holds what differs between the runs below."""
-    cfg = BenchConfig(batches=BATCHES, new_tokens=NEW_TOKENS, device="cpu", dtype="float32", output=out,
-                      progress=False, **config)
+    config = {"batches": BATCHES, **config}
+    cfg = BenchConfig(new_tokens=NEW_TOKENS, device="cpu", dtype="float32", output=out, progress=False, **config)
     return run_bench(cfg, loaded=loaded), out
 
 
@@ -995,3 +996,22 @@ def test_batch1_targets_decode_floor_and_prefill():
     assert "static cache" in next(c["check"] for c in target_checks(results) if c["check"].startswith(decode))
     prefill = "batch-1 prefill speed-up vs unpruned"
     assert checks[(prefill, "visionzip")]["met"] and not checks[(prefill, "fastv")]["met"]
+
+
+def test_profile_explains_a_missed_decode_target(tiny_model, tmp_path, monkeypatch):
+    """`--profile`: a missed batch-1 decode target gets a decode profile (per token: wall and, on a GPU,
+    GPU-busy time) of the unpruned model and of the method that missed, in profile.txt and results.md."""
+    from vtprune.bench import report
+
+    monkeypatch.setattr(report, "decode_floor_ms", lambda meta: 1e-6)  # every decode misses it
+    results, out = _cpu_run(tiny_model, tmp_path / "b", methods=["none", "fastv"], keeps=[16], batches=[1],
+                            repeats=1, warmup=0, profile=True)
+    missed = [c for c in results["targets"] if c["check"].startswith("batch-1 decode")]
+    assert missed and all(c["met"] is False for c in missed)
+    decodes = [p for p in results["profiles"] if "decode_wall_ms_per_token" in p]
+    assert [p["label"] for p in decodes] == ["B=1 unpruned", "B=1 fastv keep=16"]
+    # a difference of two timed calls: finite (its sign is noise for a tiny CPU model); no GPU, no busy time
+    assert all(math.isfinite(p["decode_wall_ms_per_token"]) for p in decodes)
+    assert all(p["decode_gpu_busy_ms_per_token"] is None for p in decodes)
+    assert "decode per token" in (out / "profile.txt").read_text()
+    assert "## Profiled decode steps" in (out / "results.md").read_text()

@@ -391,7 +391,7 @@ def markdown(results: dict) -> str:
                     ]
                 )
             )
-    profiles = results.get("profiles") or []
+    profiles = [p for p in results.get("profiles") or [] if "wall_ms" in p]
     if profiles:
         lines += [
             "",
@@ -401,6 +401,19 @@ def markdown(results: dict) -> str:
             _row(["---"] * 3),
         ]
         lines += [_row([p["label"], _f(p["wall_ms"]), _f(p["gpu_busy_ms"])]) for p in profiles]
+    decodes = [p for p in results.get("profiles") or [] if "decode_wall_ms_per_token" in p]
+    if decodes:
+        lines += [
+            "",
+            "## Profiled decode steps (per token: N-token minus one-token generate, torch.profiler)",
+            "",
+            _row(["subject", "wall ms/token", "GPU busy ms/token"]),
+            _row(["---"] * 3),
+        ]
+        lines += [
+            _row([p["label"], _f(p["decode_wall_ms_per_token"]), _f(p["decode_gpu_busy_ms_per_token"])])
+            for p in decodes
+        ]
     lines += [
         "",
         "Reading the table: *prefill* is one `model(**inputs, use_cache=True, logits_to_keep=1)` forward "

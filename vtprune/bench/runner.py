@@ -74,6 +74,7 @@ CACHES = ("dynamic", STATIC_CACHE)
 STATIC_WARMUP_CALLS = 3
 PHASE_REPEATS = 3  # the synchronised per-phase repeats only split the prefill; fewer are enough
 PROFILE_MAX_METHODS = 6
+PROFILE_MAX_DECODE_METHODS = 2  # each compiles its decode step again first
 
 
 @dataclass
@@ -406,42 +407,85 @@ class Bench:
 
         return {"prefill_ms": summarize(self.time_calls(forward, self.cfg.repeats, self.cfg.warmup))}
 
-    def profile(self, inputs: Inputs, method: Method | None, label: str) -> tuple[str, dict]:
-        """One profiled prefill (after a warm-up): the top kernels/ops table and GPU-busy vs wall time."""
+    def _profiled(self, fn: Callable[[], object]):
+        """(profiler, wall ms) of one profiled call of `fn`."""
         from torch.profiler import ProfilerActivity, profile
 
-        if method is not None:
-            vtprune.prune(self.model, method)
-        try:
-            fn = self.prefill_fn(inputs)
-            self.time_calls(fn, 1, 1)
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-            with torch.no_grad(), profile(activities=activities) as prof:
-                start = time.perf_counter()
-                out = fn()
-                self.clock.sync()
-                wall = (time.perf_counter() - start) * 1e3
-                del out
-        finally:
-            if method is not None:
-                vtprune.unprune(self.model)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with torch.no_grad(), profile(activities=activities) as prof:
+            start = time.perf_counter()
+            out = fn()
+            self.clock.sync()
+            wall = (time.perf_counter() - start) * 1e3
+            del out
+        return prof, wall
+
+    def _table(self, prof) -> tuple[str, float | None]:
+        """The top kernels/ops table of a profile and its GPU-busy ms (None on the CPU)."""
         averages = prof.key_averages()
-        device_key = "self_device_time_total"
-        busy_us = gpu_busy_us(averages) if self.cuda else 0.0
-        sort_key = device_key if self.cuda else "self_cpu_time_total"
+        sort_key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         try:
             table = averages.table(sort_by=sort_key, row_limit=15)
         except (AttributeError, KeyError, ValueError):
             table = averages.table(
                 sort_by="self_cuda_time_total" if self.cuda else "self_cpu_time_total", row_limit=15
             )
-        summary = {"label": label, "wall_ms": wall, "gpu_busy_ms": busy_us / 1e3 if self.cuda else None}
-        head = (
-            f"=== {label}: wall {wall:.2f} ms"
-            + (f", GPU busy {busy_us / 1e3:.2f} ms" if self.cuda else "")
-            + " ===\n"
-        )
-        return head + table + "\n", summary
+        return table, gpu_busy_us(averages) / 1e3 if self.cuda else None
+
+    @staticmethod
+    def _head(label: str, wall: float, busy: float | None) -> str:
+        busy_text = f", GPU busy {busy:.2f} ms" if busy is not None else ""
+        return f"=== {label}: wall {wall:.2f} ms{busy_text} ===\n"
+
+    def profile(self, inputs: Inputs, method: Method | None, label: str) -> tuple[str, dict]:
+        """One profiled prefill (after a warm-up): the top kernels/ops table and GPU-busy vs wall time."""
+        if method is not None:
+            vtprune.prune(self.model, method)
+        try:
+            fn = self.prefill_fn(inputs)
+            self.time_calls(fn, 1, 1)
+            prof, wall = self._profiled(fn)
+        finally:
+            if method is not None:
+                vtprune.unprune(self.model)
+        table, busy = self._table(prof)
+        summary = {"label": label, "wall_ms": wall, "gpu_busy_ms": busy}
+        return self._head(label, wall, busy) + table + "\n", summary
+
+    def profile_decode(self, inputs: Inputs, method: Method | None, label: str) -> tuple[str, dict]:
+        """Where a decode step's time goes: a profiled N-token and a profiled one-token generate (after the
+        warm-up calls that compile a static cache's step); per token = (N-token - one-token) / (N - 1), for the
+        wall time and for the GPU-busy time. A wall far above the GPU-busy time is time the GPU waits for the
+        host. The table is the N-token call's."""
+        kwargs = self.generate_kwargs(inputs)
+        first_only = {**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}
+        n = self.cfg.new_tokens
+        if method is not None:
+            vtprune.prune(self.model, method)
+        try:
+            if self.cfg.cache == STATIC_CACHE:
+                torch._dynamo.reset()
+            with torch.no_grad():
+                for _ in range(STATIC_WARMUP_CALLS if self.cfg.cache == STATIC_CACHE else 1):
+                    self.model.generate(**kwargs)
+                self.model.generate(**first_only)
+            prof, wall = self._profiled(lambda: self.model.generate(**kwargs))
+            prof1, wall1 = self._profiled(lambda: self.model.generate(**first_only))
+        finally:
+            if method is not None:
+                vtprune.unprune(self.model)
+        table, busy = self._table(prof)
+        _, busy1 = self._table(prof1)
+        steps = max(1, n - 1)
+        per_token = (wall - wall1) / steps
+        busy_per_token = None if busy is None else (busy - busy1) / steps
+        summary = {
+            "label": label,
+            "decode_wall_ms_per_token": per_token,
+            "decode_gpu_busy_ms_per_token": busy_per_token,
+        }
+        head = self._head(f"{label}: decode per token", per_token, busy_per_token)
+        return head + f"({n}-token generate: wall {wall:.2f} ms)\n" + table + "\n", summary
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -852,6 +896,32 @@ class _Grid:
                 self.results["profiles"].append(summary)
             except Exception as err:  # noqa: BLE001
                 text.append(f"=== {label}: {type(err).__name__}: {err} ===\n")
+        return text + self.decode_profiles()
+
+    def decode_profiles(self) -> list[str]:
+        """Profile the batch-1 decode of the unpruned model and of the first methods that missed the decode
+        target (at the budget the target checks); text for profile.txt."""
+        missed = [
+            c for c in self.results.get("targets", []) if c["met"] is False and c["check"].startswith("batch-1 decode")
+        ]
+        if not missed or 1 not in self.cfg.batches:
+            return []
+        keep = next((c["keep"] for c in missed if c["method"] != "unpruned"), None)
+        labels = {c["method"] for c in missed}
+        subjects: list[tuple[str, Method | None]] = [("unpruned", None)]
+        for name in self.cfg.methods:
+            params = self.cfg.params.get(name, {})
+            if name != "none" and keep is not None and method_label(name, params) in labels:
+                subjects.append((f"{name} keep={keep}", make_method(name, keep=keep, **params)))
+        text = []
+        inputs = self.inputs(1)
+        for label, method in subjects[: 1 + PROFILE_MAX_DECODE_METHODS]:
+            try:
+                table, summary = self.bench.profile_decode(inputs, method, f"B=1 {label}")
+                text.append(table)
+                self.results["profiles"].append(summary)
+            except Exception as err:  # noqa: BLE001
+                text.append(f"=== decode {label}: {type(err).__name__}: {err} ===\n")
         return text
 
 
