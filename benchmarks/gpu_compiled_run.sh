@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU run behind benchmarks/results/nvidia-h200-2026-12-03-compiled/ (the speed issue, second run):
+# compiled decoding in fixed shapes for the methods, with profiles of what misses a target, and every method's
+# prefill overhead at batch 16. `STEPS="decode-static-a ..." bash benchmarks/gpu_compiled_run.sh OUTDIR` runs
+# the listed steps (all by default; each under 10 minutes on an H200), each under its own time limit.
+set -u
+OUT_DIR=${1:?usage: gpu_compiled_run.sh OUTDIR}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# the bench command without the CLI's other imports (the GPU image lacks `datasets`)
+bench="python3 -c 'import typer; from vtprune.bench.commands import bench_command; typer.run(bench_command)'"
+LLAVA="--arch llava-1.5-7b --random-weights --dtype bfloat16 --device cuda --no-progress"
+DECODE="--keep 64 --batch 1 --new-tokens 32 --repeats 5 --generate-repeats 3 --no-oracle-generate"
+STEPS=${STEPS:-decode-static-a decode-static-b overhead-all}
+# step NAME SECONDS COMMAND...: run when NAME is listed in $STEPS
+step() {
+  local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return;; esac
+  echo "== $name ($(date +%T))"; timeout "$limit" bash -c "$*" > "$OUT_DIR/$name.log" 2>&1; echo "   rc=$?"
+}
+# 1. compiled decode at batch 1 (static cache; every subject compiles its decode step first, untimed), in two
+# groups of methods; --profile: profiles of the prefills and of the decode steps that miss a target
+step decode-static-a 300 "$bench" $LLAVA --methods none,visionzip,fastv,pdrop $DECODE --cache static --profile \
+  --time-budget 200 --output "$OUT_DIR/decode-static-a"
+step decode-static-b 280 "$bench" $LLAVA --methods none,divprune,vispruner,sparsevlm,dart $DECODE --cache static \
+  --time-budget 250 --output "$OUT_DIR/decode-static-b"
+# 2. every method's prefill and overhead over its oracle at batch 16, with profiles of the misses
+step overhead-all 560 "$bench" $LLAVA --methods all --keep 192,128,64 --batch 16 --new-tokens 2 --repeats 5 \
+  --generate-repeats 1 --no-oracle-generate --profile --time-budget 470 --output "$OUT_DIR/overhead-all"
+echo "== done ($(date +%T))"
