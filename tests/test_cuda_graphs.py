@@ -7,6 +7,7 @@ import torch
 
 from vtprune import selection
 from vtprune.methods.cdpruner import cdpruner_kernel
+from vtprune.methods.scope import scope_select
 from vtprune.methods.vispruner import vispruner_select
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -23,6 +24,7 @@ def test_graphed_selectors_equal_plain(monkeypatch, batch):
         lambda: vispruner_select(attn, feats, 64),
         lambda: selection.dpp_greedy(kernel, 64),
         lambda: selection.maxmin_diversity(feats, 64),
+        lambda: scope_select(feats, attn, 64),
     ]
     graphed = [[c() for _ in range(3)] for c in calls]  # capture, then two replays
     monkeypatch.setenv("VTPRUNE_CUDA_GRAPHS", "0")

@@ -32,10 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vtprune.cuda_graphs import cuda_graphed
 from vtprune.methods.base import Method, Selection, bounded, register
 from vtprune.selection import Picked, argmax_first, mask_indices
 
 
+@cuda_graphed  # k greedy steps of a few small kernels each, no host sync: one graph launch on a GPU
 def scope_select(
     features: Tensor,
     saliency: Tensor,
