@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHON
 bench="python3 -c 'import typer; from vtprune.bench.commands import bench_command; typer.run(bench_command)'"
 LLAVA="--arch llava-1.5-7b --random-weights --dtype bfloat16 --device cuda --no-progress"
 DECODE="--keep 64 --batch 1 --new-tokens 32 --repeats 5 --generate-repeats 3 --no-oracle-generate"
-STEPS=${STEPS:-decode-static-a decode-static-b overhead-all}
+STEPS=${STEPS:-decode-static-a decode-static-b overhead-all overhead-rerun decode-static-b16}
 # step NAME SECONDS COMMAND...: run when NAME is listed in $STEPS
 step() {
   local name=$1 limit=$2; shift 2
@@ -27,4 +27,13 @@ step decode-static-b 280 "$bench" $LLAVA --methods none,divprune,vispruner,spars
 # 2. every method's prefill and overhead over its oracle at batch 16, with profiles of the misses
 step overhead-all 560 "$bench" $LLAVA --methods all --keep 192,128,64 --batch 16 --new-tokens 2 --repeats 5 \
   --generate-repeats 1 --no-oracle-generate --profile --time-budget 470 --output "$OUT_DIR/overhead-all"
+# 3. after the SCOPE fix (CUDA-graphed greedy loop), and CDPruner without its CLIP text tower (not on the
+# offline GPU image), same settings as step 2
+step overhead-rerun 200 "$bench" $LLAVA --methods none,scope,cdpruner --keep 192,128,64 --batch 16 --new-tokens 2 \
+  --repeats 5 --generate-repeats 1 --no-oracle-generate --param cdpruner.relevance=none --time-budget 150 \
+  --output "$OUT_DIR/overhead-rerun"
+# 4. compiled decode at batch 16, where the KV cache the pruned tokens no longer fill is a real share of each step
+step decode-static-b16 260 "$bench" $LLAVA --methods none,visionzip,fastv --keep 64 --batch 16 --new-tokens 32 \
+  --repeats 3 --generate-repeats 3 --no-oracle-generate --cache static --time-budget 220 \
+  --output "$OUT_DIR/decode-static-b16"
 echo "== done ($(date +%T))"
