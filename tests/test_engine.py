@@ -16,6 +16,7 @@ from conftest import QUESTIONS, build_inputs, hook_snapshot
 from oracle import oracle_greedy, oracle_logits
 
 import vtprune
+from vtprune import compat
 from vtprune.api import list_methods
 from vtprune.methods.base import Method, ModelInfo, Selection, Stage
 from vtprune.selection import topk_indices
@@ -177,8 +178,13 @@ def test_static_cache_equals_dynamic(tiny, batch_inputs, name, impl):
                     return_dict_in_generate=True,
                 )
             kept = [s.kept for s in vtprune.last_record(model).stages]
-            runs.append((out.sequences.tolist(), torch.stack(out.scores), kept))
-    (dyn_tokens, dyn_scores, dyn_kept), (static_tokens, static_scores, static_kept) = runs
+            layers = compat.cache_from_output(out).layers
+            sizes = [layer.max_cache_len if cache == "static" else layer.keys.shape[-2] for layer in layers]
+            runs.append((out.sequences.tolist(), torch.stack(out.scores), kept, sizes))
+    (dyn_tokens, dyn_scores, dyn_kept, held), (static_tokens, static_scores, static_kept, slots) = runs
+    # each static layer was sized for what its layer holds (the pruned prompt plus the answer), not for the
+    # unpruned prompt: the same room for new tokens in every layer
+    assert len({s - h for s, h in zip(slots, held, strict=True)}) == 1
     assert static_kept == dyn_kept
     assert static_tokens == dyn_tokens
     finite = torch.isfinite(dyn_scores)  # suppressed tokens score -inf in both

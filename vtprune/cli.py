@@ -143,14 +143,14 @@ def generate_command(
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[Image.open(image).convert("RGB")], text=[text], return_tensors="pt").to(dev)
     inputs["pixel_values"] = inputs["pixel_values"].to(dt)
-    vtprune.prune(llava, pruning, timing=True)
-    t1 = time.perf_counter()
-    with torch.no_grad():
+    # hooks removed on return: the command can run inside a Python process that goes on (a notebook, a test)
+    with vtprune.pruned(llava, pruning, timing=True), torch.no_grad():
+        t1 = time.perf_counter()
         out = llava.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generation_kwargs(compile))
-    if dev.startswith("cuda"):
-        torch.cuda.synchronize()
-    total_s = time.perf_counter() - t1
-    record = vtprune.last_record(llava)
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        total_s = time.perf_counter() - t1
+        record = vtprune.last_record(llava)
     answer = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     console.print(f"[bold]answer:[/bold] {answer}")
     for stage in record.stages:

@@ -70,14 +70,16 @@ def static_tokens_held(cache, layer_idx: int) -> torch.Tensor | None:
     return layer.cumulative_length
 
 
-def grow_static_cache(cache, extra: int) -> bool:
-    """Give every preallocated layer of `cache` `extra` more slots, before it allocates them (a static
-    layer allocates `max_cache_len` slots at its first update, 5.17 through 5.24). False if one already did."""
-    layers = [layer for layer in getattr(cache, "layers", []) if type(layer) is StaticLayer]
+def fit_static_cache(cache, first_layer: int, change: int) -> bool:
+    """Resize the preallocated layers of `cache` from `first_layer` on by `change` slots (fewer when negative)
+    before they allocate them: a static layer allocates `max_cache_len` slots at its first update, 5.17 through
+    5.24, and generate() sized them for the unpruned prompt. False if one of them already did (a cache the
+    caller initialised early, or one being reused)."""
+    layers = [layer for layer in getattr(cache, "layers", [])[first_layer:] if type(layer) is StaticLayer]
     if any(layer.is_initialized for layer in layers):
         return False
     for layer in layers:
-        layer.max_cache_len += extra
+        layer.max_cache_len += change
     return True
 
 

@@ -475,13 +475,15 @@ class PruneSession:
         )  # fmt: skip
         new_len = inputs_embeds.shape[1]
         width = tokens.shape[1]
-        if new_len > length and compat.static_key_length(cache, 0) is not None:
-            # Images of different token counts in one batch: the padded image slots lengthen the prompt.
-            if not compat.grow_static_cache(cache, new_len - length):
-                raise PruneConfigError(
-                    f"the images of this batch differ in token count, so the pruned prompt is {new_len - length} "
-                    "tokens longer than the one the static cache was sized for; pass a fresh cache"
-                )
+        # A static cache sized for the prompt: the pruned prompt needs fewer slots (attention reads every slot
+        # of a static layer at each decode step), or more when images of different token counts in one batch
+        # lengthen it with padded image slots.
+        fitted = new_len == length or compat.fit_static_cache(cache, 0, new_len - length)
+        if not fitted and new_len > length:
+            raise PruneConfigError(
+                f"the images of this batch differ in token count, so the pruned prompt is {new_len - length} "
+                "tokens longer than the one the static cache was sized for; pass a fresh cache"
+            )
 
         position_ids = call.get("position_ids")
         decode_start = None
@@ -626,6 +628,9 @@ class PruneSession:
             selection = stack_selections(rows)
         if selection.extra is not None and keeps_positions(stage, False) and not self.adapter.mrope:
             raise PruneConfigError(f"{self.method.name}: created tokens need re-indexed positions")
+        # The layers from here on hold the shortened sequence: their static cache layers need no more slots.
+        width = selection.indices.shape[1] + (0 if selection.extra is None else selection.extra.shape[1])
+        compat.fit_static_cache(episode.cache, layer_idx, width - prev.visual_index.shape[1])
         new_hidden, layout = drop_tokens(
             hidden,
             prev,
