@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHON
 bench="python3 -c 'import typer; from vtprune.bench.commands import bench_command; typer.run(bench_command)'"
 LLAVA="--arch llava-1.5-7b --random-weights --dtype bfloat16 --device cuda --no-progress"
 DECODE="--keep 64 --batch 1 --new-tokens 32 --repeats 5 --generate-repeats 3 --no-oracle-generate"
-STEPS=${STEPS:-decode-static-a decode-static-b overhead-all overhead-rerun decode-static-b16}
+STEPS=${STEPS:-decode-static-a decode-static-b overhead-all overhead-rerun decode-static-b16 decode-fitted-b1 decode-fitted-b16}
 # step NAME SECONDS COMMAND...: run when NAME is listed in $STEPS
 step() {
   local name=$1 limit=$2; shift 2
@@ -36,4 +36,10 @@ step overhead-rerun 200 "$bench" $LLAVA --methods none,scope,cdpruner --keep 192
 step decode-static-b16 260 "$bench" $LLAVA --methods none,visionzip,fastv --keep 64 --batch 16 --new-tokens 32 \
   --repeats 3 --generate-repeats 3 --no-oracle-generate --cache static --time-budget 220 \
   --output "$OUT_DIR/decode-static-b16"
+# 5. after sizing each static cache layer for what its layer group keeps: compiled decode again, batch 1 and 16
+step decode-fitted-b1 200 "$bench" $LLAVA --methods none,visionzip,fastv,pdrop $DECODE --cache static \
+  --time-budget 170 --output "$OUT_DIR/decode-fitted-b1"
+step decode-fitted-b16 240 "$bench" $LLAVA --methods none,visionzip,fastv --keep 64 --batch 16 --new-tokens 32 \
+  --repeats 3 --generate-repeats 3 --no-oracle-generate --cache static --time-budget 200 \
+  --output "$OUT_DIR/decode-fitted-b16"
 echo "== done ($(date +%T))"
