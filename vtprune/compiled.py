@@ -2,11 +2,13 @@
 
 transformers compiles a model's decode step (torch.compile, mode "reduce-overhead", i.e. CUDA graphs) when
 generate() runs with a compileable (static) cache on a GPU. vtprune's decode hooks run inside the compiled
-step without a host sync, a graph break or a per-step recompilation (vtprune/engine/decode.py;
-tests/test_compiled.py), so every method decodes compiled with the eager tokens. Speed: the unpruned model's
-compiled decode is 2.8x faster on an H200, a pruned model's is not faster yet: its per-layer-group key masks
-grow by one key per step, so CUDA graphs re-record each step (benchmarks/results/nvidia-h200-2026-12-02-speed/).
-On the CPU transformers does not compile: the static cache alone changes nothing but memory layout.
+step in fixed shapes: each step's masks have the cache's length and read the step from the cache's device-side
+count, and each layer group's cache is sized for the tokens it kept (vtprune/engine/decode.py). The step is
+traced once, without a graph break or a host sync, and gives the eager tokens (tests/test_compiled.py). Speed
+on an H200 (benchmarks/results/nvidia-h200-2026-12-03-compiled/): compiled decode is ~2.7x faster than the
+dynamic cache, pruned or not, and a pruned batch keeps a smaller KV cache; batch-1 decode is bound by the
+weights, not the visual tokens. On the CPU transformers does not compile: the static cache alone changes
+nothing but memory layout.
 """
 
 from __future__ import annotations

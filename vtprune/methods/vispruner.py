@@ -42,7 +42,6 @@ Deviations from the official code (Theia-4869/VisPruner `llava/model/llava_arch.
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 
 import torch
