@@ -1013,5 +1013,8 @@ def test_profile_explains_a_missed_decode_target(tiny_model, tmp_path, monkeypat
     # a difference of two timed calls: finite (its sign is noise for a tiny CPU model); no GPU, no busy time
     assert all(math.isfinite(p["decode_wall_ms_per_token"]) for p in decodes)
     assert all(p["decode_gpu_busy_ms_per_token"] is None for p in decodes)
+    # every method that missed a target also gets a prefill profile, with its oracle's beside it
+    prefills = [p["label"] for p in results["profiles"] if "wall_ms" in p]
+    assert prefills == ["B=1 unpruned", "B=1 fastv keep=16", "B=1 oracle of fastv keep=16"]
     assert "decode per token" in (out / "profile.txt").read_text()
     assert "## Profiled decode steps" in (out / "results.md").read_text()
