@@ -7,6 +7,7 @@ import torch
 
 from vtprune import selection
 from vtprune.methods.cdpruner import cdpruner_kernel
+from vtprune.methods.dart import dart_select
 from vtprune.methods.scope import scope_select
 from vtprune.methods.vispruner import vispruner_select
 
@@ -25,6 +26,8 @@ def test_graphed_selectors_equal_plain(monkeypatch, batch):
         lambda: selection.dpp_greedy(kernel, 64),
         lambda: selection.maxmin_diversity(feats, 64),
         lambda: scope_select(feats, attn, 64),
+        lambda: dart_select(feats, attn, 64, 4, text_features=feats[:, :8], text_scores=attn[:, :8],
+                            num_text_pivots=4)[0],
     ]
     graphed = [[c() for _ in range(3)] for c in calls]  # capture, then two replays
     monkeypatch.setenv("VTPRUNE_CUDA_GRAPHS", "0")

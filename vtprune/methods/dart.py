@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vtprune.cuda_graphs import cuda_graphed
 from vtprune.errors import PruneConfigError
 from vtprune.methods.base import Method, ModelInfo, Selection, Stage, bounded, kept_per_row, register
 from vtprune.selection import Picked, mask_indices, rank_tokens
@@ -72,6 +73,7 @@ def dart_quotas(pivot_valid: Tensor, pool: int, budget: str, per_pivot: int | No
     return (base + (slot < rem).long()) * valid
 
 
+@cuda_graphed  # one small loop per pivot, no host sync: one graph launch on a GPU
 def dart_select(
     features: Tensor,
     scores: Tensor,
