@@ -422,13 +422,12 @@ class PruneSession:
                 vision_signals.__dict__["cls_attention"] = full.scatter(
                     1, vit_orig, vision_signals.cls_attention.float()
                 )
-            vit_valid = torch.ones(vit_orig.shape, dtype=torch.bool, device=vit_orig.device)
             record.stages.append(
                 self._stage_record(
                     self.vit_stage,
                     0,
                     (vit_orig + image_offset).view(batch, -1),
-                    vit_valid.view(batch, -1),
+                    None,  # the tower output holds no padding slots (tag_output checks): all kept
                     None,
                 )
             )
@@ -533,14 +532,17 @@ class PruneSession:
         return call
 
     def _stage_record(
-        self, stage: Stage, index: int, orig: torch.Tensor, valid: torch.Tensor, selection
+        self, stage: Stage, index: int, orig: torch.Tensor, valid: torch.Tensor | None, selection
     ) -> StageRecord:
+        """valid None: every slot of `orig` is kept (one device-to-host transfer fewer)."""
         orig_list = orig.tolist()
-        valid_list = valid.tolist()
-        kept = [
-            [o for o, v in zip(row, vrow, strict=False) if v]
-            for row, vrow in zip(orig_list, valid_list, strict=False)
-        ]
+        if valid is None:
+            kept = orig_list
+        else:
+            kept = [
+                [o for o, v in zip(row, vrow, strict=False) if v]
+                for row, vrow in zip(orig_list, valid.tolist(), strict=False)
+            ]
         return StageRecord(
             name=stage.name or f"{stage.kind}{index}",
             kind=stage.kind,

@@ -18,7 +18,9 @@ r = round((P − T)/√rpl · (1 − (H(a)/log P)²)), H the entropy of a/Σa an
 patches. vtprune runs it as a "vit" stage (the mechanism iLLaVA uses) at layers 0..F−1: the engine hands
 `merge_vit` the layer's captured q/k/v after its attention sub-block (`ViTLayerSignals`: only the [CLS]
 query row and the values are used, never the full attention map), and the MLP of the layer runs on the
-survivors only (it is token-wise, so the kept tokens equal the official prune-after-the-MLP).
+survivors only (it is token-wise, so the kept tokens equal the official prune-after-the-MLP). The host reads
+one device value per pruning layer before the last (the padded width of the kept patches, a data-dependent
+shape, and whether every image fills it, in one transfer); everything else it decides from the shapes.
 
 Parameters and defaults: keep (T, default 64: the README's `target_num=64`; the released checkpoints and the
 LLaVA-1.5 tables use T = 64 / 128 / 192 with the same schedule), stride = 2 (prune when rpl is a multiple;
@@ -99,15 +101,21 @@ class FlowCut(Method):
         return [Stage(kind="vit", keep=keep, vit_layers=tuple(range(feature)), vit_remove=0, name=self.name)]
 
     def merge_vit(self, stage: Stage, layer: int, hidden: Tensor, signals: ViTLayerSignals):
-        """Update the cumulative scores; at pruning layers keep the best patches of each image."""
+        """Update the cumulative scores; at pruning layers keep the best patches of each image.
+
+        Host syncs: one per pruning layer with rpl > 0 (the padded width and whether every image fills it,
+        in one transfer), none elsewhere. Two facts make the rest host-side knowledge: the padded width t − 1
+        is the largest image's patch count (a pruning layer pads to its largest target), and no image ever
+        holds fewer than `keep` patches once pruning starts (all start with the same P > keep; a target is
+        at least `keep` and at most what the image has)."""
         n, t, _ = hidden.shape
         dev = hidden.device
         identity = torch.arange(t, device=dev).expand(n, t)
+        if t - 1 <= stage.keep:  # the largest image is down to its budget, so every image is
+            return hidden, identity, signals.valid
         valid = signals.valid if signals.valid is not None else torch.ones(n, t, dtype=torch.bool, device=dev)
         patches_valid = valid[:, 1:]
         present = patches_valid.sum(dim=1)
-        if bool((present <= stage.keep).all()):
-            return hidden, identity, signals.valid  # every image is down to its budget
         cls_attention = signals.cls_attention_heads.mean(dim=1)[:, 1:]
         values = signals.values  # (N, H, T, dh)
         # Per head, softmax over the tokens of v_CLS · v_j (unscaled, as the official code), then head mean.
@@ -122,12 +130,17 @@ class FlowCut(Method):
         if rpl % self.stride:
             return hidden, identity, signals.valid
         if rpl == 0:
+            # Every image holds at least `keep` patches (see above) and keeps exactly `keep`: no sync.
             target = torch.full_like(present, stage.keep)
+            width, ragged = stage.keep, False
         else:
             removed = flowcut_prune_count(cls_attention, patches_valid, stage.keep, rpl)
             target = torch.maximum(present - removed, torch.full_like(present, stage.keep))
-        target = torch.minimum(target, present)  # an image already at its budget keeps what it has
-        width = int(target.max())  # one host sync per pruning layer: the padded width
+            target = torch.minimum(target, present)  # never more patches than the image has
+            # The one host sync of the layer: the padded width (a data-dependent shape) and whether every
+            # image fills it, i.e. whether the next layers need a padding mask.
+            low, width = torch.stack(torch.aminmax(target)).tolist()
+            ragged = low < width
         ranked = cumulative.masked_fill(~patches_valid, float("-inf"))
         order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :width]
         slot_ok = torch.arange(width, device=dev) < target[:, None]
@@ -135,12 +148,11 @@ class FlowCut(Method):
         key = torch.where(slot_ok, order, t + torch.arange(width, device=dev))
         raster = torch.sort(key, dim=1).indices
         kept_patches = order.gather(1, raster)
-        new_valid = slot_ok.gather(1, raster)
         kept = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=dev), kept_patches + 1], dim=1)
         merged = hidden.gather(1, kept[:, :, None].expand(-1, -1, hidden.shape[-1]))
         signals.state["cumulative"] = cumulative.gather(1, kept_patches)
-        if bool(new_valid.all()):
+        if not ragged:
             return merged, kept
+        new_valid = slot_ok.gather(1, raster)
         all_valid = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=dev), new_valid], dim=1)
         return merged, kept, all_valid
-
