@@ -6,15 +6,21 @@
 * PyramidDrop's re-projected scores: q projected for the query rows only == q for every token, then the rows.
 * On the tiny models, the old implementations (kept here as references) select the same tokens and give the
   same logits.
+* SparseVLM's host syncs per prefill, counted on CPU (what would stall a CUDA queue): one read per stage
+  (v1: two and its SVD) and one for the records at the end.
 """
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 import torch
 from conftest import QUESTIONS, build_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtprune
+from vtprune.engine.session import PruneSession
 from vtprune.methods.pdrop import PyramidDrop
 from vtprune.methods.sparsevlm import SparseVLM, batched_block_rank
 from vtprune.signals.attention import attention_rows
@@ -215,3 +221,113 @@ def test_tiny_model_results_unchanged(tiny, monkeypatch, name, params, keep):
     old_logits, old_stages = run(model, inputs, name, keep, params)
     assert stages == old_stages
     torch.testing.assert_close(logits, old_logits, rtol=1e-5, atol=1e-5)
+
+
+# --- host syncs per prefill -----------------------------------------------------------------------------
+# What would make the host wait for a CUDA device, observed on CPU: reading values (`item`, `int`, `bool`,
+# `tolist`), outputs whose shape depends on the data (`nonzero`, boolean indexing, `masked_select`, `unique`)
+# and the SVD behind `matrix_rank` (the CUDA solver reports its status to the host).
+SYNC_OPS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "_linalg_svd",
+    "equal",
+}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the host syncs of the code run inside it, with where each came from (for a failing assert)."""
+
+    def __init__(self):
+        super().__init__()
+        self.where: list[str] = []
+
+    def _note(self, what: str) -> None:
+        frame = next((f for f in reversed(traceback.extract_stack()[:-2]) if "/vtprune/" in f.filename), None)
+        self.where.append(
+            f"{what} at {frame.filename.split('/vtprune/')[-1]}:{frame.lineno}" if frame else what
+        )
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        boolean_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
+        )
+        if name in SYNC_OPS or boolean_index:
+            self._note(name)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        original = self._tolist = torch.Tensor.tolist
+        counter = self
+
+        def tolist(tensor):
+            counter._note("tolist")
+            return original(tensor)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+def prefill_syncs(model, inputs, params, keep):
+    """Host syncs of one pruned prefill (the model call), in all and inside the LLM stages (`_drop`)."""
+    stage_syncs = []
+    original = PruneSession._drop
+
+    def drop(self, *args, **kwargs):
+        before = len(counter.where)
+        out = original(self, *args, **kwargs)
+        stage_syncs.append(counter.where[before:])
+        return out
+
+    PruneSession._drop = drop
+    try:
+        with vtprune.pruned(model, "sparsevlm", keep=keep, **params), torch.no_grad():
+            with SyncCounter() as counter:
+                model(**inputs)
+    finally:
+        PruneSession._drop = original
+    return counter.where, stage_syncs
+
+
+# Host syncs of one prefill of the six-sample batch below: 15 before the first LLM stage (the LLaVA forward
+# and the engine's input assembly, the same for every LLM method), then per stage the method's one read
+# (v1: two, and the SVD of its rank), and one read of all stage records when the prefill ends.
+# Before the per-stage reads were merged: 30 (v1.5, v2.0) and 33 (v1), 5 and 6 per stage.
+SYNC_CASES = [
+    ({"layers": (0, 1, 2)}, 1, 19),
+    ({"layers": (0, 1, 2), "recycle": False}, 1, 19),
+    ({"version": "2.0", "layers": (0, 1, 2), "priority_heads": 2}, 1, 19),
+    ({"version": "1", "layers": (0, 1, 2), "scale": 3.0}, 3, 25),
+    ({"version": "1", "layers": (0, 1, 2), "scale": 0.5}, 3, 25),
+    ({"version": "1", "layers": (0, 1, 2), "scale": 0.5, "recycle": False}, 3, 25),
+]
+
+
+@pytest.mark.parametrize(("params", "per_stage", "total"), SYNC_CASES)
+@pytest.mark.parametrize("keep", [4, 16])
+def test_sparsevlm_prefill_host_syncs(tiny, params, per_stage, total, keep):
+    model, _, processor = tiny
+    inputs = build_inputs(processor, QUESTIONS * 2, [1, 2, 3, 4, 5, 6])
+    syncs, stage_syncs = prefill_syncs(model, inputs, params, keep)
+    assert [len(s) for s in stage_syncs] == [per_stage] * 3, stage_syncs
+    for stage in stage_syncs:  # all of them the method's own reads (and v1's rank)
+        assert all("methods/sparsevlm.py" in s for s in stage), stage
+    assert len(syncs) == total, "\n".join(syncs)
+    assert syncs[-1].startswith("tolist at engine/session.py")  # the records, once the prefill is done
+    # v1 covers rows of different counts, and (scale 0.5, keep 4) rows recycling different numbers of tokens
+    with vtprune.pruned(model, "sparsevlm", keep=keep, **params), torch.no_grad():
+        model(**inputs)
+        record = vtprune.last_record(model)
+    if params.get("version") == "1":
+        assert any(len(set(s.counts)) > 1 for s in record.stages)
+    if params.get("scale") == 0.5 and params.get("recycle", True) and keep == 4:
+        assert any(len(set(s.extra["recycled"])) > 1 for s in record.stages)

@@ -116,9 +116,17 @@ def drop_tokens(
     else:
         position_ids = (torch.cumsum(key_valid, dim=1) - 1).clamp(min=0).masked_fill(~key_valid, 0)
         rope = rotary(new_hidden, position_ids)
-    all_valid = bool(key_valid.all())
+    # Holes in the new sequence: text slots keep their validity, so when the method knows on the host whether
+    # its slots are all real (`Selection.all_valid`) and the prompt's padding is known, nothing is read back.
+    if selection.all_valid is False:
+        all_valid = False
+    elif selection.all_valid and prev.text_valid is not None:
+        all_valid = prev.text_valid
+    else:
+        all_valid = bool(key_valid.all())
     layout = Layout(
         all_valid=all_valid,
+        text_valid=prev.text_valid,
         model_positions=prev.model_positions and keep_positions,
         first_layer=layer_idx,
         key_valid=key_valid,

@@ -70,7 +70,8 @@ def stack_selections(rows: list[Selection]) -> Selection:
     ]
     info: dict = {}
     for key in dict.fromkeys(k for r in rows for k in r.info):
-        values = [r.info.get(key) for r in rows]
+        # rows planned one at a time read their tensors here (this path syncs per row anyway)
+        values = [v.tolist() if isinstance(v := r.info.get(key), torch.Tensor) else v for r in rows]
         info[key] = values[0] if all(v == values[0] for v in values) else values
     return Selection(
         indices=pad([r.indices for r in rows], 0),

@@ -3,13 +3,16 @@
 The session plans the method's stages for the model (per image or per crop when images differ in token
 count), captures the attention its method reads, runs the vision stage and assembles the shorter LLM input
 at prefill, drops tokens at each LLM stage's layer, and hands decode steps their masks and positions. The
-tensor work lives in the modules next to this one; this file decides when each runs.
+LLM stages are recorded when the prefill ends, in one device-to-host read: a read between layers would leave
+the GPU idle while the host launches the next kernels. The tensor work lives in the modules next to this
+one; this file decides when each runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import time
 
 import torch
@@ -75,6 +78,7 @@ class PruneSession:
         self.vit = VitMerging(method, self.vit_stage, self.adapter, self.info) if self.vit_stage else None
         self._signature = inspect.signature(model.forward)
         self._plans: dict[tuple[int, int | None], tuple[Method, list[Stage]]] = {}
+        self._pending_records: list[tuple] = []
 
     def _planned(self, tokens: int, keep: int | None = None) -> tuple[Method, list[Stage]]:
         """The method and its stages for a row (an image, or a sample's images) of `tokens` visual tokens per
@@ -299,6 +303,9 @@ class PruneSession:
             return None
         if not episode.prefill_done:
             episode.prefill_done = True
+            if self.record is not None and self._pending_records:
+                self.record.stages.extend(self._stage_records(self._pending_records))
+            self._pending_records = []
             episode.cache = compat.cache_from_output(output)
             episode.captures.clear()  # release q/k of the scored layers
             if self.record is not None and self.timing:
@@ -327,6 +334,7 @@ class PruneSession:
 
     def _prefill(self, call: dict) -> dict:
         self._prefill_start = self._clock()
+        self._pending_records = []  # the LLM stages' records, read when the prefill ends (`_post_forward`)
         input_ids = call.get("input_ids")
         if input_ids is None:
             raise PruneConfigError(
@@ -484,6 +492,10 @@ class PruneSession:
                 "tokens longer than the one the static cache was sized for; pass a fresh cache"
             )
 
+        # One read for the prompt's holes: any at all, and any outside the visual slots (prompt padding, which
+        # every later layer group keeps; engine/drop.py then needs no read when a method knows its own slots).
+        holes = torch.stack([key_valid.all(), key_valid.scatter(1, slot_pos, True).all()])
+        all_valid, text_valid = holes.tolist()
         position_ids = call.get("position_ids")
         decode_start = None
         if self.adapter.mrope:
@@ -496,14 +508,15 @@ class PruneSession:
             position_ids = kept_prompt_positions(full_positions, source_column, key_valid)
             # Decoding continues where the unpruned prompt would (its rope_deltas), whatever was kept.
             decode_start = next_position(full_positions, text_valid_in | is_image)
-        elif episode.input_rebuilt or position_ids is None and not bool(key_valid.all()):
+        elif episode.input_rebuilt or position_ids is None and not all_valid:
             position_ids = (torch.cumsum(key_valid, dim=1) - 1).clamp(min=0).masked_fill(~key_valid, 0)
         elif position_ids is None:
             position_ids = torch.arange(new_len, device=inputs_embeds.device)[None].expand(batch, -1)
         if position_ids.ndim == 2 and position_ids.shape[0] != batch:
             position_ids = position_ids.expand(batch, -1)
         layout0 = Layout(
-            all_valid=bool(key_valid.all()),
+            all_valid=all_valid,
+            text_valid=text_valid,
             first_layer=0,
             key_valid=key_valid,
             position_ids=position_ids,
@@ -518,7 +531,7 @@ class PruneSession:
         call["input_ids"] = None
         call["inputs_embeds"] = inputs_embeds
         call["position_ids"] = position_ids
-        call["attention_mask"] = None if mask2d is None and bool(key_valid.all()) else key_valid.long()
+        call["attention_mask"] = None if mask2d is None and all_valid else key_valid.long()
         if not self.stages:
             record.stages.append(
                 self._stage_record(
@@ -534,25 +547,49 @@ class PruneSession:
     def _stage_record(
         self, stage: Stage, index: int, orig: torch.Tensor, valid: torch.Tensor | None, selection
     ) -> StageRecord:
-        """valid None: every slot of `orig` is kept (one device-to-host transfer fewer)."""
-        orig_list = orig.tolist()
+        """valid None: every slot of `orig` is kept."""
         if valid is None:
-            kept = orig_list
-        else:
+            valid = torch.ones_like(orig, dtype=torch.bool)  # read in the same transfer as `orig`
+        return self._stage_records([(stage, index, orig, valid, selection)])[0]
+
+    def _stage_records(self, parts: list[tuple]) -> list[StageRecord]:
+        """The records of stages given as (stage, index, original numbering, validity, selection), read from
+        the device in one transfer: their kept tokens and the tensors their methods left in `info`."""
+        tensors: list[torch.Tensor] = []
+        for _, _, orig, valid, selection in parts:
+            tensors += [orig, valid]
+            info = selection.info if selection is not None else {}
+            tensors += [v for v in info.values() if isinstance(v, torch.Tensor)]
+        for t in tensors:
+            if t.is_floating_point() or t.is_complex():
+                raise TypeError("a Selection.info tensor must hold integers or bools (it is read as a list)")
+        flat = []
+        if tensors:
+            flat = torch.cat([t.reshape(-1).long().to(tensors[0].device) for t in tensors]).tolist()
+        lists = iter(_split_lists(flat, tensors))
+        records = []
+        for stage, index, _, _, selection in parts:
             kept = [
                 [o for o, v in zip(row, vrow, strict=False) if v]
-                for row, vrow in zip(orig_list, valid.tolist(), strict=False)
+                for row, vrow in zip(next(lists), next(lists), strict=False)
             ]
-        return StageRecord(
-            name=stage.name or f"{stage.kind}{index}",
-            kind=stage.kind,
-            score_layer=stage.score_layer,
-            prune_layer=stage.prune_layer,
-            positions="original" if keeps_positions(stage, self.adapter.mrope) else "reindex",
-            kept=kept,
-            counts=[len(k) for k in kept],
-            extra=dict(selection.info) if selection is not None else {},
-        )
+            extra = dict(selection.info) if selection is not None else {}
+            for key, value in extra.items():
+                if isinstance(value, torch.Tensor):
+                    extra[key] = next(lists)
+            records.append(
+                StageRecord(
+                    name=stage.name or f"{stage.kind}{index}",
+                    kind=stage.kind,
+                    score_layer=stage.score_layer,
+                    prune_layer=stage.prune_layer,
+                    positions="original" if keeps_positions(stage, self.adapter.mrope) else "reindex",
+                    kept=kept,
+                    counts=[len(k) for k in kept],
+                    extra=extra,
+                )
+            )
+        return records
 
     # --- decoder-layer hook -------------------------------------------------------------------------------
     def _make_layer_hook(self, layer_idx: int):
@@ -646,8 +683,9 @@ class PruneSession:
             mrope=self.adapter.mrope,
         )
         episode.layouts.append(layout)
-        self.record.stages.append(
-            self._stage_record(stage, stage_index, layout.original_index, layout.visual_valid, selection)
+        # Recorded when the prefill ends, all LLM stages in one transfer: a read here would stall the queue.
+        self._pending_records.append(
+            (stage, stage_index, layout.original_index, layout.visual_valid, selection)
         )
         self.record.timings_ms[f"select_{stage.name or f'llm{stage_index}'}"] = (self._clock() - t0) * 1e3
         return new_hidden
@@ -668,3 +706,23 @@ class PruneSession:
             kwargs["position_embeddings"] = rope
             kwargs["position_ids"] = position_ids
         return args, kwargs
+
+
+def _split_lists(flat: list, tensors: list[torch.Tensor]) -> list:
+    """`flat` (the tensors' values, flattened and concatenated) cut back into one nested list per tensor, of
+    its shape, as `tolist` gives it (bool tensors give bools)."""
+
+    def nest(values: list, shape: tuple[int, ...]):
+        if len(shape) <= 1:
+            return values
+        step = math.prod(shape[1:])
+        return [nest(values[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+    out, start = [], 0
+    for t in tensors:
+        values = flat[start : start + t.numel()]
+        start += t.numel()
+        if t.dtype == torch.bool:
+            values = [bool(v) for v in values]
+        out.append(nest(values, tuple(t.shape)) if t.ndim else values[0])
+    return out

@@ -24,6 +24,7 @@ class Layout:
     original_index: torch.Tensor  # (B, V) original visual-token numbering, -1 for created tokens
     stage: Stage | None = None
     all_valid: bool = True  # no padding or holes in the prefix (decided once, at prefill)
+    text_valid: bool | None = None  # every non-visual slot is a real token (no prompt padding); None: unknown
     model_positions: bool = True  # positions equal the model's own (so are its rotary embeddings)
     prefill_mask: object = None  # formatted attention mask for the prefill
     prefill_rope: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -95,7 +95,12 @@ class Selection:
     extra_valid: torch.Tensor | None = None  # (R, C) bool
     extra_index: torch.Tensor | None = None  # (R, C) long, index into current visual tokens or -1
     scores: torch.Tensor | None = None  # (R, V) the scores used, kept for analysis
-    info: dict = field(default_factory=dict)  # JSON-friendly facts recorded with the stage
+    # JSON-friendly facts recorded with the stage; an integer or bool tensor is read to a list with the
+    # stage's record (one transfer for the whole record, so the method needs no host sync of its own for it)
+    info: dict = field(default_factory=dict)
+    # True / False when the method knows on the host whether every slot (of `indices` and `extra`) holds a
+    # real token of its row; the engine then learns without a host sync whether the new sequence has holes
+    all_valid: bool | None = None
 
 
 # `crop_budget` of a vision method on models whose images are several tower inputs (LLaVA-NeXT): "crop" gives

@@ -41,6 +41,14 @@ Budget accounting: the schedules hit their budget under the repo's count of the 
 each layer's pruning (192 → 309/204/113 gives 192.0 over 32 layers); vtprune's record counts the tokens
 *entering* each layer (the sparse layer itself still runs on the unpruned set), 206.5 for the same run.
 
+Host syncs (the prefill is host-bound on a GPU: each read empties the queue): a stage reads its facts once,
+before scoring — the width of the text rows and their alignment with Step A's text tokens, each sample's
+visual and kept count (they give the padded width and the recycling plans); v1 reads its rank-based counts
+a second time (and its batched SVD waits for the solver). The rater counts (and v1's ranks) go to the
+record, which the engine reads once when the prefill ends; the selection tells the engine whether every slot
+is real (``Selection.all_valid``). Recycling clusters the rows of each plan together, selected from a device
+sort of the plans (no row numbers are copied over), and each clustering replays as one CUDA graph.
+
 Parameters: keep (budget per image, default 192 of 576 — a third of the tokens per image on other
 models), version ("1.5" | "1" | "2.0"), layers,
 schedule, recycle (None = on for v1/v1.5, off for v2.0), scale, bias, priority_heads (14), and the
@@ -72,6 +80,7 @@ from typing import ClassVar
 
 import torch
 
+from vtprune.cuda_graphs import cuda_graphed
 from vtprune.errors import PruneConfigError
 from vtprune.methods.base import AttentionMethod, ModelInfo, Selection, Stage, bounded, register, resolve_keep
 from vtprune.selection import dpc_knn_cluster, rank_tokens, topk_counts
@@ -130,20 +139,28 @@ def text_raters(signals, width: int | None = None) -> torch.Tensor:
 
     ``width`` = Lt, the width of those rows when the caller knows it (it saves a host sync); by default it
     is the most text tokens of a sample."""
-    return _text_raters(signals, width)[0]
-
-
-def _text_raters(signals, width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step A: (B, Lt) raters and (B,) each sample's text tokens (to check the alignment with the text rows)."""
-    embeds = signals.input_embeds.float()
-    vis_index = signals.input_visual_index
-    b, length, d = embeds.shape
-    vis_valid = torch.gather(signals.input_valid, 1, vis_index)
-    positions = torch.arange(length, device=embeds.device).expand(b, length)
-    after = (positions > vis_index.max(dim=1).values[:, None]) & signals.input_valid
-    n_text = after.sum(dim=1)
+    after, n_text = _input_text(signals)
     if width is None:
         width = int(n_text.max())
+    return _text_raters(signals, after, width)
+
+
+def _input_text(signals) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L0) the text tokens of the LLM input (real tokens after its last image) and (B,) their count per
+    sample, on the device (the count is checked against the stage's text rows)."""
+    vis_index = signals.input_visual_index
+    b, length = signals.input_valid.shape
+    positions = torch.arange(length, device=vis_index.device).expand(b, length)
+    after = (positions > vis_index.max(dim=1).values[:, None]) & signals.input_valid
+    return after, after.sum(dim=1)
+
+
+def _text_raters(signals, after: torch.Tensor, width: int) -> torch.Tensor:
+    """Step A: (B, width) raters among the input's text tokens `after`, packed to the left."""
+    embeds = signals.input_embeds.float()
+    vis_index = signals.input_visual_index
+    d = embeds.shape[-1]
+    vis_valid = torch.gather(signals.input_valid, 1, vis_index)
     order = torch.sort((~after).to(torch.int8), dim=1, stable=True).indices[:, :width]
     text_valid = torch.gather(after, 1, order)
     h_v = torch.gather(embeds, 1, vis_index[:, :, None].expand(-1, -1, d))
@@ -154,7 +171,7 @@ def _text_raters(signals, width: int | None) -> tuple[torch.Tensor, torch.Tensor
     mean = (r * text_valid).sum(dim=1, keepdim=True) / text_valid.sum(dim=1, keepdim=True).clamp(min=1)
     raters = (r > mean) & text_valid
     none = ~raters.any(dim=1, keepdim=True)
-    return torch.where(none, text_valid, raters), n_text
+    return torch.where(none, text_valid, raters)
 
 
 def rope_prior(signals, rows: torch.Tensor) -> torch.Tensor:
@@ -290,10 +307,11 @@ class SparseVLM(AttentionMethod):
         scores: torch.Tensor,
         kept: torch.Tensor,
         kept_valid: torch.Tensor,
+        n_deleted: torch.Tensor,
         plans: list[tuple[int, int]],
     ):
         """Step D: cluster the best dropped tokens into new ones; `plans` = (tokens recycled, clusters) per
-        row. Returns (extra, extra_valid)."""
+        row, `n_deleted` (B,) the rows' dropped tokens on the device. Returns (extra, extra_valid)."""
         width = max((c for _, c in plans), default=0)
         if width == 0:
             return None, None
@@ -306,23 +324,45 @@ class SparseVLM(AttentionMethod):
         order, _ = rank_tokens(scores, dropped)
         extra = hidden.new_zeros(b, width, hidden.shape[-1])
         extra_valid = torch.zeros(b, width, dtype=torch.bool, device=hidden.device)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for row, plan in enumerate(plans):
-            if plan[1]:
-                groups.setdefault(plan, []).append(row)
-        for (n_rec, c), rows in groups.items():
-            # rows of one plan cluster together; a non-blocking copy of their numbers does not wait for the device
-            idx = slice(None) if len(rows) == b else torch.tensor(rows).to(hidden.device, non_blocking=True)
-            pick = order[idx, :n_rec]
-            x = torch.gather(hidden[idx], 1, pick[:, :, None].expand(-1, -1, hidden.shape[-1]))
-            clusters = dpc_knn_cluster(x, c, k_neighbors=c)
-            extra[idx, :c] = clusters.merged.to(extra.dtype)
-            extra_valid[idx, :c] = clusters.valid
+        # Rows of one plan cluster together, in row order. The device sorts the rows by their recycled count
+        # (the plan's key; recomputed there exactly as `recycle_counts` does, in double precision) and the
+        # host sorts its plans the same way, so each group is a slice of that order: no row numbers travel
+        # to the device.
+        n_rec = torch.where(n_deleted > 0, torch.trunc(n_deleted.double() * RECYCLE_RATIO) + 1, 0).long()
+        by_plan = torch.sort(n_rec, stable=True).indices
+        start = 0
+        for (n, c), size in _runs(sorted(plans, key=lambda plan: plan[0])):
+            rows = slice(None) if size == b else by_plan[start : start + size]
+            start += size
+            if not c:
+                continue
+            pick = order[rows, :n]
+            x = torch.gather(hidden[rows], 1, pick[:, :, None].expand(-1, -1, hidden.shape[-1]))
+            merged, made = _cluster(x, c)
+            extra[rows, :c] = merged.to(extra.dtype)
+            extra_valid[rows, :c] = made
         return extra, extra_valid
 
     def select(self, stage_index, stage, signals) -> Selection:
-        attn, text_rows = signals.attention("text")
-        raters, n_text = _text_raters(signals, width=attn.shape[2])
+        valid = signals.visual_valid
+        n_valid = valid.sum(dim=1)
+        after, n_text = _input_text(signals)
+        stage_text = signals.text_counts()
+        adaptive = self.version == "1" and stage.keep < signals.tokens_per_image
+        if self.version == "1":
+            counts = n_valid  # the budget keeps everything; else replaced by the rank-adaptive counts below
+        else:
+            counts = n_valid.clamp(max=stage.keep * signals.images_per_sample)
+        # The stage's one host read before scoring (v1.5 / v2.0: its only one): the width of the text rows,
+        # their alignment with Step A's text tokens, and the counts, which give the padded width and the
+        # recycling plans. The rater counts stay on the device; the engine reads them with the stage record.
+        facts = torch.stack([f.long() for f in (stage_text, n_text != stage_text, n_valid, counts)]).tolist()
+        text_counts, misaligned, n_host, kept = facts
+        if any(misaligned):
+            raise RuntimeError("sparsevlm: rater rows do not match the text rows of the stage")
+        width = max(text_counts, default=0)
+        signals.set_text_width(width)
+        raters = _text_raters(signals, after, width)
         replaced = self._v2_attention(signals, raters) if self.version == "2.0" else None
         rows = _RaterRows(signals, raters, replaced)
         first = stage_index == 0
@@ -330,42 +370,27 @@ class SparseVLM(AttentionMethod):
         scores = raw
         if first and self._debias is not None:
             scores, info = self.attention_scores(rows, "text", budget=stage.keep, debias=True)
-        valid = signals.visual_valid
-        n_valid = valid.sum(dim=1)
-        ranks = None
-        if self.version == "1" and stage.keep < signals.tokens_per_image:
+        if adaptive:
             counts, ranks = self._v1_counts(signals, raters, stage.keep)
-        elif self.version == "1":
-            counts = n_valid  # keep >= tokens per image: keep everything
-        else:
-            counts = n_valid.clamp(max=stage.keep * signals.images_per_sample)
-        # The stage's one host sync for its counts: the padded width, the recycling plans and the record.
-        facts = [counts, n_valid, raters.sum(dim=1), n_text != text_rows.sum(dim=1)]
-        if ranks is not None:
-            facts.append(ranks)
-        host = torch.stack([f.long() for f in facts]).tolist()
-        kept, n_host, n_raters, misaligned = host[:4]
-        if any(misaligned):
-            raise RuntimeError("sparsevlm: rater rows do not match the text rows of the stage")
+            kept, info["rank"] = torch.stack([counts, ranks]).tolist()  # v1's second read: its own counts
         indices, ok = topk_counts(scores, counts, valid, width=max(kept, default=0))
         extra = extra_valid = None
         recycled = [0] * indices.shape[0]
         if self.recycle:
             # every kept token is valid, so a row drops n_valid - kept tokens
             plans = [recycle_counts(n - k) for n, k in zip(n_host, kept, strict=True)]
-            extra, extra_valid = self._recycle(signals, raw, indices, ok, plans)
+            extra, extra_valid = self._recycle(signals, raw, indices, ok, n_valid - counts, plans)
             recycled = [c for _, c in plans]
-        if ranks is not None:
-            info["rank"] = host[4]
-        info.update(
-            kept=kept,
-            recycled=recycled,
-            tokens=[k + c for k, c in zip(kept, recycled, strict=True)],
-            raters=n_raters,
-        )
+        info.update(kept=kept, recycled=recycled, tokens=[k + c for k, c in zip(kept, recycled, strict=True)])
+        info["raters"] = raters.sum(dim=1)  # read with the record (Selection.info)
         extra_index = None
         if extra is not None:
             extra_index = torch.full(extra_valid.shape, -1, dtype=torch.long, device=extra.device)
+        # Every slot holds a real token when all rows keep the padded width and make as many clusters as
+        # the widest: the engine then knows the new sequence's holes without reading them.
+        all_valid = all(k == indices.shape[1] for k in kept) and (
+            extra is None or all(c == extra.shape[1] for c in recycled)
+        )
         return Selection(
             indices,
             valid=ok,
@@ -374,7 +399,27 @@ class SparseVLM(AttentionMethod):
             extra_index=extra_index,
             scores=scores,
             info=info,
+            all_valid=all_valid,
         )
+
+
+@cuda_graphed
+def _cluster(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step D's DPC-kNN (k = C) of one plan's rows: (merged, valid). Tens of small kernels and no host sync,
+    so on a GPU it replays as one CUDA graph per shape."""
+    out = dpc_knn_cluster(x, clusters, k_neighbors=clusters)
+    return out.merged, out.valid
+
+
+def _runs(items: list) -> list[tuple[object, int]]:
+    """(item, run length) of each run of equal consecutive items."""
+    runs: list[tuple[object, int]] = []
+    for item in items:
+        if runs and runs[-1][0] == item:
+            runs[-1] = (item, runs[-1][1] + 1)
+        else:
+            runs.append((item, 1))
+    return runs
 
 
 def batched_block_rank(block: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -409,7 +409,7 @@ class LLMSignals:
 
     def query_index(self, queries: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, Q) sequence positions of the wanted query rows and (B, Q) validity; computed once per
-        `queries` ("text" costs a host sync for its width)."""
+        `queries` ("text" costs a host sync for its width unless `set_text_width` gave it)."""
         key = ("query_index", queries)
         if key not in self.cache:
             self.cache[key] = self._query_index(queries)
@@ -429,13 +429,34 @@ class LLMSignals:
         if queries == "all":
             return positions, self.key_valid
         if queries == "text":
-            # Every real token after the last visual token: the question, the instruction, "ASSISTANT:".
-            last_visual = self.visual_index.max(dim=1).values
-            after = (positions > last_visual[:, None]) & self.key_valid
-            width = int(after.sum(dim=1).max())
+            after = self._text_rows()
+            width = self.cache.get("text_width")
+            if width is None:
+                width = int(after.sum(dim=1).max())
             order = torch.sort((~after).to(torch.int8), dim=1, stable=True).indices[:, :width]
             return order, torch.gather(after, 1, order)
         raise ValueError(f"unknown query rows {queries!r}; valid: last, text, all, image")
+
+    def _text_rows(self) -> torch.Tensor:
+        """(B, L) the "text" query rows: every real token after the last visual token (the question, the
+        instruction, "ASSISTANT:")."""
+        if "text_rows" not in self.cache:
+            b, length = self.key_valid.shape
+            positions = torch.arange(length, device=self.key_valid.device).expand(b, length)
+            last_visual = self.visual_index.max(dim=1).values
+            self.cache["text_rows"] = (positions > last_visual[:, None]) & self.key_valid
+        return self.cache["text_rows"]
+
+    def text_counts(self) -> torch.Tensor:
+        """(B,) the number of "text" query rows of each sample, on the device (no host sync)."""
+        return self._text_rows().sum(dim=1)
+
+    def set_text_width(self, width: int) -> None:
+        """Give the width of the "text" rows, ``max(text_counts())``, read by a caller along with its own
+        facts: `query_index("text")` then needs no host sync of its own. Call it before the rows are used."""
+        if ("query_index", "text") in self.cache:
+            raise RuntimeError("the text rows were already built")
+        self.cache["text_width"] = int(width)
 
     def attention(self, queries: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, Q, V) attention probabilities of the query rows to the current visual tokens, and (B, Q)
