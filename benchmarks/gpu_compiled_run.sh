@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHON
 bench="python3 -c 'import typer; from vtprune.bench.commands import bench_command; typer.run(bench_command)'"
 LLAVA="--arch llava-1.5-7b --random-weights --dtype bfloat16 --device cuda --no-progress"
 DECODE="--keep 64 --batch 1 --new-tokens 32 --repeats 5 --generate-repeats 3 --no-oracle-generate"
-STEPS=${STEPS:-decode-static-a decode-static-b overhead-all overhead-rerun decode-static-b16 decode-fitted-b1 decode-fitted-b16 overhead-final tokencarve-svd}
+STEPS=${STEPS:-decode-static-a decode-static-b overhead-all overhead-rerun decode-static-b16 decode-fitted-b1 decode-fitted-b16 tokencarve-svd overhead-final}
 # step NAME SECONDS COMMAND...: run when NAME is listed in $STEPS
 step() {
   local name=$1 limit=$2; shift 2
@@ -44,8 +44,8 @@ step decode-fitted-b16 240 "$bench" $LLAVA --methods none,visionzip,fastv --keep
   --output "$OUT_DIR/decode-fitted-b16"
 # 6. the last fixes (FlowCut and SparseVLM host syncs, DART's loop as a CUDA graph, HiPrune's one transfer) and
 # the methods within a few % of the target, with profiles of every miss; TokenCarve's SVD routes
-step overhead-final 230 "$bench" $LLAVA --methods none,flowcut,sparsevlm,dart,hiprune,holov,scope --keep 192,128,64 \
-  --batch 16 --new-tokens 2 --repeats 5 --generate-repeats 1 --no-oracle-generate --profile --time-budget 170 \
+step tokencarve-svd 60 python3 benchmarks/tokencarve_svd_gpu.py --output "$OUT_DIR/tokencarve-svd.json"
+step overhead-final 150 "$bench" $LLAVA --methods none,flowcut,sparsevlm,dart,hiprune,holov --keep 192,128,64 \
+  --batch 16 --new-tokens 2 --repeats 5 --generate-repeats 1 --no-oracle-generate --profile --time-budget 100 \
   --output "$OUT_DIR/overhead-final"
-step tokencarve-svd 90 python3 benchmarks/tokencarve_svd_gpu.py --output "$OUT_DIR/tokencarve-svd.json"
 echo "== done ($(date +%T))"
