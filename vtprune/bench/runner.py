@@ -889,21 +889,26 @@ class _Grid:
                 ]
             except Exception as err:  # noqa: BLE001
                 text.append(f"=== {name}: {type(err).__name__}: {err} ===\n")
+        text += self._profile_each(self.bench.profile, inputs, subjects, f"B={batch}")
+        return text + self.decode_profiles()
+
+    def _profile_each(self, profile: Callable, inputs: Inputs, subjects: list, prefix: str) -> list[str]:
+        """`profile(inputs, method, label)` for each (label, method); a failure is reported, not raised."""
+        text = []
         for label, method in subjects:
             try:
-                table, summary = self.bench.profile(inputs, method, f"B={batch} {label}")
+                table, summary = profile(inputs, method, f"{prefix} {label}")
                 text.append(table)
                 self.results["profiles"].append(summary)
             except Exception as err:  # noqa: BLE001
-                text.append(f"=== {label}: {type(err).__name__}: {err} ===\n")
-        return text + self.decode_profiles()
+                text.append(f"=== {prefix} {label}: {type(err).__name__}: {err} ===\n")
+        return text
 
     def decode_profiles(self) -> list[str]:
         """Profile the batch-1 decode of the unpruned model and of the first methods that missed the decode
         target (at the budget the target checks); text for profile.txt."""
-        missed = [
-            c for c in self.results.get("targets", []) if c["met"] is False and c["check"].startswith("batch-1 decode")
-        ]
+        targets = self.results.get("targets", [])
+        missed = [c for c in targets if c["met"] is False and c["check"].startswith("batch-1 decode")]
         if not missed or 1 not in self.cfg.batches:
             return []
         keep = next((c["keep"] for c in missed if c["method"] != "unpruned"), None)
@@ -913,16 +918,9 @@ class _Grid:
             params = self.cfg.params.get(name, {})
             if name != "none" and keep is not None and method_label(name, params) in labels:
                 subjects.append((f"{name} keep={keep}", make_method(name, keep=keep, **params)))
-        text = []
-        inputs = self.inputs(1)
-        for label, method in subjects[: 1 + PROFILE_MAX_DECODE_METHODS]:
-            try:
-                table, summary = self.bench.profile_decode(inputs, method, f"B=1 {label}")
-                text.append(table)
-                self.results["profiles"].append(summary)
-            except Exception as err:  # noqa: BLE001
-                text.append(f"=== decode {label}: {type(err).__name__}: {err} ===\n")
-        return text
+        return self._profile_each(
+            self.bench.profile_decode, self.inputs(1), subjects[: 1 + PROFILE_MAX_DECODE_METHODS], "B=1"
+        )
 
 
 def _cell_line(entry: dict) -> str:
