@@ -53,7 +53,7 @@ def _traced_frames(model, inputs, config, new_tokens):
 @pytest.mark.parametrize("name", NAMES)
 def test_compiled_decode_equals_eager_in_fixed_shapes(tiny, batch_inputs, name):
     """Compiled tokens equal eager ones; the decode step is traced once: not again per step (a longer answer
-    traces no more frames), not again per call, and never with a dynamic shape (automatic dynamic shapes are
+    traces no more frames than a shorter one), not again per call, and never with a dynamic shape (automatic dynamic shapes are
     off, so a size that changed between steps would retrace; on a GPU each size would record a CUDA graph)."""
     from transformers import CompileConfig
 
@@ -71,7 +71,8 @@ def test_compiled_decode_equals_eager_in_fixed_shapes(tiny, batch_inputs, name):
             torch._dynamo.reset()
     assert torch.equal(out_long, expected)
     assert torch.equal(out, expected[:, : out.shape[1]])
-    assert long_frames == short_frames
+    # (<=: a frame of one-time setup, traced in whichever run comes first, may fall in the short run)
+    assert long_frames <= short_frames
     assert repeat_frames == 0
 
 
