@@ -44,7 +44,7 @@ step decode-fitted-b16 240 "$bench" $LLAVA --methods none,visionzip,fastv --keep
   --output "$OUT_DIR/decode-fitted-b16"
 # 6. the last fixes (FlowCut and SparseVLM host syncs, DART's loop as a CUDA graph, HiPrune's one transfer) and
 # the methods within a few % of the target, with profiles of every miss; TokenCarve's SVD routes
-step tokencarve-svd 60 python3 benchmarks/tokencarve_svd_gpu.py --output "$OUT_DIR/tokencarve-svd.json"
+step tokencarve-svd 60 python3 benchmarks/tokencarve_svd_gpu.py --massive 100 --output "$OUT_DIR/tokencarve-svd.json"
 step overhead-final 150 "$bench" $LLAVA --methods none,flowcut,sparsevlm,dart,hiprune,holov --keep 192,128,64 \
   --batch 16 --new-tokens 2 --repeats 5 --generate-repeats 1 --no-oracle-generate --profile --time-budget 100 \
   --output "$OUT_DIR/overhead-final"
