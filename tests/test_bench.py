@@ -423,6 +423,38 @@ def test_static_cache_bench_times_every_subject(tiny_model, tmp_path):
     assert all(e["method_timing"]["decode_ms_per_token"]["median"] > 0 for e in entries)
 
 
+def test_compiled_prefill_bench_compiles_every_subject(tiny_model, tmp_path, monkeypatch):
+    """`--compile-prefill`: every subject's prefill runs inside `compiled_prefill` (here with dynamo's eager
+    backend: traced graphs, no code generation), each from a clean compiler state: the unpruned reference, its
+    vision tower and short prompts, the methods and their oracles; the report names it."""
+    import functools
+
+    from vtprune.bench import runner
+    from vtprune.compiled import compiled_prefill
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(runner, "compiled_prefill", functools.partial(compiled_prefill, backend=backend))
+    resets = []
+    original_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), original_reset()))
+    results, out = _cpu_run(tiny_model, tmp_path, arch="tiny", methods=["none", "visionzip", "fastv"], keeps=[16],
+                            batches=[1], repeats=1, warmup=0, compile_prefill=True)
+    assert results["meta"]["compile_prefill"] is True
+    entries = ok_entries(results)
+    assert len(entries) == len(results["results"]) == 3
+    # subjects: reference, vision tower, short prompt, none, visionzip + oracle, fastv + oracle
+    assert len(resets) >= 8 and len(graphs) >= 8
+    assert not hasattr(tiny_model.model, "_vtprune_compiled_prefill")  # restored after the run
+    checks = [c["check"] for c in results["targets"] if c["check"].startswith("batch-1 prefill")]
+    assert checks and all(c.endswith("(prefill compiled)") for c in checks)
+    assert "prefill compiled (`--compile-prefill`)" in (out / "results.md").read_text()
+
+
 def test_bad_model_choice_is_refused():
     with pytest.raises(PruneConfigError, match="random-weights"):
         build_model(model=None, arch="llava-1.5-7b", random_weights=False, device="cpu", dtype=torch.float32)

@@ -1,5 +1,6 @@
 """Compiled decoding (`--compile`, vtprune/compiled.py): generate's compiled decode step runs vtprune's decode
-hooks without a graph break and gives the uncompiled tokens.
+hooks without a graph break and gives the uncompiled tokens. Compiled prefill (`compiled_prefill`): the vision
+tower and the decoder stack run as one graph each where the method allows, with the eager outputs.
 
 transformers compiles only on a GPU; `CompileConfig._compile_all_devices` makes it compile here too, with
 dynamo's "eager" backend (the graphs are traced and checked by dynamo, then run without code generation), so
@@ -15,7 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 import vtprune
-from vtprune.compiled import generation_kwargs
+from vtprune.api import session_of
+from vtprune.compiled import compiled_prefill, generation_kwargs
+from vtprune.errors import PruneConfigError
+from vtprune.models import adapter_for
 
 # every registered method (the engine's invariant cases; methods without one run with their defaults)
 CASES = {name: case[0] for name, case in {**cases_vision.CASES, **cases_llm.CASES}.items() if "[" not in name}
@@ -107,3 +111,77 @@ def test_generate_command_compile(tmp_path):
     assert compiled.exit_code == 0, compiled.output
     answer = [line for line in plain.output.splitlines() if line.strip()][0]
     assert answer in compiled.output
+
+
+# --- compiled prefill --------------------------------------------------------------------------------------
+
+
+def _graph_recorder(graphs: list):
+    """A dynamo backend that runs each graph as traced and notes which model part it belongs to."""
+
+    def backend(gm, example_inputs):
+        params = " ".join(str(node.target) for node in gm.graph.nodes if node.op == "placeholder")
+        graphs.append("tower" if "_modules_encoder_" in params else "llm" if "_modules_layers_" in params else "?")
+        return gm.forward
+
+    return backend
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_prefill_equals_eager(tiny, batch_inputs, name):
+    """Inside `compiled_prefill` every method's prefill gives its eager logits and kept tokens. The tower is one
+    graph unless the method merges inside it (vit stage), the decoder stack one graph unless the method prunes
+    inside it (LLM stage); no graph break, and a second prefill traces nothing new."""
+    from torch._dynamo.utils import counters
+
+    model = tiny[0]
+    keep = None if name == "none" else 16
+    with vtprune.pruned(model, name, keep=keep, **CASES.get(name, {})), torch.no_grad():
+        expected = model(**batch_inputs).logits
+        kept = vtprune.last_record(model).stages[-1].kept
+        kinds = {stage.kind for stage in session_of(model).stages}
+        graphs: list[str] = []
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            with compiled_prefill(model, backend=_graph_recorder(graphs)):
+                first = model(**batch_inputs).logits
+                traced = counters["frames"]["total"]
+                second = model(**batch_inputs).logits
+                assert vtprune.last_record(model).stages[-1].kept == kept
+        finally:
+            torch._dynamo.reset()
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["frames"]["total"] == traced  # the second prefill reused the graphs
+    assert sorted(graphs) == sorted(part for part, stage in (("tower", "vit"), ("llm", "llm")) if stage not in kinds)
+
+
+def test_compiled_prefill_with_compiled_decode(tiny, batch_inputs):
+    """generate() with both: the prefill's graphs and generate's own compiled decode step (which traces the
+    decoder stack's eager forward: one-token calls never take the prefill's graph) give the eager tokens."""
+    from transformers import CompileConfig
+
+    model = tiny[0]
+    config = CompileConfig(backend="eager", fullgraph=False)
+    config._compile_all_devices = True
+    with vtprune.pruned(model, "visionzip", keep=16):
+        expected = _generate(model, batch_inputs, None, 5)
+        try:
+            with compiled_prefill(model, backend="eager"):
+                out = _generate(model, batch_inputs, config, 5)
+        finally:
+            torch._dynamo.reset()
+    assert torch.equal(out, expected)
+
+
+def test_compiled_prefill_leaves_the_model_as_it_was(tiny):
+    model = tiny[0]
+    adapter = adapter_for(model)
+    parts = (adapter.vision_tower, adapter.language_model)
+    with compiled_prefill(model, backend="eager"):
+        assert all("forward" in part.__dict__ for part in parts)
+        with pytest.raises(PruneConfigError, match="already compiled"), compiled_prefill(model):
+            pass
+    assert all("forward" not in part.__dict__ for part in parts)
+    assert not hasattr(model, "_vtprune_compiled_prefill")

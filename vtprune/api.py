@@ -74,6 +74,11 @@ def is_pruned(model: torch.nn.Module) -> bool:
     return getattr(model, _SESSION_ATTR, None) is not None
 
 
+def session_of(model: torch.nn.Module) -> PruneSession | None:
+    """The pruning session attached to `model` (its hooks and plan), or None."""
+    return getattr(model, _SESSION_ATTR, None)
+
+
 def last_record(model: torch.nn.Module) -> PruneRecord | None:
     """What the last pruned prefill kept (per sample, per stage), or None."""
     session: PruneSession | None = getattr(model, _SESSION_ATTR, None)

@@ -80,6 +80,11 @@ def bench_command(
     cache: str = typer.Option(
         "dynamic", help="generate()'s KV cache: dynamic, or static (preallocated; on a GPU generate compiles decode)."
     ),
+    compile_prefill: bool = typer.Option(
+        False,
+        help="Compile the prefill's vision tower and decoder stack (torch.compile) for every subject, the unpruned "
+        "model, oracles and short prompts alike; the compiling calls are not timed.",
+    ),
     repeats: int = typer.Option(5, help="Timed repeats per measurement (medians reported)."),
     warmup: int = typer.Option(1, help="Untimed calls before each measurement."),
     generate_repeats: int = typer.Option(
@@ -129,6 +134,7 @@ def bench_command(
         new_tokens=new_tokens,
         attn=attn,
         cache=cache,
+        compile_prefill=compile_prefill,
         repeats=repeats,
         warmup=warmup,
         generate_repeats=generate_repeats,

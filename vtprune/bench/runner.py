@@ -24,6 +24,9 @@ Measured (CUDA events on a GPU, host clock on a CPU; `warmup` untimed calls firs
   `--cache static` runs generate with a preallocated cache, which transformers compiles on a GPU (torch.compile,
   CUDA graphs: vtprune/compiled.py; the first calls compile and are not timed), for the unpruned model, the
   methods and the oracles alike;
+* `--compile-prefill` runs every subject inside `vtprune.compiled.compiled_prefill` (static shapes): the vision
+  tower and the decoder stack compiled wherever the subject allows (an unpruned model, oracle or short prompt
+  always); each subject starts from a clean compiler state and its first calls compile, untimed;
 * `throughput_samples_s` = batch / e2e, `tokens_per_s` = batch · N / e2e;
 * `peak_mem_*_bytes`: `torch.cuda.max_memory_allocated` over the prefill repeats and over the generate
   repeats (weights included; `weights_bytes` is given once);
@@ -43,6 +46,7 @@ merger included), and FLOPs count the tower's windowed and full-attention blocks
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -62,7 +66,7 @@ from vtprune.bench import flops as F
 from vtprune.bench.oracle import FixedSelection
 from vtprune.bench.timing import Clock, summarize
 from vtprune.bench.workload import BenchModel, Inputs, build_model, image_of, synthetic_inputs
-from vtprune.compiled import STATIC_CACHE, generation_kwargs
+from vtprune.compiled import STATIC_CACHE, compiled_prefill, generation_kwargs
 from vtprune.methods.base import METHODS, Method, PruneConfigError, make_method, method_class
 
 __all__ = ["BenchConfig", "Bench", "run_bench", "SCHEMA"]
@@ -72,6 +76,8 @@ KEEP_ALL = "all"  # a --keep entry: every visual token of the image (2,928 for a
 CACHES = ("dynamic", STATIC_CACHE)
 # generate() with a static cache compiles its decode step on a GPU: the first calls compile (and may recompile once)
 STATIC_WARMUP_CALLS = 3
+# a compiled prefill: the first call compiles, the second may recompile once (one-time setup, a guard)
+COMPILED_PREFILL_WARMUP_CALLS = 2
 PHASE_REPEATS = 3  # the synchronised per-phase repeats only split the prefill; fewer are enough
 PROFILE_MAX_DECODE_METHODS = 1  # each compiles its decode step again first (~40 s on an H200)
 
@@ -87,6 +93,7 @@ class BenchConfig:
     new_tokens: int = 8
     attn: str = "sdpa"
     cache: str = "dynamic"  # generate()'s KV cache: "static" preallocates it (on a GPU generate then compiles decode)
+    compile_prefill: bool = False  # every subject's prefill inside compiled_prefill (vtprune/compiled.py)
     repeats: int = 5
     warmup: int = 1
     dtype: str = "auto"
@@ -230,6 +237,12 @@ class Bench:
         self.cuda = self.clock.cuda
 
     # --- primitives -------------------------------------------------------------------------------------
+    def new_subject(self) -> None:
+        """A compiled prefill: start each subject from a clean compiler state. Its hooks are new guards, and
+        graphs piled up from earlier subjects would reach dynamo's recompile limit and fall back to eager."""
+        if self.cfg.compile_prefill:
+            torch._dynamo.reset()
+
     def _reset_peak(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.loaded.device)
@@ -242,7 +255,10 @@ class Bench:
         return int(torch.cuda.max_memory_allocated(self.loaded.device))
 
     def time_calls(self, fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
-        """Milliseconds of `repeats` calls of `fn` after `warmup` untimed ones (one sync per call)."""
+        """Milliseconds of `repeats` calls of `fn` after `warmup` untimed ones (one sync per call; a compiled
+        prefill gets the calls that compile it on top)."""
+        if self.cfg.compile_prefill:
+            warmup = max(warmup, COMPILED_PREFILL_WARMUP_CALLS)
         with torch.no_grad():
             for _ in range(warmup):
                 out = fn()
@@ -323,6 +339,7 @@ class Bench:
         and the PruneRecord of the last prefill (None when unhooked)."""
         cfg = self.cfg
         record = None
+        self.new_subject()
         if method is not None:
             vtprune.prune(self.model, method)
         try:
@@ -337,6 +354,8 @@ class Bench:
                 fn = self.prefill_fn(inputs)
                 per_key: dict[str, list[float]] = {}
                 with torch.no_grad():
+                    for _ in range(COMPILED_PREFILL_WARMUP_CALLS if cfg.compile_prefill else 0):
+                        fn()  # the timing session's hooks are new guards: compile untimed
                     for _ in range(min(cfg.repeats, PHASE_REPEATS)):
                         out = fn()
                         del out
@@ -373,6 +392,7 @@ class Bench:
         def encode():
             return self.image_features(inputs)
 
+        self.new_subject()
         return {"vision_tower_ms": summarize(self.time_calls(encode, self.cfg.repeats, self.cfg.warmup))}
 
     def short_prompt(self, inputs: Inputs, keep: int) -> dict:
@@ -395,6 +415,8 @@ class Bench:
         extra = {}
         if inputs.image_grid_thw is not None:
             extra["position_ids"] = torch.arange(ids.shape[1], device=device).expand(3, ids.shape[0], -1)
+
+        self.new_subject()
 
         def forward():
             feats = compat.projected_image_features(self.image_features(inputs))[:, index]
@@ -438,6 +460,7 @@ class Bench:
 
     def profile(self, inputs: Inputs, method: Method | None, label: str) -> tuple[str, dict]:
         """One profiled prefill (after a warm-up): the top kernels/ops table and GPU-busy vs wall time."""
+        self.new_subject()
         if method is not None:
             vtprune.prune(self.model, method)
         try:
@@ -459,6 +482,7 @@ class Bench:
         kwargs = self.generate_kwargs(inputs)
         first_only = {**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}
         n = self.cfg.new_tokens
+        self.new_subject()
         if method is not None:
             vtprune.prune(self.model, method)
         try:
@@ -617,6 +641,7 @@ def environment(loaded: BenchModel, cfg: BenchConfig) -> dict:
         "transformers": transformers.__version__,
         "attn": cfg.attn,
         "cache": cfg.cache,
+        "compile_prefill": cfg.compile_prefill,
         "dtype": str(loaded.dtype).replace("torch.", ""),
         "model": loaded.name,
         "random_weights": loaded.random_weights,
@@ -685,7 +710,8 @@ def run_bench(
         for name in cfg.methods:
             for keep in [None] if name == "none" else keeps:
                 cells.append((name, batch, keep))
-    with report.progress(len(cells), enabled=cfg.progress) as advance:
+    compiled = compiled_prefill(loaded.model, dynamic=False) if cfg.compile_prefill else contextlib.nullcontext()
+    with compiled, report.progress(len(cells), enabled=cfg.progress) as advance:
         for kind, batch, keep in cells:
             if kind == "reference":
                 results["references"].append(grid.reference(batch))
@@ -693,8 +719,8 @@ def run_bench(
                 results["results"].append(grid.cell(kind, batch, keep))
             save()
             advance()
-    results["targets"] = report.target_checks(results)
-    profile_text = grid.profiles() if cfg.profile else []
+        results["targets"] = report.target_checks(results)
+        profile_text = grid.profiles() if cfg.profile else []
     results["meta"]["total_s"] = time.perf_counter() - t_start
     save()
     if out_dir is not None:
