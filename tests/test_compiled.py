@@ -185,3 +185,33 @@ def test_compiled_prefill_leaves_the_model_as_it_was(tiny):
             pass
     assert all("forward" not in part.__dict__ for part in parts)
     assert not hasattr(model, "_vtprune_compiled_prefill")
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+def test_compiled_prefill_other_families(family):
+    """LLaVA-NeXT (several crops per image) and Qwen2.5-VL (dynamic resolution): the eager logits. NeXT's
+    parts are one graph each; Qwen's tower splits at transformers' own data-dependent window bookkeeping."""
+    from torch._dynamo.utils import counters
+
+    import test_llava_next
+    import test_qwen_vl
+    from vtprune.testing import make_tiny_llava_next, make_tiny_qwen_vl
+
+    if family == "llava_next":
+        model, processor = make_tiny_llava_next(seed=0)
+        inputs = test_llava_next.next_inputs(processor)
+    else:
+        model, processor = make_tiny_qwen_vl(family, seed=0)
+        inputs = test_qwen_vl.qwen_inputs(processor)
+    for name in ("none", "visionzip", "fastv"):
+        with vtprune.pruned(model, name, keep=None if name == "none" else 8), torch.no_grad():
+            expected = model(**inputs).logits
+            torch._dynamo.reset()
+            counters.clear()
+            try:
+                with compiled_prefill(model, backend="eager"):
+                    assert torch.equal(model(**inputs).logits, expected), name
+            finally:
+                torch._dynamo.reset()
+        if family == "llava_next":
+            assert dict(counters["graph_break"]) == {}, name

@@ -25,7 +25,8 @@ decode step traces them exactly as before. Where a method's work sits inside tho
 * vit-stage methods (FlowCut, iLLaVA) merge tokens inside the tower through hooks with data-dependent
   shapes: their tower stays eager, their decoder stack is compiled.
 
-Every method gives its eager outputs (tests/test_compiled.py, every registered method). The unmodified model
+Every method gives its eager outputs (tests/test_compiled.py, every registered method; LLaVA-NeXT and
+Qwen2.5-VL too, where Qwen's tower splits into pieces at transformers' data-dependent window bookkeeping). The unmodified model
 inside `compiled_prefill` is the matching reference (`vtprune bench --compile-prefill` compiles the unpruned
 model, the oracles and the short prompts the same way).
 """
