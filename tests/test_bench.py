@@ -402,6 +402,7 @@ def test_target_checks_thresholds():
         ({"params": {"fastv": {"R": 2.0}}}, "fastv"),
         ({"params": {"random": {"seed": 1}}, "methods": ["fastv"]}, "not benchmarked"),
         ({"cache": "paged"}, "valid: dynamic, static"),
+        ({"compile_mode": "fast"}, "valid: default, reduce-overhead"),
     ],
 )
 def test_bad_configuration_is_refused_before_anything_runs(kwargs, match):
@@ -452,7 +453,7 @@ def test_compiled_prefill_bench_compiles_every_subject(tiny_model, tmp_path, mon
     assert not hasattr(tiny_model.model, "_vtprune_compiled_prefill")  # restored after the run
     checks = [c["check"] for c in results["targets"] if c["check"].startswith("batch-1 prefill")]
     assert checks and all(c.endswith("(prefill compiled)") for c in checks)
-    assert "prefill compiled (`--compile-prefill`)" in (out / "results.md").read_text()
+    assert "prefill compiled (`--compile-prefill`, mode default)" in (out / "results.md").read_text()
 
 
 def test_bad_model_choice_is_refused():

@@ -85,6 +85,11 @@ def bench_command(
         help="Compile the prefill's vision tower and decoder stack (torch.compile) for every subject, the unpruned "
         "model, oracles and short prompts alike; the compiling calls are not timed.",
     ),
+    compile_mode: str = typer.Option(
+        "default",
+        help="torch.compile mode of --compile-prefill: default, reduce-overhead (CUDA graphs) or "
+        "max-autotune-no-cudagraphs.",
+    ),
     repeats: int = typer.Option(5, help="Timed repeats per measurement (medians reported)."),
     warmup: int = typer.Option(1, help="Untimed calls before each measurement."),
     generate_repeats: int = typer.Option(
@@ -135,6 +140,7 @@ def bench_command(
         attn=attn,
         cache=cache,
         compile_prefill=compile_prefill,
+        compile_mode=compile_mode,
         repeats=repeats,
         warmup=warmup,
         generate_repeats=generate_repeats,

@@ -216,7 +216,7 @@ def markdown(results: dict) -> str:
         f"- date {meta['date']}; torch {meta['torch']} (CUDA {meta['cuda']}), transformers {meta['transformers']}, "
         f"Python {meta['python']}",
         f"- {meta.get('cache', 'dynamic')} KV cache; prefill "
-        f"{'compiled (`--compile-prefill`)' if meta.get('compile_prefill') else 'not compiled'}",
+        f"{'compiled (`--compile-prefill`, mode ' + str(meta.get('compile_mode')) + ')' if meta.get('compile_prefill') else 'not compiled'}",
         f"- attention `{meta['attn']}`, dtype {meta['dtype']}, {meta['text_tokens']} text tokens + "
         f"{meta['visual_tokens_per_image']} visual tokens per prompt, {meta['new_tokens']} new tokens, "
         f"{meta['warmup']} warm-up + {meta['repeats']} timed repeats (medians; [min–max])",

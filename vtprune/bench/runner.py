@@ -74,6 +74,7 @@ __all__ = ["BenchConfig", "Bench", "run_bench", "SCHEMA"]
 SCHEMA = "vtprune.bench/1"
 KEEP_ALL = "all"  # a --keep entry: every visual token of the image (2,928 for a 672 x 672 LLaVA-1.6 image)
 CACHES = ("dynamic", STATIC_CACHE)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 # generate() with a static cache compiles its decode step on a GPU: the first calls compile (and may recompile once)
 STATIC_WARMUP_CALLS = 3
 # a compiled prefill: the first call compiles, the second may recompile once (one-time setup, a guard)
@@ -94,6 +95,7 @@ class BenchConfig:
     attn: str = "sdpa"
     cache: str = "dynamic"  # generate()'s KV cache: "static" preallocates it (on a GPU generate then compiles decode)
     compile_prefill: bool = False  # every subject's prefill inside compiled_prefill (vtprune/compiled.py)
+    compile_mode: str = "default"  # its torch.compile mode
     repeats: int = 5
     warmup: int = 1
     dtype: str = "auto"
@@ -146,6 +148,8 @@ class BenchConfig:
             raise PruneConfigError(f"--text-tokens must be >= 2, got {self.text_tokens}")
         if self.cache not in CACHES:
             raise PruneConfigError(f"unknown --cache {self.cache!r}; valid: {', '.join(CACHES)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise PruneConfigError(f"unknown --compile-mode {self.compile_mode!r}; valid: {', '.join(COMPILE_MODES)}")
 
 
 def _positive_int(value) -> bool:
@@ -642,6 +646,7 @@ def environment(loaded: BenchModel, cfg: BenchConfig) -> dict:
         "attn": cfg.attn,
         "cache": cfg.cache,
         "compile_prefill": cfg.compile_prefill,
+        "compile_mode": cfg.compile_mode if cfg.compile_prefill else None,
         "dtype": str(loaded.dtype).replace("torch.", ""),
         "model": loaded.name,
         "random_weights": loaded.random_weights,
@@ -710,7 +715,10 @@ def run_bench(
         for name in cfg.methods:
             for keep in [None] if name == "none" else keeps:
                 cells.append((name, batch, keep))
-    compiled = compiled_prefill(loaded.model, dynamic=False) if cfg.compile_prefill else contextlib.nullcontext()
+    compiled = contextlib.nullcontext()
+    if cfg.compile_prefill:
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        compiled = compiled_prefill(loaded.model, mode=mode, dynamic=False)
     with compiled, report.progress(len(cells), enabled=cfg.progress) as advance:
         for kind, batch, keep in cells:
             if kind == "reference":
