@@ -86,6 +86,43 @@ def release_if_unused(active_sessions: int) -> None:
     _WITH_VALUE.clear()
 
 
+# Float32 logits one step of `received_attention` holds at most (64 MiB): whole heads of every image at a time.
+RECEIVED_CHUNK_ELEMENTS = 1 << 24
+
+
+def received_attention(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, chunk_elements: int = RECEIVED_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """(B, L) attention each token receives, without masks: softmax(q k^T * scaling) over every key per query
+    row, then the mean over heads and over every query row, in float32.
+
+    query: (B, H, L, dh); key: (B, Hkv, L, dh) (GQA heads are repeated). Computed a few whole heads at a time
+    (at most `chunk_elements` logits): one scaled batched matmul, an in-place softmax and a column sum per
+    step, so the (B, H, L, L) probabilities are never held at once and are read back only once. Equal to
+    `attention_rows` over every row followed by the two means, up to float rounding (the sum over heads and
+    rows is taken in one reduction, then divided by H * L).
+    """
+    b, h, length, dh = query.shape
+    group = h // key.shape[1]
+    step = max(1, min(h, chunk_elements // max(1, b * length * length)))
+    total = None
+    for first in range(0, h, step):
+        last = min(h, first + step)
+        q = query[:, first:last].float().reshape(-1, length, dh)
+        if group == 1:
+            k = key[:, first:last]
+        else:
+            k = key[:, first // group : (last - 1) // group + 1].repeat_interleave(group, dim=1)
+            k = k[:, first % group : first % group + last - first]
+        k = k.float().reshape(-1, length, dh)
+        # the scaling is applied in the matmul's epilogue (beta=0: the first argument is never read)
+        logits = torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(-1, -2), beta=0.0, alpha=scaling)
+        torch.softmax(logits, dim=-1, out=logits)
+        part = logits.view(b, last - first, length, length).sum(dim=(1, 2))
+        total = part if total is None else total.add_(part)
+    return total.div_(h * length)
+
+
 def attention_rows(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -125,6 +162,8 @@ def attention_of_rows(
     if k.shape[1] != h:
         k = k.repeat_interleave(h // k.shape[1], dim=1)
     logits = torch.matmul(q_rows, k.transpose(-1, -2)) * scaling  # (B, H, Q, L)
+    if not causal and key_valid is None:  # every key is allowed: no mask to build
+        return torch.softmax(logits, dim=-1)
     allowed = torch.ones(b, query_index.shape[1], length, dtype=torch.bool, device=device)
     if causal:
         positions = torch.arange(length, device=device)
