@@ -36,7 +36,9 @@ def reference_received(query, key, scaling):
     return attention_rows(query, key, scaling, rows, None, causal=False).mean(dim=1).mean(dim=1)
 
 
-def reference_vispruner(cls_attn, features, keep, important_ratio=0.5, removal_per_round=8, valid=None, dup_tol=1e-6):
+def reference_vispruner(
+    cls_attn, features, keep, important_ratio=0.5, removal_per_round=8, valid=None, dup_tol=1e-6
+):
     """The previous batched loop of `vispruner_select` (per-round validity masks and scatters)."""
     b, n = cls_attn.shape
     dev = cls_attn.device
@@ -59,7 +61,9 @@ def reference_vispruner(cls_attn, features, keep, important_ratio=0.5, removal_p
             pos = torch.arange(cur, device=dev)
             ja, jb = pos[: (cur + 1) // 2], pos[: cur // 2]
             n_a, n_b = (n_res + 1) // 2, n_res // 2
-            r_step = torch.minimum(torch.minimum(n_res - t_div, n_a), torch.full_like(n_res, removal_per_round))
+            r_step = torch.minimum(
+                torch.minimum(n_res - t_div, n_a), torch.full_like(n_res, removal_per_round)
+            )
             r_step = r_step.clamp_min(0)
             a_idx, b_idx = res[:, 0::2], res[:, 1::2]
             a_ok = ja.unsqueeze(0) < n_a.unsqueeze(1)
@@ -132,7 +136,11 @@ def _signals(b, heads=4, patches=576, head_dim=8, width=16, feature_layer=22, ob
     side = int(patches**0.5)
     info = SimpleNamespace(vision_layers=24)
     adapter = SimpleNamespace(
-        feature_layer=feature_layer, grid=(side, side), select_strategy="default", has_cls=True, info=lambda: info
+        feature_layer=feature_layer,
+        grid=(side, side),
+        select_strategy="default",
+        has_cls=True,
+        info=lambda: info,
     )
     return VisionSignals(
         adapter=adapter,
@@ -149,7 +157,12 @@ def _signals(b, heads=4, patches=576, head_dim=8, width=16, feature_layer=22, ob
 # --- received attention ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "b, heads, kv_heads, length, chunk",
-    [(3, 8, 8, 17, 1 << 24), (3, 8, 8, 17, 17 * 17 * 3 * 2), (2, 8, 2, 13, 13 * 13 * 2 * 3), (2, 6, 3, 11, 1)],
+    [
+        (3, 8, 8, 17, 1 << 24),
+        (3, 8, 8, 17, 17 * 17 * 3 * 2),
+        (2, 8, 2, 13, 13 * 13 * 2 * 3),
+        (2, 6, 3, 11, 1),
+    ],
 )
 def test_received_attention_equals_the_plain_formula(b, heads, kv_heads, length, chunk):
     g = torch.Generator().manual_seed(length)
@@ -169,7 +182,9 @@ def test_signals_received_attention_is_the_chunked_function():
     signals = _signals(2, patches=16)
     for layer in (22, 8):
         qk = signals.layer_qk(layer)
-        torch.testing.assert_close(signals.received_attention(layer), reference_received(qk.query, qk.key, qk.scaling))
+        torch.testing.assert_close(
+            signals.received_attention(layer), reference_received(qk.query, qk.key, qk.scaling)
+        )
         assert signals.received_attention(layer) is signals.received_attention(layer)  # computed once
 
 
@@ -234,7 +249,11 @@ def test_hiprune_and_vispruner_nosink_select_without_host_reads(monkeypatch):
     with counted(monkeypatch) as (ops, reads):
         selection = HiPrune(keep=64).select(0, Stage(kind="vision", keep=64), signals)
     assert not reads and ops.syncs == 0
-    assert [selection.info[k].tolist() for k in ("anchors", "buffers", "registers")] == [[1, 1], [4, 4], [59, 59]]
+    assert [selection.info[k].tolist() for k in ("anchors", "buffers", "registers")] == [
+        [1, 1],
+        [4, 4],
+        [59, 59],
+    ]
     assert selection.all_valid and selection.indices.shape == (2, 64)
     signals = _signals(2, heads=4, patches=576)
     method = VisPrunerNoSink(keep=64, attention_sink_threshold=0.002)
