@@ -24,6 +24,7 @@ from vtprune.methods.base import Stage
 from vtprune.methods.hiprune import HiPrune
 from vtprune.methods.vispruner import VisPrunerNoSink, _residual_bounds, vispruner_select
 from vtprune.selection import check_valid, cosine_matrix, picked_from, rank_tokens
+from vtprune.signals import attention as signals_attention
 from vtprune.signals.attention import attention_rows, received_attention
 from vtprune.signals.context import Captured, VisionSignals
 
@@ -32,7 +33,7 @@ from vtprune.signals.context import Captured, VisionSignals
 def reference_received(query, key, scaling):
     """Every query row's softmax probabilities (B, H, L, L), then the mean over heads and over rows."""
     b, _, length, _ = query.shape
-    rows = torch.arange(length).expand(b, -1)
+    rows = torch.arange(length, device=query.device).expand(b, -1)
     return attention_rows(query, key, scaling, rows, None, causal=False).mean(dim=1).mean(dim=1)
 
 
@@ -176,6 +177,18 @@ def test_received_attention_equals_the_plain_formula(b, heads, kv_heads, length,
     # bf16 q/k (what the tower captures): the same products, upcast, float32 throughout
     q16, k16 = q.bfloat16(), k.bfloat16()
     torch.testing.assert_close(received_attention(q16, k16, 0.3, chunk), reference_received(q16, k16, 0.3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 matmul with float32 output is CUDA-only")
+@pytest.mark.parametrize("scaling", [0.125, 0.3])  # a power of two takes the bf16 matmul, 0.3 the float32 one
+def test_received_attention_cuda_bf16_equals_the_plain_formula(scaling):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (
+        torch.randn(4, 16, 577, 64, device="cuda", generator=g, dtype=torch.bfloat16) * 2 for _ in range(2)
+    )
+    got = received_attention(q, k, scaling)
+    torch.testing.assert_close(got, reference_received(q, k, scaling), rtol=1e-4, atol=1e-7)
+    assert signals_attention._BF16_GEMM[0]  # the matmul with float32 output ran (or the float32 path did)
 
 
 def test_signals_received_attention_is_the_chunked_function():
