@@ -91,7 +91,7 @@ _TRAJECTORIES: dict = {}
 
 
 def _trajectories(length: int, diverse: int, removal_per_round: int, rounds: int, device) -> Tensor:
-    """(length + 1, rounds + 1) long: row n0 is |R| before each round (then after the last) of a sample whose
+    """(length + 1, rounds + 1) int32: row n0 is |R| before each round (then after the last) of a sample whose
     residual starts with n0 tokens — the update ``n -> n - max(0, min(removal_per_round, n - diverse,
     ceil(n / 2)))`` of every round. Built on the device once per (length, diverse, cap, rounds, device),
     so that a batch's per-round counts are one lookup, with no host data and no host sync."""
@@ -104,10 +104,11 @@ def _trajectories(length: int, diverse: int, removal_per_round: int, rounds: int
             step = torch.minimum((n - diverse).clamp(max=removal_per_round), (n + 1) // 2).clamp_min(0)
             n = n - step
             columns.append(n)
-        table = torch.stack(columns, dim=1)
-        if not (table.is_cuda and torch.cuda.is_current_stream_capturing()):  # a capture's memory is not kept
-            if len(_TRAJECTORIES) >= 64:
-                _TRAJECTORIES.clear()
+        table = torch.stack(columns, dim=1).int()
+        # kept for the process (never freed: a captured CUDA graph of `_vispruner_select` reads it); one per
+        # budget and residual width (138 KiB for 576 patches at keep 64). Made inside someone else's capture,
+        # it stays that capture's.
+        if not (table.is_cuda and torch.cuda.is_current_stream_capturing()):
             _TRAJECTORIES[key] = table
     return table
 
@@ -154,9 +155,9 @@ def _removal_rounds(
     res = torch.where(res_ok, res, n)
     rounds = len(bounds)
     table = _trajectories(res.shape[1], t_div, removal_per_round, rounds, dev)
-    sizes = table[n_res]  # (B, rounds + 1): |R| before each round, then the final one
+    sizes = table[n_res].long()  # (B, rounds + 1): |R| before each round, then the final one
     before, deleted = sizes[:, :-1], sizes[:, :-1] - sizes[:, 1:]  # (B, rounds)
-    width = table[-1]  # (rounds + 1,) the largest residual's |R| = `bounds`, then T_div
+    width = table[-1].long()  # (rounds + 1,) the largest residual's |R| = `bounds`, then T_div
     # where slot j of the new list comes from in [sorted A | B | an invalid slot]:
     # j < |A| - r: sorted A's j + r; then B's j - (|A| - r) while j < |R| - r; then the invalid slot
     j = torch.arange(bounds[0], device=dev)[None, None, :]
