@@ -120,7 +120,7 @@ def received_attention(
 
     query: (B, H, L, dh); key: (B, Hkv, L, dh) (GQA heads are repeated). Computed a few whole heads at a time
     (at most `chunk_elements` logits): one scaled batched matmul (`_scaled_logits`: bf16 tensor cores with
-    float32 output where that is exact), an in-place softmax and a column sum per step, so the (B, H, L, L)
+    float32 output where that is exact), a softmax and a column sum per step, so the (B, H, L, L)
     probabilities are never held at once and are read back only once. Equal to `attention_rows` over every
     row followed by the two means, up to float rounding (the sum over heads and rows is taken in one
     reduction, then divided by H * L).
@@ -138,8 +138,10 @@ def received_attention(
             k = key[:, first // group : (last - 1) // group + 1].repeat_interleave(group, dim=1)
             k = k[:, first % group : first % group + last - first]
         logits = _scaled_logits(q, k.reshape(-1, length, dh), scaling)
-        torch.softmax(logits, dim=-1, out=logits)
-        part = logits.view(b, last - first, length, length).sum(dim=(1, 2))
+        probs = torch.softmax(logits, dim=-1)
+        del logits
+        part = probs.view(b, last - first, length, length).sum(dim=(1, 2))
+        del probs
         total = part if total is None else total.add_(part)
     return total.div_(h * length)
 
