@@ -14,7 +14,9 @@ encoder layer object_layer − 1). Buffers: each anchor's index ±1 and ±24 in 
 clipped to [0, 575] (±1 wraps to the neighbouring row at the image edges). Registers: the T − |anchors ∪
 buffers| remaining patches with the highest global attention of the feature layer (`attentions[-2]`, layer
 22, the layer LLaVA takes its features from). Both attention maps come from the layers' own q/k
-(`VisionSignals.received_attention`), never from eager attention.
+(`VisionSignals.received_attention`, a few heads at a time), never from eager attention. `select` makes no
+host sync: the per-image anchor / buffer / register counts in `info` are tensors, read with the stage's
+record.
 
 Parameters and defaults: keep (T, default 64; the LLaVA-1.5 tables use T = 64 / 128 / 192: 1 / 3 / 4
 anchors), alpha = 0.1, object_layer = 9 (None: 9 on a 24-layer tower, 9/24 of a shallower one),

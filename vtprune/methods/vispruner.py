@@ -212,6 +212,9 @@ def vispruner_select(
     ``removal_number``). Invalid tokens (e.g. attention sinks, `vispruner_nosink`) take part in neither the
     important nor the diverse selection. Cosines are computed once as a Gram matrix of the L2-normalised
     features (float32); values within ``dup_tol`` of 1 are snapped to 1 so duplicates tie exactly.
+    The torch rounds (`_removal_rounds`) take one indexing op, a max, a stable sort and one or two copies each,
+    with no host sync (the per-round deletion counts of every row are looked up once); the whole selection is
+    replayed as a CUDA graph on a GPU (`vtprune.cuda_graphs`).
 
     Args:
         cls_attn: ``(B, N)`` head-mean [CLS]→patch attention.
