@@ -439,7 +439,7 @@ def test_vispruner_nosink_never_selects_sinks():
         assert set(idx) <= set(plain.indices[row].tolist())  # plain VisPruner takes them first
         assert not set(idx) & set(nosink.indices[row].tolist())
         assert len(set(nosink.indices[row].tolist())) == 16
-    assert nosink.info == {"sinks": [3, 2]}
+    assert list(nosink.info) == ["sinks"] and nosink.info["sinks"].tolist() == [3, 2]  # read with the record
     assert vtprune.get_method("vispruner_nosink").attention_sink_threshold == 0.02
     # a threshold that marks everything but 10 patches leaves fewer candidates than the budget: padding slots
     few = vtprune.get_method("vispruner_nosink", keep=16, attention_sink_threshold=0.0095)

@@ -14,7 +14,9 @@ encoder layer object_layer − 1). Buffers: each anchor's index ±1 and ±24 in 
 clipped to [0, 575] (±1 wraps to the neighbouring row at the image edges). Registers: the T − |anchors ∪
 buffers| remaining patches with the highest global attention of the feature layer (`attentions[-2]`, layer
 22, the layer LLaVA takes its features from). Both attention maps come from the layers' own q/k
-(`VisionSignals.received_attention`), never from eager attention.
+(`VisionSignals.received_attention`, a few heads at a time), never from eager attention. `select` makes no
+host sync: the per-image anchor / buffer / register counts in `info` are tensors, read with the stage's
+record.
 
 Parameters and defaults: keep (T, default 64; the LLaVA-1.5 tables use T = 64 / 128 / 192: 1 / 3 / 4
 anchors), alpha = 0.1, object_layer = 9 (None: 9 on a 24-layer tower, 9/24 of a shallower one),
@@ -67,8 +69,9 @@ def hiprune_select(
     order = torch.sort(object_attention.float(), dim=1, descending=True, stable=True).indices
     anchors = order[:, : min(num_anchors, n)]  # (B, a), by decreasing object-layer attention
     a = anchors.shape[1]
-    steps = torch.tensor([0, -1, 1, -width, width], device=dev)
-    candidates = anchors[:, None, :] + steps[None, :, None]  # (B, 5, a): anchors, then each neighbour block
+    # (B, 5, a): anchors, then each neighbour block (built on the device: a host-made step tensor would be
+    # a blocking host-to-device copy)
+    candidates = torch.stack([anchors, anchors - 1, anchors + 1, anchors - width, anchors + width], dim=1)
     ok = torch.ones_like(candidates, dtype=torch.bool)
     if buffer == "flat":
         candidates = candidates.clamp(0, n - 1)
@@ -137,7 +140,8 @@ class HiPrune(Method):
         deep = signals.received_attention(signals.adapter.feature_layer)[:, -patches:]
         anchors = anchor_count(stage.keep, self.alpha)
         picked, role = hiprune_select(shallow, deep, stage.keep, anchors, signals.grid, self.buffer)
-        # the three counts in one device-to-host transfer (each transfer waits for the GPU)
-        anchors_n, buffers_n, registers_n = torch.stack([(role == r).sum(dim=1) for r in (1, 2, 3)]).tolist()
-        info = {"anchors": anchors_n, "buffers": buffers_n, "registers": registers_n}
-        return Selection(*picked, scores=deep, info=info)
+        # per-image counts as tensors: the engine reads them with the stage's record (no host sync here)
+        counts = (role[:, None, :] == torch.arange(1, 4, device=role.device)[None, :, None]).sum(dim=2)
+        info = {"anchors": counts[:, 0], "buffers": counts[:, 1], "registers": counts[:, 2]}
+        # keep <= patches and nothing is masked: every slot holds a real patch
+        return Selection(*picked, scores=deep, info=info, all_valid=True)

@@ -87,6 +87,97 @@ def _residual_bounds(residual: int, diverse: int, removal_per_round: int) -> lis
     return sizes
 
 
+_TRAJECTORIES: dict = {}
+
+
+def _trajectories(length: int, diverse: int, removal_per_round: int, rounds: int, device) -> Tensor:
+    """(length + 1, rounds + 1) int32: row n0 is |R| before each round (then after the last) of a sample whose
+    residual starts with n0 tokens — the update ``n -> n - max(0, min(removal_per_round, n - diverse,
+    ceil(n / 2)))`` of every round. Built on the device once per (length, diverse, cap, rounds, device),
+    so that a batch's per-round counts are one lookup, with no host data and no host sync."""
+    key = (length, diverse, removal_per_round, rounds, str(device))
+    table = _TRAJECTORIES.get(key)
+    if table is None:
+        n = torch.arange(length + 1, device=device)
+        columns = [n]
+        for _ in range(rounds):
+            step = torch.minimum((n - diverse).clamp(max=removal_per_round), (n + 1) // 2).clamp_min(0)
+            n = n - step
+            columns.append(n)
+        table = torch.stack(columns, dim=1).int()
+        # kept for the process (never freed: a captured CUDA graph of `_vispruner_select` reads it); one per
+        # budget and residual width (138 KiB for 576 patches at keep 64). Made inside someone else's capture,
+        # it stays that capture's.
+        if not (table.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _TRAJECTORIES[key] = table
+    return table
+
+
+def _removal_rounds(
+    features: Tensor,
+    res: Tensor,
+    res_ok: Tensor | None,
+    n_res: Tensor,
+    t_div: int,
+    removal_per_round: int,
+    bounds: list[int],
+    dup_tol: float,
+) -> tuple[Tensor, Tensor]:
+    """The duplicate-removal rounds of `vispruner_select` (step 3) in a few kernels per round.
+
+    res (B, L): residual lists (valid prefix of n_res (B,) tokens, `res_ok` marks it; None: all valid).
+    Returns (the final lists, their lengths); slots past a row's length are unspecified.
+
+    Per round: the Gram entries of every (a, b) pair in one indexing op, m(a) by one max, A sorted, and the
+    new list in one or two copies. Invalid slots hold the index N, whose Gram row and column are -inf: a
+    padded b never wins a max and a padded a sorts after every real one (stable: after the real ones of
+    equal m, which come first in A), so no per-round masks are needed. How many tokens each row deletes in
+    each round depends only on its starting |R|, so it is looked up once for all rounds
+    (`_trajectories`). A row that is finished (|R| <= T_div) still has its list reordered (sorted A, then
+    B): the set of its first |R| slots, all that is read, stays the same.
+    """
+    b, n, _ = features.shape
+    dev = features.device
+    gram = cosine_matrix(features, dup_tol)
+    rows = torch.arange(b, device=dev)[:, None, None]
+    if res_ok is None:
+        # every row has the largest residual: the deletions of each round are Python ints
+        for index, cur in enumerate(bounds):
+            following = bounds[index + 1] if index + 1 < len(bounds) else t_div
+            a_idx, b_idx = res[:, 0:cur:2], res[:, 1:cur:2]
+            m = gram[rows, a_idx[:, :, None], b_idx[:, None, :]].amax(dim=-1)
+            perm = torch.sort(m, dim=-1, descending=True, stable=True).indices
+            res = torch.cat([a_idx.gather(1, perm)[:, cur - following :], b_idx], dim=1)
+        return res, n_res - (bounds[0] - res.shape[1])
+    # invalid slots -> N, whose Gram row and column are -inf
+    padded = gram.new_full((b, n + 1, n + 1), float("-inf"))
+    padded[:, :n, :n] = gram
+    res = torch.where(res_ok, res, n)
+    rounds = len(bounds)
+    table = _trajectories(res.shape[1], t_div, removal_per_round, rounds, dev)
+    sizes = table[n_res].long()  # (B, rounds + 1): |R| before each round, then the final one
+    before, deleted = sizes[:, :-1], sizes[:, :-1] - sizes[:, 1:]  # (B, rounds)
+    width = table[-1].long()  # (rounds + 1,) the largest residual's |R| = `bounds`, then T_div
+    # where slot j of the new list comes from in [sorted A | B | an invalid slot]:
+    # j < |A| - r: sorted A's j + r; then B's j - (|A| - r) while j < |R| - r; then the invalid slot
+    j = torch.arange(bounds[0], device=dev)[None, None, :]
+    survivors = ((before + 1) // 2 - deleted)[:, :, None]
+    a_width = ((width[:-1] + 1) // 2)[None, :, None]
+    source = torch.where(
+        j < survivors,
+        j + deleted[:, :, None],
+        torch.where(j < (before - deleted)[:, :, None], j - survivors + a_width, width[:-1][None, :, None]),
+    )  # (B, rounds, L)
+    last = torch.full((b, 1), n, dtype=res.dtype, device=dev)
+    for index, cur in enumerate(bounds):
+        following = bounds[index + 1] if index + 1 < len(bounds) else t_div
+        a_idx, b_idx = res[:, 0:cur:2], res[:, 1:cur:2]
+        m = padded[rows, a_idx[:, :, None], b_idx[:, None, :]].amax(dim=-1)
+        perm = torch.sort(m, dim=-1, descending=True, stable=True).indices
+        res = torch.cat([a_idx.gather(1, perm), b_idx, last], dim=1).gather(1, source[:, index, :following])
+    return res, sizes[:, -1]
+
+
 def vispruner_select(
     cls_attn: Tensor,
     features: Tensor,
@@ -121,6 +212,9 @@ def vispruner_select(
     ``removal_number``). Invalid tokens (e.g. attention sinks, `vispruner_nosink`) take part in neither the
     important nor the diverse selection. Cosines are computed once as a Gram matrix of the L2-normalised
     features (float32); values within ``dup_tol`` of 1 are snapped to 1 so duplicates tie exactly.
+    The torch rounds (`_removal_rounds`) take one indexing op, a max, a stable sort and one or two copies each,
+    with no host sync (the per-round deletion counts of every row are looked up once); the whole selection is
+    replayed as a CUDA graph on a GPU (`vtprune.cuda_graphs`).
 
     Args:
         cls_attn: ``(B, N)`` head-mean [CLS]→patch attention.
@@ -189,38 +283,8 @@ def _vispruner_select(
     if got is not None:
         res, n_res = got
     elif bounds:
-        # Gram matrix with an extra -inf column: padded B slots point there and drop out of the max
-        gram = cosine_matrix(features, dup_tol)
-        gram = torch.cat([gram, gram.new_full((b, n, 1), float("-inf"))], dim=2).reshape(b, n * (n + 1))
-        neg_inf = torch.full((), float("-inf"), device=dev)
-        for cur in bounds:
-            res = res[:, :cur]
-            pos = torch.arange(cur, device=dev)
-            ja, jb = pos[: (cur + 1) // 2], pos[: cur // 2]
-            n_a = (n_res + 1) // 2
-            n_b = n_res // 2
-            r_step = torch.minimum(
-                torch.minimum(n_res - t_div, n_a), torch.full_like(n_res, removal_per_round)
-            )
-            r_step = r_step.clamp_min(0)
-            a_idx, b_idx = res[:, 0::2], res[:, 1::2]
-            a_ok = ja.unsqueeze(0) < n_a.unsqueeze(1)
-            b_ok = jb.unsqueeze(0) < n_b.unsqueeze(1)
-            flat = (a_idx * (n + 1)).unsqueeze(2) + torch.where(b_ok, b_idx, n).unsqueeze(1)
-            sim = gram.gather(1, flat.reshape(b, -1)).reshape(b, ja.numel(), jb.numel())
-            m = torch.where(a_ok, sim.amax(dim=-1), neg_inf)
-            perm = torch.sort(m, dim=-1, descending=True, stable=True).indices
-            a_sorted = a_idx.gather(1, perm)
-            # scatter survivors of A, then B, into their new positions; dead slots go to a dump column
-            new_pos_a = ja.unsqueeze(0) - r_step.unsqueeze(1)
-            keep_a = (ja.unsqueeze(0) >= r_step.unsqueeze(1)) & a_ok
-            new_pos_b = (n_a - r_step).unsqueeze(1) + jb.unsqueeze(0)
-            new_res = torch.zeros(b, cur + 1, dtype=res.dtype, device=dev)
-            new_res.scatter_(1, torch.where(keep_a, new_pos_a, cur), a_sorted)
-            new_res.scatter_(1, torch.where(b_ok, new_pos_b, cur), b_idx)
-            # a finished sample keeps its list untouched (a no-op round must not reorder it)
-            res = torch.where((r_step > 0).unsqueeze(1), new_res[:, :cur], res)
-            n_res = n_res - r_step
+        res_ok = None if v is None else order_ok[:, t_imp:]
+        res, n_res = _removal_rounds(features, res, res_ok, n_res, t_div, removal_per_round, bounds, dup_tol)
     div = res[:, :t_div]
     div_ok = torch.arange(t_div, device=dev).unsqueeze(0) < n_res.unsqueeze(1)
     return picked_from(torch.cat([imp, div], dim=1), torch.cat([imp_ok, div_ok], dim=1))
@@ -277,7 +341,8 @@ class VisPruner(Method):
             removal_per_round=self.removal_number,
             valid=valid,
         )
-        info = {} if sinks is None else {"sinks": sinks.sum(dim=1).tolist()}
+        # a tensor: read with the stage's record, no host sync here
+        info = {} if sinks is None else {"sinks": sinks.sum(dim=1)}
         return Selection(*picked, scores=attention, info=info)
 
 

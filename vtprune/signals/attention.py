@@ -13,6 +13,7 @@ modules a pruning session registered, and is removed with the last session.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -86,6 +87,65 @@ def release_if_unused(active_sessions: int) -> None:
     _WITH_VALUE.clear()
 
 
+# Float32 logits one step of `received_attention` holds at most (64 MiB): whole heads of every image at a time.
+RECEIVED_CHUNK_ELEMENTS = 1 << 24
+
+
+_BF16_GEMM = [True]  # False once bmm(..., out_dtype=float32) failed in this process
+
+
+def _scaled_logits(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(N, L, dh) x (N, L, dh) -> (N, L, L) float32 q k^T * scaling.
+
+    bf16 q/k on CUDA with a power-of-two scaling (CLIP's dh^-0.5 for dh = 64): one bf16 matmul with float32
+    output. The products of bf16 numbers are exact in float32 and the sum is float32, and scaling a bf16 by a
+    power of two is exact, so this is the float32 matmul of the upcast q/k up to the order of the sum, at
+    tensor-core speed. Otherwise: float32 inputs, the scaling applied in the matmul (beta=0: the first
+    argument is never read)."""
+    exact_scale = scaling > 0 and math.frexp(scaling)[0] == 0.5
+    if _BF16_GEMM[0] and q.is_cuda and q.dtype == k.dtype == torch.bfloat16 and exact_scale:
+        try:
+            return torch.bmm(q * scaling, k.transpose(-1, -2), out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch without float32 output for bf16
+            _BF16_GEMM[0] = False
+    q, k = q.float(), k.float()
+    return torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(-1, -2), beta=0.0, alpha=scaling)
+
+
+def received_attention(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, chunk_elements: int = RECEIVED_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """(B, L) attention each token receives, without masks: softmax(q k^T * scaling) over every key per query
+    row, then the mean over heads and over every query row, in float32.
+
+    query: (B, H, L, dh); key: (B, Hkv, L, dh) (GQA heads are repeated). Computed a few whole heads at a time
+    (at most `chunk_elements` logits): one scaled batched matmul (`_scaled_logits`: bf16 tensor cores with
+    float32 output where that is exact), a softmax and a column sum per step, so the (B, H, L, L)
+    probabilities are never held at once and are read back only once. Equal to `attention_rows` over every
+    row followed by the two means, up to float rounding (the sum over heads and rows is taken in one
+    reduction, then divided by H * L).
+    """
+    b, h, length, dh = query.shape
+    group = h // key.shape[1]
+    step = max(1, min(h, chunk_elements // max(1, b * length * length)))
+    total = None
+    for first in range(0, h, step):
+        last = min(h, first + step)
+        q = query[:, first:last].reshape(-1, length, dh)
+        if group == 1:
+            k = key[:, first:last]
+        else:
+            k = key[:, first // group : (last - 1) // group + 1].repeat_interleave(group, dim=1)
+            k = k[:, first % group : first % group + last - first]
+        logits = _scaled_logits(q, k.reshape(-1, length, dh), scaling)
+        probs = torch.softmax(logits, dim=-1)
+        del logits
+        part = probs.view(b, last - first, length, length).sum(dim=(1, 2))
+        del probs
+        total = part if total is None else total.add_(part)
+    return total.div_(h * length)
+
+
 def attention_rows(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -125,6 +185,8 @@ def attention_of_rows(
     if k.shape[1] != h:
         k = k.repeat_interleave(h // k.shape[1], dim=1)
     logits = torch.matmul(q_rows, k.transpose(-1, -2)) * scaling  # (B, H, Q, L)
+    if not causal and key_valid is None:  # every key is allowed: no mask to build
+        return torch.softmax(logits, dim=-1)
     allowed = torch.ones(b, query_index.shape[1], length, dtype=torch.bool, device=device)
     if causal:
         positions = torch.arange(length, device=device)

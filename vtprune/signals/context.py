@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vtprune.signals.attention import attention_of_rows, attention_rows
+from vtprune.signals.attention import attention_of_rows, attention_rows, received_attention
 
 if TYPE_CHECKING:
     from vtprune.models.base import ModelAdapter
@@ -196,13 +196,13 @@ class VisionSignals:
     def received_attention(self, layer: int) -> torch.Tensor:
         """(N, T) attention each token of CLIP layer `layer` receives ([CLS] first, T = 1 + P): softmax over
         all keys per query row, then the mean over heads and over every query row ([CLS] row included) —
-        HiPrune's "global attention". Computed once per layer from q/k (no eager attention), float32."""
+        HiPrune's "global attention". Computed once per layer from q/k (no eager attention), float32, a few
+        heads at a time (`vtprune.signals.attention.received_attention`: the (N, H, T, T) probabilities are
+        never held at once)."""
         key = ("received", layer)
         if key not in self.cache:
             qk = self.layer_qk(layer)
-            rows = torch.arange(qk.query.shape[2], device=qk.query.device).expand(qk.query.shape[0], -1)
-            probs = attention_rows(qk.query, qk.key, qk.scaling, rows, None, causal=False)  # (N, H, T, T)
-            self.cache[key] = probs.mean(dim=1).mean(dim=1)
+            self.cache[key] = received_attention(qk.query, qk.key, qk.scaling)
         return self.cache[key]
 
     def padding_fraction(self, tolerance: float = 0.03) -> torch.Tensor | None:
@@ -222,7 +222,9 @@ class VisionSignals:
             return torch.zeros(self.projected.shape[:2], device=self.projected.device)
         near_mean = (self.pixel_values.float().abs() < tolerance).all(dim=1)  # (C, H, W) per tower input
 
-        def border_band(lines: torch.Tensor) -> torch.Tensor:  # (C, L) filler lines -> those touching a border
+        def border_band(
+            lines: torch.Tensor,
+        ) -> torch.Tensor:  # (C, L) filler lines -> those touching a border
             lines = lines.to(torch.uint8)
             from_start = lines.cumprod(dim=1)
             from_end = lines.flip(1).cumprod(dim=1).flip(1)
