@@ -222,9 +222,7 @@ class VisionSignals:
             return torch.zeros(self.projected.shape[:2], device=self.projected.device)
         near_mean = (self.pixel_values.float().abs() < tolerance).all(dim=1)  # (C, H, W) per tower input
 
-        def border_band(
-            lines: torch.Tensor,
-        ) -> torch.Tensor:  # (C, L) filler lines -> those touching a border
+        def border_band(lines: torch.Tensor) -> torch.Tensor:  # (C, L) filler lines -> those touching a border
             lines = lines.to(torch.uint8)
             from_start = lines.cumprod(dim=1)
             from_end = lines.flip(1).cumprod(dim=1).flip(1)
