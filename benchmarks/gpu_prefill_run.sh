@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU run that measures what the 2026-12-03 (second) session built without a GPU: the compiled prefill
+# (`--compile-prefill`) at batch 1 against the compiled unpruned model, and the batch-16 overhead of the methods
+# whose selection changed (FlowCut's vit stage, SCOPE's fused loop, HiPrune's attention, VisPruner's rounds),
+# plus the kernel-level scripts and the CUDA-only tests. `STEPS="tests kernels ..." bash
+# benchmarks/gpu_prefill_run.sh OUTDIR` runs the listed steps (all by default), each under its own time limit
+# and under 10 minutes on an H200.
+set -u
+OUT_DIR=${1:?usage: gpu_prefill_run.sh OUTDIR}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} VTPRUNE_TRITON=strict
+# the bench command without the CLI's other imports (the GPU image lacks `datasets`)
+bench="python3 -c 'import typer; from vtprune.bench.commands import bench_command; typer.run(bench_command)'"
+LLAVA="--arch llava-1.5-7b --random-weights --dtype bfloat16 --device cuda --no-progress"
+PREFILL_B1="--keep 64 --batch 1 --new-tokens 2 --repeats 10 --generate-repeats 1 --no-oracle-generate --compile-prefill"
+STEPS=${STEPS:-tests kernels prefill-compiled-b1 prefill-graphs-b1 overhead-b16}
+step() {
+  local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return;; esac
+  echo "== $name ($(date +%T))"; timeout "$limit" bash -c "$*" > "$OUT_DIR/$name.log" 2>&1; echo "   rc=$?"
+}
+# 1. the tests that only run on CUDA (CUDA graphs, Triton kernels, bf16 received attention)
+step tests 240 python3 -m pytest -q tests/test_cuda_graphs.py tests/test_greedy_kernels.py tests/test_select_overhead.py
+# 2. kernel-level timings: TokenCarve's SVD routes (float64 Gram + eigh among them), HiPrune/VisPruner pieces
+step kernels 240 "python3 benchmarks/tokencarve_svd_gpu.py --output $OUT_DIR/tokencarve-svd.json && python3 \
+  benchmarks/select_overhead_gpu.py --eager --output $OUT_DIR/select-overhead.json"
+# 3. batch-1 prefill with the vision tower and decoder stack compiled, every subject alike (a vision-stage
+# method's stack is one graph; FastV's stays eager), with profiles of the misses
+step prefill-compiled-b1 560 "$bench" $LLAVA --methods none,visionzip,divprune,fastv $PREFILL_B1 --profile \
+  --time-budget 420 --output "$OUT_DIR/prefill-compiled-b1"
+# 4. the same with CUDA graphs (torch.compile mode reduce-overhead)
+step prefill-graphs-b1 400 "$bench" $LLAVA --methods none,visionzip $PREFILL_B1 --compile-mode reduce-overhead \
+  --time-budget 300 --output "$OUT_DIR/prefill-graphs-b1"
+# 5. batch-16 overhead over the oracle of the methods whose selection changed, with profiles of the misses
+step overhead-b16 560 "$bench" $LLAVA --methods none,flowcut,scope,hiprune,vispruner,vispruner_nosink,tokencarve \
+  --keep 192,128,64 --batch 16 --new-tokens 2 --repeats 5 --generate-repeats 1 --no-oracle-generate --profile \
+  --time-budget 420 --output "$OUT_DIR/overhead-b16"
+echo "== done ($(date +%T))"
