@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vtprune.errors import PruneConfigError
@@ -54,20 +55,35 @@ if TYPE_CHECKING:
     from vtprune.signals.context import ViTLayerSignals
 
 
-def flowcut_scores(cls_attention: Tensor, semantic: Tensor, values: Tensor, valid: Tensor) -> Tensor:
-    """(N, P) information-flow score of each patch: (a/Σa + s/Σs)·‖v̄‖₁, 0 on invalid slots."""
-    a = cls_attention.float() * valid
-    s = semantic.float() * valid
-    relation = a / a.sum(dim=1, keepdim=True).clamp(min=1e-30)
-    semantic_score = s / s.sum(dim=1, keepdim=True).clamp(min=1e-30)
-    return (relation + semantic_score) * values.float().abs().sum(dim=-1) * valid
+def flowcut_scores(cls_attention: Tensor, semantic: Tensor, values: Tensor, valid: Tensor | None) -> Tensor:
+    """(N, P) information-flow score of each patch: (a/Σa + s/Σs)·‖v̄‖₁, 0 on invalid slots (None: all
+    valid). `values` are the head-mean value vectors (N, P, dh)."""
+    shares = _shares(torch.stack([cls_attention.float(), semantic.float()]), valid)
+    return _flow_score(shares, values.float().abs().sum(dim=-1), valid)
 
 
 def flowcut_prune_count(cls_attention: Tensor, valid: Tensor, keep: int, rpl: int) -> Tensor:
     """(N,) patches to remove with `rpl` pruning layers left: round((P − T)/√rpl · (1 − (H/Hmax)²))."""
-    p = valid.sum(dim=1).float()
-    a = cls_attention.float() * valid
-    prob = a / a.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    prob = _shares(cls_attention.float()[None], valid)[0]
+    return _prune_count(prob, valid.sum(dim=1), keep, rpl)
+
+
+def _shares(probs: Tensor, valid: Tensor | None) -> Tensor:
+    """(K, N, P) float32 rows -> each row over its sum, the invalid slots (N, P) zeroed first."""
+    if valid is not None:
+        probs = probs * valid
+    return probs / probs.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+
+
+def _flow_score(shares: Tensor, value_norm: Tensor, valid: Tensor | None) -> Tensor:
+    """(N, P) (a/Σa + s/Σs)·‖v̄‖₁ from the (2, N, P) shares [a/Σa, s/Σs] and the (N, P) norms ‖v̄‖₁."""
+    score = (shares[0] + shares[1]) * value_norm
+    return score if valid is None else score * valid
+
+
+def _prune_count(prob: Tensor, present: Tensor, keep: int, rpl: int) -> Tensor:
+    """`flowcut_prune_count` from the normalised [CLS] attention a/Σa (N, P) and the (N,) patch counts."""
+    p = present.float()
     entropy = -torch.special.xlogy(prob, prob).sum(dim=1)
     ratio = entropy / torch.log(p).clamp(min=1e-30)
     return ((p - keep) / math.sqrt(rpl) * (1 - ratio**2)).round().long()
@@ -103,56 +119,74 @@ class FlowCut(Method):
     def merge_vit(self, stage: Stage, layer: int, hidden: Tensor, signals: ViTLayerSignals):
         """Update the cumulative scores; at pruning layers keep the best patches of each image.
 
-        Host syncs: one per pruning layer with rpl > 0 (the padded width and whether every image fills it,
-        in one transfer), none elsewhere. Two facts make the rest host-side knowledge: the padded width t − 1
-        is the largest image's patch count (a pruning layer pads to its largest target), and no image ever
-        holds fewer than `keep` patches once pruning starts (all start with the same P > keep; a target is
-        at least `keep` and at most what the image has)."""
+        Returns None (nothing removed: the layer runs whole) at the layers that only score, and once every
+        image is down to its budget. Host syncs: one per pruning layer with rpl > 0 (the padded width and
+        whether every image fills it, in one transfer), none elsewhere. Two facts make the rest host-side
+        knowledge: the padded width t − 1 is the largest image's patch count (a pruning layer pads to its
+        largest target), and no image ever holds fewer than `keep` patches once pruning starts (all start
+        with the same P > keep; a target is at least `keep` and at most what the image has)."""
         n, t, _ = hidden.shape
-        dev = hidden.device
-        identity = torch.arange(t, device=dev).expand(n, t)
         if t - 1 <= stage.keep:  # the largest image is down to its budget, so every image is
-            return hidden, identity, signals.valid
-        valid = signals.valid if signals.valid is not None else torch.ones(n, t, dtype=torch.bool, device=dev)
-        patches_valid = valid[:, 1:]
-        present = patches_valid.sum(dim=1)
-        cls_attention = signals.cls_attention_heads.mean(dim=1)[:, 1:]
-        values = signals.values  # (N, H, T, dh)
-        # Per head, softmax over the tokens of v_CLS · v_j (unscaled, as the official code), then head mean.
+            return None
+        dev = hidden.device
+        valid = signals.valid  # None: every slot holds a patch
+        invalid = self._invalid(signals.state, valid)
+        patches_valid = None if valid is None else valid[:, 1:]
+        captured = signals.captured
+        values = signals.values  # (N, H, T, dh) float32
+        # Both per-head softmaxes at once: the [CLS] query row's attention (scaled q·k) and the unscaled
+        # value dot products v_CLS · v_j of the official code, over the same keys; then the head means.
+        keys = captured.key.float().transpose(-1, -2)
+        attention = torch.matmul(captured.query[:, :, :1].float(), keys)[:, :, 0] * captured.scaling
         dots = torch.matmul(values[:, :, :1], values.transpose(-1, -2))[:, :, 0]  # (N, H, T)
-        dots = dots.masked_fill(~valid[:, None, :], float("-inf"))
-        semantic = torch.softmax(dots, dim=-1).mean(dim=1)[:, 1:]
-        score = flowcut_scores(cls_attention, semantic, values.mean(dim=1)[:, 1:], patches_valid)
+        logits = torch.stack([attention, dots])  # (2, N, H, T)
+        if invalid is not None:
+            logits.masked_fill_(invalid[:, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).mean(dim=2)[:, :, 1:]  # (2, N, P): a and s
+        shares = _shares(probs, patches_valid)
+        score = _flow_score(shares, values.mean(dim=1)[:, 1:].abs().sum(dim=-1), patches_valid)
         past = signals.state.get("cumulative")
         cumulative = score if past is None else self.decay * past + (1 - self.decay) * score
         signals.state["cumulative"] = cumulative
         rpl = stage.vit_layers[-1] - layer  # pruning layers left after this one: F − 1 − l
         if rpl % self.stride:
-            return hidden, identity, signals.valid
+            return None
+        if patches_valid is None:
+            present = torch.full((n,), t - 1, dtype=torch.long, device=dev)
+        else:
+            present = patches_valid.sum(dim=1)
         if rpl == 0:
             # Every image holds at least `keep` patches (see above) and keeps exactly `keep`: no sync.
             target = torch.full_like(present, stage.keep)
             width, ragged = stage.keep, False
         else:
-            removed = flowcut_prune_count(cls_attention, patches_valid, stage.keep, rpl)
+            removed = _prune_count(shares[0], present, stage.keep, rpl)
             target = torch.maximum(present - removed, torch.full_like(present, stage.keep))
             target = torch.minimum(target, present)  # never more patches than the image has
             # The one host sync of the layer: the padded width (a data-dependent shape) and whether every
             # image fills it, i.e. whether the next layers need a padding mask.
             low, width = torch.stack(torch.aminmax(target)).tolist()
             ragged = low < width
-        ranked = cumulative.masked_fill(~patches_valid, float("-inf"))
+        ranked = cumulative if invalid is None else cumulative.masked_fill(invalid[:, 1:], float("-inf"))
         order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :width]
         slot_ok = torch.arange(width, device=dev) < target[:, None]
         # Raster order of the kept patches; padding slots (sorted last) point at any patch and are masked.
         key = torch.where(slot_ok, order, t + torch.arange(width, device=dev))
         raster = torch.sort(key, dim=1).indices
         kept_patches = order.gather(1, raster)
-        kept = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=dev), kept_patches + 1], dim=1)
+        kept = F.pad(kept_patches + 1, (1, 0))  # the [CLS] (position 0) first
         merged = hidden.gather(1, kept[:, :, None].expand(-1, -1, hidden.shape[-1]))
         signals.state["cumulative"] = cumulative.gather(1, kept_patches)
         if not ragged:
             return merged, kept
-        new_valid = slot_ok.gather(1, raster)
-        all_valid = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=dev), new_valid], dim=1)
-        return merged, kept, all_valid
+        return merged, kept, F.pad(slot_ok.gather(1, raster), (1, 0), value=True)
+
+    @staticmethod
+    def _invalid(state: dict, valid: Tensor | None) -> Tensor | None:
+        """~valid, computed once per merge and reused by the layers that see the same `valid`."""
+        if valid is None:
+            return None
+        cached = state.get("invalid")
+        if cached is None or cached[0] is not valid:
+            cached = state["invalid"] = (valid, ~valid)
+        return cached[1]
