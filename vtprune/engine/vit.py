@@ -65,7 +65,7 @@ class VitMerging:
         self.state: dict = {}
         # (index in vit_layers, (N,) patches per image) after each layer that removed patches (adaptive)
         self.counts: list[tuple[int, torch.Tensor]] = []
-        self.entry: tuple[int, int, torch.device] | None = None  # (N, T, device) entering the first listed layer
+        self.entry: tuple[int, int, torch.device] | None = None  # (N, T, device) entering the first layer
         self.mask: torch.Tensor | None = None  # the additive key mask of `valid`, built once per merge
         self.pad_projection = False
 

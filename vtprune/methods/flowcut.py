@@ -77,8 +77,23 @@ def _shares(probs: Tensor, valid: Tensor | None) -> Tensor:
 
 def _flow_score(shares: Tensor, value_norm: Tensor, valid: Tensor | None) -> Tensor:
     """(N, P) (a/Σa + s/Σs)·‖v̄‖₁ from the (2, N, P) shares [a/Σa, s/Σs] and the (N, P) norms ‖v̄‖₁."""
-    score = (shares[0] + shares[1]) * value_norm
+    score = shares.sum(dim=0) * value_norm  # a sum of two terms: exactly a/Σa + s/Σs
     return score if valid is None else score * valid
+
+
+def _first_row_products(rows: Tensor, keys: Tensor) -> Tensor:
+    """(N, H, T) float32 products of each head's first row of `rows` (N, H, L, dh) with the rows of `keys`
+    (N, H, T, dh): the batched matrix product torch.matmul(rows[:, :, :1].float(), keys.float().mT) runs,
+    on the same contiguous operands, with each operand's float conversion and copy done in one step."""
+    n, h, t, dh = keys.shape
+    row = _contiguous_float(rows[:, :, :1]).view(n * h, 1, dh)
+    return torch.bmm(row, _contiguous_float(keys.mT).view(n * h, dh, t)).view(n, h, t)
+
+
+def _contiguous_float(x: Tensor) -> Tensor:
+    """A contiguous float32 copy of `x` in one copy (`x` itself when it already is one)."""
+    # `to` converts into the requested layout but returns a float32 input as it is, strided or not.
+    return x.to(torch.float32, memory_format=torch.contiguous_format).contiguous()
 
 
 def _prune_count(prob: Tensor, present: Tensor, keep: int, rpl: int) -> Tensor:
@@ -104,7 +119,7 @@ class FlowCut(Method):
         "qwen2_vl": "it prunes inside the vision tower (the engine's vit stage is LLaVA-1.5 only)",
         "qwen2_5_vl": "it prunes inside the vision tower (the engine's vit stage is LLaVA-1.5 only)",
         "llava_next": "it prunes inside the vision tower, where an AnyRes image is several crops (the "
-        "engine's vit stage is LLaVA-1.5 only; the repo's NeXT path prunes in the LLM instead)"
+        "engine's vit stage is LLaVA-1.5 only; the repo's NeXT path prunes in the LLM instead)",
     }
 
     def stages(self, info: ModelInfo) -> list[Stage]:
@@ -136,10 +151,8 @@ class FlowCut(Method):
         values = signals.values  # (N, H, T, dh) float32
         # Both per-head softmaxes at once: the [CLS] query row's attention (scaled q·k) and the unscaled
         # value dot products v_CLS · v_j of the official code, over the same keys; then the head means.
-        keys = captured.key.float().transpose(-1, -2)
-        attention = torch.matmul(captured.query[:, :, :1].float(), keys)[:, :, 0] * captured.scaling
-        dots = torch.matmul(values[:, :, :1], values.transpose(-1, -2))[:, :, 0]  # (N, H, T)
-        logits = torch.stack([attention, dots])  # (2, N, H, T)
+        attention = _first_row_products(captured.query, captured.key) * captured.scaling  # (N, H, T)
+        logits = torch.stack([attention, _first_row_products(values, values)])  # (2, N, H, T)
         if invalid is not None:
             logits.masked_fill_(invalid[:, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1).mean(dim=2)[:, :, 1:]  # (2, N, P): a and s
@@ -161,8 +174,8 @@ class FlowCut(Method):
             width, ragged = stage.keep, False
         else:
             removed = _prune_count(shares[0], present, stage.keep, rpl)
-            target = torch.maximum(present - removed, torch.full_like(present, stage.keep))
-            target = torch.minimum(target, present)  # never more patches than the image has
+            # at least `keep`, never more patches than the image has
+            target = torch.minimum((present - removed).clamp(min=stage.keep), present)
             # The one host sync of the layer: the padded width (a data-dependent shape) and whether every
             # image fills it, i.e. whether the next layers need a padding mask.
             low, width = torch.stack(torch.aminmax(target)).tolist()
