@@ -156,23 +156,23 @@ class FlowCut(Method):
         if invalid is not None:
             logits.masked_fill_(invalid[:, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1).mean(dim=2)[:, :, 1:]  # (2, N, P): a and s
-        shares = _shares(probs, patches_valid)
-        score = _flow_score(shares, values.mean(dim=1)[:, 1:].abs().sum(dim=-1), patches_valid)
+        # The masked softmax already put exact zeros on the padding slots, so the scores need no mask.
+        shares = _shares(probs, None)
+        score = _flow_score(shares, values.mean(dim=1)[:, 1:].abs().sum(dim=-1), None)
         past = signals.state.get("cumulative")
         cumulative = score if past is None else self.decay * past + (1 - self.decay) * score
         signals.state["cumulative"] = cumulative
         rpl = stage.vit_layers[-1] - layer  # pruning layers left after this one: F − 1 − l
         if rpl % self.stride:
             return None
-        if patches_valid is None:
-            present = torch.full((n,), t - 1, dtype=torch.long, device=dev)
-        else:
-            present = patches_valid.sum(dim=1)
         if rpl == 0:
             # Every image holds at least `keep` patches (see above) and keeps exactly `keep`: no sync.
-            target = torch.full_like(present, stage.keep)
             width, ragged = stage.keep, False
         else:
+            if patches_valid is None:
+                present = torch.full((n,), t - 1, dtype=torch.long, device=dev)
+            else:
+                present = patches_valid.sum(dim=1)
             removed = _prune_count(shares[0], present, stage.keep, rpl)
             # at least `keep`, never more patches than the image has
             target = torch.minimum((present - removed).clamp(min=stage.keep), present)
@@ -182,10 +182,13 @@ class FlowCut(Method):
             ragged = low < width
         ranked = cumulative if invalid is None else cumulative.masked_fill(invalid[:, 1:], float("-inf"))
         order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :width]
-        slot_ok = torch.arange(width, device=dev) < target[:, None]
-        # Raster order of the kept patches; padding slots (sorted last) point at any patch and are masked.
-        key = torch.where(slot_ok, order, t + torch.arange(width, device=dev))
-        raster = torch.sort(key, dim=1).indices
+        if ragged:
+            # Padding slots (sorted last) point at any patch; they sort after the real ones and are masked.
+            slot_ok = torch.arange(width, device=dev) < target[:, None]
+            key = torch.where(slot_ok, order, torch.arange(t, t + width, device=dev))
+        else:
+            key = order  # every slot holds one of the image's best patches
+        raster = torch.sort(key, dim=1).indices  # the kept patches in raster order
         kept_patches = order.gather(1, raster)
         kept = F.pad(kept_patches + 1, (1, 0))  # the [CLS] (position 0) first
         merged = hidden.gather(1, kept[:, :, None].expand(-1, -1, hidden.shape[-1]))
