@@ -2,13 +2,17 @@
 
 At each listed CLIP layer l the merge happens after the attention sub-block and before the MLP, exactly:
 CLIPEncoderLayer computes h = x + attn(ln1(x)); out = h + mlp(ln2(h)). A pre-hook on l's `layer_norm2`
-receives h, merges it to h' (fewer tokens, scored with l's captured q/k) and hands ln2 a one-token stub (so
-the layer's own MLP costs nothing; its output is discarded); a forward hook on layer l, run before any other
-(transformers' hidden-state recorder included), returns h' + mlp(ln2(h')). CLIP layers are non-causal, have no
-cache and get the mask None, so later layers simply see fewer tokens; when an adaptive merge (FlowCut) leaves
-images with different counts, the rows are padded and the following layers get an additive key mask
-(`_mask_hook`) until the counts are equal again. The original patch index of each survivor rides on the
-tower's output object to the prefill (`tag_output`, `original_index`).
+receives h and asks the method's `merge_vit` (scored with l's captured q/k/v). When it merges h to h' (fewer
+tokens), the hook hands ln2 a one-token stub (so the layer's own MLP costs nothing; its output is discarded)
+and a forward hook on layer l, run before any other (transformers' hidden-state recorder included), returns
+h' + mlp(ln2(h')). When `merge_vit` returns None (nothing removed at this layer: FlowCut's layers that only
+update their scores, or every image already at its budget), the layer runs untouched: no stub, no gather, no
+bookkeeping. CLIP layers are non-causal, have no cache and get the mask None, so later layers simply see fewer
+tokens; when an adaptive merge (FlowCut) leaves images with different counts, the rows are padded and the
+following layers get an additive key mask (`_mask_hook`, built once after each merge and reused until the
+next) until the counts are equal again. The original patch index of each survivor rides on the tower's output
+object to the prefill (`tag_output`, `original_index`), with, for adaptive merges, the patches per image after
+each listed layer (a layer that removed nothing repeats the count before it).
 """
 
 from __future__ import annotations

@@ -17,10 +17,12 @@ r = round((P − T)/√rpl · (1 − (H(a)/log P)²)), H the entropy of a/Σa an
 (layer F − 1) it keeps exactly T. The feature layer then runs on T + 1 tokens and LLaVA projects its T
 patches. vtprune runs it as a "vit" stage (the mechanism iLLaVA uses) at layers 0..F−1: the engine hands
 `merge_vit` the layer's captured q/k/v after its attention sub-block (`ViTLayerSignals`: only the [CLS]
-query row and the values are used, never the full attention map), and the MLP of the layer runs on the
-survivors only (it is token-wise, so the kept tokens equal the official prune-after-the-MLP). The host reads
-one device value per pruning layer before the last (the padded width of the kept patches, a data-dependent
-shape, and whether every image fills it, in one transfer); everything else it decides from the shapes.
+query row and the values are used, never the full attention map; both per-head softmaxes run as one). At
+the layers that only update the cumulative score (odd rpl), and once every image is at its budget,
+`merge_vit` returns None and the layer runs whole; at a pruning layer the MLP runs on the survivors only (it
+is token-wise, so the kept tokens equal the official prune-after-the-MLP). The host reads one device value
+per pruning layer before the last (the padded width of the kept patches, a data-dependent shape, and
+whether every image fills it, in one transfer); everything else it decides from the shapes.
 
 Parameters and defaults: keep (T, default 64: the README's `target_num=64`; the released checkpoints and the
 LLaVA-1.5 tables use T = 64 / 128 / 192 with the same schedule), stride = 2 (prune when rpl is a multiple;
