@@ -416,7 +416,7 @@ def tower_ops(model, inputs, method=None, **params):
 
 def test_fewer_torch_ops_per_prefill(deep, monkeypatch):
     """Batch 4, a 10-layer tower, FlowCut scoring at 8 layers and pruning at 4: the operations FlowCut adds
-    to the tower fell from 784 (the per-layer path) to 496 (CPU, torch 2.x)."""
+    to the tower fell from 784 (the per-layer path) to 461 (CPU, torch 2.x)."""
     model, processor = deep
     inputs = build_inputs(processor, [QUESTIONS[i % 3] for i in range(4)], [1, 2, 3, 4])
     plain = tower_ops(model, inputs)
@@ -425,5 +425,5 @@ def test_fewer_torch_ops_per_prefill(deep, monkeypatch):
         use_reference(patch)
         old = tower_ops(model, inputs, "flowcut", keep=12) - plain
     print(f"aten ops FlowCut adds to the tower: {old} -> {new} (the tower alone: {plain})")
-    assert new <= 0.7 * old, (old, new)
-    assert new <= 540, new  # the per-layer path: 784
+    assert new <= 0.65 * old, (old, new)
+    assert new <= 510, new  # the per-layer path: 784

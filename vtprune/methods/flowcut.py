@@ -17,10 +17,12 @@ r = round((P − T)/√rpl · (1 − (H(a)/log P)²)), H the entropy of a/Σa an
 (layer F − 1) it keeps exactly T. The feature layer then runs on T + 1 tokens and LLaVA projects its T
 patches. vtprune runs it as a "vit" stage (the mechanism iLLaVA uses) at layers 0..F−1: the engine hands
 `merge_vit` the layer's captured q/k/v after its attention sub-block (`ViTLayerSignals`: only the [CLS]
-query row and the values are used, never the full attention map; both per-head softmaxes run as one). At
-the layers that only update the cumulative score (odd rpl), and once every image is at its budget,
-`merge_vit` returns None and the layer runs whole; at a pruning layer the MLP runs on the survivors only (it
-is token-wise, so the kept tokens equal the official prune-after-the-MLP). The host reads one device value
+query row and the values are used, never the full attention map). At the layers that only update the
+cumulative score (odd rpl), and once every image is at its budget, `merge_vit` returns None and the layer
+runs whole: it keeps its [CLS]-row and value products, and the next pruning layer (the first to read the
+cumulative score; no token is removed in between) turns those of every layer since the last one into scores
+with one softmax, one set of normalisations and the same arithmetic per layer. At a pruning layer the MLP
+runs on the survivors only (it is token-wise, so the kept tokens equal the official prune-after-the-MLP). The host reads one device value
 per pruning layer before the last (the padded width of the kept patches, a data-dependent shape, and
 whether every image fills it, in one transfer); everything else it decides from the shapes.
 
@@ -136,37 +138,62 @@ class FlowCut(Method):
     def merge_vit(self, stage: Stage, layer: int, hidden: Tensor, signals: ViTLayerSignals):
         """Update the cumulative scores; at pruning layers keep the best patches of each image.
 
-        Returns None (nothing removed: the layer runs whole) at the layers that only score, and once every
-        image is down to its budget. Host syncs: one per pruning layer with rpl > 0 (the padded width and
+        Returns None (nothing removed: the layer runs whole) at the layers that only score, which leave
+        their products in `signals.state["pending"]` for the next pruning layer, and once every image is
+        down to its budget. Host syncs: one per pruning layer with rpl > 0 (the padded width and
         whether every image fills it, in one transfer), none elsewhere. Two facts make the rest host-side
         knowledge: the padded width t − 1 is the largest image's patch count (a pruning layer pads to its
         largest target), and no image ever holds fewer than `keep` patches once pruning starts (all start
         with the same P > keep; a target is at least `keep` and at most what the image has)."""
         n, t, _ = hidden.shape
+        state = signals.state
         if t - 1 <= stage.keep:  # the largest image is down to its budget, so every image is
+            state.pop("pending", None)  # scores nothing will read
             return None
         dev = hidden.device
         valid = signals.valid  # None: every slot holds a patch
-        invalid = self._invalid(signals.state, valid)
-        patches_valid = None if valid is None else valid[:, 1:]
+        invalid = self._invalid(state, valid)
         captured = signals.captured
         values = signals.values  # (N, H, T, dh) float32
-        # Both per-head softmaxes at once: the [CLS] query row's attention (scaled q·k) and the unscaled
-        # value dot products v_CLS · v_j of the official code, over the same keys; then the head means.
+        # Per head, the [CLS] query row's attention logits (scaled q·k) and the unscaled value dot products
+        # v_CLS · v_j of the official code, over the same keys; and the head-mean value vectors.
         attention = _first_row_products(captured.query, captured.key) * captured.scaling  # (N, H, T)
         logits = torch.stack([attention, _first_row_products(values, values)])  # (2, N, H, T)
-        if invalid is not None:
-            logits.masked_fill_(invalid[:, None, :], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).mean(dim=2)[:, :, 1:]  # (2, N, P): a and s
-        # The masked softmax already put exact zeros on the padding slots, so the scores need no mask.
-        shares = _shares(probs, None)
-        score = _flow_score(shares, values.mean(dim=1)[:, 1:].abs().sum(dim=-1), None)
-        past = signals.state.get("cumulative")
-        cumulative = score if past is None else self.decay * past + (1 - self.decay) * score
-        signals.state["cumulative"] = cumulative
+        value_mean = values.mean(dim=1)  # (N, T, dh)
         rpl = stage.vit_layers[-1] - layer  # pruning layers left after this one: F − 1 − l
         if rpl % self.stride:
+            # Only the next pruning layer reads the cumulative score: the layers in between keep their
+            # products (same tokens, same padding: nothing is removed before then) and are scored with it.
+            state.setdefault("pending", []).append((logits, value_mean))
             return None
+        layers = [*state.pop("pending", []), (logits, value_mean)]
+        k = len(layers)
+        if k > 1:
+            logits = torch.cat([pair for pair, _ in layers])  # (2K, N, H, T), layer after layer
+            value_mean = torch.stack([mean for _, mean in layers])  # (K, N, T, dh)
+        # Every softmax at once, then the head means: a and s of each layer, (2K, N, P).
+        if invalid is not None:
+            logits.masked_fill_(invalid[:, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).mean(dim=2)[:, :, 1:]
+        # The masked softmax already put exact zeros on the padding slots, so the scores need no mask.
+        shares = _shares(probs, None)
+        norms = value_mean[..., 1:, :].abs().sum(dim=-1)  # ‖v̄‖₁, (N, P) or (K, N, P)
+        if k == 1:
+            scores = [_flow_score(shares, norms, None)]
+        else:
+            scores = shares.view(k, 2, n, t - 1).sum(dim=1) * norms  # (K, N, P), as `_flow_score` per layer
+            weighted = (1 - self.decay) * scores
+        cumulative = state.get("cumulative")
+        for i in range(k):
+            if cumulative is None:
+                cumulative = scores[i]
+            elif k == 1:
+                cumulative = self.decay * cumulative + (1 - self.decay) * scores[i]
+            else:
+                cumulative = self.decay * cumulative + weighted[i]
+        state["cumulative"] = cumulative
+        attention_share = shares[-2]  # this layer's a/Σa
+        patches_valid = None if valid is None else valid[:, 1:]
         if rpl == 0:
             # Every image holds at least `keep` patches (see above) and keeps exactly `keep`: no sync.
             width, ragged = stage.keep, False
@@ -175,7 +202,7 @@ class FlowCut(Method):
                 present = torch.full((n,), t - 1, dtype=torch.long, device=dev)
             else:
                 present = patches_valid.sum(dim=1)
-            removed = _prune_count(shares[0], present, stage.keep, rpl)
+            removed = _prune_count(attention_share, present, stage.keep, rpl)
             # at least `keep`, never more patches than the image has
             target = torch.minimum((present - removed).clamp(min=stage.keep), present)
             # The one host sync of the layer: the padded width (a data-dependent shape) and whether every
@@ -194,7 +221,7 @@ class FlowCut(Method):
         kept_patches = order.gather(1, raster)
         kept = F.pad(kept_patches + 1, (1, 0))  # the [CLS] (position 0) first
         merged = hidden.gather(1, kept[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        signals.state["cumulative"] = cumulative.gather(1, kept_patches)
+        state["cumulative"] = cumulative.gather(1, kept_patches)
         if not ragged:
             return merged, kept
         return merged, kept, F.pad(slot_ok.gather(1, raster), (1, 0), value=True)
