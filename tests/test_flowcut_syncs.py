@@ -215,12 +215,16 @@ def test_same_results_as_the_old_merge(deep, monkeypatch, params, attn):
 
 # --- merge_vit alone, on synthetic layers ------------------------------------------------------------------
 def run_merges(merge, method, stage, layers_qkv, hidden):
-    """Feed `merge` one synthetic layer after another as the engine does; returns every output."""
+    """Feed `merge` one synthetic layer after another as the engine does; returns every output (a layer that
+    removed nothing, None, as the old code's identity)."""
     outputs, valid, state = [], None, {}
     for layer, (q, k, v) in zip(stage.vit_layers, layers_qkv, strict=True):
         kept_rows = hidden.shape[1]
         captured = Captured(q[:, :, :kept_rows], k[:, :, :kept_rows], 0.5, v[:, :, :kept_rows])
         out = merge(method, stage, layer, hidden, ViTLayerSignals(layer, captured, valid, state))
+        if out is None:  # nothing removed: what the old merge returned at such a layer
+            n, t, _ = hidden.shape
+            out = (hidden, torch.arange(t).expand(n, t), valid)
         outputs.append(out)
         hidden, valid = out[0], out[2] if len(out) > 2 else None
     return outputs

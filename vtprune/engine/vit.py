@@ -2,13 +2,17 @@
 
 At each listed CLIP layer l the merge happens after the attention sub-block and before the MLP, exactly:
 CLIPEncoderLayer computes h = x + attn(ln1(x)); out = h + mlp(ln2(h)). A pre-hook on l's `layer_norm2`
-receives h, merges it to h' (fewer tokens, scored with l's captured q/k) and hands ln2 a one-token stub (so
-the layer's own MLP costs nothing; its output is discarded); a forward hook on layer l, run before any other
-(transformers' hidden-state recorder included), returns h' + mlp(ln2(h')). CLIP layers are non-causal, have no
-cache and get the mask None, so later layers simply see fewer tokens; when an adaptive merge (FlowCut) leaves
-images with different counts, the rows are padded and the following layers get an additive key mask
-(`_mask_hook`) until the counts are equal again. The original patch index of each survivor rides on the
-tower's output object to the prefill (`tag_output`, `original_index`).
+receives h and asks the method's `merge_vit` (scored with l's captured q/k/v). When it merges h to h' (fewer
+tokens), the hook hands ln2 a one-token stub (so the layer's own MLP costs nothing; its output is discarded)
+and a forward hook on layer l, run before any other (transformers' hidden-state recorder included), returns
+h' + mlp(ln2(h')). When `merge_vit` returns None (nothing removed at this layer: FlowCut's layers that only
+update their scores, or every image already at its budget), the layer runs untouched: no stub, no gather, no
+bookkeeping. CLIP layers are non-causal, have no cache and get the mask None, so later layers simply see fewer
+tokens; when an adaptive merge (FlowCut) leaves images with different counts, the rows are padded and the
+following layers get an additive key mask (`_mask_hook`, built once after each merge and reused until the
+next) until the counts are equal again. The original patch index of each survivor rides on the tower's output
+object to the prefill (`tag_output`, `original_index`), with, for adaptive merges, the patches per image after
+each listed layer (a layer that removed nothing repeats the count before it).
 """
 
 from __future__ import annotations
@@ -63,7 +67,10 @@ class VitMerging:
         self.positions: torch.Tensor | None = None  # (N, T) tower positions of the surviving patches
         self.valid: torch.Tensor | None = None  # (N, T) after a merge that kept different counts
         self.state: dict = {}
-        self.counts: list[torch.Tensor] = []
+        # (index in vit_layers, (N,) patches per image) after each layer that removed patches (adaptive)
+        self.counts: list[tuple[int, torch.Tensor]] = []
+        self.entry: tuple[int, int, torch.device] | None = None  # (N, T, device) entering the first layer
+        self.mask: torch.Tensor | None = None  # the additive key mask of `valid`, built once per merge
         self.pad_projection = False
 
     def attach(self, add_capture: AddCapture) -> list:
@@ -84,14 +91,33 @@ class VitMerging:
 
     def tag_output(self, output) -> None:
         """Put the survivors' positions and per-layer counts on the tower's output object."""
+        if self.positions is None and self.entry is not None:  # the listed layers ran and removed nothing
+            n, t, device = self.entry
+            self.positions = torch.arange(t, device=device).expand(n, t)
         output._vtprune_vit_positions = self.positions
         if self.valid is not None and not bool(self.valid.all()):
             raise PruneConfigError(
                 f"{self.method.name}: the vit stage left the images of a batch with different patch counts"
             )
-        output._vtprune_vit_counts = torch.stack(self.counts, dim=1) if self.counts else None
+        output._vtprune_vit_counts = self._counts_per_layer()
         self.pad_projection = self.positions is not None
         self.positions = None
+
+    def _counts_per_layer(self) -> torch.Tensor | None:
+        """(N, len(vit_layers)) patches per image after each listed layer (adaptive merges only): a layer
+        that removed nothing keeps the count of the last one that did (all patches before the first)."""
+        if self.stage.vit_remove != 0 or self.entry is None:
+            return None
+        n, t, device = self.entry
+        columns = [torch.full((n,), t - 1, dtype=torch.long, device=device)]
+        source, merges = [], iter(self.counts)
+        upcoming = next(merges, None)
+        for index in range(len(self.stage.vit_layers)):
+            if upcoming is not None and upcoming[0] == index:
+                columns.append(upcoming[1])
+                upcoming = next(merges, None)
+            source.append(len(columns) - 1)
+        return torch.stack([columns[i] for i in source], dim=1)
 
     def original_index(self, image_out, expanded_from: torch.Tensor | None) -> torch.Tensor:
         """(N, P') original visual-token index (within its image) of each patch the tower output holds."""
@@ -120,22 +146,28 @@ class VitMerging:
         self.valid = None
         self.state = {}
         self.counts = []
+        self.entry = None
+        self.mask = None
         self.pad_projection = False
 
     def _mask_hook(self, module, args, kwargs):
         """Hand a CLIP layer an additive key mask that hides the padding slots (rows of equal width whose
-        images kept different numbers of patches), so each image attends exactly as if it were alone."""
+        images kept different numbers of patches), so each image attends exactly as if it were alone. The
+        mask is built once after the merge that made the rows ragged and reused until the next merge."""
         valid = self.valid
         if valid is None:
             return None
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if compat.attention_implementation(self.adapter.config.vision_config).startswith("flash"):
-            raise PruneConfigError(
-                f"{self.method.name}: per-image patch counts inside the vision tower need an sdpa or eager "
-                "vision tower"
-            )
-        mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
-        mask = mask.masked_fill(~valid, torch.finfo(hidden.dtype).min)[:, None, None, :]
+        mask = self.mask
+        if mask is None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if compat.attention_implementation(self.adapter.config.vision_config).startswith("flash"):
+                raise PruneConfigError(
+                    f"{self.method.name}: per-image patch counts inside the vision tower need an sdpa or "
+                    "eager vision tower"
+                )
+            mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
+            mask = mask.masked_fill(~valid, torch.finfo(hidden.dtype).min)[:, None, None, :]
+            self.mask = mask
         if len(args) > 1:
             given = args[1]
             return (args[0], mask if given is None else given + mask, *args[2:]), kwargs
@@ -157,23 +189,30 @@ class VitMerging:
         return F.pad(output, (0, 0, 0, missing)) if missing > 0 else None
 
     def _merge_hook(self, layer: int):
+        index = self.stage.vit_layers.index(layer)
+
         def hook(module, args):
             hidden = args[0]  # (N, T, Dv): the residual stream after layer `layer`'s attention sub-block
             captured = self.qk.pop(layer)
             n, t, _ = hidden.shape
+            if self.entry is None:
+                self.entry = (n, t, hidden.device)
             signals = ViTLayerSignals(layer, captured, self.valid, self.state)
             out = self.method.merge_vit(self.stage, layer, hidden, signals)
+            if out is None:  # nothing removed here: the layer runs untouched
+                return None
             # (merged, kept positions) or, when images keep different counts, (merged, kept, valid)
             merged, kept = out[0], out[1]
             valid = out[2] if len(out) > 2 else None
-            if self.positions is None:
-                self.positions = torch.arange(t, device=hidden.device).expand(n, t)
-            self.positions = torch.gather(self.positions, 1, kept)
+            # The first merge's positions are its kept indices (a gather from the identity).
+            self.positions = kept if self.positions is None else torch.gather(self.positions, 1, kept)
+            if valid is not self.valid:
+                self.mask = None
             self.valid = valid
             if self.stage.vit_remove == 0:  # adaptive: record the patches each image keeps ([CLS] first)
                 width = kept.shape[1] - 1
                 count = valid[:, 1:].sum(dim=1) if valid is not None else kept.new_full((n,), width)
-                self.counts.append(count)
+                self.counts.append((index, count))
             self.merged[layer] = merged.to(hidden.dtype)
             return (hidden[:, :1],)  # the stub: the layer's own ln2/MLP output is replaced below
 
@@ -181,7 +220,9 @@ class VitMerging:
 
     def _finish_hook(self, layer: int):
         def hook(module, args, output):
-            merged = self.merged.pop(layer)
+            merged = self.merged.pop(layer, None)
+            if merged is None:  # the layer merged nothing and ran whole
+                return None
             ln = module.layer_norm2
             normed = F.layer_norm(merged, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
             out = merged + module.mlp(normed)

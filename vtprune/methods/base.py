@@ -40,8 +40,9 @@ class Stage:
     prompt token), "text" (every token after the last visual token), "all", "image" or None.
     kind="vit": inside the vision encoder (iLLaVA, FlowCut): after the attention sub-block of each CLIP layer
     in `vit_layers` the method's `merge_vit(stage, layer, hidden, signals)` (signals: `ViTLayerSignals`)
-    removes `vit_remove` patches (0: as many as the method decides at each layer, per image); the LLM sees
-    only the survivors (`keep` = patches per image left). At most one, before any vision/llm stage.
+    removes `vit_remove` patches (0: as many as the method decides at each layer, per image; it returns None
+    where it removes nothing, and that layer runs untouched); the LLM sees only the survivors (`keep` =
+    patches per image left). At most one, before any vision/llm stage.
     """
 
     kind: Literal["vit", "vision", "llm"]
