@@ -185,3 +185,68 @@ def vispruner_rounds_kernel(
     keep = cols < t_div
     tl.store(out_ptr + b * t_div + cols, tl.load(final + cols, mask=keep, other=0), mask=keep)
     tl.store(n_res_ptr + b, n_res)
+
+
+@triton.jit
+def scope_kernel(
+    sim_ptr,
+    weight_ptr,
+    valid_ptr,
+    cov_ptr,
+    gain_ptr,
+    picks_ptr,
+    ok_ptr,
+    n,
+    k,
+    MULTI: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    # one program per image; the (n, n) matrix is streamed from global memory (L2) every step
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    inb = cols < n
+    jj = tl.arange(0, BLOCK_J)
+    rr = tl.arange(0, ROWS)
+    sim = sim_ptr + b * n * n
+    cov_row = cov_ptr + b * n  # coverage by token, re-read by row tiles (registers cannot be indexed)
+    gain_row = gain_ptr + b * n
+    avail = tl.load(valid_ptr + b * n + cols, mask=inb, other=0) != 0
+    w = tl.load(weight_ptr + b * n + cols, mask=inb, other=0.0)
+    # c_i, with +inf for invalid tokens: relu(S_ij - inf) = 0 is the torch loop's `* valid_i` (NaN included)
+    cov = tl.where(avail, 0.0, float("inf"))
+    tl.store(cov_row + cols, cov, mask=inb)
+    tl.debug_barrier()
+    for i in range(0, k):
+        # gain_j = sum_i relu(S_ij - c_i), BLOCK_J columns at a time: a (ROWS, BLOCK_J) accumulator over
+        # row tiles, then one tree sum over its rows (the same order for every column)
+        for j0 in range(0, n, BLOCK_J):
+            cj = j0 + jj
+            cj_in = cj < n
+            acc = tl.zeros([ROWS, BLOCK_J], dtype=tl.float32)
+            for r0 in range(0, n, ROWS):
+                r = r0 + rr
+                r_in = r < n
+                c_r = tl.load(cov_row + r, mask=r_in, other=float("inf"))
+                tile = tl.load(
+                    sim + r[:, None] * n + cj[None, :], mask=r_in[:, None] & cj_in[None, :], other=0.0
+                )
+                acc += tl.maximum(tile - c_r[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(gain_row + cj, tl.sum(acc, axis=0), mask=cj_in)
+        tl.debug_barrier()
+        gain = tl.load(gain_row + cols, mask=inb, other=0.0)
+        if MULTI:
+            score = gain * w
+        else:
+            score = gain + w
+        j = argmax_first(tl.where(avail, score, float("-inf")), cols, n)
+        ok = tl.sum(tl.where((cols == j) & avail, 1, 0), axis=0) > 0
+        tl.store(picks_ptr + b * k + i, j.to(tl.int64))
+        tl.store(ok_ptr + b * k + i, ok.to(tl.int8))
+        avail = avail & (cols != j)
+        row = tl.load(sim + j * n + cols, mask=inb, other=0.0)  # c_i = max(c_i, S[j, i])
+        cov = tl.maximum(cov, row, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(cov_row + cols, cov, mask=inb)
+        # the next step's row tiles read the coverage written by other threads of this block
+        tl.debug_barrier()

@@ -59,6 +59,7 @@ __all__ = [
     "dpp_greedy_fused",
     "maxmin_fused",
     "vispruner_rounds_fused",
+    "scope_fused",
 ]
 
 MAX_FUSED_N = 8192
@@ -149,7 +150,7 @@ def _kernels():
     """The jitted kernels (triton imported here, on first use)."""
     from vtprune.kernels import _greedy_triton as k
 
-    return k.dpp_kernel, k.maxmin_kernel, k.vispruner_rounds_kernel
+    return k.dpp_kernel, k.maxmin_kernel, k.vispruner_rounds_kernel, k.scope_kernel
 
 
 @_guarded
@@ -167,7 +168,7 @@ def dpp_greedy_fused(
     Returns:
         ``(picks (B, k) long, ok (B, k) bool)`` in pick order, or None if the kernel failed (:func:`_guarded`).
     """
-    dpp_kernel, _, _ = _kernels()
+    dpp_kernel = _kernels()[0]
     b, n, _ = kernel.shape
     dev = kernel.device
     picks = torch.empty(b, k, dtype=torch.long, device=dev)
@@ -211,7 +212,7 @@ def maxmin_fused(dist: Tensor, k: int, avail: Tensor) -> tuple[Tensor, Tensor] |
     Returns:
         ``(picks (B, k) long, ok (B, k) bool)`` in pick order, or None if the kernel failed (:func:`_guarded`).
     """
-    _, maxmin_kernel, _ = _kernels()
+    maxmin_kernel = _kernels()[1]
     b, n, _ = dist.shape
     dev = dist.device
     picks = torch.empty(b, k, dtype=torch.long, device=dev)
@@ -251,7 +252,7 @@ def vispruner_rounds_fused(
         ``n_res`` are unspecified, as in the torch loop) and the final ``|R|``; None if the kernel failed
         (:func:`_guarded`).
     """
-    _, _, rounds_kernel = _kernels()
+    rounds_kernel = _kernels()[2]
     b, width = res.shape
     n = gram.shape[1]
     dev = gram.device
@@ -283,3 +284,82 @@ def vispruner_rounds_fused(
             enable_fp_fusion=False,
         )
     return out.long(), counts.long()
+
+
+_SCOPE_TILE: tuple[int, int, int] | None = None
+"""(BLOCK_J, ROWS, num_warps) override for :func:`scope_fused` (tests, tuning); None: :func:`_scope_shape`."""
+
+
+def _scope_shape(n: int) -> tuple[int, int, int]:
+    """(BLOCK_J, ROWS, num_warps) of SCOPE's gain tiles for ``n`` tokens.
+
+    BLOCK_J: the widest power of two <= 128 that pads ``n`` by at most 1/16 (576 -> 64, no padding; 2,928
+    -> 128); ROWS: a 4,096-element tile (64 rows at 576), fewer for tiny ``n``.
+    """
+    if _SCOPE_TILE is not None:
+        return _SCOPE_TILE
+    block_j = 16
+    for cand in (128, 64, 32):
+        if -(-n // cand) * cand * 16 <= n * 17:
+            block_j = cand
+            break
+    block_j = min(block_j, max(16, 1 << (n - 1).bit_length()))
+    rows = min(4096 // block_j, max(16, 1 << (n - 1).bit_length()))
+    return block_j, rows, 8 if n > 256 else 4
+
+
+@_guarded
+def scope_fused(sim: Tensor, weight: Tensor, k: int, avail: Tensor, multiply: bool) -> tuple[Tensor, Tensor] | None:
+    """SCOPE's greedy saliency x coverage loop (:func:`vtprune.methods.scope.scope_select`), fused.
+
+    Per step, ``gain_j = sum_i relu(S_ij - c_i)`` over the valid tokens ``i``, ``score = gain * weight``
+    (``multiply``) or ``gain + weight``, argmax over the available tokens (ties: lower index), then
+    ``c = max(c, S[best, :])``. The ``(N, N)`` matrix is read from global memory in ``(ROWS, BLOCK_J)`` tiles
+    at every step (on a GPU it stays in L2: 1.3 MB per image at N = 576); availability, weight and ``c``
+    live in registers, with ``c`` mirrored to a small scratch row for the row tiles and the gains written to
+    another one before the argmax.
+
+    Args:
+        sim: ``(B, N, N)`` float32 cosine similarities; row ``best`` updates the coverage, column ``j`` is
+            summed into ``j``'s gain (no symmetry assumed).
+        weight: ``(B, N)`` float32 ``saliency^alpha``.
+        k: picks per row, ``1 <= k <= N``.
+        avail: ``(B, N)`` bool, candidates (invalid tokens are neither picked nor counted in any gain).
+        multiply: ``combine == "multi"``.
+
+    Returns:
+        ``(picks (B, k) long, ok (B, k) bool)`` in pick order, or None if the kernel failed (:func:`_guarded`).
+    """
+    scope_kernel = _kernels()[3]
+    b, n, _ = sim.shape
+    dev = sim.device
+    picks = torch.empty(b, k, dtype=torch.long, device=dev)
+    ok = torch.empty(b, k, dtype=torch.int8, device=dev)
+    if b == 0 or k == 0:
+        return picks, ok.bool()
+    sim = sim.float().contiguous()
+    weight = weight.float().contiguous()
+    valid8 = avail.to(torch.int8).contiguous()
+    cov = torch.empty(b, n, dtype=torch.float32, device=dev)
+    gain = torch.empty(b, n, dtype=torch.float32, device=dev)
+    block = max(16, 1 << (n - 1).bit_length())
+    block_j, rows, warps = _scope_shape(n)
+    with _on(dev):  # triton launches on the current CUDA device
+        scope_kernel[(b,)](
+            sim,
+            weight,
+            valid8,
+            cov,
+            gain,
+            picks,
+            ok,
+            n,
+            k,
+            MULTI=bool(multiply),
+            BLOCK_N=block,
+            BLOCK_J=block_j,
+            ROWS=rows,
+            num_warps=warps,
+            enable_fp_fusion=False,
+        )
+    return picks, ok.bool()
