@@ -1,22 +1,31 @@
 """Fused Triton kernels for the greedy selection loops: DPP greedy MAP (CDPruner), max–min diversity
-(DivPrune) and VisPruner's duplicate-removal rounds.
+(DivPrune), VisPruner's duplicate-removal rounds and SCOPE's saliency × coverage loop.
 
 Why: the torch loops (:func:`vtprune.selection.dpp_greedy`, :func:`vtprune.selection.maxmin_diversity`,
-:func:`vtprune.methods.vispruner.vispruner_select`) run tens to hundreds of steps of a few tiny ``(B, N)``
-kernels each. Replayed as CUDA graphs their launch cost is gone, but the GPU still runs every tiny kernel
-one after the other (~67 µs per DPP pick, ~36 µs per max–min pick at B=16, N=576 on an H200). Here one
-Triton program per batch row runs the **whole loop**, with the per-token state (residuals ``d²``,
-availability, running minima) in registers. What does not fit on chip lives in small global scratch
+:func:`vtprune.methods.vispruner.vispruner_select`, :func:`vtprune.methods.scope.scope_select`) run tens to
+hundreds of steps of a few small kernels each. Replayed as CUDA graphs their launch cost is gone, but the
+GPU still runs every kernel one after the other (~67 µs per DPP pick, ~36 µs per max–min pick,
+~0.2–0.3 ms per SCOPE pick at B=16, N=576 on an H200). Here one Triton program per batch row runs the
+**whole loop**, with the per-token state (residuals ``d²``, availability, running minima, SCOPE's coverage
+and weights) in registers. What does not fit on chip lives in small global scratch
 buffers read back by the same program after a block barrier: the DPP's Cholesky rows ``c_t`` ``(B, k, N)``,
-VisPruner's residual lists (two buffers, ping-pong), its B-membership flags and ``m(a)`` values.
+VisPruner's residual lists (two buffers, ping-pong), its B-membership flags and ``m(a)`` values, SCOPE's
+coverage and gain rows ``(B, N)``. SCOPE is the one loop whose step reads a whole ``(N, N)`` matrix (every
+gain ``Σ_i relu(S_ij − c_i)`` changes when the coverage ``c`` does): its program streams the matrix from
+global memory in ``(ROWS, BLOCK_J)`` tiles at every step (1.3 MB per image at N = 576, which stays in L2),
+~k·N² float32 reads per image instead of the torch loop's several ``(B, N, N)`` elementwise and reduction
+kernels per step.
 
 Contract: the kernels are called by those torch functions after their own checks and prologue (float32
-upcast, validity mask, the Gram / distance matrix, VisPruner's attention ranking) and return what the torch
-loops produce before :func:`vtprune.selection.picked_from`. Dispatch (:func:`fused_enabled`): CUDA tensors,
-``import triton`` works, ``VTPRUNE_TRITON`` is not ``"0"``, ``1 <= N <= MAX_FUSED_N`` (one block holds a
-row; LLaVA-NeXT's 2,928 tokens use a 4,096-wide block; wider inputs keep the torch loop) and ``k >= 1``.
-Anything else takes the torch path. ``triton`` is imported lazily, on the first fused call, so CPU installs
-need not have it. Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU
+upcast, validity mask, the Gram / distance matrix, VisPruner's attention ranking, SCOPE's cosine matrix and
+``saliency^alpha``) and return what the torch loops produce before :func:`vtprune.selection.picked_from`.
+The callers decide "fused or not" outside their ``@cuda_graphed`` function and pass it in, so that it is
+part of the graph's cache key: the fused kernel is captured into (and replayed from) the same CUDA graph as
+the prologue, and a graph captured on one path is never replayed for the other (``VTPRUNE_TRITON`` is read
+at each call). Dispatch (:func:`fused_enabled`): CUDA tensors, ``import triton`` works, ``VTPRUNE_TRITON``
+is not ``"0"``, ``1 <= N <= MAX_FUSED_N`` (one block holds a row; LLaVA-NeXT's 2,928 tokens use a
+4,096-wide block; wider inputs keep the torch loop) and ``k >= 1``. Anything else takes the torch path.
+``triton`` is imported lazily, on the first fused call, so CPU installs need not have it. Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU
 tensors through Triton's interpreter; tests/test_greedy_kernels.py compares them with the torch path so.
 
 Same selection as the torch loops:
@@ -39,6 +48,19 @@ Same selection as the torch loops:
   duplicates, which the exhaustion guard scores as exactly 0) are decided identically. With TF32 matmuls
   switched on (``torch.backends.cuda.matmul.allow_tf32``) torch's ``bmm`` is TF32 while this sum stays
   float32, so there the kernel is the more accurate of the two and near-ties differ more often.
+* SCOPE: both paths read the same cosine matrix and weights (the prologue is shared), and every
+  elementwise operation is torch's (``S_ij − c_i``, ``relu`` and ``max`` propagating NaN, ``gain · w`` or
+  ``gain + w``; FMA contraction off). The torch loop's ``· valid_i`` is a ``c_i = +inf`` for invalid rows
+  here (``relu(S − inf) = 0``; NaN propagates as torch's ``NaN · 0`` does). The one difference is the order
+  of the float32 sum over ``i`` (torch: its reduction kernel over dim 1 of ``(B, N, N)``; here: a
+  ``(ROWS, BLOCK_J)`` accumulator summed over row tiles in order, then a tree over its ``ROWS`` rows). So
+  gains may differ in the last bits (relative error up to about ``N · 2⁻²⁴``), and two candidates whose
+  scores are equal to within that (but not exactly equal) may be picked in the other order, after which
+  the row's later picks follow from a different coverage. Exact ties are decided identically, by the lower
+  index: the kernel's sum has the same structure for every column, so bitwise-equal columns (duplicate
+  tokens) with equal weights get bitwise-equal scores, and all-zero gains (a fully covered image, or a
+  zero weight) score exactly 0 on both paths. A row that runs out of valid tokens repeats pick 0 with
+  ``ok = False`` (and its coverage update) exactly as the torch loop does.
 """
 
 from __future__ import annotations
@@ -294,7 +316,9 @@ def _scope_shape(n: int) -> tuple[int, int, int]:
     """(BLOCK_J, ROWS, num_warps) of SCOPE's gain tiles for ``n`` tokens.
 
     BLOCK_J: the widest power of two <= 128 that pads ``n`` by at most 1/16 (576 -> 64, no padding; 2,928
-    -> 128); ROWS: a 4,096-element tile (64 rows at 576), fewer for tiny ``n``.
+    -> 128). ROWS: an 8,192-element tile (128 rows at 576: 32 KiB of loads in flight per step of the row
+    loop, which is latency-bound on one SM per image), fewer for tiny ``n``. Not tuned on a GPU yet:
+    ``benchmarks/scope_kernel_gpu.py --sweep-tiles`` compares alternatives.
     """
     if _SCOPE_TILE is not None:
         return _SCOPE_TILE
@@ -303,13 +327,16 @@ def _scope_shape(n: int) -> tuple[int, int, int]:
         if -(-n // cand) * cand * 16 <= n * 17:
             block_j = cand
             break
-    block_j = min(block_j, max(16, 1 << (n - 1).bit_length()))
-    rows = min(4096 // block_j, max(16, 1 << (n - 1).bit_length()))
+    pow2 = max(16, 1 << (n - 1).bit_length())
+    block_j = min(block_j, pow2)
+    rows = min(8192 // block_j, pow2)
     return block_j, rows, 8 if n > 256 else 4
 
 
 @_guarded
-def scope_fused(sim: Tensor, weight: Tensor, k: int, avail: Tensor, multiply: bool) -> tuple[Tensor, Tensor] | None:
+def scope_fused(
+    sim: Tensor, weight: Tensor, k: int, avail: Tensor, multiply: bool
+) -> tuple[Tensor, Tensor] | None:
     """SCOPE's greedy saliency x coverage loop (:func:`vtprune.methods.scope.scope_select`), fused.
 
     Per step, ``gain_j = sum_i relu(S_ij - c_i)`` over the valid tokens ``i``, ``score = gain * weight``
