@@ -25,8 +25,9 @@ the prologue, and a graph captured on one path is never replayed for the other (
 at each call). Dispatch (:func:`fused_enabled`): CUDA tensors, ``import triton`` works, ``VTPRUNE_TRITON``
 is not ``"0"``, ``1 <= N <= MAX_FUSED_N`` (one block holds a row; LLaVA-NeXT's 2,928 tokens use a
 4,096-wide block; wider inputs keep the torch loop) and ``k >= 1``. Anything else takes the torch path.
-``triton`` is imported lazily, on the first fused call, so CPU installs need not have it. Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU
-tensors through Triton's interpreter; tests/test_greedy_kernels.py compares them with the torch path so.
+``triton`` is imported lazily, on the first fused call, so CPU installs need not have it. Under
+``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU tensors through Triton's
+interpreter; tests/test_greedy_kernels.py compares them with the torch path so.
 
 Same selection as the torch loops:
 

@@ -62,10 +62,11 @@ def scope_select(
     with fewer than `k` valid tokens keeps all of them, then padding (:class:`~vtprune.selection.Picked`).
     ``sort=False`` returns the pick order instead of raster order.
 
-    On CUDA the greedy loop runs as one fused Triton kernel per call (:func:`vtprune.kernels.greedy.scope_fused`;
-    ``VTPRUNE_TRITON=0`` turns it off): the same picks, up to the summation order of the float32 gains
-    (exact ties, e.g. duplicate tokens or all-zero gains, go to the lower index on both paths; see
-    :mod:`vtprune.kernels.greedy`). Otherwise the k steps replay as one CUDA graph.
+    On CUDA the greedy loop runs as one fused Triton kernel per call
+    (:func:`vtprune.kernels.greedy.scope_fused`; ``VTPRUNE_TRITON=0`` turns it off): the same picks, up to
+    the summation order of the float32 gains (exact ties, e.g. duplicate tokens or all-zero gains, go to the
+    lower index on both paths; see :mod:`vtprune.kernels.greedy`). Either way the call replays as one CUDA
+    graph (prologue and kernel, or prologue and the k torch steps).
     """
     if features.dim() != 3:
         raise ValueError(f"features must have shape (B, N, D); got {tuple(features.shape)}")
@@ -75,7 +76,7 @@ def scope_select(
     return _scope_select(features, saliency, k, alpha, combine, valid, sort=sort, fused=fused)
 
 
-@cuda_graphed  # the prologue and k greedy steps (or the fused kernel), no host sync: one graph launch on a GPU
+@cuda_graphed  # prologue and k greedy steps (or the fused kernel), no host sync: one graph launch on a GPU
 def _scope_select(
     features: Tensor,
     saliency: Tensor,
