@@ -12,7 +12,8 @@ order). Where a row's picks differ, the two scores at the first differing slot a
 from the common prefix: a gap within float32 summation error (N * 2^-23 relative) is a near-tie, allowed by
 the kernel's contract (vtprune/kernels/greedy.py) and reported as such; any other difference, or an error,
 is a problem and makes the exit status 1.
-``--sweep-tiles`` also times the bare kernel for several (BLOCK_J, ROWS, num_warps) tiles (tuning aid).
+``--sweep-tiles`` also times the bare kernel for several (BLOCK_J, ROWS, num_warps) tiles, with and
+without the lazy chunk skipping (tuning aid; every variant must return the same picks).
 
 Prints a table and writes JSON to ``--output``; refuses to run without CUDA (except ``--device cpu``, a
 smoke run under ``TRITON_INTERPRET=1``):
@@ -214,34 +215,24 @@ def sweep_tiles(x: dict, keep: int, warmup: int, repeats: int) -> list[dict]:
     os.environ["VTPRUNE_TRITON"] = "strict"
     default = greedy._scope_shape(sim.shape[1])
     try:
-        for tile in [
-            None,
-            (64, 64, 4),
-            (64, 64, 8),
-            (64, 128, 4),
-            (64, 128, 8),
-            (64, 128, 16),
-            (64, 256, 8),
-            (64, 256, 16),
-            (32, 256, 8),
-            (128, 64, 8),
-            (128, 128, 16),
-            (16, 512, 8),
-        ]:
+        tiles = [None, (32, 128, 8), (32, 256, 4), (32, 256, 16), (16, 512, 8), (64, 128, 8), (64, 64, 4)]
+        for tile, lazy in [(t, True) for t in tiles] + [(None, False), ((64, 128, 8), False)]:
+            greedy._SCOPE_LAZY = lazy
             greedy._SCOPE_TILE = tile
-            name = f"default {default}" if tile is None else str(tile)
+            name = (f"default {default}" if tile is None else str(tile)) + ("" if lazy else " full")
             try:
                 t = timed_ms(lambda: greedy.scope_fused(sim, weight, keep, avail, True), warmup, repeats)
                 picks = greedy.scope_fused(sim, weight, keep, avail, True)[0]
                 reference = picks if reference is None else reference
                 same = bool(torch.equal(picks, reference))
                 out.append({"tile": name, "keep": keep, "same_as_default": same, **t})
-                print(f"  tile {name:22s} keep {keep:4d}  {t['median_ms']:8.3f} ms  same picks: {same}")
+                print(f"  tile {name:28s} keep {keep:4d}  {t['median_ms']:8.3f} ms  same picks: {same}")
             except Exception as exc:
                 out.append({"tile": name, "error": f"{type(exc).__name__}: {exc}"})
                 print(f"  tile {name:22s} error: {exc}", file=sys.stderr)
     finally:
         greedy._SCOPE_TILE = None
+        greedy._SCOPE_LAZY = True
         if mode is None:
             os.environ.pop("VTPRUNE_TRITON", None)
         else:

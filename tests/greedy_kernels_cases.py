@@ -88,8 +88,15 @@ def maxmin(feats, k, valid=None, dup_tol=1e-6):
     return both(selection._maxmin_diversity, feats, k, valid, dup_tol=dup_tol)
 
 
-def scope_case(feats, sal, k, alpha=1.0, combine="multi", valid=None):
-    return both(scope._scope_select, feats, sal, k, alpha, combine, valid)
+def scope_case(feats, sal, k, alpha=1.0, combine="multi", valid=None, raster=False):
+    """Pick order only (the interpreter is slow; the raster order is picked_from's), unless ``raster``."""
+    if raster:
+        return both(scope._scope_select, feats, sal, k, alpha, combine, valid)
+    out = {}
+    for name, fused in (("torch", False), ("fused", True)):
+        p = scope._scope_select(feats, sal, k, alpha, combine, valid, sort=False, fused=fused)
+        out[name] = [p.indices.tolist(), p.valid.tolist()]
+    return out
 
 
 def graded_masks(b: int, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -172,7 +179,9 @@ def main() -> None:
     s_sal = torch.rand(3, s_n, generator=gen)
     for k in (1, 7, s_n):
         cases[f"scope_gauss_k{k}"] = scope_case(s_feats, s_sal, k)
-        cases[f"scope_gauss_masked_k{k}"] = scope_case(s_feats, s_sal, k, valid=masks(3, s_n, gen))
+        cases[f"scope_gauss_masked_k{k}"] = scope_case(
+            s_feats, s_sal, k, valid=masks(3, s_n, gen), raster=True
+        )
     cases["scope_graded_masks_k35"] = scope_case(s_feats, s_sal, s_n - 2, valid=graded_masks(3, s_n, gen))
     for alpha, combine in ((0.0, "multi"), (0.5, "multi"), (2.0, "multi"), (1.0, "add"), (0.5, "add")):
         cases[f"scope_{combine}_a{alpha}"] = scope_case(
@@ -203,6 +212,10 @@ def main() -> None:
     cases["scope_small_tiles"] = scope_case(s_feats, s_sal, s_n, 1.0, "multi", masks(3, s_n, gen))
     cases["scope_small_tiles_add"] = scope_case(dup_features(3, s_n, 6, 7, gen), s_sal, 20, 2.0, "add")
     greedy._SCOPE_TILE = None
+    greedy._SCOPE_LAZY = False  # every chunk at every step
+    cases["scope_full_masked_k37"] = scope_case(s_feats, s_sal, s_n, valid=masks(3, s_n, gen))
+    cases["scope_full_duplicates_add"] = scope_case(s_dups, s_tied, 30, 0.5, "add")
+    greedy._SCOPE_LAZY = True
     # public entry points dispatch to the fused path under the interpreter
     used = []
     real = selection.dpp_greedy_fused

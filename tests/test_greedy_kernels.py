@@ -97,6 +97,8 @@ CASES = [
     "scope_n80",
     "scope_small_tiles",
     "scope_small_tiles_add",
+    "scope_full_masked_k37",
+    "scope_full_duplicates_add",
 ]
 
 

@@ -309,6 +309,9 @@ def vispruner_rounds_fused(
     return out.long(), counts.long()
 
 
+_SCOPE_LAZY = True
+"""Skip SCOPE's column chunks that cannot hold the argmax (exact: see the kernel); False computes every gain."""
+
 _SCOPE_TILE: tuple[int, int, int] | None = None
 """(BLOCK_J, ROWS, num_warps) override for :func:`scope_fused` (tests, tuning); None: :func:`_scope_shape`."""
 
@@ -316,18 +319,15 @@ _SCOPE_TILE: tuple[int, int, int] | None = None
 def _scope_shape(n: int) -> tuple[int, int, int]:
     """(BLOCK_J, ROWS, num_warps) of SCOPE's gain tiles for ``n`` tokens.
 
-    BLOCK_J: the widest power of two <= 128 that pads ``n`` by at most 1/16 (576 -> 64, no padding; 2,928
-    -> 128). ROWS: an 8,192-element tile (128 rows at 576: 32 KiB of loads in flight per step of the row
-    loop, which is latency-bound on one SM per image), fewer for tiny ``n``. Not tuned on a GPU yet:
-    ``benchmarks/scope_kernel_gpu.py --sweep-tiles`` compares alternatives.
+    BLOCK_J: 32 columns per chunk where that pads ``n`` by at most 1/16 (576: 18 chunks, no padding), else
+    16; narrow chunks let the lazy evaluation skip more (random 576-token inputs: ~10 % of the 32-wide
+    chunks computed per step, ~15 % of 64-wide ones). ROWS: an 8,192-element tile (256 rows: 32 KiB of
+    loads in flight per iteration of the row loop, which is latency-bound on one SM per image), fewer for
+    tiny ``n``. Not tuned on a GPU yet: ``benchmarks/scope_kernel_gpu.py --sweep-tiles`` compares others.
     """
     if _SCOPE_TILE is not None:
         return _SCOPE_TILE
-    block_j = 16
-    for cand in (128, 64, 32):
-        if -(-n // cand) * cand * 16 <= n * 17:
-            block_j = cand
-            break
+    block_j = 32 if -(-n // 32) * 32 * 16 <= n * 17 else 16
     pow2 = max(16, 1 << (n - 1).bit_length())
     block_j = min(block_j, pow2)
     rows = min(8192 // block_j, pow2)
@@ -369,21 +369,26 @@ def scope_fused(
     weight = weight.float().contiguous()
     valid8 = avail.to(torch.int8).contiguous()
     cov = torch.empty(b, n, dtype=torch.float32, device=dev)
-    gain = torch.empty(b, n, dtype=torch.float32, device=dev)
+    scores = torch.empty(b, n, dtype=torch.float32, device=dev)
+    avail8 = torch.empty(b, n, dtype=torch.int8, device=dev)
     block = max(16, 1 << (n - 1).bit_length())
     block_j, rows, warps = _scope_shape(n)
+    bounds = torch.empty(b, block // block_j, dtype=torch.float32, device=dev)
     with _on(dev):  # triton launches on the current CUDA device
         scope_kernel[(b,)](
             sim,
             weight,
             valid8,
             cov,
-            gain,
+            scores,
+            avail8,
+            bounds,
             picks,
             ok,
             n,
             k,
             MULTI=bool(multiply),
+            LAZY=_SCOPE_LAZY,
             BLOCK_N=block,
             BLOCK_J=block_j,
             ROWS=rows,
