@@ -10,11 +10,12 @@ GPU still runs every kernel one after the other (~67 µs per DPP pick, ~36 µs p
 and weights) in registers. What does not fit on chip lives in small global scratch
 buffers read back by the same program after a block barrier: the DPP's Cholesky rows ``c_t`` ``(B, k, N)``,
 VisPruner's residual lists (two buffers, ping-pong), its B-membership flags and ``m(a)`` values, SCOPE's
-coverage and gain rows ``(B, N)``. SCOPE is the one loop whose step reads a whole ``(N, N)`` matrix (every
-gain ``Σ_i relu(S_ij − c_i)`` changes when the coverage ``c`` does): its program streams the matrix from
-global memory in ``(ROWS, BLOCK_J)`` tiles at every step (1.3 MB per image at N = 576, which stays in L2),
-~k·N² float32 reads per image instead of the torch loop's several ``(B, N, N)`` elementwise and reduction
-kernels per step.
+coverage, score and availability rows ``(B, N)``. SCOPE is the one loop whose step depends on a whole
+``(N, N)`` matrix (every gain ``Σ_i relu(S_ij − c_i)`` may change when the coverage ``c`` does): its
+program streams the matrix from global memory in ``(ROWS, BLOCK_J)`` tiles (1.3 MB per image at N = 576,
+which stays in L2), instead of the torch loop's several ``(B, N, N)`` elementwise and reduction kernels per
+step, and it skips the column chunks that cannot hold the step's argmax (lazy greedy: a score never
+increases from one step to the next, so the last computed one bounds it; exact, see ``scope_fused``).
 
 Contract: the kernels are called by those torch functions after their own checks and prologue (float32
 upcast, validity mask, the Gram / distance matrix, VisPruner's attention ranking, SCOPE's cosine matrix and
@@ -58,9 +59,11 @@ Same selection as the torch loops:
   gains may differ in the last bits (relative error up to about ``N · 2⁻²⁴``), and two candidates whose
   scores are equal to within that (but not exactly equal) may be picked in the other order, after which
   the row's later picks follow from a different coverage. Exact ties are decided identically, by the lower
-  index: the kernel's sum has the same structure for every column, so bitwise-equal columns (duplicate
-  tokens) with equal weights get bitwise-equal scores, and all-zero gains (a fully covered image, or a
-  zero weight) score exactly 0 on both paths. A row that runs out of valid tokens repeats pick 0 with
+  index: the kernel's sum has the same structure for every column, chunk and step, so bitwise-equal
+  columns (duplicate tokens) with equal weights get bitwise-equal scores, and all-zero gains (a fully
+  covered image, or a zero weight) score exactly 0 on both paths. The lazy chunk skipping changes no pick
+  of the kernel (float32 rounding is monotone, so its computed scores never increase either; a NaN score
+  or coverage switches it off). A row that runs out of valid tokens repeats pick 0 with
   ``ok = False`` (and its coverage update) exactly as the torch loop does.
 """
 
@@ -310,7 +313,7 @@ def vispruner_rounds_fused(
 
 
 _SCOPE_LAZY = True
-"""Skip SCOPE's column chunks that cannot hold the argmax (exact: see the kernel); False computes every gain."""
+"""Skip SCOPE's column chunks that cannot hold the argmax (exact, see :func:`scope_fused`); False: compute all."""
 
 _SCOPE_TILE: tuple[int, int, int] | None = None
 """(BLOCK_J, ROWS, num_warps) override for :func:`scope_fused` (tests, tuning); None: :func:`_scope_shape`."""
@@ -343,9 +346,12 @@ def scope_fused(
     Per step, ``gain_j = sum_i relu(S_ij - c_i)`` over the valid tokens ``i``, ``score = gain * weight``
     (``multiply``) or ``gain + weight``, argmax over the available tokens (ties: lower index), then
     ``c = max(c, S[best, :])``. The ``(N, N)`` matrix is read from global memory in ``(ROWS, BLOCK_J)`` tiles
-    at every step (on a GPU it stays in L2: 1.3 MB per image at N = 576); availability, weight and ``c``
-    live in registers, with ``c`` mirrored to a small scratch row for the row tiles and the gains written to
-    another one before the argmax.
+    (on a GPU it stays in L2: 1.3 MB per image at N = 576); availability and ``c`` live in registers,
+    mirrored to small scratch rows for the column chunks and row tiles, and the scores go through a scratch
+    row before the argmax. Lazy evaluation (``_SCOPE_LAZY``, on by default) computes a column chunk only
+    when one of its tokens' latest scores (an upper bound: scores never increase) reaches the best fresh
+    score of the most promising chunk, computed first; the picks are exactly those of computing every
+    chunk (tests/greedy_kernels_cases.py runs both).
 
     Args:
         sim: ``(B, N, N)`` float32 cosine similarities; row ``best`` updates the coverage, column ``j`` is
