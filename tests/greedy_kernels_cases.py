@@ -120,6 +120,7 @@ def main() -> None:
         return
     gen = torch.Generator().manual_seed(0)
     cases = {}
+    lazy_fraction = {}
     # --- DPP greedy MAP ---
     n = 37  # not a power of two; k = N crosses a ROWS tile of Cholesky rows (32 at this N)
     feats = torch.randn(3, n, 8, generator=gen)
@@ -208,6 +209,17 @@ def main() -> None:
     cases["scope_n80"] = scope_case(
         wide, torch.rand(2, 80, generator=gen), 24, valid=graded_masks(2, 80, gen)
     )
+    # features around a common direction and peaked saliency, as in a real image: the lazy evaluation skips
+    # most column chunks here (the fraction it computed is reported)
+    common = dup_features(2, 96, 16, 96, gen) + 3.0 * torch.randn(1, 1, 16, generator=gen)
+    peaked = torch.softmax(4.0 * torch.randn(2, 96, generator=gen), dim=-1)
+    greedy._SCOPE_TILE = (16, 32, 4)  # 6 column chunks, 3 row tiles
+    for combine in ("multi", "add"):
+        cases[f"scope_lazy_{combine}"] = scope_case(
+            common, peaked, 40, 1.0, combine, graded_masks(2, 96, gen)
+        )
+        computed, total = greedy._scope_chunks
+        lazy_fraction[combine] = computed.float().mean().item() / total
     greedy._SCOPE_TILE = (16, 8, 4)  # 3 column chunks and 5 row tiles at N = 37, both with a partial last one
     cases["scope_small_tiles"] = scope_case(s_feats, s_sal, s_n, 1.0, "multi", masks(3, s_n, gen))
     cases["scope_small_tiles_add"] = scope_case(dup_features(3, s_n, 6, 7, gen), s_sal, 20, 2.0, "add")
@@ -232,7 +244,7 @@ def main() -> None:
     scope.scope_fused = lambda *a, **kw: used.append("scope") or real_scope(*a, **kw)
     scope.scope_select(s_feats, s_sal, 4)
     scope.scope_select(s_feats, s_sal, 0)  # k = 0 stays on the torch path
-    print(json.dumps({"cases": cases, "dispatched": used}))
+    print(json.dumps({"cases": cases, "dispatched": used, "scope_lazy_fraction": lazy_fraction}))
 
 
 if __name__ == "__main__":

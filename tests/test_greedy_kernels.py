@@ -99,6 +99,8 @@ CASES = [
     "scope_small_tiles_add",
     "scope_full_masked_k37",
     "scope_full_duplicates_add",
+    "scope_lazy_multi",
+    "scope_lazy_add",
 ]
 
 
@@ -114,6 +116,14 @@ def test_cases_cover_all_runs(interpreted):
 
 def test_public_functions_dispatch_to_fused(interpreted):
     assert interpreted["dispatched"] == ["dpp", "maxmin", "vispruner", "scope"]
+
+
+def test_scope_lazy_evaluation_skips_chunks(interpreted):
+    # scope_lazy_*: the same picks as the torch loop (test_fused_equals_torch) while computing only part of
+    # the column chunks (the lazy path is exercised, not only the first step's full pass)
+    fractions = interpreted["scope_lazy_fraction"]
+    assert set(fractions) == {"multi", "add"}
+    assert all(0 < f < 0.7 for f in fractions.values()), fractions
 
 
 def test_cpu_stays_on_torch(monkeypatch):

@@ -198,6 +198,7 @@ def scope_kernel(
     bound_ptr,
     picks_ptr,
     ok_ptr,
+    chunks_ptr,
     n,
     k,
     MULTI: tl.constexpr,
@@ -228,6 +229,7 @@ def scope_kernel(
     score = tl.full([BLOCK_N], float("inf"), tl.float32)  # no score computed yet: unbounded
     nan_seen = cols < 0  # per-lane NaN flags (all False)
     n_chunks = tl.cdiv(n, BLOCK_J)
+    computed = 0  # column chunks computed, all steps (statistics)
     tl.debug_barrier()
     for i in range(0, k):
         # Lazy evaluation (LAZY, exact): a token's score never increases from one step to the next (c only
@@ -253,6 +255,7 @@ def scope_kernel(
             ub = tl.load(bound_row + tl.maximum(c - 1, 0))  # c = 0 reads chunk 0's bound, unused
             need = (c == 0) | (full | (((c - 1) * BLOCK_J != first) & (ub >= best)))
             if need:
+                computed += 1
                 cj = j0 + jj
                 cj_in = cj < n
                 # gain_j = sum_i relu(S_ij - c_i), a (ROWS, BLOCK_J) accumulator over row tiles, then one
@@ -292,3 +295,4 @@ def scope_kernel(
         tl.store(cov_row + cols, cov, mask=inb)
         # the next step's chunks read the coverage and availability written by other threads
         tl.debug_barrier()
+    tl.store(chunks_ptr + b, computed)

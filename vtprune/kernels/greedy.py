@@ -315,6 +315,10 @@ def vispruner_rounds_fused(
 _SCOPE_LAZY = True
 """Skip SCOPE's column chunks that cannot hold the argmax (exact, see :func:`scope_fused`); False: compute all."""
 
+_scope_chunks: tuple[Tensor, int] | None = None
+"""Statistics of the last :func:`scope_fused` call: column chunks computed per row ``(B,)`` int32 (on the
+device, not synchronised), and the number a non-lazy run computes (``ceil(N / BLOCK_J) * k``)."""
+
 _SCOPE_TILE: tuple[int, int, int] | None = None
 """(BLOCK_J, ROWS, num_warps) override for :func:`scope_fused` (tests, tuning); None: :func:`_scope_shape`."""
 
@@ -380,6 +384,7 @@ def scope_fused(
     block = max(16, 1 << (n - 1).bit_length())
     block_j, rows, warps = _scope_shape(n)
     bounds = torch.empty(b, block // block_j, dtype=torch.float32, device=dev)
+    chunks = torch.zeros(b, dtype=torch.int32, device=dev)
     with _on(dev):  # triton launches on the current CUDA device
         scope_kernel[(b,)](
             sim,
@@ -391,6 +396,7 @@ def scope_fused(
             bounds,
             picks,
             ok,
+            chunks,
             n,
             k,
             MULTI=bool(multiply),
@@ -401,4 +407,6 @@ def scope_fused(
             num_warps=warps,
             enable_fp_fusion=False,
         )
+    global _scope_chunks
+    _scope_chunks = (chunks, -(-n // block_j) * k)
     return picks, ok.bool()
