@@ -185,6 +185,7 @@ def run_grid(
                     for name, flag in (("torch", "0"), ("fused", "strict"))
                 }
                 row.update(compare(x, combine, results["torch"], results["fused"]))
+                row["chunks_computed"] = chunk_fraction(x, k, combine)
                 if not row["equal"] and not row.get("only_near_ties"):
                     problems.append(
                         f"keep={k} combine={combine}: picks differ beyond a float32 near-tie: "
@@ -197,6 +198,22 @@ def run_grid(
                 print(row["traceback"], file=sys.stderr)
             rows.append(row)
             print_row(row)
+
+
+def chunk_fraction(x: dict, k: int, combine: str) -> float:
+    """Fraction of the column chunks the lazy kernel computes (bare kernel call, default tile)."""
+    import torch.nn.functional as F
+
+    from vtprune.kernels import greedy
+
+    f = F.normalize(x["features"].float(), dim=-1)
+    weight = x["saliency"].float().clamp(min=0) ** x["alpha"]
+    avail = torch.ones(weight.shape, dtype=torch.bool, device=DEVICE)
+    with_triton(
+        "strict", lambda: greedy.scope_fused(f @ f.transpose(1, 2), weight, k, avail, combine == "multi")
+    )()
+    computed, total = greedy._scope_chunks
+    return computed.float().mean().item() / total
 
 
 def sweep_tiles(x: dict, keep: int, warmup: int, repeats: int) -> list[dict]:
@@ -223,10 +240,17 @@ def sweep_tiles(x: dict, keep: int, warmup: int, repeats: int) -> list[dict]:
             try:
                 t = timed_ms(lambda: greedy.scope_fused(sim, weight, keep, avail, True), warmup, repeats)
                 picks = greedy.scope_fused(sim, weight, keep, avail, True)[0]
+                computed, total = greedy._scope_chunks
+                frac = computed.float().mean().item() / total
                 reference = picks if reference is None else reference
                 same = bool(torch.equal(picks, reference))
-                out.append({"tile": name, "keep": keep, "same_as_default": same, **t})
-                print(f"  tile {name:28s} keep {keep:4d}  {t['median_ms']:8.3f} ms  same picks: {same}")
+                out.append(
+                    {"tile": name, "keep": keep, "same_as_default": same, "chunks_computed": frac, **t}
+                )
+                print(
+                    f"  tile {name:28s} keep {keep:4d}  {t['median_ms']:8.3f} ms  chunks computed {frac:5.1%}  "
+                    f"same picks: {same}"
+                )
             except Exception as exc:
                 out.append({"tile": name, "error": f"{type(exc).__name__}: {exc}"})
                 print(f"  tile {name:22s} error: {exc}", file=sys.stderr)
@@ -242,7 +266,7 @@ def sweep_tiles(x: dict, keep: int, warmup: int, repeats: int) -> list[dict]:
 
 HEADER = (
     f"{'B x N x D':16s} {'combine':7s} {'keep':>5s} {'torch ms':>9s} {'fused ms':>9s} {'speedup':>8s} "
-    f"{'prologue':>9s}  equal"
+    f"{'prologue':>9s} {'chunks':>7s}  equal"
 )
 
 
@@ -253,7 +277,8 @@ def print_row(row: dict) -> None:
         return
     print(
         f"{shape:16s} {row['combine']:7s} {row['keep']:5d} {row['torch']['median_ms']:9.3f} "
-        f"{row['fused']['median_ms']:9.3f} {row['speedup']:7.1f}x {row['prologue']['median_ms']:9.3f}  "
+        f"{row['fused']['median_ms']:9.3f} {row['speedup']:7.1f}x {row['prologue']['median_ms']:9.3f} "
+        f"{row['chunks_computed']:7.1%}  "
         f"{'yes' if row['equal'] else 'near-ties only' if row.get('only_near_ties') else 'NO'}"
     )
     for d in row.get("divergences", []):
