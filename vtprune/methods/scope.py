@@ -24,8 +24,10 @@ Deviations from the official code (kinredon/SCOPE `scope/clip_encoder.py` @ 6bf7
 
 Implementation: on CUDA the k greedy steps run as one fused Triton program per image
 (:func:`vtprune.kernels.greedy.scope_fused`; ``VTPRUNE_TRITON=0`` keeps the torch loop below, which is also
-the CPU path and the reference), streaming the (N, N) cosine matrix from L2 at every step; the prologue
-(normalise, cosine matrix, saliency^α) and the kernel replay as one CUDA graph. Same picks as the torch loop,
+the CPU path and the reference). At every step it streams from L2 the column chunks of the (N, N) cosine
+matrix that can still hold the argmax (lazy greedy: scores never increase, so the last computed ones bound
+the chunks it skips); the prologue (normalise, cosine matrix, saliency^α) and the kernel replay as one CUDA
+graph. Same picks as the torch loop,
 up to the order of the float32 gain sums: scores equal to within float32 rounding (not exactly equal) may be
 picked in the other order; exact ties (duplicate tokens, all-zero gains) go to the lower index on both
 paths (:mod:`vtprune.kernels.greedy` states the contract).
