@@ -8,8 +8,9 @@ GPU still runs every kernel one after the other (~67 µs per DPP pick, ~36 µs p
 ~0.2–0.3 ms per SCOPE pick at B=16, N=576 on an H200). Here one Triton program per batch row runs the
 **whole loop**, with the per-token state (residuals ``d²``, availability, running minima, SCOPE's coverage)
 in registers. What does not fit on chip lives in small global scratch buffers read back by the same
-program after a block barrier: the DPP's Cholesky rows ``c_t`` ``(B, k, N)``, VisPruner's residual lists (two buffers, ping-pong), its B-membership flags and ``m(a)`` values, SCOPE's
-coverage, score and availability rows ``(B, N)``. SCOPE is the one loop whose step depends on a whole
+program after a block barrier: the DPP's Cholesky rows ``c_t`` ``(B, k, N)``, VisPruner's residual lists
+(two buffers, ping-pong), its B-membership flags and ``m(a)`` values, SCOPE's coverage, score and
+availability rows ``(B, N)``. SCOPE is the one loop whose step depends on a whole
 ``(N, N)`` matrix (every gain ``Σ_i relu(S_ij − c_i)`` may change when the coverage ``c`` does): its
 program streams the matrix from global memory in ``(ROWS, BLOCK_J)`` tiles (1.3 MB per image at N = 576,
 which stays in L2), instead of the torch loop's several ``(B, N, N)`` elementwise and reduction kernels per
