@@ -27,7 +27,7 @@ step kernels 240 "python3 benchmarks/tokencarve_svd_gpu.py --output $OUT_DIR/tok
 # 3. batch-1 prefill with the vision tower and decoder stack compiled, every subject alike (a vision-stage
 # method's stack is one graph; FastV's stays eager), with profiles of the misses
 step prefill-compiled-b1 560 "$bench" $LLAVA --methods none,visionzip,divprune,fastv $PREFILL_B1 --profile \
-  --time-budget 420 --output "$OUT_DIR/prefill-compiled-b1"
+  --time-budget 300 --output "$OUT_DIR/prefill-compiled-b1"
 # 4. the same with CUDA graphs (torch.compile mode reduce-overhead)
 step prefill-graphs-b1 400 "$bench" $LLAVA --methods none,visionzip $PREFILL_B1 --compile-mode reduce-overhead \
   --time-budget 300 --output "$OUT_DIR/prefill-graphs-b1"

@@ -20,7 +20,7 @@ os.environ["VTPRUNE_TRITON"] = "strict"  # a kernel error must fail, not fall ba
 
 from vtprune import selection  # noqa: E402
 from vtprune.kernels import greedy  # noqa: E402
-from vtprune.methods import vispruner  # noqa: E402
+from vtprune.methods import scope, vispruner  # noqa: E402
 from vtprune.methods.cdpruner import cdpruner_kernel  # noqa: E402
 
 
@@ -88,6 +88,23 @@ def maxmin(feats, k, valid=None, dup_tol=1e-6):
     return both(selection._maxmin_diversity, feats, k, valid, dup_tol=dup_tol)
 
 
+def scope_case(feats, sal, k, alpha=1.0, combine="multi", valid=None, raster=False):
+    """Pick order only (the interpreter is slow; the raster order is picked_from's), unless ``raster``."""
+    if raster:
+        return both(scope._scope_select, feats, sal, k, alpha, combine, valid)
+    out = {}
+    for name, fused in (("torch", False), ("fused", True)):
+        p = scope._scope_select(feats, sal, k, alpha, combine, valid, sort=False, fused=fused)
+        out[name] = [p.indices.tolist(), p.valid.tolist()]
+    return out
+
+
+def graded_masks(b: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Row r keeps about (r + 1) / (b + 1) of the tokens: a different valid count per row."""
+    keep = torch.arange(1, b + 1, dtype=torch.float32)[:, None] / (b + 1)
+    return torch.rand(b, n, generator=gen) < keep
+
+
 def vis(attn, feats, keep, ratio, removal, valid=None):
     out = {}
     for name, fused in (("torch", False), ("fused", True)):
@@ -103,6 +120,7 @@ def main() -> None:
         return
     gen = torch.Generator().manual_seed(0)
     cases = {}
+    lazy_fraction = {}
     # --- DPP greedy MAP ---
     n = 37  # not a power of two; k = N crosses a ROWS tile of Cholesky rows (32 at this N)
     feats = torch.randn(3, n, 8, generator=gen)
@@ -155,6 +173,61 @@ def main() -> None:
     cases["dpp_small_tiles"] = dpp(kernel, n)
     cases["maxmin_small_tiles"] = maxmin(feats, n, masks(3, n, gen))
     cases["vis_small_tiles"] = vis(tied, dups, 16, 0.25, 3, masks(3, 41, gen))
+    # --- SCOPE (its own generator: the cases above keep their inputs) ---
+    gen = torch.Generator().manual_seed(1)
+    s_n = 37
+    s_feats = torch.randn(3, s_n, 8, generator=gen)
+    s_sal = torch.rand(3, s_n, generator=gen)
+    for k in (1, 7, s_n):
+        cases[f"scope_gauss_k{k}"] = scope_case(s_feats, s_sal, k)
+        cases[f"scope_gauss_masked_k{k}"] = scope_case(
+            s_feats, s_sal, k, valid=masks(3, s_n, gen), raster=True
+        )
+    cases["scope_graded_masks_k35"] = scope_case(s_feats, s_sal, s_n - 2, valid=graded_masks(3, s_n, gen))
+    for alpha, combine in ((0.0, "multi"), (0.5, "multi"), (2.0, "multi"), (1.0, "add"), (0.5, "add")):
+        cases[f"scope_{combine}_a{alpha}"] = scope_case(
+            s_feats, s_sal, 12, alpha, combine, masks(3, s_n, gen)
+        )
+    # duplicates (identical columns: exact gain ties, then exact-0 gains) with tied saliency
+    s_dups = dup_features(3, 30, 6, 5, gen)
+    s_tied = torch.randint(0, 3, (3, 30), generator=gen).float()  # 0 makes every multi score 0
+    cases["scope_duplicates"] = scope_case(s_dups, s_tied, 30)
+    cases["scope_duplicates_masked"] = scope_case(s_dups, s_tied, 29, valid=graded_masks(3, 30, gen))
+    cases["scope_duplicates_add"] = scope_case(s_dups, s_tied, 30, 1.0, "add")
+    cases["scope_zero_saliency"] = scope_case(s_feats, torch.zeros(3, s_n), 9)  # all scores 0: lower index
+    # ±axes: similarities exactly 0 / ±1, gains exact integers, saliency on a few exact values
+    axes = torch.cat([torch.eye(4), -torch.eye(4)])[torch.randint(0, 8, (2, 24), generator=gen)]
+    rho = torch.tensor([0.25, 0.5, 1.0, 2.0])[torch.randint(0, 4, (2, 24), generator=gen)]
+    cases["scope_axes_ties"] = scope_case(axes, rho, 24)
+    cases["scope_axes_ties_add"] = scope_case(axes, rho, 24, 0.5, "add", masks(2, 24, gen))
+    nan_feats = s_feats.clone()
+    nan_feats[0, 4, 1] = float("nan")
+    nan_sal = s_sal.clone()
+    nan_sal[2, 6] = float("nan")
+    cases["scope_nan"] = scope_case(nan_feats, nan_sal, 5)
+    wide = torch.randn(2, 80, 16, generator=gen)  # several BLOCK_J column chunks at the default tile
+    cases["scope_n80"] = scope_case(
+        wide, torch.rand(2, 80, generator=gen), 24, valid=graded_masks(2, 80, gen)
+    )
+    # features around a common direction and peaked saliency, as in a real image: the lazy evaluation skips
+    # most column chunks here (the fraction it computed is reported)
+    common = dup_features(2, 96, 16, 96, gen) + 3.0 * torch.randn(1, 1, 16, generator=gen)
+    peaked = torch.softmax(4.0 * torch.randn(2, 96, generator=gen), dim=-1)
+    greedy._SCOPE_TILE = (16, 32, 4)  # 6 column chunks, 3 row tiles
+    for combine in ("multi", "add"):
+        cases[f"scope_lazy_{combine}"] = scope_case(
+            common, peaked, 40, 1.0, combine, graded_masks(2, 96, gen)
+        )
+        computed, total = greedy._scope_chunks
+        lazy_fraction[combine] = computed.float().mean().item() / total
+    greedy._SCOPE_TILE = (16, 8, 4)  # 3 column chunks and 5 row tiles at N = 37, both with a partial last one
+    cases["scope_small_tiles"] = scope_case(s_feats, s_sal, s_n, 1.0, "multi", masks(3, s_n, gen))
+    cases["scope_small_tiles_add"] = scope_case(dup_features(3, s_n, 6, 7, gen), s_sal, 20, 2.0, "add")
+    greedy._SCOPE_TILE = None
+    greedy._SCOPE_LAZY = False  # every chunk at every step
+    cases["scope_full_masked_k37"] = scope_case(s_feats, s_sal, s_n, valid=masks(3, s_n, gen))
+    cases["scope_full_duplicates_add"] = scope_case(s_dups, s_tied, 30, 0.5, "add")
+    greedy._SCOPE_LAZY = True
     # public entry points dispatch to the fused path under the interpreter
     used = []
     real = selection.dpp_greedy_fused
@@ -167,7 +240,11 @@ def main() -> None:
     real_vis = vispruner.vispruner_rounds_fused
     vispruner.vispruner_rounds_fused = lambda *a, **kw: used.append("vispruner") or real_vis(*a, **kw)
     vispruner.vispruner_select(attn, feats, 12)
-    print(json.dumps({"cases": cases, "dispatched": used}))
+    real_scope = scope.scope_fused
+    scope.scope_fused = lambda *a, **kw: used.append("scope") or real_scope(*a, **kw)
+    scope.scope_select(s_feats, s_sal, 4)
+    scope.scope_select(s_feats, s_sal, 0)  # k = 0 stays on the torch path
+    print(json.dumps({"cases": cases, "dispatched": used, "scope_lazy_fraction": lazy_fraction}))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ Conventions:
   boolean-mask indexing, and no Python branch depends on tensor values, so CUDA work is queued without
   a device-to-host sync per step.
 * **Fused on CUDA.** The greedy loops of :func:`dpp_greedy` and :func:`maxmin_diversity` (and VisPruner's
-  rounds) run as one Triton kernel per call where triton imports (:mod:`vtprune.kernels.greedy`, which
+  rounds, SCOPE's loop) run as one Triton kernel per call where triton imports (:mod:`vtprune.kernels.greedy`, which
   states how exactly they match the torch loops here; ``VTPRUNE_TRITON=0`` turns them off).
 """
 

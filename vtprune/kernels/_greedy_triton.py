@@ -185,3 +185,114 @@ def vispruner_rounds_kernel(
     keep = cols < t_div
     tl.store(out_ptr + b * t_div + cols, tl.load(final + cols, mask=keep, other=0), mask=keep)
     tl.store(n_res_ptr + b, n_res)
+
+
+@triton.jit
+def scope_kernel(
+    sim_ptr,
+    weight_ptr,
+    valid_ptr,
+    cov_ptr,
+    score_ptr,
+    avail_ptr,
+    bound_ptr,
+    picks_ptr,
+    ok_ptr,
+    chunks_ptr,
+    n,
+    k,
+    MULTI: tl.constexpr,
+    LAZY: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    # one program per image; the (n, n) matrix is streamed from global memory (L2) at every step
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    inb = cols < n
+    jj = tl.arange(0, BLOCK_J)
+    rr = tl.arange(0, ROWS)
+    NCH: tl.constexpr = BLOCK_N // BLOCK_J
+    sim = sim_ptr + b * n * n
+    cov_row = cov_ptr + b * n  # coverage by token, re-read by row tiles (registers cannot be indexed)
+    score_row = score_ptr + b * n  # latest computed score of every token
+    avail_row = avail_ptr + b * n  # availability, read by column chunks
+    bound_row = bound_ptr + b * NCH  # per column chunk: max latest score over its available tokens
+    weight_row = weight_ptr + b * n
+    avail = tl.load(valid_ptr + b * n + cols, mask=inb, other=0) != 0
+    # c_i, with +inf for invalid tokens: relu(S_ij - inf) = 0 is the torch loop's `* valid_i` (NaN included)
+    cov = tl.where(avail, 0.0, float("inf"))
+    tl.store(cov_row + cols, cov, mask=inb)
+    tl.store(avail_row + cols, avail.to(tl.int8), mask=inb)
+    tl.store(score_row + cols, tl.zeros([BLOCK_N], dtype=tl.float32), mask=inb)  # chunks never computed
+    score = tl.full([BLOCK_N], float("inf"), tl.float32)  # no score computed yet: unbounded
+    nan_seen = cols < 0  # per-lane NaN flags (all False)
+    n_chunks = tl.cdiv(n, BLOCK_J)
+    computed = 0  # column chunks computed, all steps (statistics)
+    tl.debug_barrier()
+    for i in range(0, k):
+        # Lazy evaluation (LAZY, exact): a token's score never increases from one step to the next (c only
+        # grows, and S - c, relu, the fixed-order float32 sum and * w or + w with w >= 0 are all monotone),
+        # so its latest computed score bounds the current one. The chunk holding the best bound is computed
+        # first; another chunk whose bounds are all below that chunk's best fresh score cannot hold the
+        # argmax and is skipped: its stored scores stay below that score, so the argmax over the stored
+        # row is the argmax over fresh scores. A NaN anywhere (scores, coverage) computes every chunk.
+        if LAZY:
+            full = tl.sum(nan_seen.to(tl.int32), axis=0) > 0
+            masked = tl.where(avail, score, float("-inf"))
+            first = (argmax_first(masked, cols, n) // BLOCK_J) * BLOCK_J
+            tl.store(bound_row + tl.arange(0, NCH), tl.max(tl.reshape(masked, [NCH, BLOCK_J]), axis=1))
+            lo = 0  # c = 0 is the chunk `first`, then c = 1.. every chunk but that one
+        else:
+            full = True
+            first = 0
+            lo = 1  # every chunk, in order
+        best = tl.max(tl.full([BLOCK_J], float("-inf"), tl.float32), axis=0)
+        tl.debug_barrier()
+        for c in range(lo, n_chunks + 1):
+            j0 = tl.where(c == 0, first, (c - 1) * BLOCK_J)
+            ub = tl.load(bound_row + tl.maximum(c - 1, 0))  # c = 0 reads chunk 0's bound, unused
+            need = (c == 0) | (full | (((c - 1) * BLOCK_J != first) & (ub >= best)))
+            if need:
+                computed += 1
+                cj = j0 + jj
+                cj_in = cj < n
+                # gain_j = sum_i relu(S_ij - c_i), a (ROWS, BLOCK_J) accumulator over row tiles, then one
+                # tree sum over its rows (the same order for every column, whatever the step or chunk)
+                acc = tl.zeros([ROWS, BLOCK_J], dtype=tl.float32)
+                for r0 in range(0, n, ROWS):
+                    r = r0 + rr
+                    r_in = r < n
+                    c_r = tl.load(cov_row + r, mask=r_in, other=float("inf"))
+                    tile = tl.load(
+                        sim + r[:, None] * n + cj[None, :], mask=r_in[:, None] & cj_in[None, :], other=0.0
+                    )
+                    acc += tl.maximum(tile - c_r[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL)
+                gain = tl.sum(acc, axis=0)
+                w_c = tl.load(weight_row + cj, mask=cj_in, other=0.0)
+                if MULTI:
+                    fresh = gain * w_c
+                else:
+                    fresh = gain + w_c
+                tl.store(score_row + cj, fresh, mask=cj_in)
+                if LAZY:
+                    if c == 0:
+                        av_c = tl.load(avail_row + cj, mask=cj_in, other=0) != 0
+                        best = tl.max(tl.where(av_c, fresh, float("-inf")), axis=0)
+        tl.debug_barrier()
+        score = tl.load(score_row + cols, mask=inb, other=0.0)
+        nan_seen = nan_seen | ((score != score) & avail)
+        j = argmax_first(tl.where(avail, score, float("-inf")), cols, n)
+        ok = tl.sum(tl.where((cols == j) & avail, 1, 0), axis=0) > 0
+        tl.store(picks_ptr + b * k + i, j.to(tl.int64))
+        tl.store(ok_ptr + b * k + i, ok.to(tl.int8))
+        avail = avail & (cols != j)
+        tl.store(avail_row + cols, avail.to(tl.int8), mask=inb)
+        row = tl.load(sim + j * n + cols, mask=inb, other=0.0)  # c_i = max(c_i, S[j, i])
+        cov = tl.maximum(cov, row, propagate_nan=tl.PropagateNan.ALL)
+        nan_seen = nan_seen | (cov != cov)
+        tl.store(cov_row + cols, cov, mask=inb)
+        # the next step's chunks read the coverage and availability written by other threads
+        tl.debug_barrier()
+    tl.store(chunks_ptr + b, computed)

@@ -1,23 +1,34 @@
 """Fused Triton kernels for the greedy selection loops: DPP greedy MAP (CDPruner), max–min diversity
-(DivPrune) and VisPruner's duplicate-removal rounds.
+(DivPrune), VisPruner's duplicate-removal rounds and SCOPE's saliency × coverage loop.
 
 Why: the torch loops (:func:`vtprune.selection.dpp_greedy`, :func:`vtprune.selection.maxmin_diversity`,
-:func:`vtprune.methods.vispruner.vispruner_select`) run tens to hundreds of steps of a few tiny ``(B, N)``
-kernels each. Replayed as CUDA graphs their launch cost is gone, but the GPU still runs every tiny kernel
-one after the other (~67 µs per DPP pick, ~36 µs per max–min pick at B=16, N=576 on an H200). Here one
-Triton program per batch row runs the **whole loop**, with the per-token state (residuals ``d²``,
-availability, running minima) in registers. What does not fit on chip lives in small global scratch
-buffers read back by the same program after a block barrier: the DPP's Cholesky rows ``c_t`` ``(B, k, N)``,
-VisPruner's residual lists (two buffers, ping-pong), its B-membership flags and ``m(a)`` values.
+:func:`vtprune.methods.vispruner.vispruner_select`, :func:`vtprune.methods.scope.scope_select`) run tens to
+hundreds of steps of a few small kernels each. Replayed as CUDA graphs their launch cost is gone, but the
+GPU still runs every kernel one after the other (~67 µs per DPP pick, ~36 µs per max–min pick,
+~0.2–0.3 ms per SCOPE pick at B=16, N=576 on an H200). Here one Triton program per batch row runs the
+**whole loop**, with the per-token state (residuals ``d²``, availability, running minima, SCOPE's coverage)
+in registers. What does not fit on chip lives in small global scratch buffers read back by the same
+program after a block barrier: the DPP's Cholesky rows ``c_t`` ``(B, k, N)``, VisPruner's residual lists
+(two buffers, ping-pong), its B-membership flags and ``m(a)`` values, SCOPE's coverage, score and
+availability rows ``(B, N)``. SCOPE is the one loop whose step depends on a whole
+``(N, N)`` matrix (every gain ``Σ_i relu(S_ij − c_i)`` may change when the coverage ``c`` does): its
+program streams the matrix from global memory in ``(ROWS, BLOCK_J)`` tiles (1.3 MB per image at N = 576,
+which stays in L2), instead of the torch loop's several ``(B, N, N)`` elementwise and reduction kernels per
+step, and it skips the column chunks that cannot hold the step's argmax (lazy greedy: a score never
+increases from one step to the next, so the last computed one bounds it; exact, see ``scope_fused``).
 
 Contract: the kernels are called by those torch functions after their own checks and prologue (float32
-upcast, validity mask, the Gram / distance matrix, VisPruner's attention ranking) and return what the torch
-loops produce before :func:`vtprune.selection.picked_from`. Dispatch (:func:`fused_enabled`): CUDA tensors,
-``import triton`` works, ``VTPRUNE_TRITON`` is not ``"0"``, ``1 <= N <= MAX_FUSED_N`` (one block holds a
-row; LLaVA-NeXT's 2,928 tokens use a 4,096-wide block; wider inputs keep the torch loop) and ``k >= 1``.
-Anything else takes the torch path. ``triton`` is imported lazily, on the first fused call, so CPU installs
-need not have it. Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU
-tensors through Triton's interpreter; tests/test_greedy_kernels.py compares them with the torch path so.
+upcast, validity mask, the Gram / distance matrix, VisPruner's attention ranking, SCOPE's cosine matrix and
+``saliency^alpha``) and return what the torch loops produce before :func:`vtprune.selection.picked_from`.
+The callers decide "fused or not" outside their ``@cuda_graphed`` function and pass it in, so that it is
+part of the graph's cache key: the fused kernel is captured into (and replayed from) the same CUDA graph as
+the prologue, and a graph captured on one path is never replayed for the other (``VTPRUNE_TRITON`` is read
+at each call). Dispatch (:func:`fused_enabled`): CUDA tensors, ``import triton`` works, ``VTPRUNE_TRITON``
+is not ``"0"``, ``1 <= N <= MAX_FUSED_N`` (one block holds a row; LLaVA-NeXT's 2,928 tokens use a
+4,096-wide block; wider inputs keep the torch loop) and ``k >= 1``. Anything else takes the torch path.
+``triton`` is imported lazily, on the first fused call, so CPU installs need not have it. Under
+``TRITON_INTERPRET=1`` (set before triton is imported) the kernels also run on CPU tensors through Triton's
+interpreter; tests/test_greedy_kernels.py compares them with the torch path so.
 
 Same selection as the torch loops:
 
@@ -39,6 +50,21 @@ Same selection as the torch loops:
   duplicates, which the exhaustion guard scores as exactly 0) are decided identically. With TF32 matmuls
   switched on (``torch.backends.cuda.matmul.allow_tf32``) torch's ``bmm`` is TF32 while this sum stays
   float32, so there the kernel is the more accurate of the two and near-ties differ more often.
+* SCOPE: both paths read the same cosine matrix and weights (the prologue is shared), and every
+  elementwise operation is torch's (``S_ij − c_i``, ``relu`` and ``max`` propagating NaN, ``gain · w`` or
+  ``gain + w``; FMA contraction off). The torch loop's ``· valid_i`` is a ``c_i = +inf`` for invalid rows
+  here (``relu(S − inf) = 0``; NaN propagates as torch's ``NaN · 0`` does). The one difference is the order
+  of the float32 sum over ``i`` (torch: its reduction kernel over dim 1 of ``(B, N, N)``; here: a
+  ``(ROWS, BLOCK_J)`` accumulator summed over row tiles in order, then a tree over its ``ROWS`` rows). So
+  gains may differ in the last bits (relative error up to about ``N · 2⁻²⁴``), and two candidates whose
+  scores are equal to within that (but not exactly equal) may be picked in the other order, after which
+  the row's later picks follow from a different coverage. Exact ties are decided identically, by the lower
+  index: the kernel's sum has the same structure for every column, chunk and step, so bitwise-equal
+  columns (duplicate tokens) with equal weights get bitwise-equal scores, and all-zero gains (a fully
+  covered image, or a zero weight) score exactly 0 on both paths. The lazy chunk skipping changes no pick
+  of the kernel (float32 rounding is monotone, so its computed scores never increase either; a NaN score
+  or coverage switches it off). A row that runs out of valid tokens repeats pick 0 with
+  ``ok = False`` (and its coverage update) exactly as the torch loop does.
 """
 
 from __future__ import annotations
@@ -59,6 +85,7 @@ __all__ = [
     "dpp_greedy_fused",
     "maxmin_fused",
     "vispruner_rounds_fused",
+    "scope_fused",
 ]
 
 MAX_FUSED_N = 8192
@@ -149,7 +176,7 @@ def _kernels():
     """The jitted kernels (triton imported here, on first use)."""
     from vtprune.kernels import _greedy_triton as k
 
-    return k.dpp_kernel, k.maxmin_kernel, k.vispruner_rounds_kernel
+    return k.dpp_kernel, k.maxmin_kernel, k.vispruner_rounds_kernel, k.scope_kernel
 
 
 @_guarded
@@ -167,7 +194,7 @@ def dpp_greedy_fused(
     Returns:
         ``(picks (B, k) long, ok (B, k) bool)`` in pick order, or None if the kernel failed (:func:`_guarded`).
     """
-    dpp_kernel, _, _ = _kernels()
+    dpp_kernel = _kernels()[0]
     b, n, _ = kernel.shape
     dev = kernel.device
     picks = torch.empty(b, k, dtype=torch.long, device=dev)
@@ -211,7 +238,7 @@ def maxmin_fused(dist: Tensor, k: int, avail: Tensor) -> tuple[Tensor, Tensor] |
     Returns:
         ``(picks (B, k) long, ok (B, k) bool)`` in pick order, or None if the kernel failed (:func:`_guarded`).
     """
-    _, maxmin_kernel, _ = _kernels()
+    maxmin_kernel = _kernels()[1]
     b, n, _ = dist.shape
     dev = dist.device
     picks = torch.empty(b, k, dtype=torch.long, device=dev)
@@ -251,7 +278,7 @@ def vispruner_rounds_fused(
         ``n_res`` are unspecified, as in the torch loop) and the final ``|R|``; None if the kernel failed
         (:func:`_guarded`).
     """
-    _, _, rounds_kernel = _kernels()
+    rounds_kernel = _kernels()[2]
     b, width = res.shape
     n = gram.shape[1]
     dev = gram.device
@@ -283,3 +310,103 @@ def vispruner_rounds_fused(
             enable_fp_fusion=False,
         )
     return out.long(), counts.long()
+
+
+_SCOPE_LAZY = True
+"""Skip SCOPE's column chunks that cannot hold the argmax (exact, see :func:`scope_fused`); False: compute all."""
+
+_scope_chunks: tuple[Tensor, int] | None = None
+"""Statistics of the last :func:`scope_fused` call: column chunks computed per row ``(B,)`` int32 (on the
+device, not synchronised), and the number a non-lazy run computes (``ceil(N / BLOCK_J) * k``)."""
+
+_SCOPE_TILE: tuple[int, int, int] | None = None
+"""(BLOCK_J, ROWS, num_warps) override for :func:`scope_fused` (tests, tuning); None: :func:`_scope_shape`."""
+
+
+def _scope_shape(n: int) -> tuple[int, int, int]:
+    """(BLOCK_J, ROWS, num_warps) of SCOPE's gain tiles for ``n`` tokens.
+
+    BLOCK_J: 32 columns per chunk where that pads ``n`` by at most 1/16 (576: 18 chunks, no padding), else
+    16; narrow chunks let the lazy evaluation skip more (random 576-token inputs: ~10 % of the 32-wide
+    chunks computed per step, ~15 % of 64-wide ones). ROWS: an 8,192-element tile (256 rows: 32 KiB of
+    loads in flight per iteration of the row loop, which is latency-bound on one SM per image), fewer for
+    tiny ``n``. Not tuned on a GPU yet: ``benchmarks/scope_kernel_gpu.py --sweep-tiles`` compares others.
+    """
+    if _SCOPE_TILE is not None:
+        return _SCOPE_TILE
+    block_j = 32 if -(-n // 32) * 32 * 16 <= n * 17 else 16
+    pow2 = max(16, 1 << (n - 1).bit_length())
+    block_j = min(block_j, pow2)
+    rows = min(8192 // block_j, pow2)
+    return block_j, rows, 8 if n > 256 else 4
+
+
+@_guarded
+def scope_fused(
+    sim: Tensor, weight: Tensor, k: int, avail: Tensor, multiply: bool
+) -> tuple[Tensor, Tensor] | None:
+    """SCOPE's greedy saliency x coverage loop (:func:`vtprune.methods.scope.scope_select`), fused.
+
+    Per step, ``gain_j = sum_i relu(S_ij - c_i)`` over the valid tokens ``i``, ``score = gain * weight``
+    (``multiply``) or ``gain + weight``, argmax over the available tokens (ties: lower index), then
+    ``c = max(c, S[best, :])``. The ``(N, N)`` matrix is read from global memory in ``(ROWS, BLOCK_J)`` tiles
+    (on a GPU it stays in L2: 1.3 MB per image at N = 576); availability and ``c`` live in registers,
+    mirrored to small scratch rows for the column chunks and row tiles, and the scores go through a scratch
+    row before the argmax. Lazy evaluation (``_SCOPE_LAZY``, on by default) computes a column chunk only
+    when one of its tokens' latest scores (an upper bound: scores never increase) reaches the best fresh
+    score of the most promising chunk, computed first; the picks are exactly those of computing every
+    chunk (tests/greedy_kernels_cases.py runs both).
+
+    Args:
+        sim: ``(B, N, N)`` float32 cosine similarities; row ``best`` updates the coverage, column ``j`` is
+            summed into ``j``'s gain (no symmetry assumed).
+        weight: ``(B, N)`` float32 ``saliency^alpha``.
+        k: picks per row, ``1 <= k <= N``.
+        avail: ``(B, N)`` bool, candidates (invalid tokens are neither picked nor counted in any gain).
+        multiply: ``combine == "multi"``.
+
+    Returns:
+        ``(picks (B, k) long, ok (B, k) bool)`` in pick order, or None if the kernel failed (:func:`_guarded`).
+    """
+    scope_kernel = _kernels()[3]
+    b, n, _ = sim.shape
+    dev = sim.device
+    picks = torch.empty(b, k, dtype=torch.long, device=dev)
+    ok = torch.empty(b, k, dtype=torch.int8, device=dev)
+    if b == 0 or k == 0:
+        return picks, ok.bool()
+    sim = sim.float().contiguous()
+    weight = weight.float().contiguous()
+    valid8 = avail.to(torch.int8).contiguous()
+    cov = torch.empty(b, n, dtype=torch.float32, device=dev)
+    scores = torch.empty(b, n, dtype=torch.float32, device=dev)
+    avail8 = torch.empty(b, n, dtype=torch.int8, device=dev)
+    block = max(16, 1 << (n - 1).bit_length())
+    block_j, rows, warps = _scope_shape(n)
+    bounds = torch.empty(b, block // block_j, dtype=torch.float32, device=dev)
+    chunks = torch.zeros(b, dtype=torch.int32, device=dev)
+    with _on(dev):  # triton launches on the current CUDA device
+        scope_kernel[(b,)](
+            sim,
+            weight,
+            valid8,
+            cov,
+            scores,
+            avail8,
+            bounds,
+            picks,
+            ok,
+            chunks,
+            n,
+            k,
+            MULTI=bool(multiply),
+            LAZY=_SCOPE_LAZY,
+            BLOCK_N=block,
+            BLOCK_J=block_j,
+            ROWS=rows,
+            num_warps=warps,
+            enable_fp_fusion=False,
+        )
+    global _scope_chunks
+    _scope_chunks = (chunks, -(-n // block_j) * k)
+    return picks, ok.bool()

@@ -21,6 +21,16 @@ Deviations from the official code (kinredon/SCOPE `scope/clip_encoder.py` @ 6bf7
   instead of an eager tower's `output_attentions`;
 * the official batched loop is kept per image (each image alone gives the same selection); on LLaVA-NeXT it
   runs on each image's tokens (base view, tiles, newlines) with each crop's own [CLS] attention.
+
+Implementation: on CUDA the k greedy steps run as one fused Triton program per image
+(:func:`vtprune.kernels.greedy.scope_fused`; ``VTPRUNE_TRITON=0`` keeps the torch loop below, which is also
+the CPU path and the reference). At every step it streams from L2 the column chunks of the (N, N) cosine
+matrix that can still hold the argmax (lazy greedy: scores never increase, so the last computed ones bound
+the chunks it skips); the prologue (normalise, cosine matrix, saliency^α) and the kernel replay as one CUDA
+graph. Same picks as the torch loop,
+up to the order of the float32 gain sums: scores equal to within float32 rounding (not exactly equal) may be
+picked in the other order; exact ties (duplicate tokens, all-zero gains) go to the lower index on both
+paths (:mod:`vtprune.kernels.greedy` states the contract).
 """
 
 from __future__ import annotations
@@ -33,11 +43,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtprune.cuda_graphs import cuda_graphed
+from vtprune.kernels.greedy import fused_enabled, scope_fused
 from vtprune.methods.base import Method, Selection, bounded, register
-from vtprune.selection import Picked, argmax_first, mask_indices
+from vtprune.selection import Picked, argmax_first, check_count, check_valid, picked_from
 
 
-@cuda_graphed  # k greedy steps of a few small kernels each, no host sync: one graph launch on a GPU
 def scope_select(
     features: Tensor,
     saliency: Tensor,
@@ -45,17 +55,52 @@ def scope_select(
     alpha: float = 1.0,
     combine: str = "multi",
     valid: Tensor | None = None,
+    *,
+    sort: bool = True,
 ) -> Picked:
     """Greedy saliency × coverage selection of `k` tokens per row (rows independent), in raster order.
 
-    features (B, N, D), saliency (B, N) non-negative. Invalid tokens are neither selected nor covered.
+    features (B, N, D), saliency (B, N) non-negative. Invalid tokens are neither selected nor covered; a row
+    with fewer than `k` valid tokens keeps all of them, then padding (:class:`~vtprune.selection.Picked`).
+    ``sort=False`` returns the pick order instead of raster order.
+
+    On CUDA the greedy loop runs as one fused Triton kernel per call
+    (:func:`vtprune.kernels.greedy.scope_fused`; ``VTPRUNE_TRITON=0`` turns it off): the same picks, up to
+    the summation order of the float32 gains (exact ties, e.g. duplicate tokens or all-zero gains, go to the
+    lower index on both paths; see :mod:`vtprune.kernels.greedy`). Either way the call replays as one CUDA
+    graph (prologue and kernel, or prologue and the k torch steps).
     """
+    if features.dim() != 3:
+        raise ValueError(f"features must have shape (B, N, D); got {tuple(features.shape)}")
+    _, n, _ = features.shape
+    check_count("k", k, n)
+    fused = k > 0 and fused_enabled(features, n)
+    return _scope_select(features, saliency, k, alpha, combine, valid, sort=sort, fused=fused)
+
+
+@cuda_graphed  # prologue and k greedy steps (or the fused kernel), no host sync: one graph launch on a GPU
+def _scope_select(
+    features: Tensor,
+    saliency: Tensor,
+    k: int,
+    alpha: float,
+    combine: str,
+    valid: Tensor | None,
+    *,
+    sort: bool,
+    fused: bool,
+) -> Picked:
+    # `fused` is an argument, decided by the caller, so that it is part of the CUDA-graph cache key (a graph
+    # captured on one path is never replayed for the other, e.g. after VTPRUNE_TRITON=0)
     b, n, _ = features.shape
     dev = features.device
-    valid = torch.ones(b, n, dtype=torch.bool, device=dev) if valid is None else valid
+    valid = check_valid(valid, b, n, dev)
     x = F.normalize(features.float(), dim=-1)
     sim = x @ x.transpose(1, 2)  # (B, N, N)
     weight = saliency.float().clamp(min=0) ** alpha
+    got = scope_fused(sim, weight, k, valid, combine == "multi") if fused else None
+    if got is not None:
+        return picked_from(*got, sort=sort)
     covered = torch.zeros(b, n, device=dev)  # c_i: best similarity to the selected set, floored at 0
     available = valid.clone()
     counts = valid.float()[:, :, None]
@@ -70,8 +115,9 @@ def scope_select(
         picked_ok[:, step] = available[rows, best]
         available = available.scatter(1, best[:, None], False)
         covered = torch.maximum(covered, sim[rows, best])
-    kept = torch.zeros(b, n, dtype=torch.bool, device=dev).scatter(1, picks, picked_ok)
-    return mask_indices(kept, k)
+    # not a scatter of picked_ok into a mask: a row that runs out of valid tokens repeats pick 0 with
+    # ok = False, which would overwrite a valid token 0 picked earlier
+    return picked_from(picks, picked_ok, sort=sort)
 
 
 @register
