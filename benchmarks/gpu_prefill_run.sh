@@ -20,10 +20,14 @@ step() {
   echo "== $name ($(date +%T))"; timeout "$limit" bash -c "$*" > "$OUT_DIR/$name.log" 2>&1; echo "   rc=$?"
 }
 # 1. the tests that only run on CUDA (CUDA graphs, Triton kernels, bf16 received attention)
-step tests 240 python3 -m pytest -q tests/test_cuda_graphs.py tests/test_greedy_kernels.py tests/test_select_overhead.py
-# 2. kernel-level timings: TokenCarve's SVD routes (float64 Gram + eigh among them), HiPrune/VisPruner pieces
-step kernels 240 "python3 benchmarks/tokencarve_svd_gpu.py --output $OUT_DIR/tokencarve-svd.json && python3 \
-  benchmarks/select_overhead_gpu.py --eager --output $OUT_DIR/select-overhead.json"
+step tests 300 python3 -m pytest -q tests/test_cuda_graphs.py tests/test_greedy_kernels.py tests/test_select_overhead.py \
+  tests/test_flowcut_vit_layers.py
+# 2. kernel-level timings: TokenCarve's SVD routes (float64 Gram + eigh among them), HiPrune/VisPruner pieces,
+# SCOPE torch loop vs fused kernel, FlowCut's tower (bitwise vs the previous code, and its time)
+step kernels 420 "python3 benchmarks/tokencarve_svd_gpu.py --output $OUT_DIR/tokencarve-svd.json; python3 \
+  benchmarks/select_overhead_gpu.py --eager --output $OUT_DIR/select-overhead.json; python3 \
+  benchmarks/scope_kernel_gpu.py --sweep-tiles --output $OUT_DIR/scope-kernel.json; python3 \
+  benchmarks/flowcut_vit_gpu.py --output $OUT_DIR/flowcut-vit.json"
 # 3. batch-1 prefill with the vision tower and decoder stack compiled, every subject alike (a vision-stage
 # method's stack is one graph; FastV's stays eager), with profiles of the misses
 step prefill-compiled-b1 560 "$bench" $LLAVA --methods none,visionzip,divprune,fastv $PREFILL_B1 --profile \
