@@ -191,10 +191,10 @@ def test_compiled_prefill_leaves_the_model_as_it_was(tiny):
 def test_compiled_prefill_other_families(family):
     """LLaVA-NeXT (several crops per image) and Qwen2.5-VL (dynamic resolution): the eager logits. NeXT's
     parts are one graph each; Qwen's tower splits at transformers' own data-dependent window bookkeeping."""
-    from torch._dynamo.utils import counters
-
     import test_llava_next
     import test_qwen_vl
+    from torch._dynamo.utils import counters
+
     from vtprune.testing import make_tiny_llava_next, make_tiny_qwen_vl
 
     if family == "llava_next":

@@ -34,12 +34,12 @@ model, the oracles and the short prompts the same way).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["STATIC_CACHE", "compiled_prefill", "generation_kwargs"]
+__all__ = ["STATIC_CACHE", "compiled_parts", "compiled_prefill", "generation_kwargs"]
 
 STATIC_CACHE = "static"
 _COMPILED_ATTR = "_vtprune_compiled_prefill"
@@ -48,6 +48,14 @@ _COMPILED_ATTR = "_vtprune_compiled_prefill"
 def generation_kwargs(compile: bool) -> dict:
     """Extra `generate()` keyword arguments: a static cache when compiled decoding is asked for."""
     return {"cache_implementation": STATIC_CACHE} if compile else {}
+
+
+PARTS = (("vision tower", "vit"), ("decoder stack", "llm"))  # each part, and the stage kind that keeps it eager
+
+
+def compiled_parts(stage_kinds: set[str]) -> list[str]:
+    """The parts `compiled_prefill` compiles for a method whose stages are of `stage_kinds`."""
+    return [part for part, kind in PARTS if kind not in stage_kinds]
 
 
 def _prunes_in(model: torch.nn.Module, kind: str) -> bool:
@@ -83,12 +91,15 @@ def compiled_prefill(
     if getattr(model, _COMPILED_ATTR, False):
         raise PruneConfigError("this model's prefill is already compiled (nested compiled_prefill)")
     adapter = adapter_for(model)
-    parts: list[tuple[torch.nn.Module, Callable[[tuple, dict], bool]]] = [
-        (adapter.vision_tower, lambda args, kwargs: not _prunes_in(model, "vit")),
-        (adapter.language_model, lambda args, kwargs: _is_prompt(args, kwargs) and not _prunes_in(model, "llm")),
-    ]
+    modules = {"vision tower": adapter.vision_tower, "decoder stack": adapter.language_model}
     saved = []
-    for module, compile_call in parts:
+    for part, kind in PARTS:
+        module = modules[part]
+
+        def compile_call(args: tuple, kwargs: dict, kind: str = kind) -> bool:
+            # decode steps (one token) are left to generate; a method pruning inside this part keeps it eager
+            return (kind != "llm" or _is_prompt(args, kwargs)) and not _prunes_in(model, kind)
+
         own = module.__dict__.get("forward")  # an instance-level forward someone installed before us
         eager = module.forward
         compiled = torch.compile(eager, backend=backend, mode=mode, dynamic=dynamic)

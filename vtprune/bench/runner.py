@@ -66,7 +66,7 @@ from vtprune.bench import flops as F
 from vtprune.bench.oracle import FixedSelection
 from vtprune.bench.timing import Clock, summarize
 from vtprune.bench.workload import BenchModel, Inputs, build_model, image_of, synthetic_inputs
-from vtprune.compiled import STATIC_CACHE, compiled_prefill, generation_kwargs
+from vtprune.compiled import STATIC_CACHE, compiled_parts, compiled_prefill, generation_kwargs
 from vtprune.methods.base import METHODS, Method, PruneConfigError, make_method, method_class
 
 __all__ = ["BenchConfig", "Bench", "run_bench", "SCHEMA"]
@@ -861,6 +861,8 @@ class _Grid:
             timing, record = bench.measure(inputs, method)
             entry["method_timing"] = timing
             entry["record"] = record.summary() if record is not None else None
+            if cfg.compile_prefill:  # a method pruning inside the tower or the stack keeps that part eager
+                entry["prefill_compiled"] = compiled_parts({stage.kind for stage in record.stages})
             pruned = record if name != "none" else None
             tokens = token_facts(pruned, self.visual, self.loaded.spec.num_layers, cfg.text_tokens, batch)
             entry["tokens"] = tokens
