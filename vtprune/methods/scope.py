@@ -27,10 +27,10 @@ Implementation: on CUDA the k greedy steps run as one fused Triton program per i
 the CPU path and the reference). At every step it streams from L2 the column chunks of the (N, N) cosine
 matrix that can still hold the argmax (lazy greedy: scores never increase, so the last computed ones bound
 the chunks it skips); the prologue (normalise, cosine matrix, saliency^α) and the kernel replay as one CUDA
-graph. Same picks as the torch loop,
-up to the order of the float32 gain sums: scores equal to within float32 rounding (not exactly equal) may be
-picked in the other order; exact ties (duplicate tokens, all-zero gains) go to the lower index on both
-paths (:mod:`vtprune.kernels.greedy` states the contract).
+graph. Same picks as the torch loop, up to the order of the float32 gain sums: scores equal to within
+float32 rounding (not exactly equal) may be picked in the other order; exact ties (duplicate tokens,
+all-zero gains) go to the lower index on both paths (:mod:`vtprune.kernels.greedy` states the contract).
+Its speed on a GPU has not been measured yet (`benchmarks/scope_kernel_gpu.py`).
 """
 
 from __future__ import annotations
