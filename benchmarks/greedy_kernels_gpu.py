@@ -214,6 +214,56 @@ def print_row(row: dict) -> None:
     )
 
 
+def prepare(args: argparse.Namespace) -> list[int]:
+    """The checks both kernel benchmarks (this one and scope_kernel_gpu.py) make before anything runs: the
+    device (`--device cpu` only under TRITON_INTERPRET=1), `--keeps` within `--tokens`, vtprune and triton
+    importable. Sets DEVICE; returns the budgets."""
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            fail(
+                "--device cpu needs TRITON_INTERPRET=1 (the fused kernels run on CPU only in the interpreter)"
+            )
+    elif not torch.cuda.is_available():
+        fail(
+            f"no CUDA device visible to torch {torch.__version__}: this benchmark needs a GPU "
+            "(--device cpu with TRITON_INTERPRET=1 is only a smoke run of the script)"
+        )
+    try:
+        keeps = [int(k) for k in args.keeps.split(",")]
+    except ValueError:
+        fail(f"--keeps must be comma-separated integers; got {args.keeps!r}")
+    if any(not 1 <= k <= args.tokens for k in keeps):
+        fail(f"every keep must be in [1, {args.tokens}]; got {keeps}")
+    try:
+        from vtprune.kernels import greedy
+    except ImportError as exc:
+        fail(f"cannot import vtprune ({exc}); run from the repository root or install it")
+    if not greedy.triton_available():
+        try:
+            import triton  # noqa: F401  (re-raise the real import error for the message)
+        except Exception as exc:
+            fail(f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton")
+    if os.environ.get("VTPRUNE_CUDA_GRAPHS") == "0":
+        print("note: VTPRUNE_CUDA_GRAPHS=0, both paths run without CUDA graphs")
+    return keeps
+
+
+def environment(args: argparse.Namespace) -> dict:
+    """What a report records about the run: device, versions, CUDA graphs on or off, the settings."""
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "cuda_graphs": os.environ.get("VTPRUNE_CUDA_GRAPHS", "1") != "0",
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, type=Path, help="JSON file to write")
@@ -237,45 +287,11 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    global DEVICE
-    DEVICE = args.device
+    keeps = prepare(args)
     if DEVICE == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            fail(
-                "--device cpu needs TRITON_INTERPRET=1 (the fused kernels run on CPU only in the interpreter)"
-            )
         args.next = False
-    elif not torch.cuda.is_available():
-        fail(f"no CUDA device visible to torch {torch.__version__} (this benchmark needs a GPU)")
-    try:
-        keeps = [int(k) for k in args.keeps.split(",")]
-    except ValueError:
-        fail(f"--keeps must be comma-separated integers; got {args.keeps!r}")
-    if any(not 1 <= k <= args.tokens for k in keeps):
-        fail(f"every keep must be in [1, {args.tokens}]; got {keeps}")
-    try:
-        from vtprune.kernels import greedy
-    except ImportError as exc:
-        fail(f"cannot import vtprune ({exc}); run from the repository root or install it")
-    if not greedy.triton_available():
-        try:
-            import triton  # noqa: F401  (re-raise the real import error for the message)
-        except Exception as exc:
-            fail(f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton")
-    if os.environ.get("VTPRUNE_CUDA_GRAPHS") == "0":
-        print("note: VTPRUNE_CUDA_GRAPHS=0, both paths run without CUDA graphs")
-    import triton
-
     started = time.perf_counter()
-    report = {
-        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "cuda_graphs": os.environ.get("VTPRUNE_CUDA_GRAPHS", "1") != "0",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "rows": [],
-    }
+    report = {**environment(args), "rows": []}
     problems: list[str] = []
     print(f"{report['device']}  torch {report['torch']}  triton {report['triton']}")
     print(HEADER)

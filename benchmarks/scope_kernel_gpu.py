@@ -26,60 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import greedy_kernels_gpu as kernels_bench  # the checks, timing and VTPRUNE_TRITON switching it shares
 import torch
+from greedy_kernels_gpu import cuda_ms, fail, with_triton
 
 DEVICE = "cuda"
-
-
-def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def timed_ms(fn: Callable[[], object], warmup: int, repeats: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    if DEVICE != "cuda":  # --device cpu smoke run: wall clock
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    else:
-        torch.cuda.synchronize()
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
-
-
-def with_triton(flag: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """`fn` run with VTPRUNE_TRITON=flag (read at each call; the path is part of the CUDA-graph cache key)."""
-
-    def call():
-        old = os.environ.get("VTPRUNE_TRITON")
-        os.environ["VTPRUNE_TRITON"] = flag
-        try:
-            return fn()
-        finally:
-            if old is None:
-                os.environ.pop("VTPRUNE_TRITON", None)
-            else:
-                os.environ["VTPRUNE_TRITON"] = old
-
-    return call
 
 
 def divergences(x: dict, combine: str, torch_order, fused_order) -> list[dict]:
@@ -155,7 +112,7 @@ def run_grid(
     from vtprune.methods.scope import scope_select
 
     batch, tokens = x["saliency"].shape
-    floor = timed_ms(prologue(x), warmup, repeats)
+    floor = cuda_ms(prologue(x), warmup, repeats)
     for combine in combines:
         for k in keeps:
             row = {
@@ -174,8 +131,8 @@ def run_grid(
 
                 plain = with_triton("0", lambda: call(True))
                 fused = with_triton("strict", lambda: call(True))
-                row["torch"] = timed_ms(plain, warmup, repeats)
-                row["fused"] = timed_ms(fused, warmup, repeats)
+                row["torch"] = cuda_ms(plain, warmup, repeats)
+                row["fused"] = cuda_ms(fused, warmup, repeats)
                 row["speedup"] = row["torch"]["median_ms"] / row["fused"]["median_ms"]
                 results = {
                     name: {
@@ -238,7 +195,7 @@ def sweep_tiles(x: dict, keep: int, warmup: int, repeats: int) -> list[dict]:
             greedy._SCOPE_TILE = tile
             name = (f"default {default}" if tile is None else str(tile)) + ("" if lazy else " full")
             try:
-                t = timed_ms(lambda: greedy.scope_fused(sim, weight, keep, avail, True), warmup, repeats)
+                t = cuda_ms(lambda: greedy.scope_fused(sim, weight, keep, avail, True), warmup, repeats)
                 picks = greedy.scope_fused(sim, weight, keep, avail, True)[0]
                 computed, total = greedy._scope_chunks
                 frac = computed.float().mean().item() / total
@@ -310,51 +267,19 @@ def main() -> None:
     args = p.parse_args()
 
     global DEVICE
-    DEVICE = args.device
-    if DEVICE == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            fail(
-                "--device cpu needs TRITON_INTERPRET=1 (the fused kernel runs on CPU only in the interpreter)"
-            )
-    elif not torch.cuda.is_available():
-        fail(
-            f"no CUDA device visible to torch {torch.__version__}: this benchmark needs a GPU "
-            "(--device cpu with TRITON_INTERPRET=1 is only a smoke run of the script)"
-        )
-    try:
-        keeps = [int(k) for k in args.keeps.split(",")]
-    except ValueError:
-        fail(f"--keeps must be comma-separated integers; got {args.keeps!r}")
-    if any(not 1 <= k <= args.tokens for k in keeps):
-        fail(f"every keep must be in [1, {args.tokens}]; got {keeps}")
+    keeps = kernels_bench.prepare(args)
+    DEVICE = kernels_bench.DEVICE
     combines = args.combines.split(",")
     if any(c not in ("multi", "add") for c in combines):
         fail(f"--combines takes multi and/or add; got {args.combines!r}")
-    try:
-        from vtprune.kernels import greedy
-    except ImportError as exc:
-        fail(f"cannot import vtprune ({exc}); run from the repository root or install it")
-    if not greedy.triton_available():
-        try:
-            import triton  # noqa: F401  (re-raise the real import error for the message)
-        except Exception as exc:
-            fail(f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton")
-    if os.environ.get("VTPRUNE_CUDA_GRAPHS") == "0":
-        print("note: VTPRUNE_CUDA_GRAPHS=0, both paths run without CUDA graphs")
-    import triton
-
     import vtprune
+    from vtprune.kernels import greedy
 
     started = time.perf_counter()
     report = {
-        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
+        **kernels_bench.environment(args),
         "vtprune": str(Path(vtprune.__file__).parent),
-        "cuda_graphs": os.environ.get("VTPRUNE_CUDA_GRAPHS", "1") != "0",
         "default_tile": list(greedy._scope_shape(args.tokens)),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "rows": [],
     }
     problems: list[str] = []
