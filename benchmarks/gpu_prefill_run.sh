@@ -4,7 +4,8 @@
 # whose selection changed (FlowCut's vit stage, SCOPE's fused loop, HiPrune's attention, VisPruner's rounds),
 # plus the kernel-level scripts and the CUDA-only tests. `STEPS="tests kernels ..." bash
 # benchmarks/gpu_prefill_run.sh OUTDIR` runs the listed steps (all by default), each under its own time limit
-# and under 10 minutes on an H200.
+# and under 10 minutes on an H200. DEADLINE=SECONDS caps the steps together: each step's limit shrinks to what is
+# left of it, and a step with under 30 s left is skipped (a device call is limited to 10 minutes).
 set -u
 OUT_DIR=${1:?usage: gpu_prefill_run.sh OUTDIR}
 mkdir -p "$OUT_DIR"
@@ -14,9 +15,13 @@ bench="python3 -c 'import typer; from vtprune.bench.commands import bench_comman
 LLAVA="--arch llava-1.5-7b --random-weights --dtype bfloat16 --device cuda --no-progress"
 PREFILL_B1="--keep 64 --batch 1 --new-tokens 2 --repeats 10 --generate-repeats 1 --no-oracle-generate --compile-prefill"
 STEPS=${STEPS:-tests kernels prefill-compiled-b1 prefill-graphs-b1 overhead-b16}
+DEADLINE=${DEADLINE:-100000}
 step() {
   local name=$1 limit=$2; shift 2
   case " $STEPS " in *" $name "*) ;; *) return;; esac
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 30 ]; then echo "== $name skipped: ${left} s left of DEADLINE"; return; fi
+  [ "$left" -lt "$limit" ] && limit=$left
   echo "== $name ($(date +%T))"; timeout "$limit" bash -c "$*" > "$OUT_DIR/$name.log" 2>&1; echo "   rc=$?"
 }
 # 1. the tests that only run on CUDA (CUDA graphs, Triton kernels, bf16 received attention)
