@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHON
 bench="python3 -c 'import typer; from vtprune.bench.commands import bench_command; typer.run(bench_command)'"
 LLAVA="--arch llava-1.5-7b --random-weights --dtype bfloat16 --device cuda --no-progress"
 PREFILL_B1="--keep 64 --batch 1 --new-tokens 2 --repeats 10 --generate-repeats 1 --no-oracle-generate --compile-prefill"
-STEPS=${STEPS:-tests kernels prefill-compiled-b1 prefill-graphs-b1 overhead-b16}
+STEPS=${STEPS:-tests kernels prefill-compiled-b1 prefill-graphs-b1 overhead-b16 tokencarve-b16}
 DEADLINE=${DEADLINE:-100000}
 step() {
   local name=$1 limit=$2; shift 2
@@ -26,7 +26,7 @@ step() {
 }
 # 1. the tests that only run on CUDA (CUDA graphs, Triton kernels, bf16 received attention)
 step tests 300 python3 -m pytest -q tests/test_cuda_graphs.py tests/test_greedy_kernels.py tests/test_select_overhead.py \
-  tests/test_flowcut_vit_layers.py
+  tests/test_flowcut_vit_layers.py tests/test_prefill_syncs.py "tests/test_selection.py::test_tokencarve_information_accuracy_against_float64_svd"
 # 2. kernel-level timings: TokenCarve's SVD routes (float64 Gram + eigh among them), HiPrune/VisPruner pieces,
 # SCOPE torch loop vs fused kernel, FlowCut's tower (bitwise vs the previous code, and its time)
 step kernels 420 "python3 benchmarks/tokencarve_svd_gpu.py --output $OUT_DIR/tokencarve-svd.json; python3 \
@@ -37,11 +37,14 @@ step kernels 420 "python3 benchmarks/tokencarve_svd_gpu.py --output $OUT_DIR/tok
 # method's stack is one graph; FastV's stays eager), with profiles of the misses
 step prefill-compiled-b1 560 "$bench" $LLAVA --methods none,visionzip,divprune,fastv $PREFILL_B1 --profile \
   --time-budget 300 --output "$OUT_DIR/prefill-compiled-b1"
-# 4. the same with CUDA graphs (torch.compile mode reduce-overhead)
-step prefill-graphs-b1 400 "$bench" $LLAVA --methods none,visionzip $PREFILL_B1 --compile-mode reduce-overhead \
-  --time-budget 300 --output "$OUT_DIR/prefill-graphs-b1"
+# 4. the same with CUDA graphs (torch.compile mode reduce-overhead), with profiles of the misses
+step prefill-graphs-b1 400 "$bench" $LLAVA --methods none,visionzip,divprune $PREFILL_B1 --compile-mode reduce-overhead \
+  --profile --time-budget 300 --output "$OUT_DIR/prefill-graphs-b1"
 # 5. batch-16 overhead over the oracle of the methods whose selection changed, with profiles of the misses
 step overhead-b16 560 "$bench" $LLAVA --methods none,flowcut,scope,hiprune,vispruner,vispruner_nosink,tokencarve \
   --keep 192,128,64 --batch 16 --new-tokens 2 --repeats 5 --generate-repeats 1 --no-oracle-generate --profile \
   --time-budget 420 --output "$OUT_DIR/overhead-b16"
+# 6. TokenCarve at batch 16 (its SVD route)
+step tokencarve-b16 200 "$bench" $LLAVA --methods none,tokencarve --keep 64 --batch 16 --new-tokens 2 --repeats 5 \
+  --generate-repeats 1 --no-oracle-generate --time-budget 150 --output "$OUT_DIR/tokencarve-b16"
 echo "== done ($(date +%T))"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vtprune.engine.assemble import assemble_llm_input
+from vtprune.engine.assemble import PromptLayout, assemble_llm_input
 from vtprune.engine.drop import drop_tokens
 from vtprune.engine.masks import format_mask, static_step_mask
 from vtprune.engine.state import Layout
@@ -21,13 +21,16 @@ def test_assembled_input_replaces_each_image_block_and_left_pads_shorter_samples
     tokens = torch.tensor([[[100.0], [101.0]], [[200.0], [201.0]]])
     valid = torch.tensor([[True, True], [True, False]])
     starts, lengths = torch.tensor([[1], [2]]), torch.tensor([[3], [2]])
-    inputs, key_valid, slot_pos, text_pos = assemble_llm_input(
-        embeds, is_image, text_valid, starts, lengths, tokens, valid
-    )
+    layout = PromptLayout.build(is_image, starts, lengths, width=2)
+    inputs, key_valid = assemble_llm_input(embeds, text_valid, layout, tokens, valid)
     assert inputs[..., 0].tolist() == [[0, 0, 100, 101, 4], [5, 6, 200, 201, 9]]  # a new left pad is zero
     assert key_valid.tolist() == [[False, True, True, True, True], [False, True, True, False, True]]
-    assert slot_pos.tolist() == [[2, 3], [2, 3]]
-    assert text_pos[0, [0, 4]].tolist() == [1, 4] and text_pos[1, [0, 1, 4]].tolist() == [0, 1, 4]
+    assert layout.new_len == 5 and layout.padded  # sample 0 lost a token: one new left pad
+    assert layout.slot_pos.tolist() == [[2, 3], [2, 3]]
+    assert layout.text_rows.tolist() == [0, 0, 1, 1, 1] and layout.text_cols.tolist() == [0, 4, 0, 1, 4]
+    assert layout.text_new_cols.tolist() == [1, 4, 0, 1, 4]
+    unpadded = PromptLayout.build(is_image[1:], starts[1:], lengths[1:], width=2)
+    assert unpadded.new_len == 5 and not unpadded.padded
 
 
 def _layout() -> Layout:

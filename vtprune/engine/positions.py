@@ -66,10 +66,12 @@ def visual_source_columns(
     is_image: torch.Tensor, orig: torch.Tensor, valid: torch.Tensor, kept_width: int
 ) -> torch.Tensor:
     """(B, n * W) the prompt column of the token in each image slot: the sample's visual token number `orig`
-    (image after image) -> its column; -1 for unused slots and created tokens (slot >= kept_width)."""
+    (image after image) -> its column; -1 for unused slots and created tokens (slot >= kept_width).
+    `is_image` may be a host copy: the columns are then found on the host, with no read from the device."""
     batch = is_image.shape[0]
     most = int(is_image.sum(dim=1).max())
     visual_columns = torch.sort((~is_image).to(torch.int8), dim=1, stable=True).indices[:, :most]
+    visual_columns = visual_columns.to(orig.device, non_blocking=True)
     width = orig.shape[1]
     kept = valid & (orig >= 0) & (torch.arange(width, device=orig.device) < kept_width)
     columns = torch.gather(visual_columns, 1, orig.clamp(min=0).reshape(batch, -1)).view(orig.shape)

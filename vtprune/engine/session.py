@@ -18,7 +18,7 @@ import time
 import torch
 
 from vtprune import compat
-from vtprune.engine.assemble import assemble_llm_input
+from vtprune.engine.assemble import PromptLayout, assemble_llm_input
 from vtprune.engine.decode import begin_step, layer_inputs, static_cache
 from vtprune.engine.drop import drop_tokens
 from vtprune.engine.images import ImageTokens, equal_shares, expanded_images
@@ -334,7 +334,7 @@ class PruneSession:
 
     def _prefill(self, call: dict) -> dict:
         self._prefill_start = self._clock()
-        self._pending_records = []  # the LLM stages' records, read when the prefill ends (`_post_forward`)
+        self._pending_records = []  # the stages' records, read when the prefill ends (`_defer_record`)
         input_ids = call.get("input_ids")
         if input_ids is None:
             raise PruneConfigError(
@@ -360,6 +360,11 @@ class PruneSession:
         if mask2d is not None and (not isinstance(mask2d, torch.Tensor) or mask2d.ndim != 2):
             raise PruneConfigError("vtprune needs a 2-D attention_mask (batch, sequence)")
         text_valid_in = mask2d.bool() if mask2d is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        # The prompt's layout (image blocks, lengths, padding) is read from host copies of the ids and the mask,
+        # taken before the vision tower is queued: from here on the prefill reads nothing from the device until
+        # it ends, so the host launches the selection and the LLM while the GPU still runs the tower.
+        ids_host = input_ids.cpu()
+        text_valid_host = text_valid_in.cpu() if mask2d is not None else None
         # Vision tower (once; generate() may have run it already): for models whose images differ in token
         # count, the counts (and so the image blocks of the prompt) are known only from the images.
         t0 = self._clock()
@@ -368,7 +373,7 @@ class PruneSession:
         vision_ms = (self._clock() - t0) * 1e3
         hidden_v, projected = self.adapter.unpack_image_output(image_out)
         images = ImageTokens.build(self.adapter, hidden_v, projected, image_sizes, batch)
-        image_layout = self.adapter.locate_images(input_ids, images.count, images.lengths)
+        image_layout = self.adapter.locate_images(ids_host, images.count, images.lengths)
         n_img = image_layout.images_per_sample
         sample_tokens = image_layout.lengths.sum(dim=1).tolist()
         record = PruneRecord(
@@ -393,7 +398,9 @@ class PruneSession:
         if projected.shape[0] != hidden_v.shape[0]:
             # generate() repeats each sample's image group for beams / num_return_sequences in the projected
             # features only; map every expanded image to its computed one.
-            expanded_from = expanded_images(projected.shape[0], hidden_v.shape[0], batch).to(projected.device)
+            expanded_from = expanded_images(projected.shape[0], hidden_v.shape[0], batch).to(
+                projected.device, non_blocking=True
+            )
             hidden_v = hidden_v[expanded_from]
         vit_orig = self.vit.original_index(image_out, expanded_from) if self.vit is not None else None
         if vit_orig is not None:
@@ -403,6 +410,7 @@ class PruneSession:
         n_total = hidden_v.shape[0]
         image_index = torch.arange(n_total, device=projected.device)
         is_image = self.adapter.visual_token_mask(input_ids)
+        is_image_host = self.adapter.visual_token_mask(ids_host)
         vision_signals = VisionSignals(
             adapter=self.adapter,
             hidden=hidden_v,
@@ -415,13 +423,13 @@ class PruneSession:
             image_output=image_out,
             source=images.source,
             image_crop=images.image_crop,
-            lengths=None if images.uniform else images.lengths.to(projected.device),
+            lengths=None if images.uniform else images.lengths.to(projected.device, non_blocking=True),
             image_index=expanded_from,
             layer_captures=self._vision_layer_captures(image_out, expanded_from),
         )
         episode.vision = vision_signals
         # Original numbering: a sample's visual tokens, image after image.
-        lengths = image_layout.lengths.to(projected.device)
+        lengths = image_layout.lengths.to(projected.device, non_blocking=True)
         image_offset = (torch.cumsum(lengths, dim=1) - lengths).reshape(-1, 1)
         if vit_orig is not None:
             if self.adapter.select_strategy == "default" and vision_signals.captured is not None:
@@ -430,22 +438,18 @@ class PruneSession:
                 vision_signals.__dict__["cls_attention"] = full.scatter(
                     1, vit_orig, vision_signals.cls_attention.float()
                 )
-            record.stages.append(
-                self._stage_record(
-                    self.vit_stage,
-                    0,
-                    (vit_orig + image_offset).view(batch, -1),
-                    None,  # the tower output holds no padding slots (tag_output checks): all kept
-                    None,
-                )
-            )
-            record.stages[-1].extra.update(
-                layers=list(self.vit_stage.vit_layers), removed_per_layer=self.vit_stage.vit_remove
-            )
+            extra = {"layers": list(self.vit_stage.vit_layers), "removed_per_layer": self.vit_stage.vit_remove}
             counts = getattr(image_out, "_vtprune_vit_counts", None)
             if counts is not None:  # adaptive merges: patches per image after each listed layer
-                counts = _index_or_none(counts, expanded_from)
-                record.stages[-1].extra["patches_after_layer"] = counts.tolist()
+                extra["patches_after_layer"] = _index_or_none(counts, expanded_from)
+            self._defer_record(
+                self.vit_stage,
+                0,
+                (vit_orig + image_offset).view(batch, -1),
+                None,  # the tower output holds no padding slots (tag_output checks): all kept
+                None,
+                extra,
+            )
         if self.vision_stage is not None:
             index = self.stages.index(self.vision_stage)
             if not self.info.variable_tokens:
@@ -461,14 +465,16 @@ class PruneSession:
                 orig = torch.where(orig >= 0, torch.gather(vit_orig, 1, orig.clamp(min=0)), orig)
             orig = torch.where(orig >= 0, orig + image_offset, orig)
             record.timings_ms["select_vision"] = (self._clock() - t1) * 1e3
-            record.stages.append(
-                self._stage_record(
-                    self.vision_stage, 0, orig.view(batch, -1), valid.view(batch, -1), selection
-                )
-            )
+            self._defer_record(self.vision_stage, 0, orig.view(batch, -1), valid.view(batch, -1), selection)
+            # whether every slot holds a token, when the method knows it on the host (None: read below)
+            slots_full = selection.all_valid
+            if slots_full is None and selection.valid is None and selection.extra_valid is None:
+                slots_full = True
         else:
             tokens = projected
-            valid = images.token_valid.to(projected.device)[:, :per_image]
+            valid_host = images.token_valid[:, :per_image]
+            slots_full = bool(valid_host.all())
+            valid = valid_host.to(projected.device, non_blocking=True)
             if vit_orig is not None:
                 orig = vit_orig + image_offset
             else:
@@ -476,12 +482,12 @@ class PruneSession:
             orig = orig.masked_fill(~valid, -1)
             kept_width = tokens.shape[1]
 
-        inputs_embeds, key_valid, slot_pos, text_pos = assemble_llm_input(
-            self.adapter.embed(input_ids), is_image, text_valid_in, image_layout.starts, image_layout.lengths,
-            tokens, valid,
-        )  # fmt: skip
-        new_len = inputs_embeds.shape[1]
         width = tokens.shape[1]
+        prompt = PromptLayout.build(is_image_host, image_layout.starts, image_layout.lengths, width)
+        new_len = prompt.new_len
+        prompt = prompt.to(projected.device)
+        slot_pos = prompt.slot_pos
+        inputs_embeds, key_valid = assemble_llm_input(self.adapter.embed(input_ids), text_valid_in, prompt, tokens, valid)
         # A static cache sized for the prompt: the pruned prompt needs fewer slots (attention reads every slot
         # of a static layer at each decode step), or more when images of different token counts in one batch
         # lengthen it with padded image slots.
@@ -492,19 +498,19 @@ class PruneSession:
                 "tokens longer than the one the static cache was sized for; pass a fresh cache"
             )
 
-        # One read for the prompt's holes: any at all, and any outside the visual slots (prompt padding, which
-        # every later layer group keeps; engine/drop.py then needs no read when a method knows its own slots).
-        holes = torch.stack([key_valid.all(), key_valid.scatter(1, slot_pos, True).all()])
-        all_valid, text_valid = holes.tolist()
+        # The prompt's holes, outside the visual slots (prompt padding, which every later layer group keeps:
+        # engine/drop.py then needs no read when a method knows its own slots) and in them, known on the host
+        # unless the selection left slots empty at its own discretion.
+        text_valid = not prompt.padded and (text_valid_host is None or bool(text_valid_host[~is_image_host].all()))
+        all_valid = text_valid and (slots_full if slots_full is not None else bool(valid.all()))
         position_ids = call.get("position_ids")
         decode_start = None
         if self.adapter.mrope:
             # Each token keeps the unpruned model's (t, h, w) position of that very token.
             full_positions = self.adapter.prompt_positions(input_ids, mask2d, visual_input)
             source_column = torch.full((batch, new_len), -1, dtype=torch.long, device=key_valid.device)
-            text_rows, text_cols = torch.nonzero(~is_image, as_tuple=True)
-            source_column[text_rows, text_pos[text_rows, text_cols]] = text_cols
-            source_column.scatter_(1, slot_pos, visual_source_columns(is_image, orig, valid, kept_width))
+            source_column[prompt.text_rows, prompt.text_new_cols] = prompt.text_cols
+            source_column.scatter_(1, slot_pos, visual_source_columns(is_image_host, orig, valid, kept_width))
             position_ids = kept_prompt_positions(full_positions, source_column, key_valid)
             # Decoding continues where the unpruned prompt would (its rope_deltas), whatever was kept.
             decode_start = next_position(full_positions, text_valid_in | is_image)
@@ -533,32 +539,27 @@ class PruneSession:
         call["position_ids"] = position_ids
         call["attention_mask"] = None if mask2d is None and all_valid else key_valid.long()
         if not self.stages:
-            record.stages.append(
-                self._stage_record(
-                    Stage(kind="vision", keep=width, name="none"),
-                    0,
-                    layout0.original_index,
-                    layout0.visual_valid,
-                    None,
-                )
-            )
+            stage = Stage(kind="vision", keep=width, name="none")
+            self._defer_record(stage, 0, layout0.original_index, layout0.visual_valid, None)
         return call
 
-    def _stage_record(
-        self, stage: Stage, index: int, orig: torch.Tensor, valid: torch.Tensor | None, selection
-    ) -> StageRecord:
-        """valid None: every slot of `orig` is kept."""
+    def _defer_record(
+        self, stage: Stage, index: int, orig: torch.Tensor, valid: torch.Tensor | None, selection, extra=None
+    ) -> None:
+        """Record a stage when the prefill ends (`_post_forward`), every stage in one device-to-host transfer:
+        a read here would stall the queue. valid None: every slot of `orig` is kept; `extra`: more facts for
+        the record (an integer tensor among them is read in the same transfer)."""
         if valid is None:
-            valid = torch.ones_like(orig, dtype=torch.bool)  # read in the same transfer as `orig`
-        return self._stage_records([(stage, index, orig, valid, selection)])[0]
+            valid = torch.ones_like(orig, dtype=torch.bool)
+        self._pending_records.append((stage, index, orig, valid, selection, extra or {}))
 
     def _stage_records(self, parts: list[tuple]) -> list[StageRecord]:
-        """The records of stages given as (stage, index, original numbering, validity, selection), read from
-        the device in one transfer: their kept tokens and the tensors their methods left in `info`."""
+        """The records of stages given as (stage, index, original numbering, validity, selection, extra), read
+        from the device in one transfer: their kept tokens and the tensors their methods left in `info`."""
         tensors: list[torch.Tensor] = []
-        for _, _, orig, valid, selection in parts:
+        for _, _, orig, valid, selection, extra in parts:
             tensors += [orig, valid]
-            info = selection.info if selection is not None else {}
+            info = {**(selection.info if selection is not None else {}), **extra}
             tensors += [v for v in info.values() if isinstance(v, torch.Tensor)]
         for t in tensors:
             if t.is_floating_point() or t.is_complex():
@@ -568,12 +569,12 @@ class PruneSession:
             flat = torch.cat([t.reshape(-1).long().to(tensors[0].device) for t in tensors]).tolist()
         lists = iter(_split_lists(flat, tensors))
         records = []
-        for stage, index, _, _, selection in parts:
+        for stage, index, _, _, selection, more in parts:
             kept = [
                 [o for o, v in zip(row, vrow, strict=False) if v]
                 for row, vrow in zip(next(lists), next(lists), strict=False)
             ]
-            extra = dict(selection.info) if selection is not None else {}
+            extra = {**(selection.info if selection is not None else {}), **more}
             for key, value in extra.items():
                 if isinstance(value, torch.Tensor):
                     extra[key] = next(lists)
@@ -683,10 +684,7 @@ class PruneSession:
             mrope=self.adapter.mrope,
         )
         episode.layouts.append(layout)
-        # Recorded when the prefill ends, all LLM stages in one transfer: a read here would stall the queue.
-        self._pending_records.append(
-            (stage, stage_index, layout.original_index, layout.visual_valid, selection)
-        )
+        self._defer_record(stage, stage_index, layout.original_index, layout.visual_valid, selection)
         self.record.timings_ms[f"select_{stage.name or f'llm{stage_index}'}"] = (self._clock() - t0) * 1e3
         return new_hidden
 
