@@ -17,7 +17,7 @@ from oracle import oracle_greedy, oracle_logits
 
 import vtprune
 from vtprune import compat
-from vtprune.api import list_methods
+from vtprune.api import list_methods, session_of
 from vtprune.methods.base import Method, ModelInfo, Selection, Stage
 from vtprune.selection import topk_indices
 
@@ -103,6 +103,29 @@ def test_pruned_equals_oracle(tiny, batch_inputs, name, budget, impl):
     torch.testing.assert_close(logits[valid], expected[valid], rtol=1e-4, atol=1e-4)
     if name != "none":
         assert max(record.tokens_after_pruning) <= budget
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_all_valid_tells_the_truth(tiny, batch_inputs, name, monkeypatch):
+    """`Selection.all_valid` spares the engine a device read (engine/session.py, engine/drop.py), so it must be
+    right: True only when every slot holds a token, False only when some slot is empty."""
+    params, _, _ = CASES[name]
+    model = model_for(tiny, "sdpa")
+    seen: list[Selection] = []
+    with vtprune.pruned(model, method_of(name), keep=5 if name != "none" else None, **params):
+        method = session_of(model).method
+        select = method.select
+
+        def spy(*args):
+            seen.append(select(*args))
+            return seen[-1]
+
+        monkeypatch.setattr(method, "select", spy)
+        forward(model, batch_inputs)
+    for selection in seen:
+        if selection.all_valid is not None:
+            slots = [selection.valid, selection.extra_valid if selection.extra is not None else None]
+            assert selection.all_valid == all(s is None or bool(s.all()) for s in slots)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -232,7 +232,8 @@ class ScorerMethod(Method):
         if valid is None and stage.kind == "llm":
             valid = signals.visual_valid  # left-padded batches: a sample's padding slots are never kept
         picked = topk_indices(scored.values, kept_per_row(stage, signals), valid=valid)
-        return Selection(*picked, scores=scored.values, info=dict(scored.info))
+        # with every token a candidate, each of the k <= N slots holds one: known without reading the device
+        return Selection(*picked, scores=scored.values, info=dict(scored.info), all_valid=True if valid is None else None)
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -369,4 +369,5 @@ class CDPruner(Method):
         diag = kernel.diagonal(dim1=-2, dim2=-1)
         diag.copy_(torch.where(diag > 0, rho_sq, diag))  # a zero feature keeps S_ii = 0
         picked = dpp_greedy(kernel, stage.keep)
-        return Selection(*picked, scores=rho_sq.sqrt() if self.relevance != "none" else None)
+        scores = rho_sq.sqrt() if self.relevance != "none" else None
+        return Selection(*picked, scores=scores, all_valid=True)  # every token a candidate: each slot holds one

@@ -42,4 +42,4 @@ class DivPrune(Method):
     def select(self, stage_index, stage, signals) -> Selection:
         x = signals.projected if self.feature == "projected" else signals.features
         picked = maxmin_diversity(x, stage.keep)
-        return Selection(*picked)
+        return Selection(*picked, all_valid=True)  # every token a candidate: each slot holds one

@@ -136,4 +136,4 @@ class SCOPE(Method):
         # The official saliency sums the heads (it matters for combine="add" only).
         saliency = signals.cls_attention_heads.sum(dim=1)
         picked = scope_select(signals.features, saliency, stage.keep, self.alpha, self.combine)
-        return Selection(*picked, scores=saliency)
+        return Selection(*picked, scores=saliency, all_valid=True)  # every token a candidate: each slot holds one

@@ -343,7 +343,7 @@ class VisPruner(Method):
         )
         # a tensor: read with the stage's record, no host sync here
         info = {} if sinks is None else {"sinks": sinks.sum(dim=1)}
-        return Selection(*picked, scores=attention, info=info)
+        return Selection(*picked, scores=attention, info=info, all_valid=True if valid is None else None)
 
 
 @register
