@@ -29,7 +29,9 @@ class PromptLayout:
     padded: bool
 
     @classmethod
-    def build(cls, is_image: torch.Tensor, starts: torch.Tensor, block_len: torch.Tensor, width: int) -> PromptLayout:
+    def build(
+        cls, is_image: torch.Tensor, starts: torch.Tensor, block_len: torch.Tensor, width: int
+    ) -> PromptLayout:
         """`is_image` (B, L) marks the prompt's image tokens, in blocks (B, n) starting at `starts` and
         `block_len` long (host tensors); each block becomes `width` slots. Samples whose blocks got shorter
         start later (extra left padding), so every sample has the same length."""

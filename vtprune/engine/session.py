@@ -487,7 +487,8 @@ class PruneSession:
         new_len = prompt.new_len
         prompt = prompt.to(projected.device)
         slot_pos = prompt.slot_pos
-        inputs_embeds, key_valid = assemble_llm_input(self.adapter.embed(input_ids), text_valid_in, prompt, tokens, valid)
+        embeds = self.adapter.embed(input_ids)
+        inputs_embeds, key_valid = assemble_llm_input(embeds, text_valid_in, prompt, tokens, valid)
         # A static cache sized for the prompt: the pruned prompt needs fewer slots (attention reads every slot
         # of a static layer at each decode step), or more when images of different token counts in one batch
         # lengthen it with padded image slots.
@@ -501,7 +502,9 @@ class PruneSession:
         # The prompt's holes, outside the visual slots (prompt padding, which every later layer group keeps:
         # engine/drop.py then needs no read when a method knows its own slots) and in them, known on the host
         # unless the selection left slots empty at its own discretion.
-        text_valid = not prompt.padded and (text_valid_host is None or bool(text_valid_host[~is_image_host].all()))
+        text_valid = not prompt.padded and (
+            text_valid_host is None or bool(text_valid_host[~is_image_host].all())
+        )
         all_valid = text_valid and (slots_full if slots_full is not None else bool(valid.all()))
         position_ids = call.get("position_ids")
         decode_start = None

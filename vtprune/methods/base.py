@@ -233,7 +233,8 @@ class ScorerMethod(Method):
             valid = signals.visual_valid  # left-padded batches: a sample's padding slots are never kept
         picked = topk_indices(scored.values, kept_per_row(stage, signals), valid=valid)
         # with every token a candidate, each of the k <= N slots holds one: known without reading the device
-        return Selection(*picked, scores=scored.values, info=dict(scored.info), all_valid=True if valid is None else None)
+        all_valid = True if valid is None else None
+        return Selection(*picked, scores=scored.values, info=dict(scored.info), all_valid=all_valid)
 
 
 METHODS: dict[str, type[Method]] = {}
