@@ -9,21 +9,10 @@
 set -u
 OUT_DIR=${1:?usage: gpu_prefill_run.sh OUTDIR}
 mkdir -p "$OUT_DIR"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} VTPRUNE_TRITON=strict
-# the bench command without the CLI's other imports (the GPU image lacks `datasets`)
-bench="python3 -c 'import typer; from vtprune.bench.commands import bench_command; typer.run(bench_command)'"
-LLAVA="--arch llava-1.5-7b --random-weights --dtype bfloat16 --device cuda --no-progress"
+export VTPRUNE_TRITON=strict
 PREFILL_B1="--keep 64 --batch 1 --new-tokens 2 --repeats 10 --generate-repeats 1 --no-oracle-generate --compile-prefill"
 STEPS=${STEPS:-tests kernels prefill-compiled-b1 prefill-graphs-b1 overhead-b16 tokencarve-b16}
-DEADLINE=${DEADLINE:-100000}
-step() {
-  local name=$1 limit=$2; shift 2
-  case " $STEPS " in *" $name "*) ;; *) return;; esac
-  local left=$((DEADLINE - SECONDS))
-  if [ "$left" -lt 30 ]; then echo "== $name skipped: ${left} s left of DEADLINE"; return; fi
-  [ "$left" -lt "$limit" ] && limit=$left
-  echo "== $name ($(date +%T))"; timeout "$limit" bash -c "$*" > "$OUT_DIR/$name.log" 2>&1; echo "   rc=$?"
-}
+source benchmarks/gpu_steps.sh
 # 1. the tests that only run on CUDA (CUDA graphs, Triton kernels, bf16 received attention)
 step tests 300 python3 -m pytest -q tests/test_cuda_graphs.py tests/test_greedy_kernels.py tests/test_select_overhead.py \
   tests/test_flowcut_vit_layers.py tests/test_prefill_syncs.py "tests/test_selection.py::test_tokencarve_information_accuracy_against_float64_svd"
@@ -35,7 +24,7 @@ step kernels 420 "python3 benchmarks/tokencarve_svd_gpu.py --output $OUT_DIR/tok
   benchmarks/flowcut_vit_gpu.py --output $OUT_DIR/flowcut-vit.json"
 # 3. batch-1 prefill with the vision tower and decoder stack compiled, every subject alike (a vision-stage
 # method's stack is one graph; FastV's stays eager), with profiles of the misses
-step prefill-compiled-b1 560 "$bench" $LLAVA --methods none,visionzip,divprune,fastv $PREFILL_B1 --profile \
+step prefill-compiled-b1 560 "$bench" $LLAVA --methods none,visionzip,divprune,fastv $PREFILL_B1 --compile-mode default --profile \
   --time-budget 300 --output "$OUT_DIR/prefill-compiled-b1"
 # 4. the same with CUDA graphs (torch.compile mode reduce-overhead), with profiles of the misses
 step prefill-graphs-b1 400 "$bench" $LLAVA --methods none,visionzip,divprune $PREFILL_B1 --compile-mode reduce-overhead \

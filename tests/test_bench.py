@@ -444,7 +444,7 @@ def test_compiled_prefill_bench_compiles_every_subject(tiny_model, tmp_path, mon
     original_reset = torch._dynamo.reset
     monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), original_reset()))
     results, out = _cpu_run(tiny_model, tmp_path, arch="tiny", methods=["none", "visionzip", "fastv"], keeps=[16],
-                            batches=[1], repeats=1, warmup=0, compile_prefill=True)
+                            batches=[1], repeats=1, warmup=0, compile_prefill=True, compile_mode="default")
     assert results["meta"]["compile_prefill"] is True
     entries = ok_entries(results)
     assert len(entries) == len(results["results"]) == 3

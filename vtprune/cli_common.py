@@ -45,8 +45,8 @@ CompileOpt = Annotated[
     typer.Option(
         "--compile/--no-compile",
         help="Compiled decoding: generate() with a static KV cache, whose decode step transformers compiles with "
-        "torch.compile (CUDA graphs) on a GPU; the same tokens. Faster for the unpruned model; a pruned model's "
-        "compiled decode is not faster yet (README, Compiled decoding). No effect on the CPU.",
+        "torch.compile (CUDA graphs) on a GPU; the same tokens, about 2.7x faster per token at batch 1, pruned or "
+        "not (README, Compiled decoding). No effect on the CPU.",
     ),
 ]
 OutputOpt = Annotated[Path, typer.Option("-o", "--output", help="Where the results are written.")]

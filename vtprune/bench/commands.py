@@ -86,9 +86,9 @@ def bench_command(
         "model, oracles and short prompts alike; the compiling calls are not timed.",
     ),
     compile_mode: str = typer.Option(
-        "default",
-        help="torch.compile mode of --compile-prefill: default, reduce-overhead (CUDA graphs) or "
-        "max-autotune-no-cudagraphs.",
+        "reduce-overhead",
+        help="torch.compile mode of --compile-prefill: reduce-overhead (CUDA graphs; at batch 1 the only one that "
+        "gains, README: Compiled prefill), default or max-autotune-no-cudagraphs.",
     ),
     repeats: int = typer.Option(5, help="Timed repeats per measurement (medians reported)."),
     warmup: int = typer.Option(1, help="Untimed calls before each measurement."),

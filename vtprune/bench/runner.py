@@ -95,7 +95,7 @@ class BenchConfig:
     attn: str = "sdpa"
     cache: str = "dynamic"  # generate()'s KV cache: "static" preallocates it (on a GPU generate then compiles decode)
     compile_prefill: bool = False  # every subject's prefill inside compiled_prefill (vtprune/compiled.py)
-    compile_mode: str = "default"  # its torch.compile mode
+    compile_mode: str = "reduce-overhead"  # its torch.compile mode (CUDA graphs)
     repeats: int = 5
     warmup: int = 1
     dtype: str = "auto"
