@@ -250,6 +250,18 @@ def prepare(args: argparse.Namespace) -> list[int]:
     return keeps
 
 
+def finish(args: argparse.Namespace, report: dict, problems: list[str], started: float) -> None:
+    """Write the report (with its run time and problems) to --output; exit 1 when a check failed."""
+    report["seconds"] = time.perf_counter() - started
+    report["problems"] = problems
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.output} ({report['seconds']:.1f} s)")
+    if problems:
+        print("PROBLEMS:\n  " + "\n  ".join(problems), file=sys.stderr)
+        sys.exit(1)
+
+
 def environment(args: argparse.Namespace) -> dict:
     """What a report records about the run: device, versions, CUDA graphs on or off, the settings."""
     import triton
@@ -305,14 +317,7 @@ def main() -> None:
         nx = make_inputs(4, 2928, args.dim, args.clip_dim, args.seed + 1)
         run_grid("4x2928", nx, [320, 640], 1, 5, report["rows"], problems)
         del nx
-    report["seconds"] = time.perf_counter() - started
-    report["problems"] = problems
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output} ({report['seconds']:.1f} s)")
-    if problems:
-        print("PROBLEMS:\n  " + "\n  ".join(problems), file=sys.stderr)
-        sys.exit(1)
+    finish(args, report, problems, started)
 
 
 if __name__ == "__main__":

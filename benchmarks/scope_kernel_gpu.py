@@ -24,7 +24,6 @@ smoke run under ``TRITON_INTERPRET=1``):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -292,14 +291,7 @@ def main() -> None:
     if args.sweep_tiles:
         print("bare fused kernel by tile (BLOCK_J, ROWS, num_warps):")
         report["tile_sweep"] = sweep_tiles(x, max(keeps), args.warmup, args.repeats)
-    report["seconds"] = time.perf_counter() - started
-    report["problems"] = problems
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.output} ({report['seconds']:.1f} s)")
-    if problems:
-        print("PROBLEMS:\n  " + "\n  ".join(problems), file=sys.stderr)
-        sys.exit(1)
+    kernels_bench.finish(args, report, problems, started)
 
 
 if __name__ == "__main__":
