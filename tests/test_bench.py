@@ -1013,6 +1013,18 @@ def test_build_model_from_a_local_qwen_checkpoint(tmp_path):
         assert loaded.visual_tokens == 32 and loaded.image.grid == (1, 8, 16)
 
 
+def test_decode_per_token_is_missing_when_not_resolved():
+    """(e2e - TTFT) / (N - 1) over the repeats; with too few tokens the noise of the two calls can exceed the
+    decode steps (an H200 run printed -11.92 ms/token): then no figure, never a negative one."""
+    from vtprune.bench.runner import decode_per_token
+
+    summary = decode_per_token([110.0, 112.0, 130.0], ttft_ms=30.0, new_tokens=9)
+    assert summary["median"] == pytest.approx(10.25) and summary["min"] == pytest.approx(10.0)
+    assert summary["n"] == 3
+    assert decode_per_token([95.0], ttft_ms=100.0, new_tokens=2) is None
+    assert decode_per_token([], ttft_ms=100.0, new_tokens=2) is None
+
+
 def test_batch1_targets_decode_floor_and_prefill():
     """Batch-1 checks: decode against 1.5x the weight-bandwidth floor of a known GPU, prefill speed-up >= 2."""
     from vtprune.bench.report import decode_floor_ms, target_checks

@@ -1,21 +1,39 @@
 """A vision-stage prefill reads nothing back from the GPU between queuing the vision tower and the end of the
-forward (CUDA only; skipped on CPU): the prompt's layout comes from host copies of the ids and the mask taken
-before the tower, and the stages are recorded in one transfer when the prefill ends. At batch 1 a read in
-between would leave the GPU idle while the host launches the selection and the LLM (vtprune/engine/session.py).
+forward: the prompt's layout comes from host copies of the ids and the mask taken before the tower, and the
+stages are recorded in one transfer when the prefill ends. At batch 1 a read in between would leave the GPU
+idle while the host launches the selection and the LLM (vtprune/engine/session.py).
+
+Every registered method whose only stage is a vision stage is checked twice:
+* on any device, the Python-level reads (`tolist`, `item`, `bool()`, `int()`, ...) made in vtprune's code
+  during the prefill are those of the unpruned engine (its layout reads of host copies) plus the method's
+  declared own (`OWN_READS`);
+* on CUDA, with torch's sync-debug mode, the only device synchronisations are the host copies before the tower
+  and the records' read (this also sees reads made inside torch ops, e.g. a CUDA `bincount`).
 """
 
 from __future__ import annotations
 
 import linecache
+import sys
 import warnings
 
 import pytest
 import torch
 
 import vtprune
+from vtprune.api import session_of
+from vtprune.methods.base import METHODS, _load_builtin_methods
 from vtprune.testing import make_tiny_llava, random_image
 
+_load_builtin_methods()
+VISION_METHODS = sorted(name for name, cls in METHODS.items() if cls.stage_kind == "vision")
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+# a method's own reads, each with why: the selection's shape depends on the data
+OWN_READS = {"prumerge": ("methods/prumerge.py",)}  # its adaptive token count sets the selection's width
+PARAMS = {"cdpruner": {"relevance": "none"}}  # CDPruner's default relevance loads a CLIP text tower from the hub
+TEXTS = ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nWhat is in this picture? ASSISTANT:"]
 
 # the only reads the engine makes in a vision-stage prefill: the host copies before the tower, the records after
 RECORDS = "flat = torch.cat("  # PruneSession._stage_records
@@ -39,22 +57,72 @@ def _engine_syncs(model, inputs) -> list[str]:
     ]
 
 
+def _inputs(processor, padded: bool, device: str = "cpu"):
+    texts = TEXTS if padded else TEXTS[:1]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=[random_image(i) for i in range(len(texts))], text=texts, padding=True, return_tensors="pt")
+    return inputs.to(device)
+
+
+def _prune(model, method: str) -> None:
+    vtprune.prune(model, method, keep=8, **PARAMS.get(method, {}))
+    assert method == "none" or {stage.kind for stage in session_of(model).stages} == {"vision"}
+
+
+def _python_reads(model, inputs, monkeypatch) -> list[str]:
+    """The vtprune source lines that read a tensor's value into Python during one prefill forward."""
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def call(tensor, *args, _original=original, **kwargs):
+            frame = sys._getframe(1)
+            if "/vtprune/" in frame.f_code.co_filename:
+                reads.append(f"{frame.f_code.co_filename.rsplit('vtprune/', 1)[-1]}:{frame.f_lineno}")
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, call)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=True, logits_to_keep=1)
+    finally:
+        monkeypatch.undo()
+    return reads
+
+
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_vision_stage_methods_read_only_what_the_engine_reads(method, monkeypatch):
+    model, processor = make_tiny_llava()
+    model.eval()
+    inputs = _inputs(processor, padded=True)
+    _prune(model, "none")  # the engine without a selection: its layout's reads (of host copies) and the records'
+    engine_reads = set(_python_reads(model, inputs, monkeypatch))
+    vtprune.unprune(model)
+    _prune(model, method)
+    with torch.no_grad():
+        model(**inputs, use_cache=True, logits_to_keep=1)  # warm-up: lazy inits are not the prefill's
+    reads = _python_reads(model, inputs, monkeypatch)
+    own = [r for r in reads if r not in engine_reads and not r.startswith(OWN_READS.get(method, ()))]
+    assert not own, f"{method} reads from the device inside the prefill:\n" + "\n".join(
+        f"{r}: {linecache.getline(vtprune.__file__.rsplit('/', 1)[0] + '/' + r.split(':')[0], int(r.split(':')[1])).strip()}"
+        for r in own
+    )
+    assert any("engine/session.py" in r for r in reads)  # the counter sees reads at all (the records' one)
+
+
 @cuda
-@pytest.mark.parametrize("method", ["visionzip", "divprune", "cdpruner", "vispruner", "scope", "hiprune"])
+@pytest.mark.parametrize("method", VISION_METHODS)
 @pytest.mark.parametrize("padded", [False, True])
 def test_vision_stage_prefill_reads_back_only_before_the_tower_and_at_the_end(method, padded):
     model, processor = make_tiny_llava()
     model = model.cuda().eval()
-    texts = ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nWhat is in this picture? ASSISTANT:"]
-    texts = texts if padded else texts[:1]
-    processor.tokenizer.padding_side = "left"
-    inputs = processor(images=[random_image(i) for i in range(len(texts))], text=texts, padding=True, return_tensors="pt")
-    inputs = inputs.to("cuda")
-    # CDPruner's default text relevance loads a CLIP text tower from the hub; its selection is the same DPP
-    vtprune.prune(model, method, keep=8, **({"relevance": "none"} if method == "cdpruner" else {}))
+    inputs = _inputs(processor, padded, "cuda")
+    _prune(model, method)
     with torch.no_grad():
         model(**inputs, use_cache=True, logits_to_keep=1)  # warm-up: lazy inits are not the engine's
     syncs = _engine_syncs(model, inputs)
-    unexpected = [s for s in syncs if not any(a in s for a in ALLOWED)]
+    unexpected = [
+        s for s in syncs if not any(a in s for a in ALLOWED) and not s.startswith(OWN_READS.get(method, ()))
+    ]
     assert not unexpected, "device reads inside the prefill:\n" + "\n".join(unexpected)
     assert any(RECORDS in s for s in syncs)  # the check sees syncs at all (the records' one read)

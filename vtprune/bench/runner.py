@@ -20,7 +20,8 @@ Measured (CUDA events on a GPU, host clock on a CPU; `warmup` untimed calls firs
 * `e2e_ms`: `generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)` (greedy, exactly N tokens,
   EOS cannot stop it); `ttft_generate_ms`: the same call for one token (prefill + first token);
   `decode_ms_per_token` = (e2e − TTFT) / (N − 1), so it includes generate's per-step Python (no hook marks the
-  steps: it would be traced into a compiled decode step);
+  steps: it would be traced into a compiled decode step); missing ("–") when not resolved (median ≤ 0: the
+  steps took less than the calls' noise — use more new tokens);
   `--cache static` runs generate with a preallocated cache, which transformers compiles on a GPU (torch.compile,
   CUDA graphs: vtprune/compiled.py; the first calls compile and are not timed), for the unpruned model, the
   methods and the oracles alike;
@@ -320,15 +321,13 @@ class Bench:
             e2e = self.time_calls(lambda: self.model.generate(**kwargs), repeats, warmup=0)
             ttft = self.time_calls(lambda: self.model.generate(**first_only), repeats, warmup=0)
             peak = self._peak()
-        n = self.cfg.new_tokens
         ttft_s = summarize(ttft)
-        decode = [(t - ttft_s["median"]) / max(1, n - 1) for t in e2e]
         e2e_s = summarize(e2e)
         batch = inputs.batch
         return {
             "e2e_ms": e2e_s,
-            "ttft_generate_ms": summarize(ttft),
-            "decode_ms_per_token": summarize(decode),
+            "ttft_generate_ms": ttft_s,
+            "decode_ms_per_token": decode_per_token(e2e, ttft_s["median"], self.cfg.new_tokens),
             "throughput_samples_s": batch * 1e3 / e2e_s["median"],
             "tokens_per_s": batch * self.cfg.new_tokens * 1e3 / e2e_s["median"],
             "peak_mem_generate_bytes": peak,
@@ -579,6 +578,14 @@ def flops_facts(
         "layer_tokens": per_sample[0],
         "kv_cache_bytes_theory_per_sample": kv,
     }
+
+
+def decode_per_token(e2e_ms: list[float], ttft_ms: float, new_tokens: int) -> dict | None:
+    """Per-token decode of each N-token generate call: (e2e - TTFT) / (N - 1), summarized. None when the
+    median is not positive: the N - 1 steps took less than the two calls' noise (a few tokens, one repeat),
+    so decode was not resolved; a negative time would be a wrong figure, not a small one."""
+    summary = summarize([(t - ttft_ms) / max(1, new_tokens - 1) for t in e2e_ms])
+    return summary if summary is not None and summary["median"] > 0 else None
 
 
 def _ratio(a, b) -> float | None:

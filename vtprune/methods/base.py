@@ -369,6 +369,6 @@ class AttentionMethod(Method):
                 option = dataclasses.replace(option, recency=False)
             if option.enabled:
                 scores, mask = option.apply(scores, signals.debias_context(), return_mask=True)
-                info["suppressed"] = mask.sum(dim=1).tolist()
+                info["suppressed"] = mask.sum(dim=1)
                 suppressed = mask if option.sink else None
         return scores, info, suppressed

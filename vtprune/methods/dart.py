@@ -190,7 +190,7 @@ class DART(Method):
             num_text_pivots=self.pivot_text_token,
             budget=self.budget,
         )
-        return Selection(*picked, scores=image_scores, info={"pivots": pivots.tolist()})
+        return Selection(*picked, scores=image_scores, info={"pivots": pivots})
 
     def _select_vision(self, stage, signals) -> Selection:
         features = signals.features
@@ -201,4 +201,4 @@ class DART(Method):
         picked, pivots = dart_select(
             features, scores, stage.keep, self.pivot_image_token, budget=self.budget
         )
-        return Selection(*picked, scores=scores, info={"pivots": pivots.tolist()})
+        return Selection(*picked, scores=scores, info={"pivots": pivots})

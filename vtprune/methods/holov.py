@@ -53,7 +53,7 @@ from vtprune.selection import Picked, mask_indices
 EPS = 1e-6
 
 
-def _bands(length: int, parts: int, device) -> Tensor:
+def _bands(length: int, parts: int, device=None) -> Tensor:
     """(length,) band of each position when `length` is cut into `parts` consecutive bands, the first
     `length mod parts` one longer (the official uneven split)."""
     base, extra = divmod(length, parts)
@@ -96,16 +96,20 @@ def holov_select(
     """HoloV on a batch (rows independent): (Picked in raster order, (B, C) crop scores, (B, C) quotas).
 
     features (B, N, D): the vectors compared inside a crop; attention (B, N): [CLS] attention; crop (N,):
-    crop id of each token (0..C−1, every crop non-empty)."""
+    crop id of each token (0..C−1, every crop non-empty), best on the host: the crop count and sizes are then
+    counted there, and the selection reads nothing back from the device (on a GPU a read would stall the host
+    until the vision tower is done, before it could queue the LLM)."""
     b, n, _ = features.shape
     dev = features.device
-    c = int(crop.max()) + 1
+    sizes = torch.bincount(crop)
+    c = len(sizes)
+    sizes = sizes.float().to(dev, non_blocking=True)
+    crop = crop.to(dev, non_blocking=True)
     x = features.float()
     x = x / (x.norm(dim=-1, keepdim=True) + EPS)
     same = (crop[:, None] == crop[None, :]).float()  # (N, N)
     off_diag = same * (1.0 - torch.eye(n, device=dev))
     sim = (x @ x.transpose(1, 2)) * off_diag  # S with the diagonal and other crops zeroed
-    sizes = torch.bincount(crop, minlength=c).float()
     denom = (sizes[crop] - 1).clamp(min=1)  # n − 1 of each token's crop
     mean = sim.sum(dim=2) / denom
     var = (((sim - mean[:, :, None]) ** 2) * same).sum(dim=2) / denom  # j = i counts (its zeroed S)
@@ -169,9 +173,11 @@ class HoloV(Method):
     def select(self, stage_index, stage, signals) -> Selection:
         attention = signals.cls_attention
         tokens = attention.shape[1]
+        # crop ids built on the host (holov_select counts the crops there)
         if self.partition == "raster":  # consecutive runs of the image's tokens, whatever their layout
-            crop = _bands(tokens, min(self.crops, tokens), attention.device)
+            crop = _bands(tokens, min(self.crops, tokens))
         else:
-            crop = crop_ids(signals.grid, self.crops, self.partition, device=attention.device)
+            crop = crop_ids(signals.grid, self.crops, self.partition)
         picked, scores, quotas = holov_select(signals.projected, attention, stage.keep, crop, self.alpha)
-        return Selection(*picked, scores=attention, info={"quotas": quotas.tolist()})
+        # the quotas always add up to the budget (spill-over included): every slot holds a token
+        return Selection(*picked, scores=attention, info={"quotas": quotas}, all_valid=stage.keep <= tokens)

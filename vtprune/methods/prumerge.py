@@ -219,5 +219,5 @@ class PruMerge(Method):
             extra=projected[:, -1:],
             extra_index=torch.full((indices.shape[0], 1), -1, dtype=torch.long, device=indices.device),
             scores=cls_attn,
-            info={"counts": (valid.sum(dim=1) + 1).tolist()},
+            info={"counts": valid.sum(dim=1) + 1},
         )

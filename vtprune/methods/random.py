@@ -35,10 +35,11 @@ class RandomPruning(ScorerMethod):
 
     def score(self, stage_index, stage, signals):
         n, p = signals.features.shape[:2]
-        images_per_sample = max(1, n // int(signals.image_sample.max() + 1))
+        # only per-image streams need the image's place in its sample (a read from the device)
+        images_per_sample = max(1, n // int(signals.image_sample.max() + 1)) if self.per_image else 1
         scores = torch.empty(n, p)
         for i in range(n):
-            stream = (i % images_per_sample) if self.per_image else 0
+            stream = i % images_per_sample
             generator = torch.Generator().manual_seed(self.seed * 1000003 + stream)
             scores[i] = torch.rand(p, generator=generator)
         return scores.to(signals.features.device)
