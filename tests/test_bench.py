@@ -1023,6 +1023,16 @@ def test_decode_per_token_is_missing_when_not_resolved():
     assert summary["n"] == 3
     assert decode_per_token([95.0], ttft_ms=100.0, new_tokens=2) is None
     assert decode_per_token([], ttft_ms=100.0, new_tokens=2) is None
+    # the batch-1 decode target is then printed as not measured, neither met nor missed
+    results = {
+        "meta": {"device_name": "NVIDIA H200", "weights_bytes": 4.8e9 * 2, "cache": "dynamic"},
+        "references": [{"status": "ok", "batch": 1, "timing": {"decode_ms_per_token": None}}],
+        "results": [{"status": "ok", "name": "visionzip", "method": "visionzip", "stage": "vision", "batch": 1,
+                     "keep": 64, "method_timing": {"decode_ms_per_token": None}}],
+    }
+    checks = [c for c in target_checks(results) if c["check"].startswith("batch-1 decode")]
+    assert [c["method"] for c in checks] == ["unpruned", "visionzip"]
+    assert all(c["value"] is None and c["met"] is None for c in checks)
 
 
 def test_batch1_targets_decode_floor_and_prefill():
