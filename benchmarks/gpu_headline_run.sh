@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The run the README's headline table should be re-made from (issue 19, item 4): every figure in one results
 # folder, one GPU, the unpruned model, the oracles and the unmodified short prompt in each step's run. Three
-# device calls of under 10 minutes on an H200, about 28 minutes of device time with the machine's start:
+# device calls of under 10 minutes on an H200 (on 2026-12-03: 224 + 420 + 292 s of commands, plus each start):
 #
 #   DEADLINE=560 STEPS=overhead-all bash benchmarks/gpu_headline_run.sh /tmp/r/headline
 #   DEADLINE=560 STEPS=prefill-b1 bash benchmarks/gpu_headline_run.sh /tmp/r/headline
 #   DEADLINE=560 STEPS="decode-b1 eval-throughput" bash benchmarks/gpu_headline_run.sh /tmp/r/headline
 #
-# (each call then folds /tmp/r/headline into one .tgz under $OUT: a call returns at most 8 files).
+# (each call then folds /tmp/r/headline into one .tgz under $OUT: a call returns at most 8 files). Its run of
+# 2026-12-03 is benchmarks/results/nvidia-h200-2026-12-03-headline/ (the README headline is made from it).
 set -u
 OUT_DIR=${1:?usage: gpu_headline_run.sh OUTDIR}
 mkdir -p "$OUT_DIR"
