@@ -23,7 +23,9 @@ import torch
 import vtprune
 from vtprune.api import session_of
 from vtprune.methods.base import METHODS, _load_builtin_methods
-from vtprune.testing import make_tiny_llava, random_image
+from vtprune.testing import make_tiny_llava, make_tiny_llava_next, make_tiny_qwen_vl, random_image
+
+from conftest import QUESTIONS, build_inputs, sized_image_inputs
 
 _load_builtin_methods()
 VISION_METHODS = sorted(name for name, cls in METHODS.items() if cls.stage_kind == "vision")
@@ -126,3 +128,35 @@ def test_vision_stage_prefill_reads_back_only_before_the_tower_and_at_the_end(me
     ]
     assert not unexpected, "device reads inside the prefill:\n" + "\n".join(unexpected)
     assert any(RECORDS in s for s in syncs)  # the check sees syncs at all (the records' one read)
+
+
+# --- the "text" query rows' width, from the host -------------------------------------------------------
+FAMILY_INPUTS = {
+    # two images per prompt, questions of different lengths (left padding)
+    "llava": lambda: (make_tiny_llava(seed=0), lambda p: build_inputs(p, QUESTIONS[:3], [1, 2, 3], 2)),
+    "llava_next": lambda: (make_tiny_llava_next(seed=0), lambda p: sized_image_inputs(p, QUESTIONS[:2], [(120, 60), (80, 100)], [1, 2], 60)),
+    "qwen2_5_vl": lambda: (make_tiny_qwen_vl("qwen2_5_vl", seed=0), lambda p: sized_image_inputs(p, QUESTIONS[:2], [(64, 48), (48, 80)], [1, 2], 64)),
+}
+TEXT_QUERY_METHODS = {"dart": {"pivot_text_token": 2}, "sparsevlm": {"layers": (0, 1, 2)}}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_INPUTS))
+@pytest.mark.parametrize("method", sorted(TEXT_QUERY_METHODS))
+def test_text_query_width_from_the_host_is_the_device_count(family, method, monkeypatch):
+    """The engine gives LLM stages the width of the "text" query rows (the real tokens after the last image
+    token) from the host copies of the ids and mask; it must be what the device would count."""
+    from vtprune.signals.context import LLMSignals
+
+    (model, processor), make = FAMILY_INPUTS[family]()
+    inputs = make(processor)
+    seen = []
+    original = LLMSignals.set_text_width
+
+    def checked(self, width):
+        seen.append((width, int(self.text_counts().max())))
+        return original(self, width)
+
+    monkeypatch.setattr(LLMSignals, "set_text_width", checked)
+    with vtprune.pruned(model, method, keep=4, **TEXT_QUERY_METHODS[method]), torch.no_grad():
+        model(**inputs, use_cache=True, logits_to_keep=1)
+    assert seen and all(given == counted for given, counted in seen), seen

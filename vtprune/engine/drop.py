@@ -118,10 +118,10 @@ def drop_tokens(
         rope = rotary(new_hidden, position_ids)
     # Holes in the new sequence: text slots keep their validity, so when the method knows on the host whether
     # its slots are all real (`Selection.all_valid`) and the prompt's padding is known, nothing is read back.
-    if selection.all_valid is False:
+    if selection.all_valid is False or prev.text_valid is False:  # holes in its slots, or prompt padding
         all_valid = False
-    elif selection.all_valid and prev.text_valid is not None:
-        all_valid = prev.text_valid
+    elif selection.all_valid and prev.text_valid:
+        all_valid = True
     else:
         all_valid = bool(key_valid.all())
     layout = Layout(

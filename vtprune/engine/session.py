@@ -411,6 +411,7 @@ class PruneSession:
         image_index = torch.arange(n_total, device=projected.device)
         is_image = self.adapter.visual_token_mask(input_ids)
         is_image_host = self.adapter.visual_token_mask(ids_host)
+        episode.text_width = _text_width(is_image_host, text_valid_host)
         vision_signals = VisionSignals(
             adapter=self.adapter,
             hidden=hidden_v,
@@ -652,6 +653,8 @@ class PruneSession:
             else None,
             vision=episode.vision,
         )
+        if episode.text_width is not None:  # from the host copies: "text" query rows need no read of their own
+            signals.set_text_width(episode.text_width)
         sample_tokens = episode.sample_tokens
         if not self.info.variable_tokens:
             selection = self.method.select(stage_index, stage, signals)
@@ -727,3 +730,17 @@ def _split_lists(flat: list, tensors: list[torch.Tensor]) -> list:
             values = [bool(v) for v in values]
         out.append(nest(values, tuple(t.shape)) if t.ndim else values[0])
     return out
+
+
+def _text_width(is_image: torch.Tensor, text_valid: torch.Tensor | None) -> int:
+    """The most real tokens any sample has after its last image token (host tensors; every sample holds an
+    image: `locate_images` checked): the width of the LLM signals' "text" query rows, which only visual
+    tokens are ever dropped from."""
+    length = is_image.shape[1]
+    positions = torch.arange(length)
+    last_image = torch.where(is_image, positions, -1).amax(dim=1)
+    after = positions > last_image[:, None]
+    if text_valid is not None:
+        after &= text_valid
+    return int(after.sum(dim=1).max())
+

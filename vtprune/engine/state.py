@@ -49,6 +49,7 @@ class Episode:
     vision: VisionSignals | None = None
     images_per_sample: int = 1
     sample_tokens: list[int] = field(default_factory=list)  # visual tokens of each sample before pruning
+    text_width: int | None = None  # the most real tokens any sample has after its last image token
     input_rebuilt: bool = False  # the LLM input was re-assembled (fewer or padded image slots)
     prefill_done: bool = False
     decode_len: int = 0

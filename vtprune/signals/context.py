@@ -452,8 +452,9 @@ class LLMSignals:
         return self._text_rows().sum(dim=1)
 
     def set_text_width(self, width: int) -> None:
-        """Give the width of the "text" rows, ``max(text_counts())``, read by a caller along with its own
-        facts: `query_index("text")` then needs no host sync of its own. Call it before the rows are used."""
+        """Give the width of the "text" rows, ``max(text_counts())``, known without reading the device: the
+        engine gives it from its host copies of the prompt before each LLM stage, so `query_index("text")`
+        needs no host sync of its own. Call it before the rows are used."""
         if ("query_index", "text") in self.cache:
             raise RuntimeError("the text rows were already built")
         self.cache["text_width"] = int(width)
