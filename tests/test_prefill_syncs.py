@@ -19,13 +19,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import QUESTIONS, build_inputs, sized_image_inputs
 
 import vtprune
 from vtprune.api import session_of
 from vtprune.methods.base import METHODS, _load_builtin_methods
 from vtprune.testing import make_tiny_llava, make_tiny_llava_next, make_tiny_qwen_vl, random_image
-
-from conftest import QUESTIONS, build_inputs, sized_image_inputs
 
 _load_builtin_methods()
 VISION_METHODS = sorted(name for name, cls in METHODS.items() if cls.stage_kind == "vision")
@@ -131,24 +130,30 @@ def test_vision_stage_prefill_reads_back_only_before_the_tower_and_at_the_end(me
 
 
 # --- the "text" query rows' width, from the host -------------------------------------------------------
-FAMILY_INPUTS = {
-    # two images per prompt, questions of different lengths (left padding)
-    "llava": lambda: (make_tiny_llava(seed=0), lambda p: build_inputs(p, QUESTIONS[:3], [1, 2, 3], 2)),
-    "llava_next": lambda: (make_tiny_llava_next(seed=0), lambda p: sized_image_inputs(p, QUESTIONS[:2], [(120, 60), (80, 100)], [1, 2], 60)),
-    "qwen2_5_vl": lambda: (make_tiny_qwen_vl("qwen2_5_vl", seed=0), lambda p: sized_image_inputs(p, QUESTIONS[:2], [(64, 48), (48, 80)], [1, 2], 64)),
-}
+def _family_batch(family: str):
+    """A tiny model of `family` and a left-padded batch of questions of different lengths (LLaVA: two images
+    per prompt; NeXT and Qwen: images of different token counts)."""
+    if family == "llava":
+        model, processor = make_tiny_llava(seed=0)
+        return model, build_inputs(processor, QUESTIONS[:3], [1, 2, 3], images_per_prompt=2)
+    if family == "llava_next":
+        model, processor = make_tiny_llava_next(seed=0)
+        return model, sized_image_inputs(processor, QUESTIONS[:2], [(120, 60), (80, 100)], [1, 2], 60)
+    model, processor = make_tiny_qwen_vl(family, seed=0)
+    return model, sized_image_inputs(processor, QUESTIONS[:2], [(64, 48), (48, 80)], [1, 2], 64)
+
+
 TEXT_QUERY_METHODS = {"dart": {"pivot_text_token": 2}, "sparsevlm": {"layers": (0, 1, 2)}}
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_INPUTS))
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
 @pytest.mark.parametrize("method", sorted(TEXT_QUERY_METHODS))
 def test_text_query_width_from_the_host_is_the_device_count(family, method, monkeypatch):
     """The engine gives LLM stages the width of the "text" query rows (the real tokens after the last image
     token) from the host copies of the ids and mask; it must be what the device would count."""
     from vtprune.signals.context import LLMSignals
 
-    (model, processor), make = FAMILY_INPUTS[family]()
-    inputs = make(processor)
+    model, inputs = _family_batch(family)
     seen = []
     original = LLMSignals.set_text_width
 
